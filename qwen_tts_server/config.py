@@ -1,0 +1,88 @@
+"""Server settings: every field is an env var `QTTS_<NAME>` and most have a CLI flag.
+
+One `Settings` object is built at start-up and passed down explicitly; nothing reads the
+environment anywhere else, so tests build their own `Settings(...)` without touching os.environ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    """Lists come from env vars as comma-separated text (`QTTS_API_KEYS=a,b`)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QTTS_", env_file=None, extra="ignore")
+
+    # --- server ---
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    public_base_url: str | None = Field(
+        None, description="Base of download URLs (e.g. https://tts.example.com); default: the request's own."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="When set, every route except /health needs one (Bearer or X-API-Key)."
+    )
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # --- models ---
+    models_dir: Path = Field(Path("models"), description="Local checkpoints: <models_dir>/<model name>.")
+    download_source: Literal["huggingface", "modelscope", "none"] = "huggingface"
+    hub_org: str = "Qwen"
+    hub_cache_dir: Path | None = None
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Models are unloaded least-recently-used first to stay under this (GB)."
+    )
+    default_custom_voice_model: str = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
+    default_voice_design_model: str = "Qwen3-TTS-12Hz-1.7B-VoiceDesign"
+    default_voice_clone_model: str = "Qwen3-TTS-12Hz-1.7B-Base"
+
+    # --- batching and limits ---
+    max_batch_size: int = Field(16, ge=1, description="Largest batch sent to the GPU at once.")
+    batch_window_ms: float = Field(15.0, ge=0, description="How long to wait for other requests to merge.")
+    max_items_per_request: int = Field(64, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    max_instruct_chars: int = Field(1000, ge=1)
+    max_audio_seconds: float = Field(300.0, gt=0, description="Upper bound on generated audio per item.")
+    voice_cache_entries: int = Field(256, ge=1)
+
+    # --- files ---
+    data_dir: Path = Field(Path("data"), description="Uploaded and generated files, and their SQLite index.")
+    file_ttl_s: float = Field(24 * 3600.0, gt=0)
+    cleanup_interval_s: float = Field(60.0, gt=0)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    min_ref_audio_s: float = Field(1.0, ge=0)
+    max_ref_audio_s: float = Field(60.0, gt=0)
+    ref_audio_url_timeout_s: float = Field(10.0, gt=0)
+    allow_private_urls: bool = Field(
+        False, description="Let ref_audio URLs reach loopback/private hosts (tests, trusted networks only)."
+    )
+    allowed_audio_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Directories whose files may be named as ref_audio paths."
+    )
+
+    @field_validator("api_keys", "allowed_audio_dirs", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "registry.sqlite3"

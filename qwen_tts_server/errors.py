@@ -1,0 +1,53 @@
+"""Errors a client can cause or see, as first-class types.
+
+Every module raises these; the API turns each into a JSON body
+`{"error": {"type": ..., "message": ..., "field": ...}}` with the type's status code.
+`field` names the request field (with a list index where it applies, e.g. `text[2]`).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"type": self.error_type, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class InvalidRequest(ServiceError):
+    """The request is well-formed JSON but a value is wrong: say which and what to send."""
+
+    status_code = 422
+    error_type = "invalid_request"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class ModelUnavailable(ServiceError):
+    """The model cannot be found, downloaded or loaded; other models keep serving."""
+
+    status_code = 503
+    error_type = "model_unavailable"
