@@ -1,0 +1,283 @@
+"""File registry: uploaded reference audio and generated outputs, with a TTL.
+
+Metadata lives in SQLite (WAL), blobs as plain files named by id under `root`. Writes go
+blob-first (temp file + fsync + os.replace, then the row) and deletes go row-first, so a crash
+can leave at most an orphan blob, which `cleanup_expired` removes later; it never leaves a row
+whose blob is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+from qwen_tts_server.errors import NotFound
+
+FileKind = Literal["upload", "output"]
+_KINDS = frozenset(get_args(FileKind))
+_ID_RE = re.compile(r"file-[0-9a-f]{32}")
+_TMP_PREFIX = ".tmp-"
+# Temp files and row-less blobs younger than this may belong to a put() in flight (possibly in
+# another worker process sharing the directory), so cleanup leaves them alone.
+ORPHAN_GRACE_S = 15 * 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    duration_s REAL,
+    sample_rate INTEGER,
+    sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_expires_at ON files (expires_at);
+"""
+_COLUMNS = "id, kind, filename, media_type, size_bytes, created_at, expires_at, duration_s, sample_rate, sha256"
+
+
+def is_file_id(s: str) -> bool:
+    return _ID_RE.fullmatch(s) is not None
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _quote(file_id: str) -> str:
+    """Echo a client-supplied id back without letting a huge or odd string into the message."""
+    return repr(file_id if len(file_id) <= 64 else file_id[:64] + "...")
+
+
+def _clean_filename(name: str) -> str:
+    """Keep only the base name, printable, bounded: it ends up in Content-Disposition headers."""
+    base = re.split(r"[\\/]", name)[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return base[:255] or "file"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    id: str
+    kind: FileKind
+    filename: str
+    media_type: str
+    size_bytes: int
+    created_at: float
+    expires_at: float
+    duration_s: float | None
+    sample_rate: int | None
+    sha256: str
+
+    def to_public_dict(self) -> dict[str, object]:
+        body: dict[str, object] = asdict(self)
+        body["created_at_iso"] = _iso(self.created_at)
+        body["expires_at_iso"] = _iso(self.expires_at)
+        return body
+
+
+class FileRegistry:
+    def __init__(
+        self,
+        root: Path,
+        db_path: Path,
+        default_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if default_ttl_s <= 0:
+            raise ValueError("default_ttl_s must be > 0")
+        self.root = Path(root)
+        self.default_ttl_s = default_ttl_s
+        self._clock = clock
+        self.root.mkdir(parents=True, exist_ok=True)
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # One connection shared by all threads, serialised by _lock; autocommit mode so every
+        # statement is its own durable transaction.
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    # --- writes ---
+
+    def put(
+        self,
+        data: bytes,
+        *,
+        kind: FileKind,
+        filename: str,
+        media_type: str,
+        duration_s: float | None = None,
+        sample_rate: int | None = None,
+        ttl_s: float | None = None,
+    ) -> FileRecord:
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {sorted(_KINDS)}, not {kind!r}")
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        if ttl <= 0:
+            raise ValueError("ttl_s must be > 0")
+        file_id = f"file-{uuid.uuid4().hex}"
+        self._write_blob(file_id, data)
+        now = self._clock()
+        record = FileRecord(
+            id=file_id,
+            kind=kind,
+            filename=_clean_filename(filename),
+            media_type=media_type,
+            size_bytes=len(data),
+            created_at=now,
+            expires_at=now + ttl,
+            duration_s=None if duration_s is None else float(duration_s),
+            sample_rate=None if sample_rate is None else int(sample_rate),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        try:
+            with self._lock:
+                self._db.execute(
+                    f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.kind,
+                        record.filename,
+                        record.media_type,
+                        record.size_bytes,
+                        record.created_at,
+                        record.expires_at,
+                        record.duration_s,
+                        record.sample_rate,
+                        record.sha256,
+                    ),
+                )
+        except BaseException:
+            self._blob_path(file_id).unlink(missing_ok=True)
+            raise
+        return record
+
+    def delete(self, file_id: str) -> None:
+        """Remove a file, expired or not; NotFound if the id was never stored (or already gone)."""
+        if not is_file_id(file_id):
+            raise self._not_found(file_id)
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        if not deleted:
+            raise self._not_found(file_id)
+        self._blob_path(file_id).unlink(missing_ok=True)
+
+    def cleanup_expired(self) -> int:
+        """Delete expired files; also sweep stale temp files and row-less blobs. Returns files removed."""
+        now = self._clock()
+        with self._lock:
+            ids = [row[0] for row in self._db.execute("SELECT id FROM files WHERE expires_at <= ?", (now,))]
+            self._db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
+        for file_id in ids:
+            self._blob_path(file_id).unlink(missing_ok=True)
+        self._sweep_orphans()
+        return len(ids)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- reads ---
+
+    def get(self, file_id: str) -> FileRecord:
+        record = self._lookup(file_id)
+        if record is None:
+            raise self._not_found(file_id)
+        if record.expires_at <= self._clock():
+            raise NotFound(f"file {_quote(file_id)} expired at {_iso(record.expires_at)}; upload it again")
+        return record
+
+    def path(self, file_id: str) -> Path:
+        self.get(file_id)
+        blob = self._blob_path(file_id)
+        if not blob.is_file():
+            raise NotFound(f"file {_quote(file_id)} is missing from storage; upload it again")
+        return blob
+
+    def read_bytes(self, file_id: str) -> bytes:
+        blob = self.path(file_id)
+        try:
+            return blob.read_bytes()
+        except FileNotFoundError:  # deleted or cleaned up between path() and the read
+            raise self._not_found(file_id) from None
+
+    def list(self, kind: FileKind | None = None) -> list[FileRecord]:
+        """Unexpired files, oldest first."""
+        query = f"SELECT {_COLUMNS} FROM files WHERE expires_at > ?"
+        params: tuple[object, ...] = (self._clock(),)
+        if kind is not None:
+            query += " AND kind = ?"
+            params += (kind,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at, id", params).fetchall()
+        return [FileRecord(*row) for row in rows]
+
+    # --- internals ---
+
+    def _lookup(self, file_id: str) -> FileRecord | None:
+        if not is_file_id(file_id):
+            return None
+        with self._lock:
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    @staticmethod
+    def _not_found(file_id: str) -> NotFound:
+        return NotFound(f"file {_quote(file_id)} does not exist; upload it again or check the id")
+
+    def _blob_path(self, file_id: str) -> Path:
+        return self.root / file_id
+
+    def _write_blob(self, file_id: str, data: bytes) -> None:
+        tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._blob_path(file_id))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _sweep_orphans(self) -> None:
+        cutoff = time.time() - ORPHAN_GRACE_S  # file mtimes are wall-clock, whatever self._clock is
+        for entry in os.scandir(self.root):
+            name = entry.name
+            is_tmp = name.startswith(_TMP_PREFIX)
+            if not (is_tmp or is_file_id(name)) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            if not is_tmp and self._lookup(name) is not None:
+                continue
+            Path(entry.path).unlink(missing_ok=True)
