@@ -1,0 +1,182 @@
+"""TTSEngine: the one object the API talks to for synthesis.
+
+It owns the model registry, the voice-prompt cache, the batcher and the single GPU thread on
+which every model call runs (one GPU, one stream of work; batches queue in arrival order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..audio.sources import ReferenceAudio
+from ..config import Settings
+from ..errors import InvalidRequest
+from ..metrics import Metrics
+from .batcher import Batcher
+from .reference import ReferenceRunner
+from .registry import LoadedModel, ModelRegistry
+from .types import FRAME_RATE_HZ, Mode, ModelInfo, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
+from .voice_cache import VoicePromptCache
+
+DEFAULT_MAX_NEW_TOKENS = 4096  # upstream's default when a checkpoint does not set one
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Items merge into one batch only when all of these are equal."""
+
+    model: str
+    mode: Mode
+    sampling: SamplingParams
+
+
+class TTSEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        registry: ModelRegistry | None = None,
+        runner: ReferenceRunner | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.registry = registry or ModelRegistry(settings)
+        self.runner = runner or ReferenceRunner()
+        self.voice_cache = VoicePromptCache(settings.voice_cache_entries)
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtts-gpu")
+        self.batcher: Batcher[SynthesisItem, SynthesisResult] = Batcher(
+            self._run_batch, max_batch=settings.max_batch_size, window_s=settings.batch_window_ms / 1000
+        )
+        self.batcher.on_batch = self.metrics.batch_size.observe
+        self.registry.on_load = self._on_load
+        self._in_flight = 0
+
+    def _on_load(self, name: str, ok: bool, seconds: float) -> None:
+        self.metrics.model_loads.labels(model=name, result="ok" if ok else "error").inc()
+        if ok:
+            self.metrics.model_load_seconds.labels(model=name).observe(seconds)
+
+    # ----- models -----
+    async def model_for(self, name: str, mode: Mode) -> LoadedModel:
+        """Load (lazily) the named model and check it can serve `mode`."""
+        model = await self.registry.get(name)
+        if model.info.model_type != mode.model_type:
+            raise InvalidRequest(
+                f"model '{model.name}' is a {model.info.model_type} checkpoint and cannot do "
+                f"{mode.value.replace('_', ' ')}: use a {mode.model_type} model "
+                f"({_example_model(mode)})",
+                field="model",
+            )
+        return model
+
+    async def unload(self, name: str) -> bool:
+        key = self.registry.canonical_name(name)
+        unloaded = await self.registry.unload(key)
+        self.voice_cache.drop_model(key)
+        return unloaded
+
+    # ----- voice prompts -----
+    async def voice_prompt(self, model: LoadedModel, ref: ReferenceAudio) -> VoicePrompt:
+        """The cached cloning prompt for this reference audio, computed once per model."""
+        before = self.voice_cache.misses
+
+        async def compute() -> VoicePrompt:
+            async with self.registry.using(model):
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    self._gpu, self.runner.voice_prompt, model, ref.audio.samples, ref.audio.sample_rate
+                )
+
+        prompt = await self.voice_cache.get_or_compute((model.name, ref.cache_key), compute)
+        self.metrics.voice_cache.labels(result="miss" if self.voice_cache.misses > before else "hit").inc()
+        return prompt
+
+    # ----- synthesis -----
+    async def synthesize(
+        self, model: LoadedModel, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams
+    ) -> list[SynthesisResult]:
+        """Generate every item; items of one call stay in order and in as few batches as fit."""
+        check_items(model.info, mode, items)
+        sampling = dataclasses.replace(sampling, max_new_tokens=self._frame_limit(model.info, sampling))
+        self._in_flight += len(items)
+        self.metrics.queue_depth.set(self._in_flight)
+        try:
+            results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
+        finally:
+            self._in_flight -= len(items)
+            self.metrics.queue_depth.set(self._in_flight)
+        for result in results:
+            self.metrics.items.labels(model=model.name, mode=mode.value).inc()
+            self.metrics.audio_seconds.labels(model=model.name, mode=mode.value).inc(result.duration_s)
+        return results
+
+    def _frame_limit(self, info: ModelInfo, sampling: SamplingParams) -> int:
+        cap = int(self.settings.max_audio_seconds * FRAME_RATE_HZ)
+        wanted = sampling.max_new_tokens or info.max_new_tokens_default or DEFAULT_MAX_NEW_TOKENS
+        return max(1, min(int(wanted), cap))
+
+    async def _run_batch(self, key: Hashable, items: list[SynthesisItem]) -> list[SynthesisResult]:
+        assert isinstance(key, BatchKey)
+        model = await self.registry.get(key.model)
+        async with self.registry.using(model):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._gpu, self.runner.run, model, key.mode, items, key.sampling)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._in_flight
+
+    def close(self) -> None:
+        self._gpu.shutdown(wait=True, cancel_futures=True)
+
+
+def _example_model(mode: Mode) -> str:
+    return {
+        Mode.CUSTOM_VOICE: "Qwen3-TTS-12Hz-1.7B-CustomVoice",
+        Mode.VOICE_DESIGN: "Qwen3-TTS-12Hz-1.7B-VoiceDesign",
+        Mode.VOICE_CLONE: "Qwen3-TTS-12Hz-1.7B-Base",
+    }[mode]
+
+
+def check_items(info: ModelInfo, mode: Mode, items: list[SynthesisItem]) -> None:
+    """Reject what this checkpoint cannot do, naming the field (and index, for lists)."""
+
+    def name(field: str, index: int) -> str:
+        return f"{field}[{index}]" if len(items) > 1 else field
+
+    for i, item in enumerate(items):
+        if item.language not in info.languages:
+            raise InvalidRequest(
+                f"language '{item.language}' is not supported by model '{info.name}'; "
+                f"use one of: {', '.join(info.languages)}",
+                field=name("language", i),
+            )
+        if mode is Mode.CUSTOM_VOICE:
+            if not item.speaker:
+                raise InvalidRequest(
+                    f"speaker is required for custom voice; choose one of: {', '.join(info.speakers)}",
+                    field=name("speaker", i),
+                )
+            if item.speaker not in info.speakers:
+                raise InvalidRequest(
+                    f"speaker '{item.speaker}' is not available in model '{info.name}'; "
+                    f"choose one of: {', '.join(info.speakers)}",
+                    field=name("speaker", i),
+                )
+            if item.instruct and not info.accepts_instruct:
+                raise InvalidRequest(
+                    f"model '{info.name}' ignores instruct (0.6B CustomVoice checkpoints have no style "
+                    "control): remove instruct, or use Qwen3-TTS-12Hz-1.7B-CustomVoice",
+                    field=name("instruct", i),
+                )
+        if mode is Mode.VOICE_DESIGN and not item.instruct:
+            raise InvalidRequest(
+                "instruct is required for voice design: describe the voice, e.g. "
+                "'a warm, low female voice, speaking slowly'",
+                field=name("instruct", i),
+            )

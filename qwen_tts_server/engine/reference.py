@@ -1,0 +1,92 @@
+"""The reference runner: synthesis through upstream `qwen-tts` generate, one padded batch at a time.
+
+It is the correctness oracle for faster engines and the default until one lands. A batch runs
+every row until the longest ends; upstream cuts each row at its own first EOS, so every item
+still gets its exact length. Everything here is blocking and runs on the engine's GPU thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..audio.codec_io import resample
+from .registry import LoadedModel
+from .types import Mode, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
+
+
+@dataclass(frozen=True)
+class ReferenceRunner:
+    samples_per_frame: int = 1920
+
+    def run(
+        self, model: LoadedModel, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams
+    ) -> list[SynthesisResult]:
+        import torch
+
+        tts = model.tts
+        kwargs = sampling.generate_kwargs()
+        if sampling.max_new_tokens is not None:
+            # Upstream completes frame N's residual codebooks on talker call N+1, so a row that never
+            # emits EOS returns max_new_tokens - 1 frames; ask for one more to allow N whole frames.
+            kwargs["max_new_tokens"] = sampling.max_new_tokens + 1
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        texts = [it.text for it in items]
+        languages = [it.language for it in items]
+        if mode is Mode.CUSTOM_VOICE:
+            wavs, sample_rate = tts.generate_custom_voice(
+                text=texts,
+                speaker=[it.speaker for it in items],
+                language=languages,
+                instruct=[it.instruct or "" for it in items],
+                **kwargs,
+            )
+        elif mode is Mode.VOICE_DESIGN:
+            wavs, sample_rate = tts.generate_voice_design(
+                text=texts, instruct=[it.instruct or "" for it in items], language=languages, **kwargs
+            )
+        else:
+            wavs, sample_rate = tts.generate_voice_clone(
+                text=texts, language=languages, voice_clone_prompt=[_prompt_item(it) for it in items], **kwargs
+            )
+        results = []
+        for wav in wavs:
+            samples = np.asarray(wav, dtype=np.float32).reshape(-1)
+            frames = int(round(len(samples) / self.samples_per_frame))
+            # ICL output is cut proportionally upstream and can keep a sample of the reference;
+            # the generated audio is exactly the last `frames` frames.
+            samples = samples[max(0, len(samples) - frames * self.samples_per_frame) :]
+            results.append(SynthesisResult(samples=samples, sample_rate=int(sample_rate), frames=frames))
+        return results
+
+    def voice_prompt(self, model: LoadedModel, samples: np.ndarray, sample_rate: int) -> VoicePrompt:
+        """Speaker embedding and reference codes of one reference recording.
+
+        Both are computed from the same 24 kHz audio whatever mode later uses them, so one cached
+        prompt serves ICL and x-vector requests alike.
+        """
+        import torch
+
+        upstream = model.tts.model
+        target_sr = int(upstream.speaker_encoder_sample_rate)
+        wav = samples if sample_rate == target_sr else resample(samples, sample_rate, target_sr)
+        wav = np.ascontiguousarray(wav, dtype=np.float32)
+        with torch.inference_mode():
+            codes = upstream.speech_tokenizer.encode(wav, sr=target_sr).audio_codes[0]
+            embedding = upstream.extract_speaker_embedding(audio=wav, sr=target_sr)
+        return VoicePrompt(speaker_embedding=embedding, ref_code=codes)
+
+
+def _prompt_item(item: SynthesisItem):  # -> qwen_tts VoiceClonePromptItem
+    from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
+
+    assert item.voice is not None, "voice clone items carry a resolved voice prompt"
+    return VoiceClonePromptItem(
+        ref_code=None if item.x_vector_only else item.voice.ref_code,
+        ref_spk_embedding=item.voice.speaker_embedding,
+        x_vector_only_mode=item.x_vector_only,
+        icl_mode=not item.x_vector_only,
+        ref_text=None if item.x_vector_only else item.ref_text,
+    )

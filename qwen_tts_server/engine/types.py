@@ -1,0 +1,96 @@
+"""Request and result types shared by the engine's parts and its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+FRAME_RATE_HZ = 12.5  # codec frames per second of audio (24 kHz / 1920 samples)
+
+
+class Mode(str, Enum):
+    """What a request asks the model to do; each needs its own checkpoint kind."""
+
+    CUSTOM_VOICE = "custom_voice"
+    VOICE_DESIGN = "voice_design"
+    VOICE_CLONE = "voice_clone"
+
+    @property
+    def model_type(self) -> str:
+        """The checkpoint's `tts_model_type` that serves this mode."""
+        return {"custom_voice": "custom_voice", "voice_design": "voice_design", "voice_clone": "base"}[self.value]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding options. None means "the checkpoint's generation_config default".
+
+    Frozen and hashable: requests merge into one batch only when these are equal, because the
+    reference runner applies one set of options (and one seed) to a whole batch.
+    """
+
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True)
+class VoicePrompt:
+    """What voice cloning conditions on, computed once per reference audio and cached.
+
+    `ref_code` (codec codes of the reference, frames x 16) is only used in ICL mode;
+    `speaker_embedding` (the x-vector) in both.
+    """
+
+    speaker_embedding: Any  # torch.Tensor (hidden,)
+    ref_code: Any  # torch.Tensor (frames, 16)
+
+
+@dataclass(frozen=True)
+class SynthesisItem:
+    """One utterance to generate. Strings are already validated and normalised."""
+
+    text: str
+    language: str = "auto"
+    speaker: str | None = None
+    instruct: str | None = None
+    voice: VoicePrompt | None = None
+    ref_text: str | None = None
+    x_vector_only: bool = False
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    samples: np.ndarray  # float32 mono
+    sample_rate: int
+    frames: int
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded checkpoint can do, read from its config."""
+
+    name: str
+    model_type: str  # custom_voice | voice_design | base
+    size: str  # 0b6 | 1b7
+    speakers: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+    accepts_instruct: bool = True
+    sample_rate: int = 24000
+    max_new_tokens_default: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,61 @@
+"""LRU cache of voice-clone prompts, keyed by (model, reference audio).
+
+Computing a prompt runs the codec encoder and the speaker encoder; a batch of N items that share
+one reference, and later requests with the same `file_id`, reuse one computation. Concurrent
+requests for the same key wait for the one computation in flight instead of starting another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from .types import VoicePrompt
+
+CacheKey = tuple[str, str]  # (model name, audio cache key)
+
+
+class VoicePromptCache:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[CacheKey, VoicePrompt] = OrderedDict()
+        self._inflight: dict[CacheKey, asyncio.Future[VoicePrompt]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    async def get_or_compute(self, key: CacheKey, compute: Callable[[], Awaitable[VoicePrompt]]) -> VoicePrompt:
+        prompt = self._entries.get(key)
+        if prompt is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return prompt
+        inflight = self._inflight.get(key)
+        if inflight is not None:
+            self.hits += 1
+            return await asyncio.shield(inflight)
+        self.misses += 1
+        future: asyncio.Future[VoicePrompt] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            prompt = await compute()
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
+            raise
+        else:
+            future.set_result(prompt)
+            self._entries[key] = prompt
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            return prompt
+        finally:
+            self._inflight.pop(key, None)
+
+    def drop_model(self, model: str) -> None:
+        """Prompts are tensors on the model's device: drop them when the model unloads."""
+        for key in [k for k in self._entries if k[0] == model]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)

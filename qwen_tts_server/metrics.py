@@ -1,0 +1,37 @@
+"""Prometheus metrics, in a registry of their own per app (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "qtts_requests_total", "HTTP requests by route and status code", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "qtts_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.items = Counter("qtts_items_total", "Utterances generated", ["model", "mode"], registry=r)
+        self.audio_seconds = Counter(
+            "qtts_audio_seconds_total", "Seconds of audio generated", ["model", "mode"], registry=r
+        )
+        self.queue_depth = Gauge("qtts_queue_depth", "Items waiting for or in a GPU batch", registry=r)
+        self.batch_size = Histogram(
+            "qtts_batch_size", "Items per GPU batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.model_loads = Counter("qtts_model_loads_total", "Model loads", ["model", "result"], registry=r)
+        self.model_load_seconds = Histogram(
+            "qtts_model_load_seconds", "Time to resolve and load a model", ["model"], registry=r
+        )
+        self.voice_cache = Counter("qtts_voice_prompt_cache_total", "Voice prompt lookups", ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
