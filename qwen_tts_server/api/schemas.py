@@ -1,0 +1,208 @@
+"""Request and response bodies of the synthesis endpoints.
+
+Every per-item field takes a value or a list: a list makes the request a batch, scalars are
+broadcast to every item, and all lists must have the same length. `expand_items` turns a request
+into per-item values and reports the first problem with the field (and index) to fix.
+"""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from ..audio.codec_io import AudioFormat
+from ..config import Settings
+from ..engine.languages import KNOWN_LANGUAGES, LANGUAGE_ALIASES, normalize_language
+from ..engine.types import FRAME_RATE_HZ, SamplingParams
+from ..errors import InvalidRequest
+
+OptionalText = str | None
+
+
+class SynthesisOptions(BaseModel):
+    """Fields shared by the three synthesis endpoints."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str | None = Field(None, description="Checkpoint name; default depends on the endpoint.")
+    language: str | list[str] = Field(
+        "auto", description="Name (english) or ISO code (en, zh, ja, ko, de, fr, ru, pt, es, it), or auto."
+    )
+    custom_id: str | list[OptionalText] | None = Field(None, description="Echoed back on each item.")
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0, le=5)
+    top_k: int | None = Field(None, ge=1, le=3072)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=5)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_new_tokens: int | None = Field(None, ge=1, description="Upper bound on codec frames (12.5 per second).")
+    max_duration_s: float | None = Field(None, gt=0, description="Upper bound on audio seconds per item.")
+    response_format: AudioFormat = "wav"
+    return_audio_inline: bool = Field(False, description="Also return each item's audio as base64.")
+
+    def sampling(self, settings: Settings) -> SamplingParams:
+        limit = int(settings.max_audio_seconds * FRAME_RATE_HZ)
+        frames = self.max_new_tokens
+        if frames is not None and frames > limit:
+            raise InvalidRequest(
+                f"max_new_tokens {frames} is over this server's limit of {limit} frames "
+                f"({settings.max_audio_seconds:g} s of audio)",
+                field="max_new_tokens",
+            )
+        if self.max_duration_s is not None:
+            if self.max_duration_s > settings.max_audio_seconds:
+                raise InvalidRequest(
+                    f"max_duration_s {self.max_duration_s:g} is over this server's limit of "
+                    f"{settings.max_audio_seconds:g} s",
+                    field="max_duration_s",
+                )
+            by_duration = max(1, int(self.max_duration_s * FRAME_RATE_HZ))
+            frames = by_duration if frames is None else min(frames, by_duration)
+        return SamplingParams(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            max_new_tokens=frames,
+            seed=self.seed,
+        )
+
+
+class CustomVoiceRequest(SynthesisOptions):
+    text: str | list[str]
+    speaker: str | list[str] = Field(description="A built-in speaker, e.g. vivian, ryan (see GET /api/v1/models).")
+    instruct: str | list[OptionalText] | None = Field(None, description="Style instruction (1.7B only).")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"text": ["Hello there.", "Second line."], "speaker": "vivian"}},
+    )
+
+
+class VoiceDesignRequest(SynthesisOptions):
+    text: str | list[str]
+    instruct: str | list[str] = Field(description="A description of the voice to create.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"text": "Hello there.", "instruct": "A warm, low female voice."}},
+    )
+
+
+class VoiceCloneRequest(SynthesisOptions):
+    text: str | list[str]
+    ref_audio: str | list[str] = Field(
+        description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, or an allowed path."
+    )
+    ref_text: str | list[OptionalText] | None = Field(None, description="Transcript of ref_audio (ICL mode).")
+    x_vector_only: bool | list[bool] = Field(
+        False,
+        validation_alias=AliasChoices("x_vector_only", "x_vector_only_mode"),
+        description="Clone from the speaker embedding alone; ref_text is then optional.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "example": {"text": "Hello there.", "ref_audio": "file-0123abcd...", "ref_text": "What the clip says."}
+        },
+    )
+
+
+# ----- responses -----
+class AudioItem(BaseModel):
+    index: int
+    custom_id: str | None = None
+    file_id: str
+    url: str
+    format: str
+    media_type: str
+    sample_rate: int
+    duration_s: float
+    frames: int
+    audio_base64: str | None = None
+
+
+class Timing(BaseModel):
+    total_ms: float
+    model_ms: float = Field(description="Waiting for the model to load (0 when already loaded).")
+    generate_ms: float = Field(description="Queue wait plus generation.")
+    encode_ms: float
+
+
+class SynthesisResponse(BaseModel):
+    model: str
+    items: list[AudioItem]
+    timing: Timing
+
+
+# ----- expanding a request into items -----
+def batch_size(fields: dict[str, object], settings: Settings) -> int:
+    """The number of items: the common length of all list fields (1 when all are scalars)."""
+    lengths = {name: len(value) for name, value in fields.items() if isinstance(value, list)}
+    if not lengths:
+        return 1
+    distinct = set(lengths.values())
+    if len(distinct) > 1:
+        described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise InvalidRequest(
+            f"list fields must have the same length ({described}); send one value to apply it to every item",
+            field=next(iter(lengths)),
+        )
+    n = distinct.pop()
+    if n == 0:
+        raise InvalidRequest("empty list: send at least one item", field=next(iter(lengths)))
+    if n > settings.max_items_per_request:
+        raise InvalidRequest(
+            f"batch of {n} items is over this server's limit of {settings.max_items_per_request} per request; "
+            "split it into several requests",
+            field=next(iter(lengths)),
+        )
+    return n
+
+
+def spread(value: object, n: int) -> list:
+    return list(value) if isinstance(value, list) else [value] * n
+
+
+def field_name(name: str, value: object, index: int) -> str:
+    return f"{name}[{index}]" if isinstance(value, list) else name
+
+
+def check_texts(name: str, value: object, n: int, limit: int, *, required: bool = True) -> list[str | None]:
+    """Strip each text; empty, whitespace-only or over-long texts are errors naming the item."""
+    out: list[str | None] = []
+    for i, text in enumerate(spread(value, n)):
+        where = field_name(name, value, i)
+        if text is None or not str(text).strip():
+            if required:
+                raise InvalidRequest(f"{name} is empty: send the words to speak", field=where)
+            out.append(None)
+            continue
+        text = str(text).strip()
+        if len(text) > limit:
+            raise InvalidRequest(
+                f"{name} has {len(text)} characters, over this server's limit of {limit}; split it into several items",
+                field=where,
+            )
+        out.append(text)
+    return out
+
+
+def check_languages(value: object, n: int) -> list[str]:
+    out = []
+    for i, lang in enumerate(spread(value, n)):
+        normalized = normalize_language(lang)
+        if normalized is None:
+            codes = ", ".join(sorted(k for k in LANGUAGE_ALIASES if len(k) == 2))
+            raise InvalidRequest(
+                f"unknown language '{lang}': use auto, a name ({', '.join(KNOWN_LANGUAGES[1:])}) or a code ({codes})",
+                field=field_name("language", value, i),
+            )
+        out.append(normalized)
+    return out
+
+
+def custom_ids(value: object, n: int) -> list[str | None]:
+    return [None if v is None else str(v) for v in spread(value, n)]

@@ -1,0 +1,33 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .. import __version__
+from .deps import services
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+async def health():
+    """The process is up and answering."""
+    return {"status": "ok", "version": __version__}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    """Ready to take requests: storage is open and the engine started (models load lazily)."""
+    svc = getattr(request.app.state, "services", None)
+    if svc is None or not svc.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    loaded = [m.name for m in svc.engine.registry.loaded()]
+    return {"status": "ready", "loaded_models": loaded, "queue_depth": svc.engine.queue_depth}
+
+
+@router.get("/metrics")
+async def metrics(svc=Depends(services)) -> Response:
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

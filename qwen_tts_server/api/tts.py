@@ -1,0 +1,180 @@
+"""The three synthesis endpoints. Each request (one item or a list) becomes engine items;
+results are encoded, stored in the file registry and returned as download URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, Depends, Request
+
+from ..audio.codec_io import FILE_EXTENSIONS, MEDIA_TYPES, available_output_formats, encode_audio
+from ..engine.registry import LoadedModel
+from ..engine.types import Mode, SynthesisItem, SynthesisResult
+from ..errors import InvalidRequest
+from .deps import file_url, services
+from .schemas import (
+    AudioItem,
+    CustomVoiceRequest,
+    SynthesisOptions,
+    SynthesisResponse,
+    Timing,
+    VoiceCloneRequest,
+    VoiceDesignRequest,
+    batch_size,
+    check_languages,
+    check_texts,
+    custom_ids,
+    field_name,
+    spread,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["synthesis"])
+
+
+@router.post("/custom-voice", response_model=SynthesisResponse, response_model_exclude_none=True)
+async def custom_voice(body: CustomVoiceRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
+    """Speak text with a built-in speaker, optionally in a style (`instruct`, 1.7B models)."""
+    s = svc.settings
+    n = batch_size(_list_fields(body, "text", "speaker", "instruct"), s)
+    texts = check_texts("text", body.text, n, s.max_text_chars)
+    instructs = check_texts("instruct", body.instruct, n, s.max_instruct_chars, required=False)
+    speakers = [str(v).strip().lower() for v in spread(body.speaker, n)]
+    languages = check_languages(body.language, n)
+    items = [
+        SynthesisItem(text=t, language=lang, speaker=spk, instruct=ins)
+        for t, lang, spk, ins in zip(texts, languages, speakers, instructs, strict=True)
+    ]
+    model = body.model or s.default_custom_voice_model
+    return await _synthesize(request, body, Mode.CUSTOM_VOICE, model, n, _ready(items))
+
+
+@router.post("/voice-design", response_model=SynthesisResponse, response_model_exclude_none=True)
+async def voice_design(body: VoiceDesignRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
+    """Speak text in a voice described in words (`instruct`)."""
+    s = svc.settings
+    n = batch_size(_list_fields(body, "text", "instruct"), s)
+    texts = check_texts("text", body.text, n, s.max_text_chars)
+    instructs = check_texts("instruct", body.instruct, n, s.max_instruct_chars)
+    languages = check_languages(body.language, n)
+    items = [
+        SynthesisItem(text=t, language=lang, instruct=ins)
+        for t, lang, ins in zip(texts, languages, instructs, strict=True)
+    ]
+    model = body.model or s.default_voice_design_model
+    return await _synthesize(request, body, Mode.VOICE_DESIGN, model, n, _ready(items))
+
+
+@router.post("/voice-clone", response_model=SynthesisResponse, response_model_exclude_none=True)
+async def voice_clone(body: VoiceCloneRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
+    """Speak text in the voice of a reference recording (with its transcript, or x-vector only)."""
+    s = svc.settings
+    n = batch_size(_list_fields(body, "text", "ref_audio", "ref_text", "x_vector_only"), s)
+    texts = check_texts("text", body.text, n, s.max_text_chars)
+    ref_texts = check_texts("ref_text", body.ref_text, n, s.max_text_chars, required=False)
+    x_vector = [bool(v) for v in spread(body.x_vector_only, n)]
+    refs = [str(v).strip() for v in spread(body.ref_audio, n)]
+    for i, (ref, ref_text, xvec) in enumerate(zip(refs, ref_texts, x_vector, strict=True)):
+        if not ref:
+            raise InvalidRequest(
+                "ref_audio is empty: send a file_id, an http(s) URL, base64 audio or an allowed path",
+                field=field_name("ref_audio", body.ref_audio, i),
+            )
+        if ref_text is None and not xvec:
+            raise InvalidRequest(
+                "ref_text (the transcript of ref_audio) is required unless x_vector_only is true",
+                field=field_name("ref_text", body.ref_text, i),
+            )
+    languages = check_languages(body.language, n)
+
+    async def build_items(model: LoadedModel) -> list[SynthesisItem]:
+        # Each distinct reference is fetched, decoded and encoded once, however many items use it.
+        unique = list(dict.fromkeys(refs))
+        fields = {ref: field_name("ref_audio", body.ref_audio, refs.index(ref)) for ref in unique}
+        resolved = await asyncio.gather(*(svc.resolver.resolve(ref, field=fields[ref]) for ref in unique))
+        prompts = {}
+        for ref, audio in zip(unique, resolved, strict=True):
+            prompts[ref] = await svc.engine.voice_prompt(model, audio)
+        return [
+            SynthesisItem(text=t, language=lang, voice=prompts[ref], ref_text=rt, x_vector_only=xv)
+            for t, lang, ref, rt, xv in zip(texts, languages, refs, ref_texts, x_vector, strict=True)
+        ]
+
+    model = body.model or s.default_voice_clone_model
+    return await _synthesize(request, body, Mode.VOICE_CLONE, model, n, build_items)
+
+
+ItemBuilder = Callable[[LoadedModel], Awaitable[list[SynthesisItem]]]
+
+
+def _list_fields(body: SynthesisOptions, *names: str) -> dict[str, object]:
+    return {name: getattr(body, name) for name in (*names, "language", "custom_id")}
+
+
+def _ready(items: list[SynthesisItem]) -> ItemBuilder:
+    async def build(_: LoadedModel) -> list[SynthesisItem]:
+        return items
+
+    return build
+
+
+async def _synthesize(
+    request: Request, body: SynthesisOptions, mode: Mode, model_name: str, n: int, build_items: ItemBuilder
+) -> SynthesisResponse:
+    """Load the model, build the items (clone prompts need the model), run them, store each result."""
+    svc = services(request)
+    started = time.perf_counter()
+    sampling = body.sampling(svc.settings)
+    if body.response_format not in available_output_formats():
+        raise InvalidRequest(
+            f"response_format '{body.response_format}' is not available on this server; "
+            f"use one of: {', '.join(available_output_formats())}",
+            field="response_format",
+        )
+    ids = custom_ids(body.custom_id, n)
+    model = await svc.engine.model_for(model_name, mode)
+    loaded = time.perf_counter()
+    items = await build_items(model)
+    results = await svc.engine.synthesize(model, mode, items, sampling)
+    generated = time.perf_counter()
+    out = await asyncio.gather(
+        *(asyncio.to_thread(_store, request, svc, body, i, ids[i], result) for i, result in enumerate(results))
+    )
+    done = time.perf_counter()
+    return SynthesisResponse(
+        model=model.name,
+        items=list(out),
+        timing=Timing(
+            total_ms=round((done - started) * 1000, 1),
+            model_ms=round((loaded - started) * 1000, 1),
+            generate_ms=round((generated - loaded) * 1000, 1),
+            encode_ms=round((done - generated) * 1000, 1),
+        ),
+    )
+
+
+def _store(request: Request, svc, body: SynthesisOptions, index: int, custom_id, result: SynthesisResult) -> AudioItem:
+    fmt = body.response_format
+    data = encode_audio(result.samples, result.sample_rate, fmt)
+    record = svc.files.put(
+        data,
+        kind="output",
+        filename=f"{custom_id or f'item-{index}'}{FILE_EXTENSIONS[fmt]}",
+        media_type=MEDIA_TYPES[fmt],
+        duration_s=result.duration_s,
+        sample_rate=result.sample_rate,
+    )
+    return AudioItem(
+        index=index,
+        custom_id=custom_id,
+        file_id=record.id,
+        url=file_url(request, record.id),
+        format=fmt,
+        media_type=MEDIA_TYPES[fmt],
+        sample_rate=result.sample_rate,
+        duration_s=round(result.duration_s, 6),
+        frames=result.frames,
+        audio_base64=base64.b64encode(data).decode("ascii") if body.return_audio_inline else None,
+    )

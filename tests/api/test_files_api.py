@@ -1,0 +1,74 @@
+"""File registry over HTTP: upload, metadata, download, delete, limits, restart."""
+
+from __future__ import annotations
+
+import time
+
+from .support import error_of, sine_wav, upload
+
+
+def test_upload_metadata_download_delete(client):
+    data = sine_wav(2.0)
+    file_id = upload(client, data, filename="my voice.wav")
+    meta = client.get(f"/api/v1/files/{file_id}").json()
+    assert meta["file_id"] == file_id and meta["kind"] == "upload"
+    assert meta["duration_s"] == 2.0 and meta["sample_rate"] == 24000 and meta["size_bytes"] == len(data)
+    content = client.get(f"/api/v1/files/{file_id}/content")
+    assert content.status_code == 200 and content.content == data
+    assert content.headers["content-type"].startswith("audio/wav")
+    assert client.delete(f"/api/v1/files/{file_id}").json() == {"file_id": file_id, "deleted": True}
+    gone = client.get(f"/api/v1/files/{file_id}")
+    assert gone.status_code == 404 and error_of(gone)["type"] == "not_found"
+
+
+def test_upload_that_is_not_audio(client):
+    response = client.post("/api/v1/files/upload", files={"file": ("notes.txt", b"hello " * 100, "text/plain")})
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["field"] == "file" and "not decodable audio" in error["message"]
+
+
+def test_empty_upload(client):
+    response = client.post("/api/v1/files/upload", files={"file": ("x.wav", b"", "audio/wav")})
+    assert response.status_code == 422 and error_of(response)["field"] == "file"
+
+
+def test_upload_too_large_is_413(make_client):
+    client = make_client(max_upload_bytes=50_000)
+    response = client.post("/api/v1/files/upload", files={"file": ("big.wav", sine_wav(3.0), "audio/wav")})
+    assert response.status_code == 413
+    assert "limit" in error_of(response)["message"]
+
+
+def test_upload_too_short_or_too_long(client):
+    short = client.post("/api/v1/files/upload", files={"file": ("s.wav", sine_wav(0.2), "audio/wav")})
+    assert short.status_code == 422 and "too short" in error_of(short)["message"]
+    long = client.post("/api/v1/files/upload", files={"file": ("l.wav", sine_wav(11.0), "audio/wav")})
+    assert long.status_code == 422 and "too long" in error_of(long)["message"]
+
+
+def test_missing_file_field(client):
+    response = client.post("/api/v1/files/upload", data={"nothing": "here"})
+    assert response.status_code == 422 and error_of(response)["field"] == "file"
+
+
+def test_unknown_and_expired_ids(make_client):
+    client = make_client(file_ttl_s=0.5)
+    assert client.get("/api/v1/files/file-" + "a" * 32).status_code == 404
+    assert client.get("/api/v1/files/not-an-id/content").status_code == 404
+    file_id = upload(client)
+    time.sleep(0.7)
+    response = client.get(f"/api/v1/files/{file_id}/content")
+    assert response.status_code == 404 and "expired" in error_of(response)["message"]
+
+
+def test_files_survive_a_restart(make_client, tmp_path):
+    data_dir = tmp_path / "persist"
+    first = make_client(data_dir=data_dir)
+    file_id = upload(first)
+    output = first.post("/api/v1/custom-voice", json={"text": "Keep me.", "speaker": "ryan"}).json()["items"][0]
+    first.__exit__(None, None, None)
+    second = make_client(data_dir=data_dir)
+    assert second.get(f"/api/v1/files/{file_id}").status_code == 200
+    assert second.get(f"/api/v1/files/{output['file_id']}").json()["kind"] == "output"
+    assert second.get(f"/api/v1/files/{output['file_id']}/content").status_code == 200

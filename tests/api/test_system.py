@@ -1,0 +1,68 @@
+"""Health, readiness, metrics, API keys and request ids."""
+
+from __future__ import annotations
+
+from .support import error_of, sine_wav
+
+
+def test_health_and_ready(client):
+    assert client.get("/health").json()["status"] == "ok"
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_metrics_count_requests_audio_and_loads(client):
+    client.post("/api/v1/custom-voice", json={"text": "Count me.", "speaker": "ryan"})
+    text = client.get("/metrics").text
+    for name in (
+        "qtts_requests_total",
+        "qtts_request_seconds",
+        "qtts_audio_seconds_total",
+        "qtts_queue_depth",
+        "qtts_model_loads_total",
+        "qtts_batch_size",
+    ):
+        assert name in text
+    assert 'qtts_model_loads_total{model="Qwen3-TTS-12Hz-1.7B-CustomVoice",result="ok"} 1.0' in text
+    assert 'route="/api/v1/custom-voice",status="200"' in text
+
+
+def test_request_id_is_echoed(client):
+    response = client.get("/health", headers={"x-request-id": "abc123"})
+    assert response.headers["x-request-id"] == "abc123"
+    assert client.get("/health").headers["x-request-id"]
+
+
+def test_api_keys_guard_every_route_but_probes(make_client):
+    client = make_client(api_keys=["k1", "k2"])
+    assert client.get("/health").status_code == 200
+    assert client.get("/ready").status_code == 200
+    for method, path in [
+        ("get", "/api/v1/models"),
+        ("get", "/metrics"),
+        ("post", "/api/v1/custom-voice"),
+        ("get", "/api/v1/files/file-" + "0" * 32 + "/content"),
+        ("get", "/docs"),
+    ]:
+        response = getattr(client, method)(path)
+        assert response.status_code == 401, path
+        assert "API key" in error_of(response)["message"]
+    assert client.get("/api/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+    good = {"authorization": "Bearer k2"}
+    upload = client.post("/api/v1/files/upload", files={"file": ("a.wav", sine_wav(), "audio/wav")}, headers=good)
+    assert upload.status_code == 201
+    url = upload.json()["url"]
+    assert client.get(url).status_code == 401
+    assert client.get(url, headers={"x-api-key": "k1"}).status_code == 200
+
+
+def test_openapi_docs_are_served(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/v1/custom-voice", "/api/v1/voice-design", "/api/v1/voice-clone", "/api/v1/files/upload"):
+        assert path in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_unknown_route_is_json_404(client):
+    response = client.get("/api/v1/nothing")
+    assert response.status_code == 404 and error_of(response)["type"] == "not_found"
