@@ -131,3 +131,45 @@ def test_malformed_json(client):
     response = client.post("/api/v1/custom-voice", content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert error_of(response)["type"] == "invalid_request"
+
+
+@pytest.fixture
+def loopback_audio():
+    """A loopback HTTP server: /ok.wav, /big.wav (over the limit), /slow.wav (answers late)."""
+    import http.server
+    import threading
+    import time
+
+    payload = sine_wav(1.0)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.path == "/slow.wav":
+                time.sleep(1.5)
+            body = payload * 40 if self.path == "/big.wav" else payload
+            self.send_response(200)
+            self.send_header("content-type", "audio/wav")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_reference_urls(make_client, loopback_audio):
+    client = make_client(allow_private_urls=True, max_upload_bytes=500_000, ref_audio_url_timeout_s=0.5)
+    body = {"text": "hi", "x_vector_only": True}
+    ok = post(client, "voice-clone", body | {"ref_audio": f"{loopback_audio}/ok.wav"})
+    assert ok.status_code == 200, ok.text
+    big = post(client, "voice-clone", body | {"ref_audio": f"{loopback_audio}/big.wav"})
+    assert big.status_code == 413 and error_of(big)["field"] == "ref_audio"
+    slow = post(client, "voice-clone", body | {"ref_audio": f"{loopback_audio}/slow.wav"})
+    assert slow.status_code == 422 and "did not answer" in error_of(slow)["message"]
