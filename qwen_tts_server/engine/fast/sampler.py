@@ -1,0 +1,238 @@
+"""Per-row sampling with HF `generate`'s semantics as upstream configures it, without host syncs.
+
+Talker (codebook 0), in HF's order: repetition penalty over the row's previously generated
+codebook-0 tokens, suppression of ids vocab-1024..vocab-1 except EOS, EOS masked until
+`min_new_tokens` frames, then (sampling rows only) temperature, top-k, top-p. Greedy rows take the
+argmax of the processed logits, as HF does when `do_sample=False` (warpers are skipped).
+Code predictor (codebooks 1..15): only temperature / top-k / top-p, with the subtalker options.
+
+Every option is a [B] tensor, so rows with different settings share one call. Randomness comes
+from a counter-based hash of (seed, frame, codebook, vocab id), turned into Gumbel noise: a row's
+draws depend only on its own seed and counters, never on which rows share the batch, and nothing
+reads a value back to the host (CUDA-graph capturable). The draws are not torch's RNG stream, so
+sampled output differs from upstream's under the same `torch.manual_seed` (greedy output does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_NEG_INF = float("-inf")
+_PER_ROW = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+@dataclass
+class RowSampling:
+    """Decoding options per row, each a [B] tensor on the model's device.
+
+    `top_k` 0 and `top_p` 1.0 disable those filters; `repetition_penalty` 1.0 disables it (talker
+    only). `seed` is any int64; with the row's frame counter it fixes the row's draws. Temperatures
+    of sampling rows must be > 0 (HF refuses 0 too). The tensors may be edited in place (e.g. a
+    per-slot table); nothing here caches facts about their values.
+    """
+
+    do_sample: Tensor  # bool
+    temperature: Tensor  # float32
+    top_k: Tensor  # int64
+    top_p: Tensor  # float64: HF forms 1 - top_p in double before comparing in float32
+    repetition_penalty: Tensor  # float32
+    seed: Tensor  # int64
+
+    @classmethod
+    def make(
+        cls,
+        rows: int,
+        *,
+        do_sample: bool | Sequence[bool] = True,
+        temperature: float | Sequence[float] = 0.9,
+        top_k: int | Sequence[int] = 50,
+        top_p: float | Sequence[float] = 1.0,
+        repetition_penalty: float | Sequence[float] = 1.0,
+        seed: int | Sequence[int] = 0,
+        device: torch.device | str = "cpu",
+    ) -> RowSampling:
+        """Build from scalars (same for every row) or per-row sequences; defaults are upstream's."""
+
+        def col(value: Any, dtype: torch.dtype) -> Tensor:
+            values = list(value) if isinstance(value, Sequence) else [value] * rows
+            if len(values) != rows:
+                raise ValueError(f"expected {rows} values, got {len(values)}")
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            do_sample=col(do_sample, torch.bool),
+            temperature=col(temperature, torch.float32),
+            top_k=col(top_k, torch.int64),
+            top_p=col(top_p, torch.float64),
+            repetition_penalty=col(repetition_penalty, torch.float32),
+            seed=col(seed, torch.int64),
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[RowSampling]) -> RowSampling:
+        """Stack several batches' options (e.g. one per request) into one batch."""
+        return cls(**{name: torch.cat([getattr(p, name) for p in parts]) for name in _PER_ROW})
+
+    def select(self, index: Tensor | Sequence[int]) -> RowSampling:
+        """Some rows' options (e.g. per-slot options gathered into a decode batch)."""
+        return RowSampling(**{name: getattr(self, name)[index] for name in _PER_ROW})
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Host-side facts about a batch's options that let `choose` skip work, without reading tensors.
+
+    Each distinct plan is its own static code path (its own CUDA graph). `any_sample` False: every
+    row is greedy, skip sampling. `candidates`: the largest top_k among sampling rows (0: some row
+    has no top-k, use the whole vocabulary). `any_top_p` False: no sampling row uses top-p, skip
+    that sort. The default plan is always correct; a plan narrower than the rows is wrong, so
+    build it from the same values as the tensors (`SamplingPlan.of`).
+    """
+
+    any_sample: bool = True
+    candidates: int = 0
+    any_top_p: bool = True
+
+    @classmethod
+    def of(cls, do_sample: Sequence[bool], top_k: Sequence[int], top_p: Sequence[float]) -> SamplingPlan:
+        rows = [(k, p) for d, k, p in zip(do_sample, top_k, top_p, strict=True) if d]
+        return cls(
+            any_sample=bool(rows),
+            candidates=0 if any(k <= 0 for k, _ in rows) else max((k for k, _ in rows), default=0),
+            any_top_p=any(p < 1.0 for _, p in rows),
+        )
+
+    def merge(self, other: SamplingPlan) -> SamplingPlan:
+        """A plan covering both batches' rows."""
+        if not self.any_sample or not other.any_sample:
+            return other if not self.any_sample else self
+        return SamplingPlan(
+            any_sample=True,
+            candidates=0 if 0 in (self.candidates, other.candidates) else max(self.candidates, other.candidates),
+            any_top_p=self.any_top_p or other.any_top_p,
+        )
+
+
+GENERIC_PLAN = SamplingPlan()
+
+
+# ------------------------------------------------------------------ counter-based noise
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A 32-bit xorshift-multiply finaliser (bijective on [0, 2**32)). Multipliers stay below
+    2**31 so the int64 products never overflow; no unsigned dtypes needed."""
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _MASK32
+    return h ^ (h >> 15)
+
+
+def row_keys(seed: Tensor, step: Tensor, codebook: int) -> Tensor:
+    """One well-mixed 32-bit key [B] per (seed, step, codebook)."""
+    seed = seed.to(torch.int64)
+    key = _mix32((step.to(torch.int64) * 16 + codebook + 0x3C6EF372) & _MASK32)
+    key = _mix32(key ^ ((seed >> 32) & _MASK32))
+    return _mix32(key ^ (seed & _MASK32))
+
+
+def uniform_noise(keys: Tensor, ids: Tensor) -> Tensor:
+    """Uniform (0, 1) float32 [B, N] for vocab ids [B, N] (or [N]): a pure function of (key, id),
+    so a token's draw is the same whether the candidate set is the top-k or the whole vocab."""
+    h = _mix32(keys[:, None] ^ ((ids * 0x1B873593) & _MASK32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+# ------------------------------------------------------------------ HF-equivalent processors
+
+
+def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """HF RepetitionPenaltyLogitsProcessor with a per-row penalty over a [B, V] bool `seen` mask."""
+    p = penalty[:, None].to(scores.dtype)
+    penalised = torch.where(scores < 0, scores * p, scores / p)
+    return torch.where(seen, penalised, scores)
+
+
+def top_k_top_p(scores: Tensor, params: RowSampling, plan: SamplingPlan = GENERIC_PLAN) -> tuple[Tensor, Tensor]:
+    """HF TopKLogitsWarper then TopPLogitsWarper (min_tokens_to_keep=1) with per-row k and p.
+
+    Returns candidate scores and their vocab ids [B, N], N = `plan.candidates` (or V), with
+    filtered entries at -inf. Rows with k=0 or p>=1.0 are not filtered by that warper, as HF adds
+    none for them.
+    """
+    vocab = scores.shape[-1]
+    n = vocab if plan.candidates <= 0 else min(plan.candidates, vocab)
+    values, ids = scores.topk(n, dim=-1)  # descending
+    k = torch.where(params.top_k > 0, params.top_k.clamp(max=n), n)
+    values = values.masked_fill(values < values.gather(1, (k - 1)[:, None]), _NEG_INF)
+    if plan.any_top_p:
+        # HF sorts ascending and drops the low tail whose cumulative mass is <= 1 - top_p.
+        ascending = values.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        remove = (cumulative <= (1 - params.top_p).to(cumulative.dtype)[:, None]) & (params.top_p < 1.0)[:, None]
+        remove[:, -1] = False
+        values = values.masked_fill(remove.flip(-1), _NEG_INF)
+    return values, ids
+
+
+def choose(
+    scores: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
+) -> Tensor:
+    """Greedy argmax for rows without sampling; Gumbel-max over the warped candidates otherwise."""
+    greedy = scores.argmax(dim=-1)
+    if not plan.any_sample:
+        return greedy
+    temperature = torch.where(params.do_sample, params.temperature, torch.ones_like(params.temperature))
+    values, ids = top_k_top_p(scores / temperature[:, None], params, plan)
+    gumbel = -torch.log(-torch.log(uniform_noise(row_keys(params.seed, step, codebook), ids)))
+    sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(params.do_sample, sampled, greedy)
+
+
+class Sampler:
+    """The talker's fixed logits rules (from the config) plus per-row choice.
+
+    `step` [B] is each row's frame index (0 for the code sampled from the prefill logits); it gates
+    EOS (`min_new_tokens`) and keys the row's random draws together with the codebook.
+    """
+
+    def __init__(
+        self, vocab_size: int, eos_id: int, *, min_new_tokens: int = 2, device: torch.device | str = "cpu"
+    ) -> None:
+        self.vocab_size, self.eos_id, self.min_new_tokens = vocab_size, eos_id, min_new_tokens
+        ids = torch.arange(vocab_size, device=device)
+        self.suppress = (ids >= vocab_size - 1024) & (ids != eos_id)
+        self.is_eos = ids == eos_id
+
+    @classmethod
+    def for_model(cls, tts: Any) -> Sampler:
+        """Rules of a `qwen_tts.Qwen3TTSModel`, on its device."""
+        tcfg = tts.model.config.talker_config
+        return cls(tcfg.vocab_size, tcfg.codec_eos_token_id, device=tts.model.talker.codec_head.weight.device)
+
+    def talker(
+        self, logits: Tensor, params: RowSampling, seen: Tensor, step: Tensor, plan: SamplingPlan = GENERIC_PLAN
+    ) -> Tensor:
+        """Codebook 0 for B rows. `seen` [B, V] marks each row's previously generated codebook-0 ids."""
+        scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+        block_eos = (step < self.min_new_tokens)[:, None] & self.is_eos[None, :]
+        scores = scores.masked_fill(self.suppress[None, :] | block_eos, _NEG_INF)
+        return choose(scores, params, step, 0, plan)
+
+    def code_predictor(
+        self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
+    ) -> Tensor:
+        """Codebook `codebook` (1..15) for B rows with the subtalker options."""
+        return choose(logits.float(), params, step, codebook, plan)
+
+
+def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
+    """Record sampled codebook-0 tokens [B] in the [B, V] repetition mask (in place)."""
+    return seen.scatter_(1, tokens[:, None], True)
