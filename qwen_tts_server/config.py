@@ -50,9 +50,17 @@ class Settings(BaseSettings):
     default_voice_design_model: str = "Qwen3-TTS-12Hz-1.7B-VoiceDesign"
     default_voice_clone_model: str = "Qwen3-TTS-12Hz-1.7B-Base"
 
-    # --- batching and limits ---
-    max_batch_size: int = Field(16, ge=1, description="Largest batch sent to the GPU at once.")
-    batch_window_ms: float = Field(15.0, ge=0, description="How long to wait for other requests to merge.")
+    # --- engine, batching and limits ---
+    engine: Literal["fast", "reference"] = Field(
+        "fast", description="fast: our continuous-batching engine; reference: upstream generate (the oracle)."
+    )
+    max_slots: int = Field(16, ge=1, description="Fast engine: requests decoded together (KV cache rows).")
+    max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
+    max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
+    max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")
+    batch_window_ms: float = Field(
+        15.0, ge=0, description="Reference engine: how long to wait for other requests to merge."
+    )
     max_items_per_request: int = Field(64, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     max_instruct_chars: int = Field(1000, ge=1)

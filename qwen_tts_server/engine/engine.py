@@ -17,10 +17,12 @@ from ..config import Settings
 from ..errors import InvalidRequest
 from ..metrics import Metrics
 from .batcher import Batcher
+from .fast.runtime import FastRuntime
 from .reference import ReferenceRunner
 from .registry import LoadedModel, ModelRegistry
 from .types import FRAME_RATE_HZ, Mode, ModelInfo, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
 from .voice_cache import VoicePromptCache
+from .voice_prompt import compute_voice_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # upstream's default when a checkpoint does not set one
 
@@ -54,6 +56,8 @@ class TTSEngine:
         )
         self.batcher.on_batch = self.metrics.batch_size.observe
         self.registry.on_load = self._on_load
+        self.registry.on_unload = self._on_unload
+        self._fast: dict[str, FastRuntime] = {}
         self._in_flight = 0
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
@@ -75,10 +79,24 @@ class TTSEngine:
         return model
 
     async def unload(self, name: str) -> bool:
-        key = self.registry.canonical_name(name)
-        unloaded = await self.registry.unload(key)
-        self.voice_cache.drop_model(key)
-        return unloaded
+        return await self.registry.unload(name)
+
+    def _on_unload(self, name: str) -> None:
+        runtime = self._fast.pop(name, None)
+        if runtime is not None:
+            runtime.close()
+        self.voice_cache.drop_model(name)
+
+    def fast_runtime(self, model: LoadedModel) -> FastRuntime:
+        """The model's fast engine, started on first use (it allocates the KV cache)."""
+        runtime = self._fast.get(model.name)
+        if runtime is None:
+            s = self.settings
+            runtime = FastRuntime(
+                model.tts, max_slots=s.max_slots, max_len=s.max_context, max_prefill_tokens=s.max_prefill_tokens
+            )
+            self._fast[model.name] = runtime
+        return runtime
 
     # ----- voice prompts -----
     async def voice_prompt(self, model: LoadedModel, ref: ReferenceAudio) -> VoicePrompt:
@@ -89,7 +107,7 @@ class TTSEngine:
             async with self.registry.using(model):
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    self._gpu, self.runner.voice_prompt, model, ref.audio.samples, ref.audio.sample_rate
+                    self._gpu, compute_voice_prompt, model.tts, ref.audio.samples, ref.audio.sample_rate
                 )
 
         prompt = await self.voice_cache.get_or_compute((model.name, ref.cache_key), compute)
@@ -106,7 +124,11 @@ class TTSEngine:
         self._in_flight += len(items)
         self.metrics.queue_depth.set(self._in_flight)
         try:
-            results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
+            if self.settings.engine == "fast":
+                async with self.registry.using(model):
+                    results = await self.fast_runtime(model).generate(mode, items, sampling)
+            else:
+                results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
         finally:
             self._in_flight -= len(items)
             self.metrics.queue_depth.set(self._in_flight)
@@ -132,6 +154,9 @@ class TTSEngine:
         return self._in_flight
 
     def close(self) -> None:
+        for runtime in self._fast.values():
+            runtime.close()
+        self._fast.clear()
         self._gpu.shutdown(wait=True, cancel_futures=True)
 
 

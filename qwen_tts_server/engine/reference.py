@@ -1,6 +1,6 @@
 """The reference runner: synthesis through upstream `qwen-tts` generate, one padded batch at a time.
 
-It is the correctness oracle for faster engines and the default until one lands. A batch runs
+It is the correctness oracle for the fast engine and a selectable fallback (QTTS_ENGINE=reference). A batch runs
 every row until the longest ends; upstream cuts each row at its own first EOS, so every item
 still gets its exact length. Everything here is blocking and runs on the engine's GPU thread.
 """
@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..audio.codec_io import resample
 from .registry import LoadedModel
-from .types import Mode, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
+from .types import Mode, SamplingParams, SynthesisItem, SynthesisResult
 
 
 @dataclass(frozen=True)
@@ -60,23 +59,6 @@ class ReferenceRunner:
             samples = samples[max(0, len(samples) - frames * self.samples_per_frame) :]
             results.append(SynthesisResult(samples=samples, sample_rate=int(sample_rate), frames=frames))
         return results
-
-    def voice_prompt(self, model: LoadedModel, samples: np.ndarray, sample_rate: int) -> VoicePrompt:
-        """Speaker embedding and reference codes of one reference recording.
-
-        Both are computed from the same 24 kHz audio whatever mode later uses them, so one cached
-        prompt serves ICL and x-vector requests alike.
-        """
-        import torch
-
-        upstream = model.tts.model
-        target_sr = int(upstream.speaker_encoder_sample_rate)
-        wav = samples if sample_rate == target_sr else resample(samples, sample_rate, target_sr)
-        wav = np.ascontiguousarray(wav, dtype=np.float32)
-        with torch.inference_mode():
-            codes = upstream.speech_tokenizer.encode(wav, sr=target_sr).audio_codes[0]
-            embedding = upstream.extract_speaker_embedding(audio=wav, sr=target_sr)
-        return VoicePrompt(speaker_embedding=embedding, ref_code=codes)
 
 
 def _prompt_item(item: SynthesisItem):  # -> qwen_tts VoiceClonePromptItem

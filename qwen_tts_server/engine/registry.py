@@ -183,6 +183,7 @@ class ModelRegistry:
         self._budget_lock = asyncio.Lock()
         self.load_count = 0  # successful loads; for tests and metrics
         self.on_load: Callable[[str, bool, float], None] | None = None  # (name, ok, seconds)
+        self.on_unload: Callable[[str], None] | None = None  # release what was built on the model
 
     # ----- names and paths -----
     def canonical_name(self, name: str) -> str:
@@ -332,7 +333,8 @@ class ModelRegistry:
             return True
 
     def _drop(self, key: str) -> None:
-        self._loaded.pop(key, None)
+        if self._loaded.pop(key, None) is not None and self.on_unload is not None:
+            self.on_unload(key)
         gc.collect()
         with contextlib.suppress(Exception):
             import torch

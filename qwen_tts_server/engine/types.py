@@ -39,10 +39,27 @@ class SamplingParams:
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
     seed: int | None = None
+    # The code predictor's own options (codebooks 1-15); upstream calls them subtalker_*.
+    subtalker_do_sample: bool | None = None
+    subtalker_temperature: float | None = None
+    subtalker_top_k: int | None = None
+    subtalker_top_p: float | None = None
 
     def generate_kwargs(self) -> dict[str, Any]:
-        names = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """Upstream `generate_*` keyword arguments for the options that are set."""
+        names = {
+            "do_sample": "do_sample",
+            "temperature": "temperature",
+            "top_k": "top_k",
+            "top_p": "top_p",
+            "repetition_penalty": "repetition_penalty",
+            "max_new_tokens": "max_new_tokens",
+            "subtalker_do_sample": "subtalker_dosample",
+            "subtalker_temperature": "subtalker_temperature",
+            "subtalker_top_k": "subtalker_top_k",
+            "subtalker_top_p": "subtalker_top_p",
+        }
+        return {upstream: getattr(self, ours) for ours, upstream in names.items() if getattr(self, ours) is not None}
 
 
 @dataclass(frozen=True)

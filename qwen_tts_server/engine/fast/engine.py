@@ -1,0 +1,269 @@
+"""The fast engine's loop: continuous batching of codec frames over a static KV cache.
+
+Each `step()` admits waiting requests into free slots (prefill), then decodes one frame for every
+running request at once: code predictor (codebooks 1-15), talker step, codebook-0 sampling. A
+request that samples EOS, reaches its frame limit or is cancelled leaves at once, its slot free
+for the next step; requests that finish in the same step share one codec decode.
+
+Per-slot state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
+text, sampling options) lives in static tensors indexed by slot, so the frame's tensor work takes
+no values back to the host and has fixed shapes for a fixed batch size (CUDA-graph ready). The
+host reads one small tensor per step: the new frames and which rows hit EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .model_runner import ModelRunner
+from .prompt import Prompt
+from .sampler import RowSampling, Sampler, SamplingPlan
+from .scheduler import Scheduler
+from .sequence import FinishReason, Sequence, SequenceSampling, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+SAMPLES_PER_FRAME = 1920
+
+
+class FastEngine:
+    def __init__(
+        self,
+        tts: Any,
+        *,
+        max_slots: int = 16,
+        max_len: int = 4096,
+        max_prefill_tokens: int = 2048,
+    ) -> None:
+        self.tts = tts
+        self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len)
+        self.sampler = Sampler.for_model(tts)
+        self.scheduler = Scheduler(max_slots, max_prefill_tokens)
+        self.max_len = max_len
+        device, dtype = self.runner.device, self.runner.dtype
+        hidden_size = tts.model.talker.config.hidden_size
+        vocab = self.runner.vocab_size
+        self.eos_id = int(tts.model.config.talker_config.codec_eos_token_id)
+        # Per-slot state, allocated once.
+        self.hidden = torch.zeros(max_slots, hidden_size, device=device, dtype=dtype)
+        self.code0 = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.position = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.frame_index = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
+        self.trailing = torch.zeros(max_slots, max_len, hidden_size, device=device, dtype=dtype)
+        self.trailing_len = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.talker_params = RowSampling.make(max_slots, device=device)
+        self.sub_params = RowSampling.make(max_slots, device=device)
+        self.tts_pad: Tensor | None = None
+        # Work handed in by other threads.
+        self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.batch_sizes: list[int] = []  # running requests per step; tests and metrics read it
+
+    # ----- other threads -----
+    def submit(self, seq: Sequence) -> Sequence:
+        """Queue a request; it is admitted at the start of a coming step."""
+        limit = self.max_len - seq.prompt_len - 1
+        if limit < 1:
+            raise ValueError(f"prompt of {seq.prompt_len} positions leaves no room in max_len {self.max_len}")
+        if seq.prompt.trailing.shape[0] > self.max_len:
+            raise ValueError(f"text of {seq.prompt.trailing.shape[0]} tokens exceeds max_len {self.max_len}")
+        seq.max_frames = min(seq.max_frames, limit)
+        self._inbox.put(("submit", seq))
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request (client gone): its slot frees at the next step, the others carry on."""
+        self._inbox.put(("cancel", seq))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qtts-fast-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; requests still queued or running fail instead of waiting forever."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._take_inbox()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.error = RuntimeError("the model was unloaded while this request was in progress")
+            self.scheduler.release(seq)
+            self._finish(seq, FinishReason.CANCELLED)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.has_work and self._inbox.empty():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # fail the requests in flight, keep the engine alive
+                log.exception("fast engine step failed")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    seq.error = exc
+                    self.scheduler.release(seq)
+                    self._finish(seq, FinishReason.CANCELLED)
+
+    # ----- the step -----
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
+        finished = self._take_inbox()
+        for seq in self.scheduler.admit():
+            self._prefill(seq)
+        running = list(self.scheduler.running)
+        if running:
+            finished += self._decode_frame(running)
+            self.steps += 1
+        self._deliver(finished)
+        return finished
+
+    def _take_inbox(self) -> list[Sequence]:
+        cancelled = []
+        while not self._inbox.empty():
+            kind, seq = self._inbox.get_nowait()
+            if kind == "submit":
+                self.scheduler.add(seq)
+            elif seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.release(seq)
+                seq.finish_reason = FinishReason.CANCELLED
+                cancelled.append(seq)
+        return cancelled
+
+    def _prefill(self, seq: Sequence) -> None:
+        prompt: Prompt = seq.prompt
+        slot = seq.slot
+        if self.tts_pad is None:
+            self.tts_pad = prompt.tts_pad.reshape(-1)
+        hidden, logits = self.runner.prefill(slot, prompt.embeds)
+        self._set_sampling(slot, seq.sampling)
+        trailing = prompt.trailing.reshape(-1, prompt.trailing.shape[-1])
+        self.trailing[slot, : trailing.shape[0]] = trailing
+        self.trailing_len[slot] = trailing.shape[0]
+        self.seen[slot] = False
+        slots = torch.tensor([slot], device=self.code0.device)
+        zero = torch.zeros(1, dtype=torch.long, device=self.code0.device)
+        o = seq.sampling
+        plan = SamplingPlan.of([o.do_sample], [o.top_k], [o.top_p])
+        code0 = self.sampler.talker(logits[None], self.talker_params.select(slots), self.seen[slots], zero, plan=plan)
+        self.seen[slot, code0[0]] = True
+        self.hidden[slot] = hidden
+        self.code0[slot] = code0[0]
+        self.position[slot] = seq.prompt_len
+        self.frame_index[slot] = 0
+
+    def _decode_frame(self, running: list[Sequence]) -> list[Sequence]:
+        slots = torch.tensor([s.slot for s in running], device=self.code0.device)
+        self.batch_sizes.append(len(running))
+        step = self.frame_index[slots]
+        sub = self.sub_params.select(slots)
+        # Host-side facts about the batch's options let sampling skip work it does not need.
+        opts = [s.sampling for s in running]
+        talker_plan = SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts], [o.top_p for o in opts])
+        sub_plan = SamplingPlan.of(
+            [o.subtalker_do_sample for o in opts], [o.subtalker_top_k for o in opts], [o.subtalker_top_p for o in opts]
+        )
+
+        def sample(codebook: int, logits: Tensor) -> Tensor:
+            return self.sampler.code_predictor(logits, sub, step, codebook, plan=sub_plan)
+
+        code0 = self.code0[slots]
+        codes, embedded = self.runner.predict_codes(self.hidden[slots], code0, sample)
+        frames = torch.cat((code0[:, None], codes), dim=1)
+        # Frame k's talker input carries trailing text token k while there is any, then tts_pad.
+        text = self.trailing[slots, step.clamp(max=self.max_len - 1)]
+        has_text = (step < self.trailing_len[slots])[:, None]
+        inputs = embedded + torch.where(has_text, text, self.tts_pad)
+        hidden, logits = self.runner.decode(slots, inputs, self.position[slots])
+        next_step = step + 1
+        next_code0 = self.sampler.talker(
+            logits, self.talker_params.select(slots), self.seen[slots], next_step, plan=talker_plan
+        )
+        self.seen[slots, next_code0] = True
+        self.hidden[slots] = hidden
+        self.code0[slots] = next_code0
+        self.position[slots] += 1
+        self.frame_index[slots] = next_step
+        # The one host read of the step.
+        frames_host = frames.cpu()
+        eos_host = (next_code0 == self.eos_id).cpu().tolist()
+        finished = []
+        for i, seq in enumerate(running):
+            seq.frames.append(frames_host[i])
+            if seq.on_frame is not None:
+                seq.on_frame(seq, frames_host[i])
+            if eos_host[i] or seq.num_frames >= seq.max_frames:
+                self.scheduler.release(seq)
+                seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
+                finished.append(seq)
+        return finished
+
+    def _set_sampling(self, slot: int, s: SequenceSampling) -> None:
+        talker = {
+            "do_sample": s.do_sample,
+            "temperature": s.temperature,
+            "top_k": s.top_k,
+            "top_p": s.top_p,
+            "repetition_penalty": s.repetition_penalty,
+            "seed": s.seed,
+        }
+        sub = {
+            "do_sample": s.subtalker_do_sample,
+            "temperature": s.subtalker_temperature,
+            "top_k": s.subtalker_top_k,
+            "top_p": s.subtalker_top_p,
+            "repetition_penalty": 1.0,
+            "seed": s.seed,
+        }
+        for params, values in ((self.talker_params, talker), (self.sub_params, sub)):
+            for name, value in values.items():
+                getattr(params, name)[slot] = value
+
+    # ----- results -----
+    def _deliver(self, finished: list[Sequence]) -> None:
+        """Decode the audio of requests that finished together in one codec batch, then notify."""
+        done = [s for s in finished if s.finish_reason is not FinishReason.CANCELLED and s.frames]
+        if done:
+            try:
+                self._decode_audio(done)
+            except Exception as exc:
+                log.exception("codec decode failed")
+                for seq in done:
+                    seq.error = exc
+        for seq in finished:
+            self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
+
+    def _decode_audio(self, seqs: list[Sequence]) -> None:
+        batch = []
+        for seq in seqs:
+            codes = torch.stack(seq.frames)
+            ref = seq.prompt.ref_code
+            if ref is not None:
+                codes = torch.cat((ref.to(codes.device, codes.dtype), codes))
+            batch.append({"audio_codes": codes})
+        wavs, _ = self.tts.model.speech_tokenizer.decode(batch)
+        for seq, wav in zip(seqs, wavs, strict=True):
+            samples = np.asarray(wav, dtype=np.float32).reshape(-1)
+            # ICL audio starts with the reference: the request's audio is exactly its own frames.
+            seq.audio = samples[max(0, len(samples) - seq.num_frames * SAMPLES_PER_FRAME) :]
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.on_finish is not None:
+            seq.on_finish(seq)

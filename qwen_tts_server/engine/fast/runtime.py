@@ -1,0 +1,130 @@
+"""The asyncio face of one model's fast engine: submit items, await audio or stream frames.
+
+The engine loop runs on its own thread; results and frames come back to the event loop through
+`call_soon_threadsafe`. A caller that goes away (task cancelled) cancels its requests, which frees
+their slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from torch import Tensor
+
+from ...errors import InvalidRequest
+from ..types import Mode, SamplingParams, SynthesisItem, SynthesisResult
+from .engine import FastEngine
+from .prompt import prompt_for_item
+from .sequence import Sequence, SequenceSampling
+
+# Upstream's hard defaults, used where the checkpoint's generation_config says nothing.
+_DEFAULTS = {
+    "do_sample": True,
+    "temperature": 0.9,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.05,
+    "subtalker_dosample": True,
+    "subtalker_temperature": 0.9,
+    "subtalker_top_k": 50,
+    "subtalker_top_p": 1.0,
+}
+
+
+def resolve_sampling(sampling: SamplingParams, generate_defaults: dict[str, Any]) -> SequenceSampling:
+    """Request options over checkpoint defaults over upstream's; a missing seed is drawn at random."""
+
+    def pick(name: str, value: object) -> Any:
+        if value is not None:
+            return value
+        return generate_defaults.get(name, _DEFAULTS[name])
+
+    return SequenceSampling(
+        do_sample=bool(pick("do_sample", sampling.do_sample)),
+        temperature=float(pick("temperature", sampling.temperature)),
+        top_k=int(pick("top_k", sampling.top_k)),
+        top_p=float(pick("top_p", sampling.top_p)),
+        repetition_penalty=float(pick("repetition_penalty", sampling.repetition_penalty)),
+        subtalker_do_sample=bool(pick("subtalker_dosample", sampling.subtalker_do_sample)),
+        subtalker_temperature=float(pick("subtalker_temperature", sampling.subtalker_temperature)),
+        subtalker_top_k=int(pick("subtalker_top_k", sampling.subtalker_top_k)),
+        subtalker_top_p=float(pick("subtalker_top_p", sampling.subtalker_top_p)),
+        seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
+    )
+
+
+class FastRuntime:
+    def __init__(self, tts: Any, *, max_slots: int, max_len: int, max_prefill_tokens: int) -> None:
+        self.tts = tts
+        self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
+        self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=max_prefill_tokens)
+        self.engine.start()
+
+    async def generate(self, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams) -> list[SynthesisResult]:
+        """Whole utterances: each item finishes (and is returned) as soon as its own audio is ready."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Sequence]] = []
+        seqs: list[Sequence] = []
+        try:
+            for item in items:
+                future: asyncio.Future[Sequence] = loop.create_future()
+                seq = await self._sequence(mode, item, sampling)
+                seq.on_finish = lambda s, f=future: loop.call_soon_threadsafe(_settle, f, s)
+                futures.append(future)
+                seqs.append(self._submit(seq))
+            done = await asyncio.gather(*futures)
+        except BaseException:
+            for seq in seqs:
+                self.engine.cancel(seq)
+            raise
+        return [SynthesisResult(samples=s.audio, sample_rate=self.sample_rate, frames=s.num_frames) for s in done]
+
+    async def stream(self, mode: Mode, item: SynthesisItem, sampling: SamplingParams) -> AsyncIterator[Tensor]:
+        """One request's codec frames ([16] codes each) as they are produced."""
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[Tensor | None] = asyncio.Queue()
+        seq = await self._sequence(mode, item, sampling)
+        seq.on_frame = lambda _s, frame: loop.call_soon_threadsafe(frames.put_nowait, frame)
+        seq.on_finish = lambda _s: loop.call_soon_threadsafe(frames.put_nowait, None)
+        self._submit(seq)
+        try:
+            while (frame := await frames.get()) is not None:
+                yield frame
+            if seq.error is not None:
+                raise seq.error
+        finally:
+            if seq.finish_reason is None:
+                self.engine.cancel(seq)
+
+    def _submit(self, seq: Sequence) -> Sequence:
+        try:
+            return self.engine.submit(seq)
+        except ValueError as exc:  # the prompt does not fit this server's context
+            raise InvalidRequest(
+                f"text is too long for this server: {exc}; split it into shorter items (or raise QTTS_MAX_CONTEXT)",
+                field="text",
+            ) from exc
+
+    async def _sequence(self, mode: Mode, item: SynthesisItem, sampling: SamplingParams) -> Sequence:
+        prompt = await asyncio.to_thread(prompt_for_item, self.tts, mode, item)
+        assert sampling.max_new_tokens is not None, "the engine sets a frame limit on every request"
+        return Sequence(
+            prompt=prompt,
+            sampling=resolve_sampling(sampling, self.tts.generate_defaults or {}),
+            max_frames=sampling.max_new_tokens,
+        )
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _settle(future: asyncio.Future[Sequence], seq: Sequence) -> None:
+    if future.done():
+        return
+    if seq.error is not None:
+        future.set_exception(seq.error)
+    else:
+        future.set_result(seq)

@@ -1,0 +1,72 @@
+"""One request's state inside the fast engine (nano-vllm's `Sequence`, for codec frames)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from torch import Tensor
+
+from .prompt import Prompt
+
+_ids = itertools.count()
+
+
+class SequenceStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SequenceSampling:
+    """Resolved decoding options of one request (checkpoint defaults already applied)."""
+
+    do_sample: bool = True
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.05
+    subtalker_do_sample: bool = True
+    subtalker_temperature: float = 0.9
+    subtalker_top_k: int = 50
+    subtalker_top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request from admission to its last frame.
+
+    The engine thread owns every field; other threads only call `FastEngine.cancel`. `on_frame`
+    and `on_finish` run on the engine thread and must hand work off quickly.
+    """
+
+    prompt: Prompt
+    sampling: SequenceSampling
+    max_frames: int
+    on_frame: Callable[[Sequence, Tensor], None] | None = None
+    on_finish: Callable[[Sequence], None] | None = None
+    id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    frames: list[Tensor] = field(default_factory=list)  # each [16] on the host
+    finish_reason: FinishReason | None = None
+    audio: object = None  # float32 samples once decoded
+    error: BaseException | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt.embeds.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)

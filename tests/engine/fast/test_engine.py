@@ -1,0 +1,245 @@
+"""The fast engine against the reference runner, and its continuous batching, on tiny checkpoints.
+
+Steps are driven by hand (`engine.step()`), so requests can join and leave at chosen frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.prompt import prompt_for_item
+from qwen_tts_server.engine.fast.runtime import FastRuntime, resolve_sampling
+from qwen_tts_server.engine.fast.sequence import FinishReason, Sequence, SequenceStatus
+from qwen_tts_server.engine.reference import ReferenceRunner
+from qwen_tts_server.engine.registry import LoadedModel, describe
+from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
+from qwen_tts_server.engine.voice_prompt import compute_voice_prompt
+
+from .helpers import synthetic_voice
+
+CUSTOM = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
+DESIGN = "Qwen3-TTS-12Hz-1.7B-VoiceDesign"
+BASE = "Qwen3-TTS-12Hz-1.7B-Base"
+GREEDY = SamplingParams(do_sample=False, subtalker_do_sample=False, max_new_tokens=30)
+LONG = "A rather long sentence that keeps going for a good number of frames before it stops."
+
+
+@pytest.fixture(scope="module")
+def clone_voice(load_tts):
+    wav, sr = synthetic_voice()
+    return compute_voice_prompt(load_tts(BASE), wav, sr)
+
+
+def reference_codes(tts: Any, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams) -> list[torch.Tensor]:
+    """Codes upstream generates for `items` as one batch (captured at its codec decode)."""
+    captured: list[torch.Tensor] = []
+    codec = tts.model.speech_tokenizer
+    original = codec.decode
+
+    def spy(batch):
+        captured.extend(entry["audio_codes"].cpu() for entry in batch)
+        return original(batch)
+
+    codec.decode = spy
+    try:
+        model = LoadedModel(
+            name="m", path=Path("."), tts=tts, info=describe("m", tts), memory_bytes=0, device="cpu", dtype="float32"
+        )
+        ReferenceRunner().run(model, mode, items, sampling)
+    finally:
+        del codec.decode
+    out = []
+    for item, codes in zip(items, captured, strict=True):
+        ref = item.voice.ref_code if (item.voice is not None and not item.x_vector_only) else None
+        out.append(codes[ref.shape[0] :] if ref is not None else codes)
+    return out
+
+
+def make_seq(tts: Any, mode: Mode, item: SynthesisItem, sampling: SamplingParams, **kw: Any) -> Sequence:
+    assert sampling.max_new_tokens is not None
+    return Sequence(
+        prompt=prompt_for_item(tts, mode, item),
+        sampling=resolve_sampling(sampling, tts.generate_defaults or {}),
+        max_frames=sampling.max_new_tokens,
+        **kw,
+    )
+
+
+def run_to_end(engine: FastEngine, seqs: list[Sequence], limit: int = 500) -> None:
+    for _ in range(limit):
+        if all(s.status is SequenceStatus.FINISHED for s in seqs):
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def codes_of(seq: Sequence) -> torch.Tensor:
+    return torch.stack(seq.frames)
+
+
+def custom_items() -> list[SynthesisItem]:
+    return [
+        SynthesisItem(text="Hello there, how are you?", language="english", speaker="ryan"),
+        SynthesisItem(text="Speak with feeling.", language="english", speaker="vivian", instruct="sad and slow"),
+        SynthesisItem(text="A dialect speaker.", language="chinese", speaker="eric"),
+        SynthesisItem(text=LONG, language="auto", speaker="serena"),
+    ]
+
+
+def clone_items(voice) -> list[SynthesisItem]:
+    return [
+        SynthesisItem(text="Cloned in context.", language="english", voice=voice, ref_text="the reference words"),
+        SynthesisItem(text="Only the x-vector.", language="english", voice=voice, x_vector_only=True),
+        SynthesisItem(text=LONG, language="auto", voice=voice, ref_text="other words", x_vector_only=False),
+    ]
+
+
+@pytest.mark.parametrize("case", ["custom_voice", "voice_design", "voice_clone"])
+def test_greedy_codes_equal_the_reference_alone_and_in_a_mixed_batch(load_tts, clone_voice, case):
+    if case == "custom_voice":
+        tts, mode, items = load_tts(CUSTOM), Mode.CUSTOM_VOICE, custom_items()
+    elif case == "voice_design":
+        tts, mode = load_tts(DESIGN), Mode.VOICE_DESIGN
+        items = [
+            SynthesisItem(text=t, language="english", instruct=i)
+            for t, i in (("Good morning.", "a cheerful child"), (LONG, "an old man, slow"))
+        ]
+    else:
+        tts, mode, items = load_tts(BASE), Mode.VOICE_CLONE, clone_items(clone_voice)
+    expected = [reference_codes(tts, mode, [item], GREEDY)[0] for item in items]
+    assert len({len(e) for e in expected}) > 1, "rows should end at different frames"
+
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    alone = [make_seq(tts, mode, item, GREEDY) for item in items]
+    for seq in alone:
+        engine.submit(seq)
+        run_to_end(engine, [seq])
+    together = [engine.submit(make_seq(tts, mode, item, GREEDY)) for item in items]
+    run_to_end(engine, together)
+    for want, one, many in zip(expected, alone, together, strict=True):
+        assert torch.equal(codes_of(one), want)
+        assert torch.equal(codes_of(many), want)
+        assert many.finish_reason is (FinishReason.EOS if len(want) < GREEDY.max_new_tokens else FinishReason.LENGTH)
+        assert len(many.audio) == len(want) * 1920
+
+
+def test_requests_joining_and_leaving_mid_batch_keep_their_codes(load_tts, clone_voice):
+    tts = load_tts(BASE)
+    items = clone_items(clone_voice)
+    expected = [reference_codes(tts, Mode.VOICE_CLONE, [item], GREEDY)[0] for item in items]
+    engine = FastEngine(tts, max_slots=2, max_len=512)  # fewer slots than requests: the third waits
+    first = engine.submit(make_seq(tts, Mode.VOICE_CLONE, items[2], GREEDY))
+    for _ in range(3):
+        engine.step()
+    second = engine.submit(make_seq(tts, Mode.VOICE_CLONE, items[0], GREEDY))
+    third = engine.submit(make_seq(tts, Mode.VOICE_CLONE, items[1], GREEDY))
+    engine.step()
+    assert third.status is SequenceStatus.WAITING and len(engine.scheduler.running) == 2
+    run_to_end(engine, [first, second, third])
+    for seq, want in zip((second, third, first), expected, strict=True):
+        assert torch.equal(codes_of(seq), want)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(load_tts):
+    tts = load_tts(CUSTOM)
+    items = custom_items()
+    seeded = SamplingParams(seed=1234, max_new_tokens=30)
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    alone = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[3], seeded))
+    run_to_end(engine, [alone])
+    others = [
+        engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, it, SamplingParams(seed=i, max_new_tokens=30)))
+        for i, it in enumerate(items[:2])
+    ]
+    engine.step()
+    engine.step()
+    crowded = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[3], seeded))
+    run_to_end(engine, [*others, crowded])
+    assert torch.equal(codes_of(alone), codes_of(crowded))
+    other_seed = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[3], SamplingParams(seed=99, max_new_tokens=30)))
+    run_to_end(engine, [other_seed])
+    assert not torch.equal(codes_of(alone)[: other_seed.num_frames], codes_of(other_seed)[: alone.num_frames])
+
+
+def test_a_short_request_submitted_later_finishes_first(load_tts):
+    tts = load_tts(CUSTOM)
+    finished: list[str] = []
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    long = engine.submit(
+        make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[3], GREEDY, on_finish=lambda s: finished.append("long"))
+    )
+    for _ in range(3):
+        engine.step()
+    short = engine.submit(
+        make_seq(
+            tts,
+            Mode.CUSTOM_VOICE,
+            custom_items()[0],
+            SamplingParams(do_sample=False, max_new_tokens=4),
+            on_finish=lambda s: finished.append("short"),
+        )
+    )
+    run_to_end(engine, [long, short])
+    assert finished == ["short", "long"]
+    assert short.num_frames == 4 and long.num_frames > 3 + 4
+
+
+def test_a_cancelled_request_frees_its_slot_and_the_others_continue_unchanged(load_tts):
+    tts = load_tts(CUSTOM)
+    items = custom_items()
+    expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items]
+    engine = FastEngine(tts, max_slots=3, max_len=512)
+    seqs = [engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)) for item in (items[3], items[1], items[0])]
+    engine.step()
+    engine.step()
+    victim = seqs[1]
+    slot = victim.slot
+    engine.cancel(victim)
+    engine.step()
+    assert victim.status is SequenceStatus.FINISHED and victim.finish_reason is FinishReason.CANCELLED
+    assert victim.audio is None
+    newcomer = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[2], GREEDY))
+    engine.step()
+    assert newcomer.slot == slot
+    run_to_end(engine, [seqs[0], seqs[2], newcomer])
+    assert torch.equal(codes_of(seqs[0]), expected[3])
+    assert torch.equal(codes_of(seqs[2]), expected[0])
+    assert torch.equal(codes_of(newcomer), expected[2])
+
+
+def test_runtime_streams_the_same_frames_it_returns_whole(load_tts):
+    tts = load_tts(CUSTOM)
+    item = custom_items()[0]
+    sampling = SamplingParams(seed=5, max_new_tokens=30)
+
+    async def main():
+        runtime = FastRuntime(tts, max_slots=2, max_len=512, max_prefill_tokens=512)
+        try:
+            streamed = [frame async for frame in runtime.stream(Mode.CUSTOM_VOICE, item, sampling)]
+            (whole,) = await runtime.generate(Mode.CUSTOM_VOICE, [item], sampling)
+            # A caller that goes away cancels its request and frees the slot.
+            task = asyncio.ensure_future(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[3]], sampling))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(100):
+                if not runtime.engine.scheduler.has_work:
+                    break
+                await asyncio.sleep(0.02)
+            free = len(runtime.engine.scheduler.free_slots)
+        finally:
+            runtime.close()
+        return streamed, whole, free
+
+    streamed, whole, free = asyncio.run(main())
+    assert len(streamed) == whole.frames and whole.frames >= 2
+    assert len(whole.samples) == whole.frames * 1920 and np.isfinite(whole.samples).all()
+    assert free == 2
