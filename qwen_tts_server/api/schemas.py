@@ -28,7 +28,9 @@ class SynthesisOptions(BaseModel):
         "auto", description="Name (english) or ISO code (en, zh, ja, ko, de, fr, ru, pt, es, it), or auto."
     )
     custom_id: str | list[OptionalText] | None = Field(None, description="Echoed back on each item.")
-    do_sample: bool | None = None
+    do_sample: bool | None = Field(
+        None, description="false: greedy decoding of every codebook (deterministic); default: sample."
+    )
     temperature: float | None = Field(None, gt=0, le=5)
     top_k: int | None = Field(None, ge=1, le=3072)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -59,6 +61,8 @@ class SynthesisOptions(BaseModel):
             frames = by_duration if frames is None else min(frames, by_duration)
         return SamplingParams(
             do_sample=self.do_sample,
+            # Greedy means greedy for the code predictor too, so do_sample=false is deterministic.
+            subtalker_do_sample=False if self.do_sample is False else None,
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,

@@ -27,6 +27,7 @@ def make_client(tiny_models_dir: Path, tmp_path: Path) -> Iterator[Callable[...,
         opened.append(client)
         return client
 
+    make.tmp = tmp_path  # type: ignore[attr-defined]
     yield make
     for client in reversed(opened):
         client.__exit__(None, None, None)

@@ -173,3 +173,11 @@ def test_reference_urls(make_client, loopback_audio):
     assert big.status_code == 413 and error_of(big)["field"] == "ref_audio"
     slow = post(client, "voice-clone", body | {"ref_audio": f"{loopback_audio}/slow.wav"})
     assert slow.status_code == 422 and "did not answer" in error_of(slow)["message"]
+
+
+def test_text_longer_than_the_fast_engines_context(make_client):
+    client = make_client(max_context=64)
+    response = post(client, "custom-voice", {"text": "word " * 200, "speaker": "ryan"})
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["field"] == "text" and "too long" in error["message"]

@@ -12,10 +12,21 @@ import soundfile as sf
 
 from qwen_tts_server.testing.force_eos import force_eos
 
-from .support import BASE_06, BASE_17, CUSTOM_17, DESIGN_17, error_of, loaded_model, sine_wav, upload
+from .support import BASE_06, BASE_17, CUSTOM_17, DESIGN_17, error_of, largest_batch, loaded_model, sine_wav, upload
 
 SR = 24000
 FRAME = 1920
+
+
+@pytest.fixture(params=["fast", "reference"])
+def engine(request) -> str:
+    """Every test here runs on both engines: the fast one (default) and the reference oracle."""
+    return request.param
+
+
+@pytest.fixture
+def client(make_client, engine):
+    return make_client(engine=engine)
 
 
 def download(client, item) -> bytes:
@@ -54,12 +65,17 @@ def test_custom_voice_batch_keeps_order_and_custom_ids(client):
     assert [i["index"] for i in items] == [0, 1, 2]
     assert [i["custom_id"] for i in items] == ["a", "b", "c"]
     assert len({i["file_id"] for i in items}) == 3
-    assert client.app.state.services.engine.batcher.batch_sizes == [3]
+    assert largest_batch(client) == 3
 
 
 @pytest.mark.parametrize("mode", ["custom-voice", "voice-design", "voice-clone-icl", "voice-clone-xvec"])
-def test_each_item_ends_at_its_own_frame(client, mode):
-    """Rows forced to stop at frames 3, 6 and 9 in one batch give exactly those lengths."""
+def test_each_item_ends_at_its_own_frame(make_client, mode):
+    """Rows forced to stop at frames 3, 6 and 9 in one batch give exactly those lengths.
+
+    The hook counts upstream's talker calls per batch row, so this runs on the reference engine;
+    the fast engine's per-item lengths are checked against it in the next test.
+    """
+    client = make_client(engine="reference")
     if mode == "custom-voice":
         model, path = CUSTOM_17, "custom-voice"
         body = {"text": ["a b c", "d e f", "g h i"], "speaker": "ryan"}
@@ -81,6 +97,28 @@ def test_each_item_ends_at_its_own_frame(client, mode):
         samples, rate = sf.read(io.BytesIO(download(client, item)))
         assert rate == SR and len(samples) == frames * FRAME
         assert item["duration_s"] == pytest.approx(frames * FRAME / SR, abs=1e-9)
+
+
+@pytest.mark.parametrize("path", ["custom-voice", "voice-design", "voice-clone"])
+def test_fast_engine_lengths_match_the_reference(make_client, path):
+    """Greedy: both engines end every item at the same frame, with exactly that many samples."""
+    texts = ["Hi.", "A somewhat longer sentence here.", "Middle length one."]
+    body = {"text": texts, "do_sample": False, "language": "en"}
+    body |= {"custom-voice": {"speaker": "ryan"}, "voice-design": {"instruct": "a deep voice"}}.get(path, {})
+    frames = {}
+    for engine in ("reference", "fast"):
+        client = make_client(engine=engine, data_dir=make_client.tmp / engine)
+        if path == "voice-clone":
+            body |= {"ref_audio": upload(client), "ref_text": "the reference words"}
+        response = client.post(f"/api/v1/{path}", json=body)
+        assert response.status_code == 200, response.text
+        items = response.json()["items"]
+        for item in items:
+            samples, rate = sf.read(io.BytesIO(download(client, item)))
+            assert rate == SR and len(samples) == item["frames"] * FRAME
+        frames[engine] = [i["frames"] for i in items]
+    assert frames["fast"] == frames["reference"]
+    assert len(set(frames["fast"])) > 1, frames
 
 
 def test_voice_design_batch(client):
@@ -125,11 +163,11 @@ def test_voice_clone_from_base64_and_data_uri(client):
         assert response.status_code == 200, response.text
 
 
-def test_voice_clone_from_an_allowed_path(make_client, tmp_path):
+def test_voice_clone_from_an_allowed_path(make_client, engine, tmp_path):
     voices = tmp_path / "voices"
     voices.mkdir()
     (voices / "me.wav").write_bytes(sine_wav())
-    client = make_client(allowed_audio_dirs=[voices])
+    client = make_client(allowed_audio_dirs=[voices], engine=engine)
     response = client.post(
         "/api/v1/voice-clone", json={"text": "hi", "ref_audio": str(voices / "me.wav"), "ref_text": "words"}
     )
@@ -182,15 +220,18 @@ def test_seed_makes_a_request_reproducible(client):
 
 
 def test_max_duration_bounds_the_frames(client):
-    tts = loaded_model(client, CUSTOM_17)
-    with force_eos(tts, [50]):
-        response = client.post("/api/v1/custom-voice", json={"text": "Long.", "speaker": "ryan", "max_duration_s": 0.4})
-    assert response.status_code == 200, response.text
-    assert response.json()["items"][0]["frames"] == 5
+    text = "This sentence is long enough to run well past a limit of five frames."
+    body = {"text": text, "speaker": "ryan", "do_sample": False}
+    free = client.post("/api/v1/custom-voice", json=body).json()["items"][0]["frames"]
+    assert free > 5
+    bounded = client.post("/api/v1/custom-voice", json=body | {"max_duration_s": 0.4})
+    assert bounded.status_code == 200, bounded.text
+    assert bounded.json()["items"][0]["frames"] == 5
+    assert client.post("/api/v1/custom-voice", json=body | {"max_new_tokens": 7}).json()["items"][0]["frames"] == 7
 
 
-def test_concurrent_requests_merge_into_one_batch(make_client):
-    client = make_client(batch_window_ms=300.0)
+def test_concurrent_requests_merge_into_one_batch(make_client, engine):
+    client = make_client(batch_window_ms=300.0, engine=engine)
     loaded_model(client, CUSTOM_17)
     results = []
 
@@ -203,7 +244,7 @@ def test_concurrent_requests_merge_into_one_batch(make_client):
     for t in threads:
         t.join()
     assert results == [200, 200, 200]
-    assert client.app.state.services.engine.batcher.batch_sizes == [3]
+    assert largest_batch(client) == 3
 
 
 def test_sampled_audio_is_not_silent(client):
