@@ -56,6 +56,7 @@ class FastEngine:
         self.code0 = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.position = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.frame_index = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.min_frames = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
         self.trailing = torch.zeros(max_slots, max_len, hidden_size, device=device, dtype=dtype)
         self.trailing_len = torch.zeros(max_slots, dtype=torch.long, device=device)
@@ -160,7 +161,10 @@ class FastEngine:
         zero = torch.zeros(1, dtype=torch.long, device=self.code0.device)
         o = seq.sampling
         plan = SamplingPlan.of([o.do_sample], [o.top_k], [o.top_p])
-        code0 = self.sampler.talker(logits[None], self.talker_params.select(slots), self.seen[slots], zero, plan=plan)
+        self.min_frames[slot] = seq.sampling.min_frames
+        code0 = self.sampler.talker(
+            logits[None], self.talker_params.select(slots), self.seen[slots], zero, plan, self.min_frames[slots]
+        )
         self.seen[slot, code0[0]] = True
         self.hidden[slot] = hidden
         self.code0[slot] = code0[0]
@@ -192,7 +196,7 @@ class FastEngine:
         hidden, logits = self.runner.decode(slots, inputs, self.position[slots])
         next_step = step + 1
         next_code0 = self.sampler.talker(
-            logits, self.talker_params.select(slots), self.seen[slots], next_step, plan=talker_plan
+            logits, self.talker_params.select(slots), self.seen[slots], next_step, talker_plan, self.min_frames[slots]
         )
         self.seen[slots, next_code0] = True
         self.hidden[slots] = hidden

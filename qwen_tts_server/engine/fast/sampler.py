@@ -218,11 +218,23 @@ class Sampler:
         return cls(tcfg.vocab_size, tcfg.codec_eos_token_id, device=tts.model.talker.codec_head.weight.device)
 
     def talker(
-        self, logits: Tensor, params: RowSampling, seen: Tensor, step: Tensor, plan: SamplingPlan = GENERIC_PLAN
+        self,
+        logits: Tensor,
+        params: RowSampling,
+        seen: Tensor,
+        step: Tensor,
+        plan: SamplingPlan = GENERIC_PLAN,
+        min_frames: Tensor | None = None,
     ) -> Tensor:
-        """Codebook 0 for B rows. `seen` [B, V] marks each row's previously generated codebook-0 ids."""
+        """Codebook 0 for B rows. `seen` [B, V] marks each row's previously generated codebook-0 ids.
+
+        EOS is blocked while `step` < max(min_new_tokens, the row's `min_frames` [B]).
+        """
         scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-        block_eos = (step < self.min_new_tokens)[:, None] & self.is_eos[None, :]
+        floor = step.new_full(step.shape, self.min_new_tokens)
+        if min_frames is not None:
+            floor = torch.maximum(floor, min_frames)
+        block_eos = (step < floor)[:, None] & self.is_eos[None, :]
         scores = scores.masked_fill(self.suppress[None, :] | block_eos, _NEG_INF)
         return choose(scores, params, step, 0, plan)
 

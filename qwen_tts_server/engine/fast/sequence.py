@@ -40,6 +40,7 @@ class SequenceSampling:
     subtalker_top_k: int = 50
     subtalker_top_p: float = 1.0
     seed: int = 0
+    min_frames: int = 0  # EOS is ignored before this many frames (benchmarks force exact lengths)
 
 
 @dataclass(eq=False)

@@ -6,6 +6,7 @@ Steps are driven by hand (`engine.step()`), so requests can join and leave at ch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +244,19 @@ def test_runtime_streams_the_same_frames_it_returns_whole(load_tts):
     assert len(streamed) == whole.frames and whole.frames >= 2
     assert len(whole.samples) == whole.frames * 1920 and np.isfinite(whole.samples).all()
     assert free == 2
+
+
+def test_min_frames_holds_eos_back(load_tts):
+    """A request with min_frames == max_frames yields exactly that many frames (benchmarks rely on it)."""
+    tts = load_tts(CUSTOM)
+    item = custom_items()[0]
+    natural = make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)
+    engine = FastEngine(tts, max_slots=2, max_len=512)
+    run_to_end(engine, [engine.submit(natural)])
+    assert natural.finish_reason is FinishReason.EOS
+    target = natural.num_frames + 9
+    forced = make_seq(tts, Mode.CUSTOM_VOICE, item, dataclasses.replace(GREEDY, max_new_tokens=target))
+    forced.sampling = dataclasses.replace(forced.sampling, min_frames=target)
+    run_to_end(engine, [engine.submit(forced)])
+    assert forced.num_frames == target  # EOS was sampled earlier without min_frames
+    assert torch.equal(codes_of(forced)[: natural.num_frames], codes_of(natural))
