@@ -1,0 +1,148 @@
+"""Where a fast-engine step's time goes, and how close its logits are to upstream's in bf16.
+
+Builds a full-size random model (as bench_engines does), fills B slots, times the parts of a
+decode step with CUDA syncs between them, prints torch.profiler's top ops for the largest B, and
+compares our prefill logits with upstream's talker forward on the same prompt (teacher-forced, so
+the difference is numerics only, not diverging samples).
+
+    python -m bench.profile_step --size 1.7B --batches 1,8,64          # on the GPU
+    python -m bench.profile_step --size tiny --batches 1,2 --device cpu  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any
+
+import torch
+
+from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.prompt import prompt_for_item
+from qwen_tts_server.engine.fast.runtime import resolve_sampling
+from qwen_tts_server.engine.fast.sequence import Sequence
+from qwen_tts_server.engine.types import Mode, SamplingParams
+
+from .bench_engines import build_model, make_request
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fill(engine: FastEngine, tts: Any, batch: int, frames: int) -> list[Sequence]:
+    seqs = []
+    for i in range(batch):
+        request = make_request(i, frames)
+        sampling = dataclasses.replace(
+            resolve_sampling(SamplingParams(seed=i), tts.generate_defaults), min_frames=frames
+        )
+        seq = Sequence(prompt_for_item(tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
+        seqs.append(engine.submit(seq))
+    engine.step()  # admits and prefills everyone, decodes the first frame
+    return seqs
+
+
+def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
+    """Mean ms per step of each part, with a device sync after every part."""
+    device = engine.runner.device
+    totals = {"predict_codes": 0.0, "decode": 0.0, "sample_talker": 0.0, "step_total": 0.0}
+    runner, sampler = engine.runner, engine.sampler
+    running = list(engine.scheduler.running)
+    slots = torch.tensor([s.slot for s in running], device=device)
+    with torch.inference_mode():
+        for _ in range(steps):
+            step = engine.frame_index[slots]
+            sub = engine.sub_params.select(slots)
+            _sync(device)
+            t0 = time.perf_counter()
+            codes, embedded = runner.predict_codes(
+                engine.hidden[slots],
+                engine.code0[slots],
+                lambda cb, lg, sub=sub, step=step: sampler.code_predictor(lg, sub, step, cb),
+            )
+            _sync(device)
+            t1 = time.perf_counter()
+            hidden, logits = runner.decode(slots, embedded, engine.position[slots])
+            _sync(device)
+            t2 = time.perf_counter()
+            sampler.talker(logits, engine.talker_params.select(slots), engine.seen[slots], step + 1)
+            _sync(device)
+            t3 = time.perf_counter()
+            engine.step()
+            _sync(device)
+            t4 = time.perf_counter()
+            totals["predict_codes"] += (t1 - t0) * 1000
+            totals["decode"] += (t2 - t1) * 1000
+            totals["sample_talker"] += (t3 - t2) * 1000
+            totals["step_total"] += (t4 - t3) * 1000
+    return {k: round(v / steps, 2) for k, v in totals.items()}
+
+
+def profile(engine: FastEngine, steps: int, rows: int) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if engine.runner.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.runner.device)
+    key = "self_cuda_time_total" if engine.runner.device.type == "cuda" else "self_cpu_time_total"
+    by_device = prof.key_averages().table(sort_by=key, row_limit=rows)
+    by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"--- by {key}\n{by_device}\n--- by self_cpu_time_total\n{by_cpu}"
+
+
+def prefill_parity(tts: Any) -> dict[str, float]:
+    """Our prefill logits vs upstream's talker forward on the same prompt embeddings."""
+    engine = FastEngine(tts, max_slots=1, max_len=512)
+    prompt = prompt_for_item(tts, Mode.CUSTOM_VOICE, make_request(0, 100).item)
+    with torch.inference_mode():
+        _, ours = engine.runner.prefill(0, prompt.embeds)
+        talker = tts.model.talker
+        embeds = prompt.embeds[None]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = talker.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+        theirs = talker.codec_head(out.last_hidden_state[:, -1])[0]
+    diff = (ours.float() - theirs.float()).abs()
+    return {
+        "max_abs_diff": round(float(diff.max()), 5),
+        "mean_abs_diff": round(float(diff.mean()), 5),
+        "logit_std": round(float(theirs.float().std()), 5),
+        "argmax_equal": bool(ours.argmax() == theirs.argmax()),
+        "top5_overlap": len(set(ours.topk(5).indices.tolist()) & set(theirs.topk(5).indices.tolist())),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tts = build_model(args.size, device=device, dtype=dtype)
+    print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    frames = 3 * args.steps + 10
+    for batch in batches:
+        engine = FastEngine(tts, max_slots=batch, max_len=256)
+        fill(engine, tts, batch, frames)
+        for _ in range(3):
+            engine.step()  # warm
+        print(json.dumps({"batch": batch, "ms": time_parts(engine, args.steps)}), flush=True)
+        if batch == batches[-1]:
+            print(profile(engine, args.steps, args.rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
