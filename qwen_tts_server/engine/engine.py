@@ -1,7 +1,9 @@
 """TTSEngine: the one object the API talks to for synthesis.
 
-It owns the model registry, the voice-prompt cache, the batcher and the single GPU thread on
-which every model call runs (one GPU, one stream of work; batches queue in arrival order).
+It owns the model registry, the voice-prompt cache, and the engine that runs the items: per loaded
+model a fast engine (continuous batching on its own thread, the default), or the reference runner
+behind the batcher, on one GPU thread where batches queue in arrival order. Voice prompts are
+computed on that GPU thread too.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class TTSEngine:
             runtime = FastRuntime(
                 model.tts, max_slots=s.max_slots, max_len=s.max_context, max_prefill_tokens=s.max_prefill_tokens
             )
+            runtime.engine.on_step = self.metrics.batch_size.observe
             self._fast[model.name] = runtime
         return runtime
 
@@ -152,6 +155,12 @@ class TTSEngine:
     @property
     def queue_depth(self) -> int:
         return self._in_flight
+
+    def batch_sizes(self) -> list[int]:
+        """Items decoded together, per fast-engine step or per reference batch, since start."""
+        if self.settings.engine == "fast":
+            return [size for runtime in self._fast.values() for size in runtime.engine.batch_sizes]
+        return list(self.batcher.batch_sizes)
 
     def close(self) -> None:
         for runtime in self._fast.values():

@@ -148,7 +148,7 @@ def loopback_audio():
 
         def do_GET(self):  # noqa: N802 - http.server's naming
             if self.path == "/slow.wav":
-                time.sleep(1.5)
+                time.sleep(3.0)
             body = payload * 40 if self.path == "/big.wav" else payload
             self.send_response(200)
             self.send_header("content-type", "audio/wav")
@@ -165,7 +165,7 @@ def loopback_audio():
 
 
 def test_reference_urls(make_client, loopback_audio):
-    client = make_client(allow_private_urls=True, max_upload_bytes=500_000, ref_audio_url_timeout_s=0.5)
+    client = make_client(allow_private_urls=True, max_upload_bytes=500_000, ref_audio_url_timeout_s=1.0)
     body = {"text": "hi", "x_vector_only": True}
     ok = post(client, "voice-clone", body | {"ref_audio": f"{loopback_audio}/ok.wav"})
     assert ok.status_code == 200, ok.text

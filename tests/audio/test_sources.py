@@ -97,7 +97,7 @@ def audio_server(make_wav: WavFn) -> Iterator[str]:
                 self.close_connection = True
                 self._send(200, b"x" * (4 * MAX_BYTES), {"Content-Type": "audio/wav"})
             elif self.path == "/slow":
-                time.sleep(1.5)
+                time.sleep(3.0)
                 self._send(200, wav)
             elif self.path == "/redirect":
                 self._send(302, headers={"Location": "/ok.wav", "Content-Length": "0"})
@@ -257,7 +257,7 @@ def test_path_too_big(tmp_path: Path, registry: FileRegistry, dirs: tuple[Path, 
 
 @pytest.fixture
 def local_resolver(tmp_path: Path, registry: FileRegistry) -> ReferenceAudioResolver:
-    settings = make_settings(tmp_path, allow_private_urls=True, ref_audio_url_timeout_s=0.5)
+    settings = make_settings(tmp_path, allow_private_urls=True, ref_audio_url_timeout_s=1.0)
     return ReferenceAudioResolver(registry, settings)
 
 
@@ -277,7 +277,7 @@ def test_url_redirect_is_followed(local_resolver: ReferenceAudioResolver, audio_
     [
         ("/big-declared", PayloadTooLarge, "byte limit"),
         ("/big-undeclared", PayloadTooLarge, "byte limit"),
-        ("/slow", InvalidRequest, "did not answer within 0.5 s"),
+        ("/slow", InvalidRequest, "did not answer within 1 s"),
         ("/missing", InvalidRequest, "returned HTTP 404"),
         ("/loop", InvalidRequest, "redirected more than 3 times"),
         ("/to-ftp", InvalidRequest, "non-http"),

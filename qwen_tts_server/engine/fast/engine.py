@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,7 +71,8 @@ class FastEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.batch_sizes: list[int] = []  # running requests per step; tests and metrics read it
+        self.batch_sizes: list[int] = []  # running requests per step; tests read it
+        self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
         # Host seconds spent in each part of the loop (the eager loop is host-bound, so these say
         # where a step's time goes without adding device syncs).
         self.seconds = {"prefill": 0.0, "frame": 0.0, "codec": 0.0}
@@ -185,6 +187,8 @@ class FastEngine:
     def _decode_frame(self, running: list[Sequence]) -> list[Sequence]:
         slots = torch.tensor([s.slot for s in running], device=self.code0.device)
         self.batch_sizes.append(len(running))
+        if self.on_step is not None:
+            self.on_step(len(running))
         step = self.frame_index[slots]
         sub = self.sub_params.select(slots)
         # Host-side facts about the batch's options let sampling skip work it does not need.
