@@ -384,6 +384,8 @@ class FastBench:
     def __init__(self, tts: Any, *, max_slots: int, max_len: int) -> None:
         self.tts = tts
         self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=2048)
+        # Capture the frame graphs of every batch bucket for the benchmark's sampling up front.
+        self.engine.warm_up(resolve_sampling(SamplingParams(seed=0), tts.generate_defaults or {}))
         self.engine.start()
 
     eos_method = "fast: SequenceSampling.min_frames = max_frames = target"

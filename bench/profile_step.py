@@ -120,6 +120,24 @@ def prefill_parity(tts: Any) -> dict[str, float]:
     }
 
 
+def graph_parity(tts: Any, batch: int, frames: int) -> dict[str, Any]:
+    """The same seeded requests through CUDA-graph replay and eager: codes must be identical."""
+    codes = {}
+    timing = {}
+    for graphs in (False, True):
+        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=graphs)
+        seqs = fill(engine, tts, batch, frames)
+        _sync(engine.runner.device)
+        t0 = time.perf_counter()
+        while any(s.finish_reason is None for s in seqs):
+            engine.step()
+        _sync(engine.runner.device)
+        timing["graphs" if graphs else "eager"] = round(1000 * (time.perf_counter() - t0) / (frames - 1), 2)
+        codes[graphs] = [torch.stack(s.frames) for s in seqs]
+    equal = all(torch.equal(a, b) for a, b in zip(codes[False], codes[True], strict=True))
+    return {"batch": batch, "frames": frames, "identical": equal, "ms_per_step_incl_capture": timing}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
@@ -127,15 +145,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--graphs", action="store_true", help="time steps with CUDA graphs (default eager)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tts = build_model(args.size, device=device, dtype=dtype)
     print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
+    if device.type == "cuda":
+        for batch in (1, 8):
+            print(json.dumps({"graph_parity": graph_parity(tts, batch, 24)}), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     frames = 3 * args.steps + 10
     for batch in batches:
-        engine = FastEngine(tts, max_slots=batch, max_len=256)
+        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=args.graphs)
         fill(engine, tts, batch, frames)
         for _ in range(3):
             engine.step()  # warm

@@ -60,6 +60,7 @@ class TTSEngine:
         self.registry.on_load = self._on_load
         self.registry.on_unload = self._on_unload
         self._fast: dict[str, FastRuntime] = {}
+        self._fast_lock = asyncio.Lock()
         self._in_flight = 0
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
@@ -89,17 +90,23 @@ class TTSEngine:
             runtime.close()
         self.voice_cache.drop_model(name)
 
-    def fast_runtime(self, model: LoadedModel) -> FastRuntime:
-        """The model's fast engine, started on first use (it allocates the KV cache)."""
-        runtime = self._fast.get(model.name)
-        if runtime is None:
-            s = self.settings
-            runtime = FastRuntime(
-                model.tts, max_slots=s.max_slots, max_len=s.max_context, max_prefill_tokens=s.max_prefill_tokens
-            )
-            runtime.engine.on_step = self.metrics.batch_size.observe
-            self._fast[model.name] = runtime
-        return runtime
+    async def fast_runtime(self, model: LoadedModel) -> FastRuntime:
+        """The model's fast engine, started once on first use, off the event loop: it allocates the
+        KV cache and, on CUDA, captures the frame graphs."""
+        async with self._fast_lock:
+            runtime = self._fast.get(model.name)
+            if runtime is None:
+                s = self.settings
+                runtime = await asyncio.to_thread(
+                    FastRuntime,
+                    model.tts,
+                    max_slots=s.max_slots,
+                    max_len=s.max_context,
+                    max_prefill_tokens=s.max_prefill_tokens,
+                )
+                runtime.engine.on_step = self.metrics.batch_size.observe
+                self._fast[model.name] = runtime
+            return runtime
 
     # ----- voice prompts -----
     async def voice_prompt(self, model: LoadedModel, ref: ReferenceAudio) -> VoicePrompt:
@@ -129,7 +136,8 @@ class TTSEngine:
         try:
             if self.settings.engine == "fast":
                 async with self.registry.using(model):
-                    results = await self.fast_runtime(model).generate(mode, items, sampling)
+                    runtime = await self.fast_runtime(model)
+                    results = await runtime.generate(mode, items, sampling)
             else:
                 results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
         finally:

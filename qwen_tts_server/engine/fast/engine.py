@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .model_runner import ModelRunner
-from .prompt import Prompt
+from .prompt import Prompt, special_text_hiddens
 from .sampler import RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence, SequenceSampling, SequenceStatus
@@ -43,9 +43,13 @@ class FastEngine:
         max_slots: int = 16,
         max_len: int = 4096,
         max_prefill_tokens: int = 2048,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.tts = tts
-        self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len)
+        # One extra cache row, never handed to a request: padding rows of a batch-size bucket use it.
+        self.scratch = max_slots
+        rows = max_slots + 1
+        self.runner = ModelRunner(tts, max_slots=rows, max_len=max_len)
         self.sampler = Sampler.for_model(tts)
         self.scheduler = Scheduler(max_slots, max_prefill_tokens)
         self.max_len = max_len
@@ -54,17 +58,23 @@ class FastEngine:
         vocab = self.runner.vocab_size
         self.eos_id = int(tts.model.config.talker_config.codec_eos_token_id)
         # Per-slot state, allocated once.
-        self.hidden = torch.zeros(max_slots, hidden_size, device=device, dtype=dtype)
-        self.code0 = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.position = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.frame_index = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.min_frames = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.seen = torch.zeros(max_slots, vocab, dtype=torch.bool, device=device)
-        self.trailing = torch.zeros(max_slots, max_len, hidden_size, device=device, dtype=dtype)
-        self.trailing_len = torch.zeros(max_slots, dtype=torch.long, device=device)
-        self.talker_params = RowSampling.make(max_slots, device=device)
-        self.sub_params = RowSampling.make(max_slots, device=device)
-        self.tts_pad: Tensor | None = None
+        self.hidden = torch.zeros(rows, hidden_size, device=device, dtype=dtype)
+        self.code0 = torch.zeros(rows, dtype=torch.long, device=device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)
+        self.frame_index = torch.zeros(rows, dtype=torch.long, device=device)
+        self.min_frames = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.trailing = torch.zeros(rows, max_len, hidden_size, device=device, dtype=dtype)
+        self.trailing_len = torch.zeros(rows, dtype=torch.long, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self.tts_pad = special_text_hiddens(tts)[2].reshape(-1)  # talker input text once the text ran out
+        self.talker_params = RowSampling.make(rows, device=device)
+        self.sub_params = RowSampling.make(rows, device=device)
+        # Batches are padded to a few fixed sizes, so each size is one CUDA graph (or, eagerly, one
+        # set of kernel choices) instead of a new shape every time a request leaves.
+        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if b < max_slots} | {max_slots})
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = FrameGraphs(self) if use_graphs else None
         # Work handed in by other threads.
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -76,6 +86,26 @@ class FastEngine:
         # Host seconds spent in each part of the loop (the eager loop is host-bound, so these say
         # where a step's time goes without adding device syncs).
         self.seconds = {"prefill": 0.0, "frame": 0.0, "codec": 0.0}
+
+    @torch.inference_mode()
+    def warm_up(self, sampling: SequenceSampling) -> None:
+        """Capture the frame graphs of every bucket for these options (the common case) up front."""
+        if self.graphs is None:
+            return
+        s = sampling
+        plans = (
+            SamplingPlan.of([s.do_sample], [s.top_k], [s.top_p]),
+            SamplingPlan.of([s.subtalker_do_sample], [s.subtalker_top_k], [s.subtalker_top_p]),
+        )
+        try:
+            self.graphs.capture_all(plans)
+        except RuntimeError:
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """A frame that cannot be captured still runs: fall back to eager for good, and say so."""
+        log.exception("CUDA graph capture failed; the fast engine continues without graphs")
+        self.graphs = None
 
     # ----- other threads -----
     def submit(self, seq: Sequence) -> Sequence:
@@ -162,8 +192,6 @@ class FastEngine:
     def _prefill(self, seq: Sequence) -> None:
         prompt: Prompt = seq.prompt
         slot = seq.slot
-        if self.tts_pad is None:
-            self.tts_pad = prompt.tts_pad.reshape(-1)
         hidden, logits = self.runner.prefill(slot, prompt.embeds)
         self._set_sampling(slot, seq.sampling)
         trailing = prompt.trailing.reshape(-1, prompt.trailing.shape[-1])
@@ -185,18 +213,57 @@ class FastEngine:
         self.frame_index[slot] = 0
 
     def _decode_frame(self, running: list[Sequence]) -> list[Sequence]:
-        slots = torch.tensor([s.slot for s in running], device=self.code0.device)
-        self.batch_sizes.append(len(running))
+        n = len(running)
+        self.batch_sizes.append(n)
         if self.on_step is not None:
-            self.on_step(len(running))
-        step = self.frame_index[slots]
-        sub = self.sub_params.select(slots)
+            self.on_step(n)
+        size = next(b for b in self.buckets if b >= n)
+        slot_list = [s.slot for s in running] + [self.scratch] * (size - n)
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
-        talker_plan = SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts], [o.top_p for o in opts])
-        sub_plan = SamplingPlan.of(
-            [o.subtalker_do_sample for o in opts], [o.subtalker_top_k for o in opts], [o.subtalker_top_p for o in opts]
+        plans = (
+            SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts], [o.top_p for o in opts]),
+            SamplingPlan.of(
+                [o.subtalker_do_sample for o in opts],
+                [o.subtalker_top_k for o in opts],
+                [o.subtalker_top_p for o in opts],
+            ),
         )
+        frames = eos = None
+        if self.graphs is not None:
+            try:
+                frames, eos = self.graphs.run(slot_list, plans)
+            except RuntimeError:
+                self._drop_graphs()
+        if frames is None or eos is None:
+            frames, eos = self.frame(torch.tensor(slot_list, device=self.code0.device), plans)
+        # The one host read of the step.
+        frames_host = frames[:n].cpu()
+        eos_host = eos[:n].cpu().tolist()
+        finished = []
+        for i, seq in enumerate(running):
+            seq.frames.append(frames_host[i])
+            if seq.on_frame is not None:
+                seq.on_frame(seq, frames_host[i])
+            if eos_host[i] or seq.num_frames >= seq.max_frames:
+                self.scheduler.release(seq)
+                seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
+                finished.append(seq)
+        return finished
+
+    def frame(self, slots: Tensor, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Tensor, Tensor]:
+        """All tensor work of one frame for the rows `slots` [B]: no host reads, fixed shapes.
+
+        Completes each row's pending frame (code predictor), runs the talker step and samples the
+        next codebook 0, updating the per-slot state in place. Returns the frames [B, 16] and which
+        rows just sampled EOS [B]. This is what a CUDA graph captures per batch size.
+        """
+        talker_plan, sub_plan = plans
+        # Padding rows share the scratch slot: restart it so its position stays inside the cache.
+        self.position[self.scratch : self.scratch + 1].fill_(0)  # fill_, not `= 0`: no host copy in a graph
+        self.frame_index[self.scratch : self.scratch + 1].fill_(0)
+        step = self.frame_index[slots]
+        sub = self.sub_params.select(slots)
 
         def sample(codebook: int, logits: Tensor) -> Tensor:
             return self.sampler.code_predictor(logits, sub, step, codebook, plan=sub_plan)
@@ -213,24 +280,12 @@ class FastEngine:
         next_code0 = self.sampler.talker(
             logits, self.talker_params.select(slots), self.seen[slots], next_step, talker_plan, self.min_frames[slots]
         )
-        self.seen[slots, next_code0] = True
+        self.seen.index_put_((slots, next_code0), self._true)
         self.hidden[slots] = hidden
         self.code0[slots] = next_code0
         self.position[slots] += 1
         self.frame_index[slots] = next_step
-        # The one host read of the step.
-        frames_host = frames.cpu()
-        eos_host = (next_code0 == self.eos_id).cpu().tolist()
-        finished = []
-        for i, seq in enumerate(running):
-            seq.frames.append(frames_host[i])
-            if seq.on_frame is not None:
-                seq.on_frame(seq, frames_host[i])
-            if eos_host[i] or seq.num_frames >= seq.max_frames:
-                self.scheduler.release(seq)
-                seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
-                finished.append(seq)
-        return finished
+        return frames, next_code0 == self.eos_id
 
     def _set_sampling(self, slot: int, s: SequenceSampling) -> None:
         talker = {
@@ -286,3 +341,50 @@ class FastEngine:
         seq.finish_reason = reason
         if seq.on_finish is not None:
             seq.on_finish(seq)
+
+
+class FrameGraphs:
+    """CUDA graphs of `FastEngine.frame`, one per (batch-size bucket, sampling plans), captured lazily.
+
+    A replay launches the whole frame (thousands of small kernels when eager) at once; only the
+    slot list is copied in. Outputs live in the graph's memory and are read before the next replay.
+    """
+
+    def __init__(self, engine: FastEngine) -> None:
+        self.engine = engine
+        self._graphs: dict[tuple[int, SamplingPlan, SamplingPlan], tuple[Any, Tensor, Tensor, Tensor]] = {}
+        self._pool: Any = None
+
+    def capture_all(self, plans: tuple[SamplingPlan, SamplingPlan]) -> None:
+        """Capture every batch-size bucket for these plans now, not on a request's first step."""
+        for size in self.engine.buckets:
+            key = (size, *plans)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(size, plans)
+
+    def run(self, slot_list: list[int], plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Tensor, Tensor]:
+        key = (len(slot_list), *plans)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture(len(slot_list), plans)
+        graph, slots, frames, eos = entry
+        slots.copy_(torch.tensor(slot_list, dtype=torch.long), non_blocking=True)
+        graph.replay()
+        return frames, eos
+
+    def _capture(self, size: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor, Tensor, Tensor]:
+        engine = self.engine
+        slots = torch.full((size,), engine.scratch, dtype=torch.long, device=engine.code0.device)
+        # Warm up on a side stream (allocator and kernel choices), touching only the scratch slot.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                engine.frame(slots, plans)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            frames, eos = engine.frame(slots, plans)
+        self._pool = graph.pool()
+        log.info("captured a frame graph", extra={"batch": size})
+        return graph, slots, frames, eos

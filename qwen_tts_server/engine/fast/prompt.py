@@ -143,9 +143,7 @@ def build_prompt(
     if language in ("chinese", "auto") and speaker and tcfg.spk_is_dialect[speaker.lower()] is not False:
         language_id = tcfg.codec_language_id[tcfg.spk_is_dialect[speaker.lower()]]
 
-    tts_bos, tts_eos, tts_pad = text_hidden(
-        torch.tensor([[cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]], device=device)
-    ).chunk(3, dim=1)
+    tts_bos, tts_eos, tts_pad = special_text_hiddens(tts)
 
     if language_id is None:
         think = codec([tcfg.codec_nothink_id, tcfg.codec_think_bos_id, tcfg.codec_think_eos_id])
@@ -181,6 +179,19 @@ def build_prompt(
         tts_pad=tts_pad.reshape(-1),
         ref_code=voice.ref_code if icl else None,
     )
+
+
+@torch.inference_mode()
+def special_text_hiddens(tts: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """tts_bos, tts_eos and tts_pad through the text embedding and projection, each [1, 1, H].
+
+    Computed as one 3-token batch, as upstream does: a 1-row projection can round differently.
+    """
+    model = tts.model
+    talker, cfg = model.talker, model.config
+    ids = torch.tensor([[cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id]], device=talker.device)
+    bos, eos, pad = talker.text_projection(talker.get_text_embeddings()(ids)).chunk(3, dim=1)
+    return bos, eos, pad
 
 
 def _icl_part(

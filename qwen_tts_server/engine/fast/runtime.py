@@ -61,6 +61,8 @@ class FastRuntime:
         self.tts = tts
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
         self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=max_prefill_tokens)
+        # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.
+        self.engine.warm_up(resolve_sampling(SamplingParams(), tts.generate_defaults or {}))
         self.engine.start()
 
     async def generate(self, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams) -> list[SynthesisResult]:
