@@ -3,7 +3,8 @@
 Each `step()` admits waiting requests into free slots (prefill), then decodes one frame for every
 running request at once: code predictor (codebooks 1-15), talker step, codebook-0 sampling. A
 request that samples EOS, reaches its frame limit or is cancelled leaves at once, its slot free
-for the next step; requests that finish in the same step share one codec decode.
+for the next step. Finished requests go to a codec thread, which decodes everything that finished
+since its last decode as one batch, so decoding never stalls the running streams' steps.
 
 Per-slot state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
 text, sampling options) lives in static tensors indexed by slot, so the frame's tensor work takes
@@ -80,11 +81,13 @@ class FastEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._codec_thread: threading.Thread | None = None
+        self._codec_queue: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self.steps = 0
         self.batch_sizes: list[int] = []  # running requests per step; tests read it
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
         # Host seconds spent in each part of the loop (the eager loop is host-bound, so these say
-        # where a step's time goes without adding device syncs).
+        # where a step's time goes without adding device syncs); "codec" runs on its own thread.
         self.seconds = {"prefill": 0.0, "frame": 0.0, "codec": 0.0}
 
     @torch.inference_mode()
@@ -126,7 +129,10 @@ class FastEngine:
         self._wake.set()
 
     def start(self) -> None:
+        """Run the step loop on its own thread, and codec decode on another so it never stalls a step."""
         self._thread = threading.Thread(target=self._loop, name="qtts-fast-engine", daemon=True)
+        self._codec_thread = threading.Thread(target=self._codec_loop, name="qtts-codec", daemon=True)
+        self._codec_thread.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -135,6 +141,10 @@ class FastEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._codec_thread is not None:
+            self._codec_queue.put(None)
+            self._codec_thread.join(timeout=60)
+            self._codec_thread = None
         self._take_inbox()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.error = RuntimeError("the model was unloaded while this request was in progress")
@@ -174,7 +184,8 @@ class FastEngine:
         t3 = time.perf_counter()
         self.seconds["prefill"] += t1 - t0
         self.seconds["frame"] += t2 - t1
-        self.seconds["codec"] += t3 - t2
+        if self._codec_thread is None:
+            self.seconds["codec"] += t3 - t2  # decoded inline; otherwise the codec thread counts it
         return finished
 
     def _take_inbox(self) -> list[Sequence]:
@@ -310,16 +321,39 @@ class FastEngine:
 
     # ----- results -----
     def _deliver(self, finished: list[Sequence]) -> None:
-        """Decode the audio of requests that finished together in one codec batch, then notify."""
+        """Hand finished requests to the codec thread (or, with no threads running, decode here)."""
         done = [s for s in finished if s.finish_reason is not FinishReason.CANCELLED and s.frames]
-        if done:
-            try:
-                self._decode_audio(done)
-            except Exception as exc:
-                log.exception("codec decode failed")
-                for seq in done:
-                    seq.error = exc
         for seq in finished:
+            if seq not in done:
+                self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
+        if not done:
+            return
+        if self._codec_thread is not None:
+            self._codec_queue.put(done)
+        else:
+            self._decode_and_finish(done)
+
+    def _codec_loop(self) -> None:
+        """Decode whatever has finished since the last decode as one codec batch."""
+        while (batch := self._codec_queue.get()) is not None:
+            while not self._codec_queue.empty():
+                more = self._codec_queue.get_nowait()
+                if more is None:
+                    self._codec_queue.put(None)  # stop after this batch
+                    break
+                batch += more
+            t0 = time.perf_counter()
+            self._decode_and_finish(batch)
+            self.seconds["codec"] += time.perf_counter() - t0
+
+    def _decode_and_finish(self, seqs: list[Sequence]) -> None:
+        try:
+            self._decode_audio(seqs)
+        except Exception as exc:
+            log.exception("codec decode failed")
+            for seq in seqs:
+                seq.error = exc
+        for seq in seqs:
             self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
 
     def _decode_audio(self, seqs: list[Sequence]) -> None:
