@@ -9,6 +9,7 @@ in order, and an error in a batch fails exactly the callers whose items were in 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -37,8 +38,7 @@ class Batcher(Generic[Item, Result]):
         self._queues: dict[Hashable, list[_Pending[Item, Result]]] = {}
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.pending_items = 0  # queued, not yet handed to run_batch
-        self.batch_sizes: list[int] = []  # every batch size run; tests read it, metrics observe it
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent batch sizes; tests read it
         self.on_batch: Callable[[int], None] | None = None
 
     async def submit(self, key: Hashable, items: list[Item]) -> list[Result]:
@@ -47,7 +47,6 @@ class Batcher(Generic[Item, Result]):
         pending = [_Pending(item, loop.create_future()) for item in items]
         queue = self._queues.setdefault(key, [])
         queue.extend(pending)
-        self.pending_items += len(pending)
         if len(queue) >= self.max_batch:
             self._flush(key)
         elif key not in self._timers:
@@ -61,7 +60,6 @@ class Batcher(Generic[Item, Result]):
         queue = self._queues.pop(key, [])
         for start in range(0, len(queue), self.max_batch):
             chunk = queue[start : start + self.max_batch]
-            self.pending_items -= len(chunk)
             task = asyncio.ensure_future(self._run(key, chunk))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -75,6 +73,8 @@ class Batcher(Generic[Item, Result]):
             self.on_batch(len(live))
         try:
             results = await self._run_batch(key, [p.item for p in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"batch of {len(live)} items returned {len(results)} results")
         except BaseException as exc:  # noqa: BLE001 - every waiting caller must hear of it
             for p in live:
                 if not p.future.done():

@@ -1,22 +1,23 @@
 """TTSEngine: the one object the API talks to for synthesis.
 
-It owns the model registry, the voice-prompt cache, and the engine that runs the items: per loaded
-model a fast engine (continuous batching on its own thread, the default), or the reference runner
-behind the batcher, on one GPU thread where batches queue in arrival order. Voice prompts are
-computed on that GPU thread too.
+It owns the model registry, the voice-prompt cache, and what runs the items: per loaded model a
+fast engine (continuous batching on its own threads, the default), or the reference runner behind
+the batcher, on one "GPU thread" where batches queue in arrival order. Voice prompts are computed
+on that thread as well (beside the fast engines' threads, not queued behind them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..audio.sources import ReferenceAudio
 from ..config import Settings
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, ModelUnavailable
 from ..metrics import Metrics
 from .batcher import Batcher
 from .fast.runtime import FastRuntime
@@ -60,7 +61,7 @@ class TTSEngine:
         self.registry.on_load = self._on_load
         self.registry.on_unload = self._on_unload
         self._fast: dict[str, FastRuntime] = {}
-        self._fast_lock = asyncio.Lock()
+        self._fast_locks: dict[str, asyncio.Lock] = {}
         self._in_flight = 0
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
@@ -87,16 +88,23 @@ class TTSEngine:
     def _on_unload(self, name: str) -> None:
         runtime = self._fast.pop(name, None)
         if runtime is not None:
-            runtime.close()
+            self._close_later(runtime)
         self.voice_cache.drop_model(name)
 
     async def fast_runtime(self, model: LoadedModel) -> FastRuntime:
         """The model's fast engine, started once on first use, off the event loop: it allocates the
         KV cache and, on CUDA, captures the frame graphs."""
-        async with self._fast_lock:
+        runtime = self._fast.get(model.name)
+        if runtime is not None and runtime.tts is model.tts:
+            return runtime
+        async with self._fast_locks.setdefault(model.name, asyncio.Lock()):
             runtime = self._fast.get(model.name)
-            if runtime is None:
-                s = self.settings
+            if runtime is not None and runtime.tts is model.tts:
+                return runtime
+            if runtime is not None:  # built for an earlier load of this name, since unloaded
+                self._close_later(self._fast.pop(model.name))
+            s = self.settings
+            try:
                 runtime = await asyncio.to_thread(
                     FastRuntime,
                     model.tts,
@@ -104,14 +112,24 @@ class TTSEngine:
                     max_len=s.max_context,
                     max_prefill_tokens=s.max_prefill_tokens,
                 )
-                runtime.engine.on_step = self.metrics.batch_size.observe
-                self._fast[model.name] = runtime
+            except Exception as exc:  # e.g. out of memory for the KV cache
+                raise ModelUnavailable(
+                    f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
+                    "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
+                    field="model",
+                ) from exc
+            runtime.engine.on_step = self.metrics.batch_size.observe
+            self._fast[model.name] = runtime
             return runtime
+
+    @staticmethod
+    def _close_later(runtime: FastRuntime) -> None:
+        """Stopping joins the engine's threads: do it off the event loop."""
+        threading.Thread(target=runtime.close, name="qtts-close", daemon=True).start()
 
     # ----- voice prompts -----
     async def voice_prompt(self, model: LoadedModel, ref: ReferenceAudio) -> VoicePrompt:
         """The cached cloning prompt for this reference audio, computed once per model."""
-        before = self.voice_cache.misses
 
         async def compute() -> VoicePrompt:
             async with self.registry.using(model):
@@ -120,8 +138,8 @@ class TTSEngine:
                     self._gpu, compute_voice_prompt, model.tts, ref.audio.samples, ref.audio.sample_rate
                 )
 
-        prompt = await self.voice_cache.get_or_compute((model.name, ref.cache_key), compute)
-        self.metrics.voice_cache.labels(result="miss" if self.voice_cache.misses > before else "hit").inc()
+        prompt, hit = await self.voice_cache.get_or_compute((model.name, ref.cache_key), compute)
+        self.metrics.voice_cache.labels(result="hit" if hit else "miss").inc()
         return prompt
 
     # ----- synthesis -----

@@ -363,7 +363,9 @@ class ModelRegistry:
         models_dir = self.settings.models_dir
         if models_dir.is_dir():
             for child in sorted(models_dir.iterdir()):
-                if (child / "config.json").is_file() and child.name not in names:
+                # Folders whose names no request could use (spaces, leading dots) are not models here.
+                usable = _NAME_RE.match(child.name) and ".." not in child.name
+                if usable and (child / "config.json").is_file() and child.name not in names:
                     names.append(child.name)
         for key in list(self._loaded) + list(self._errors):
             if key not in names:

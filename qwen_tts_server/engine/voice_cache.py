@@ -20,37 +20,42 @@ class VoicePromptCache:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[CacheKey, VoicePrompt] = OrderedDict()
-        self._inflight: dict[CacheKey, asyncio.Future[VoicePrompt]] = {}
+        self._inflight: dict[CacheKey, asyncio.Task[VoicePrompt]] = {}
         self.hits = 0
         self.misses = 0
 
-    async def get_or_compute(self, key: CacheKey, compute: Callable[[], Awaitable[VoicePrompt]]) -> VoicePrompt:
+    async def get_or_compute(
+        self, key: CacheKey, compute: Callable[[], Awaitable[VoicePrompt]]
+    ) -> tuple[VoicePrompt, bool]:
+        """The prompt for `key` and whether it was already there (or being computed).
+
+        The computation runs in a task of its own: a caller that goes away (cancelled) does not
+        cancel it for the other callers waiting on the same reference.
+        """
         prompt = self._entries.get(key)
         if prompt is not None:
             self._entries.move_to_end(key)
             self.hits += 1
-            return prompt
-        inflight = self._inflight.get(key)
-        if inflight is not None:
+            return prompt, True
+        task = self._inflight.get(key)
+        hit = task is not None
+        if task is None:
+            self.misses += 1
+            task = asyncio.ensure_future(self._compute(key, compute))
+            self._inflight[key] = task
+        else:
             self.hits += 1
-            return await asyncio.shield(inflight)
-        self.misses += 1
-        future: asyncio.Future[VoicePrompt] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        return await asyncio.shield(task), hit
+
+    async def _compute(self, key: CacheKey, compute: Callable[[], Awaitable[VoicePrompt]]) -> VoicePrompt:
         try:
             prompt = await compute()
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            future.set_result(prompt)
-            self._entries[key] = prompt
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-            return prompt
         finally:
             self._inflight.pop(key, None)
+        self._entries[key] = prompt
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return prompt
 
     def drop_model(self, model: str) -> None:
         """Prompts are tensors on the model's device: drop them when the model unloads."""

@@ -213,10 +213,12 @@ def test_response_formats(client, fmt):
 
 
 def test_seed_makes_a_request_reproducible(client):
-    body = {"text": "Same again.", "speaker": "dylan", "seed": 1234}
+    body = {"text": "Same again, and a little longer this time.", "speaker": "dylan", "seed": 1234}
     first = client.post("/api/v1/custom-voice", json=body).json()["items"][0]
     second = client.post("/api/v1/custom-voice", json=body).json()["items"][0]
     assert download(client, first) == download(client, second)
+    other = client.post("/api/v1/custom-voice", json=body | {"seed": 99}).json()["items"][0]
+    assert download(client, other) != download(client, first)
 
 
 def test_max_duration_bounds_the_frames(client):

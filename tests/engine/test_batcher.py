@@ -49,7 +49,7 @@ def test_a_list_larger_than_max_batch_is_split_in_order():
     async def main():
         batcher, calls = make(max_batch=3)
         out = await batcher.submit("k", [str(i) for i in range(7)])
-        return out, calls, batcher.batch_sizes
+        return out, calls, list(batcher.batch_sizes)
 
     out, calls, sizes = run(main())
     assert out == [f"k:{i}" for i in range(7)]

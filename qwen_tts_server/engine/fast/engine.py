@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -84,7 +85,7 @@ class FastEngine:
         self._codec_thread: threading.Thread | None = None
         self._codec_queue: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self.steps = 0
-        self.batch_sizes: list[int] = []  # running requests per step; tests read it
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
         # Host seconds spent in each part of the loop (the eager loop is host-bound, so these say
         # where a step's time goes without adding device syncs); "codec" runs on its own thread.
@@ -374,7 +375,10 @@ class FastEngine:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.on_finish is not None:
-            seq.on_finish(seq)
+            try:
+                seq.on_finish(seq)
+            except Exception:  # a caller's callback must not take the engine's threads down
+                log.exception("on_finish callback failed")
 
 
 class FrameGraphs:
@@ -383,6 +387,10 @@ class FrameGraphs:
     A replay launches the whole frame (thousands of small kernels when eager) at once; only the
     slot list is copied in. Outputs live in the graph's memory and are read before the next replay.
     """
+
+    # Sampling plans come from clients' options (top_k, top_p): beyond this many graphs, an unusual
+    # plan runs eagerly instead of capturing yet another graph.
+    max_graphs = 64
 
     def __init__(self, engine: FastEngine) -> None:
         self.engine = engine
@@ -396,10 +404,15 @@ class FrameGraphs:
             if key not in self._graphs:
                 self._graphs[key] = self._capture(size, plans)
 
-    def run(self, slot_list: list[int], plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Tensor, Tensor]:
+    def run(
+        self, slot_list: list[int], plans: tuple[SamplingPlan, SamplingPlan]
+    ) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """Replay the frame graph for this batch; (None, None) when it should run eagerly instead."""
         key = (len(slot_list), *plans)
         entry = self._graphs.get(key)
         if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return None, None
             entry = self._graphs[key] = self._capture(len(slot_list), plans)
         graph, slots, frames, eos = entry
         slots.copy_(torch.tensor(slot_list, dtype=torch.long), non_blocking=True)
@@ -417,7 +430,8 @@ class FrameGraphs:
                 engine.frame(slots, plans)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             frames, eos = engine.frame(slots, plans)
         self._pool = graph.pool()
         log.info("captured a frame graph", extra={"batch": size})

@@ -225,17 +225,33 @@ def test_runtime_streams_the_same_frames_it_returns_whole(load_tts):
         try:
             streamed = [frame async for frame in runtime.stream(Mode.CUSTOM_VOICE, item, sampling)]
             (whole,) = await runtime.generate(Mode.CUSTOM_VOICE, [item], sampling)
-            # A caller that goes away cancels its request and frees the slot.
-            task = asyncio.ensure_future(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[3]], sampling))
-            await asyncio.sleep(0.05)
+            # A caller that goes away cancels its request and frees the slot: the request is held
+            # far past its natural end, so only the cancel can finish it.
+            finished = []
+            long = dataclasses.replace(sampling, max_new_tokens=400)
+            seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[3], long, on_finish=finished.append)
+            seq.sampling = dataclasses.replace(seq.sampling, min_frames=400)
+            runtime.engine.submit(seq)
+            while seq.num_frames < 3:
+                await asyncio.sleep(0.01)
+            runtime.engine.cancel(seq)
+            for _ in range(200):
+                if finished:
+                    break
+                await asyncio.sleep(0.01)
+            free = len(runtime.engine.scheduler.free_slots)
+            assert finished == [seq] and seq.finish_reason is FinishReason.CANCELLED and seq.num_frames < 400
+            # And the asyncio path: cancelling the awaiting task cancels its request.
+            task = asyncio.ensure_future(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[3]], long))
+            await asyncio.sleep(0.2)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            for _ in range(100):
+            for _ in range(200):
                 if not runtime.engine.scheduler.has_work:
                     break
-                await asyncio.sleep(0.02)
-            free = len(runtime.engine.scheduler.free_slots)
+                await asyncio.sleep(0.01)
+            assert not runtime.engine.scheduler.has_work
         finally:
             runtime.close()
         return streamed, whole, free
