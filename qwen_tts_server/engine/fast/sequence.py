@@ -47,8 +47,10 @@ class SequenceSampling:
 class Sequence:
     """A request from admission to its last frame.
 
-    The engine thread owns every field; other threads only call `FastEngine.cancel`. `on_frame`
-    and `on_finish` run on the engine thread and must hand work off quickly.
+    The engine's threads own the fields once it is submitted (`submit` clamps `max_frames`); other
+    threads only call `FastEngine.cancel`. `on_frame` runs on the step thread, `on_finish` on the
+    codec thread (or the step thread for cancelled requests, or the stopping thread at shutdown):
+    both must hand work off quickly.
     """
 
     prompt: Prompt
