@@ -60,12 +60,11 @@ from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import Sequence as FastSequence
-from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
+from qwen_tts_server.engine.types import SAMPLES_PER_FRAME, Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.testing import tiny_models
 
 T_START = time.perf_counter()
 SAMPLE_RATE = 24000
-SAMPLES_PER_FRAME = 1920
 FRAME_S = SAMPLES_PER_FRAME / SAMPLE_RATE  # 0.08 s of audio per codec frame
 STD = 0.02  # N(0, STD) for every linear and embedding weight, as HF's initializer_range
 

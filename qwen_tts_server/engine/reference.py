@@ -12,13 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .registry import LoadedModel
-from .types import Mode, SamplingParams, SynthesisItem, SynthesisResult
+from .types import SAMPLES_PER_FRAME, Mode, SamplingParams, SynthesisItem, SynthesisResult, last_frames
 
 
 @dataclass(frozen=True)
 class ReferenceRunner:
-    samples_per_frame: int = 1920
-
     def run(
         self, model: LoadedModel, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams
     ) -> list[SynthesisResult]:
@@ -53,10 +51,8 @@ class ReferenceRunner:
         results = []
         for wav in wavs:
             samples = np.asarray(wav, dtype=np.float32).reshape(-1)
-            frames = int(round(len(samples) / self.samples_per_frame))
-            # ICL output is cut proportionally upstream and can keep a sample of the reference;
-            # the generated audio is exactly the last `frames` frames.
-            samples = samples[max(0, len(samples) - frames * self.samples_per_frame) :]
+            frames = int(round(len(samples) / SAMPLES_PER_FRAME))
+            samples = last_frames(samples, frames)
             results.append(SynthesisResult(samples=samples, sample_rate=int(sample_rate), frames=frames))
         return results
 

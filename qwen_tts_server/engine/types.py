@@ -9,6 +9,17 @@ from typing import Any
 import numpy as np
 
 FRAME_RATE_HZ = 12.5  # codec frames per second of audio (24 kHz / 1920 samples)
+SAMPLES_PER_FRAME = 1920  # 24 kHz samples the codec decodes from one frame
+
+
+def last_frames(samples: np.ndarray, frames: int) -> np.ndarray:
+    """The audio of the last `frames` frames.
+
+    ICL clone audio is decoded with the reference codes in front; upstream cuts them off
+    proportionally, which can keep a sample of the reference. The generated audio is exactly
+    its own frames.
+    """
+    return samples[max(0, len(samples) - frames * SAMPLES_PER_FRAME) :]
 
 
 class Mode(str, Enum):

@@ -61,6 +61,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from qwen_tts_server.engine.types import SAMPLES_PER_FRAME
+
 
 class PublishedModel(NamedTuple):
     tts_model_type: str
@@ -98,7 +100,6 @@ CODEC_THINK_BOS_ID = 2156
 CODEC_THINK_EOS_ID = 2157
 NUM_CODE_GROUPS = 16
 SAMPLE_RATE = 24000
-SAMPLES_PER_FRAME = 1920
 
 # The Qwen3-TTS text tokenizer's added tokens, in id order from TEXT_BASE_VOCAB_SIZE.
 TEXT_SPECIAL_TOKENS: tuple[str, ...] = (

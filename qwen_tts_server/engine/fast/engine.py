@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..types import last_frames
 from .model_runner import ModelRunner
 from .prompt import Prompt, special_text_hiddens
 from .sampler import RowSampling, Sampler, SamplingPlan
@@ -33,8 +34,6 @@ from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence, SequenceSampling, SequenceStatus
 
 log = logging.getLogger(__name__)
-
-SAMPLES_PER_FRAME = 1920
 
 
 class FastEngine:
@@ -147,10 +146,7 @@ class FastEngine:
             self._codec_thread.join(timeout=60)
             self._codec_thread = None
         self._take_inbox()
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            seq.error = RuntimeError("the model was unloaded while this request was in progress")
-            self.scheduler.release(seq)
-            self._finish(seq, FinishReason.CANCELLED)
+        self._fail_all(RuntimeError("the model was unloaded while this request was in progress"))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -162,10 +158,14 @@ class FastEngine:
                 self.step()
             except Exception as exc:  # fail the requests in flight, keep the engine alive
                 log.exception("fast engine step failed")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    seq.error = exc
-                    self.scheduler.release(seq)
-                    self._finish(seq, FinishReason.CANCELLED)
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every request queued or running, freeing their slots."""
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.error = exc
+            self.scheduler.release(seq)
+            self._finish(seq, FinishReason.CANCELLED)
 
     # ----- the step -----
     @torch.inference_mode()
@@ -368,8 +368,7 @@ class FastEngine:
         wavs, _ = self.tts.model.speech_tokenizer.decode(batch)
         for seq, wav in zip(seqs, wavs, strict=True):
             samples = np.asarray(wav, dtype=np.float32).reshape(-1)
-            # ICL audio starts with the reference: the request's audio is exactly its own frames.
-            seq.audio = samples[max(0, len(samples) - seq.num_frames * SAMPLES_PER_FRAME) :]
+            seq.audio = last_frames(samples, seq.num_frames)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
