@@ -54,7 +54,13 @@ class Settings(BaseSettings):
     engine: Literal["fast", "reference"] = Field(
         "fast", description="fast: our continuous-batching engine; reference: upstream generate (the oracle)."
     )
-    max_slots: int = Field(16, ge=1, description="Fast engine: requests decoded together (KV cache rows).")
+    max_slots: int | None = Field(
+        None,
+        ge=1,
+        description="Fast engine: requests decoded together (KV cache rows); unset: as many as the VRAM budget "
+        "allows (at most 128; 8 on CPU).",
+    )
+    compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
     max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from ..audio.sources import ReferenceAudio
 from ..config import Settings
 from ..errors import InvalidRequest, ModelUnavailable
 from ..metrics import Metrics
 from .batcher import Batcher
+from .fast.memory import WORKSPACE_BYTES, device_budget, row_bytes, slots_for_budget
 from .fast.runtime import FastRuntime
 from .reference import ReferenceRunner
 from .registry import LoadedModel, ModelRegistry
@@ -28,6 +32,9 @@ from .voice_cache import VoicePromptCache
 from .voice_prompt import compute_voice_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 4096  # upstream's default when a checkpoint does not set one
+CPU_SLOTS = 8  # fast-engine rows on CPU when QTTS_MAX_SLOTS is unset (no VRAM budget to fill)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,10 @@ class TTSEngine:
                 runtime = await asyncio.to_thread(
                     FastRuntime,
                     model.tts,
-                    max_slots=s.max_slots,
+                    max_slots=s.max_slots or self._auto_slots(model),
                     max_len=s.max_context,
                     max_prefill_tokens=s.max_prefill_tokens,
+                    compile=s.compile,
                 )
             except Exception as exc:  # e.g. out of memory for the KV cache
                 raise ModelUnavailable(
@@ -119,8 +127,20 @@ class TTSEngine:
                     field="model",
                 ) from exc
             runtime.engine.on_step = self.metrics.batch_size.observe
+            self.registry.add_memory(model.name, runtime.engine.cache_bytes)
             self._fast[model.name] = runtime
             return runtime
+
+    def _auto_slots(self, model: LoadedModel) -> int:
+        """Rows that fit in the VRAM budget after every loaded model's weights and caches."""
+        device = torch.device(model.device)
+        if device.type != "cuda":
+            return CPU_SLOTS
+        budget = device_budget(device, self.settings.memory_budget_gb)
+        available = budget - self.registry.used_bytes() - WORKSPACE_BYTES
+        rows = slots_for_budget(row_bytes(model.tts, self.settings.max_context), available)
+        log.info("fast engine rows from the memory budget", extra={"model": model.name, "max_slots": rows})
+        return rows
 
     @staticmethod
     def _close_later(runtime: FastRuntime) -> None:

@@ -319,6 +319,12 @@ class ModelRegistry:
     def used_bytes(self) -> int:
         return sum(m.memory_bytes for m in self._loaded.values())
 
+    def add_memory(self, name: str, nbytes: int) -> None:
+        """Count memory a loaded model's engine allocated (its KV cache) against the budget too."""
+        model = self._loaded.get(self.canonical_name(name))
+        if model is not None:
+            model.memory_bytes += nbytes
+
     async def load(self, name: str) -> LoadedModel:
         return await self.get(name)
 

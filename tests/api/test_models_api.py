@@ -95,3 +95,17 @@ def test_local_folder_with_bad_config_is_503(make_client, tmp_path):
     client = make_client(models_dir=models)
     response = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": "Odd"})
     assert response.status_code == 503
+
+
+def test_the_fast_engine_cache_counts_against_the_memory_budget(client):
+    def memory() -> int:
+        (model,) = [m for m in client.get("/api/v1/models").json()["models"] if m["name"] == CUSTOM_06]
+        return model["memory_bytes"]
+
+    client.post(f"/api/v1/models/{CUSTOM_06}/load")
+    weights = memory()
+    ok = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": CUSTOM_06})
+    assert ok.status_code == 200
+    runtime = client.app.state.services.engine._fast[CUSTOM_06]
+    assert memory() == weights + runtime.engine.cache_bytes
+    assert runtime.engine.scheduler.max_slots == 8  # unset QTTS_MAX_SLOTS on CPU

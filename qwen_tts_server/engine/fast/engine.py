@@ -1,39 +1,63 @@
 """The fast engine's loop: continuous batching of codec frames over a static KV cache.
 
-Each `step()` admits waiting requests into free slots (prefill), then decodes one frame for every
-running request at once: code predictor (codebooks 1-15), talker step, codebook-0 sampling. A
-request that samples EOS, reaches its frame limit or is cancelled leaves at once, its slot free
-for the next step. Finished requests go to a codec thread, which decodes everything that finished
-since its last decode as one batch, so decoding never stalls the running streams' steps.
+Each `step()` admits waiting requests into free rows (one packed prefill for all of them), then
+decodes one frame for every running request at once: code predictor (codebooks 1-15), talker step,
+codebook-0 sampling. A request that samples EOS, reaches its frame limit or is cancelled leaves at
+once; the last running request moves into its row, so running requests always hold rows 0..n-1
+and a batch is the first rows of every tensor. Finished requests go to a codec thread, which
+decodes everything that finished since its last decode in bounded batches, on its own
+low-priority CUDA stream, so decoding never stalls the running streams' steps.
 
-Per-slot state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
-text, sampling options) lives in static tensors indexed by slot, so the frame's tensor work takes
-no values back to the host and has fixed shapes for a fixed batch size (CUDA-graph ready). The
-host reads one small tensor per step: the new frames and which rows hit EOS.
+Per-row state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
+text, sampling options) lives in static tensors, so the frame's tensor work takes no values back to
+the host and has fixed shapes for a fixed (batch bucket, KV length bucket): one CUDA graph each.
+The host reads one small tensor per step: the new frames and which rows hit EOS.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ..types import last_frames
+from .codec import CodecDecoder
 from .model_runner import ModelRunner
-from .prompt import Prompt, special_text_hiddens
+from .prompt import special_text_hiddens
 from .sampler import RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
 from .sequence import FinishReason, Sequence, SequenceSampling, SequenceStatus
 
 log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
+# The step thread waits on the GPU every step and must get the GIL back at once. Python's default
+# switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
+# it that long each time: up to +5 ms a step.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def kv_buckets(max_len: int) -> list[int]:
+    """Static KV read lengths: a step attends over the smallest that covers every running row."""
+    sizes, k = {max_len}, KV_BUCKET_MIN
+    while k < max_len:
+        sizes.add(k)
+        k *= 2
+    return sorted(sizes)
+
+
+def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 class FastEngine:
@@ -45,20 +69,24 @@ class FastEngine:
         max_len: int = 4096,
         max_prefill_tokens: int = 2048,
         cuda_graphs: bool | None = None,
+        compile: bool = False,
+        codec_batch_frames: int = 1024,
     ) -> None:
         self.tts = tts
-        # One extra cache row, never handed to a request: padding rows of a batch-size bucket use it.
-        self.scratch = max_slots
-        rows = max_slots + 1
-        self.runner = ModelRunner(tts, max_slots=rows, max_len=max_len)
+        self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
         self.sampler = Sampler.for_model(tts)
         self.scheduler = Scheduler(max_slots, max_prefill_tokens)
         self.max_len = max_len
+        self.codec = CodecDecoder(
+            tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
+        )
         device, dtype = self.runner.device, self.runner.dtype
+        self.device = device
         hidden_size = tts.model.talker.config.hidden_size
         vocab = self.runner.vocab_size
         self.eos_id = int(tts.model.config.talker_config.codec_eos_token_id)
-        # Per-slot state, allocated once.
+        # Per-row state, allocated once.
+        rows = max_slots
         self.hidden = torch.zeros(rows, hidden_size, device=device, dtype=dtype)
         self.code0 = torch.zeros(rows, dtype=torch.long, device=device)
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
@@ -67,15 +95,21 @@ class FastEngine:
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         self.trailing = torch.zeros(rows, max_len, hidden_size, device=device, dtype=dtype)
         self.trailing_len = torch.zeros(rows, dtype=torch.long, device=device)
-        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self.row_ids = torch.arange(rows, device=device)
         self.tts_pad = special_text_hiddens(tts)[2].reshape(-1)  # talker input text once the text ran out
         self.talker_params = RowSampling.make(rows, device=device)
         self.sub_params = RowSampling.make(rows, device=device)
-        # Batches are padded to a few fixed sizes, so each size is one CUDA graph (or, eagerly, one
-        # set of kernel choices) instead of a new shape every time a request leaves.
-        self.buckets = sorted({b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if b < max_slots} | {max_slots})
-        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        # Batches are padded to a few fixed sizes (padding rows are free rows, computed and
+        # ignored), and KV reads to a few fixed lengths: each pair is one CUDA graph.
+        self.buckets = sorted({b for b in BATCH_BUCKETS if b < max_slots} | {max_slots})
+        self.kv_buckets = kv_buckets(max_len)
+        cuda = device.type == "cuda"
+        use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.graphs = FrameGraphs(self) if use_graphs else None
+        # Steps run on a high-priority stream, codec decode on a low-priority one: a burst of
+        # decoding yields the GPU to the next frame instead of queueing ahead of it.
+        self.step_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
+        self.codec_stream = torch.cuda.Stream(device, priority=0) if cuda else None
         # Work handed in by other threads.
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -86,20 +120,50 @@ class FastEngine:
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
-        # Host seconds spent in each part of the loop (the eager loop is host-bound, so these say
-        # where a step's time goes without adding device syncs); "codec" runs on its own thread.
+        # Host seconds spent in each part of the loop; "codec" runs on its own thread, and
+        # `codec_frames` counts what it decoded, so codec throughput can be read on its own.
         self.seconds = {"prefill": 0.0, "frame": 0.0, "codec": 0.0}
+        self.codec_frames = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """GPU memory this engine allocated for its caches and per-row state."""
+        tensors = [*self.runner.k_cache, *self.runner.v_cache, *self.runner.cp_k_cache, *self.runner.cp_v_cache]
+        tensors += [self.hidden, self.seen, self.trailing]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def warm_up(self, sampling: SequenceSampling) -> None:
-        """Capture the frame graphs of every bucket for these options (the common case) up front."""
-        if self.graphs is None:
-            return
+        """Compile (if asked) and capture the frame graphs of every bucket for these options up front.
+
+        Call before `start()`: the compile warm-up writes into rows that no request holds yet.
+        """
         s = sampling
         plans = (
             SamplingPlan.of([s.do_sample], [s.top_k], [s.top_p]),
             SamplingPlan.of([s.subtalker_do_sample], [s.subtalker_top_k], [s.subtalker_top_p]),
         )
+        if self.runner.compiled:
+            try:
+                with self.preserved_rows(self.buckets[-1]):
+                    for size in self.buckets[:2]:  # the first recompile makes the batch dimension dynamic
+                        self.frame(size, self.kv_buckets[0], plans)
+                # Packed prefill too (the sequence length becomes dynamic), not on the first request.
+                # It writes KV into rows 0-1: warm_up runs before any request is admitted.
+                width = self.hidden.shape[-1]
+                for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
+                    prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
+                    self.runner.prefill_many(list(range(len(prompts))), prompts)
+            except Exception:
+                log.exception("torch.compile failed; the fast engine continues without it")
+                self.runner.disable_compile()
+        try:
+            self.codec.warm_up()
+        except RuntimeError:
+            log.exception("codec graph capture failed; codec decode continues without graphs")
+            self.codec.use_graphs = False
+        if self.graphs is None:
+            return
         try:
             self.graphs.capture_all(plans)
         except RuntimeError:
@@ -112,24 +176,37 @@ class FastEngine:
 
     # ----- other threads -----
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a request; it is admitted at the start of a coming step."""
+        """Queue a request; it is admitted at the start of a coming step.
+
+        On CUDA an event marks the point of the caller's stream where the prompt's tensors are
+        ready; the engine's streams wait on it instead of the host waiting.
+        """
         limit = self.max_len - seq.prompt_len - 1
         if limit < 1:
             raise ValueError(f"prompt of {seq.prompt_len} positions leaves no room in max_len {self.max_len}")
         if seq.prompt.trailing.shape[0] > self.max_len:
             raise ValueError(f"text of {seq.prompt.trailing.shape[0]} tokens exceeds max_len {self.max_len}")
         seq.max_frames = min(seq.max_frames, limit)
+        seq.submitted_at = time.perf_counter()
+        if self.device.type == "cuda":
+            seq.ready = torch.cuda.Event()
+            seq.ready.record()
         self._inbox.put(("submit", seq))
         self._wake.set()
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a request (client gone): its slot frees at the next step, the others carry on."""
+        """Stop a request (client gone): its row frees at the next step, the others carry on."""
         self._inbox.put(("cancel", seq))
         self._wake.set()
 
     def start(self) -> None:
         """Run the step loop on its own thread, and codec decode on another so it never stalls a step."""
+        for stream in (self.step_stream, self.codec_stream):
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(self.device))  # caches and graphs are ready
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # process-wide, and only ever lowered
         self._thread = threading.Thread(target=self._loop, name="qtts-fast-engine", daemon=True)
         self._codec_thread = threading.Thread(target=self._codec_loop, name="qtts-codec", daemon=True)
         self._codec_thread.start()
@@ -149,19 +226,20 @@ class FastEngine:
         self._fail_all(RuntimeError("the model was unloaded while this request was in progress"))
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            if not self.scheduler.has_work and self._inbox.empty():
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            try:
-                self.step()
-            except Exception as exc:  # fail the requests in flight, keep the engine alive
-                log.exception("fast engine step failed")
-                self._fail_all(exc)
+        with _on_stream(self.step_stream):
+            while not self._stop.is_set():
+                if not self.scheduler.has_work and self._inbox.empty():
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    self.step()
+                except Exception as exc:  # fail the requests in flight, keep the engine alive
+                    log.exception("fast engine step failed")
+                    self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
-        """Fail every request queued or running, freeing their slots."""
+        """Fail every request queued or running, freeing their rows."""
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.error = exc
             self.scheduler.release(seq)
@@ -173,8 +251,10 @@ class FastEngine:
         """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
         finished = self._take_inbox()
         t0 = time.perf_counter()
-        for seq in self.scheduler.admit():
-            self._prefill(seq)
+        self._compact()
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
         t1 = time.perf_counter()
         running = list(self.scheduler.running)
         if running:
@@ -201,28 +281,59 @@ class FastEngine:
                 cancelled.append(seq)
         return cancelled
 
-    def _prefill(self, seq: Sequence) -> None:
-        prompt: Prompt = seq.prompt
-        slot = seq.slot
-        hidden, logits = self.runner.prefill(slot, prompt.embeds)
-        self._set_sampling(slot, seq.sampling)
-        trailing = prompt.trailing.reshape(-1, prompt.trailing.shape[-1])
-        self.trailing[slot, : trailing.shape[0]] = trailing
-        self.trailing_len[slot] = trailing.shape[0]
-        self.seen[slot] = False
-        slots = torch.tensor([slot], device=self.code0.device)
-        zero = torch.zeros(1, dtype=torch.long, device=self.code0.device)
-        o = seq.sampling
-        plan = SamplingPlan.of([o.do_sample], [o.top_k], [o.top_p])
-        self.min_frames[slot] = seq.sampling.min_frames
+    def _row_state(self) -> list[Tensor]:
+        """Every per-row tensor a running request owns, except the trailing text and KV cache."""
+        state = [self.hidden, self.code0, self.position, self.frame_index, self.min_frames, self.seen]
+        state += [self.trailing_len, *self.talker_params.columns().values(), *self.sub_params.columns().values()]
+        return state
+
+    def _compact(self) -> None:
+        """Move requests whose rows changed (someone left) into their new rows: state, text and KV."""
+        moves = self.scheduler.compact()
+        if not moves:
+            return
+        src = torch.tensor([m[1] for m in moves], device=self.device)
+        dst = torch.tensor([m[2] for m in moves], device=self.device)
+        for tensor in self._row_state():
+            tensor[dst] = tensor[src]  # the right side is gathered first: overlapping rows are safe
+        text = max(seq.prompt.trailing.reshape(-1, self.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
+        self.trailing[dst, :text] = self.trailing[src, :text]
+        written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves)
+        self.runner.move_rows(src, dst, min(written + 1, self.max_len))
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prompts of newly admitted requests, packed into one forward, and their first codebook 0."""
+        if self.step_stream is not None:
+            for seq in seqs:
+                if seq.ready is not None:
+                    torch.cuda.current_stream(self.device).wait_event(seq.ready)
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.admitted_at = now
+        slots = [seq.slot for seq in seqs]
+        hidden, logits = self.runner.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
+        idx = torch.tensor(slots, device=self.device)
+        options = [seq.sampling for seq in seqs]
+        self._set_sampling(idx, options)
+        width = self.trailing.shape[-1]
+        lengths = []
+        for seq in seqs:
+            trailing = seq.prompt.trailing.reshape(-1, width)
+            self.trailing[seq.slot, : trailing.shape[0]] = trailing
+            lengths.append(trailing.shape[0])
+        self.trailing_len[idx] = torch.tensor(lengths, device=self.device)
+        self.min_frames[idx] = torch.tensor([o.min_frames for o in options], device=self.device)
+        self.seen[idx] = False
+        plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options], [o.top_p for o in options])
+        zero = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         code0 = self.sampler.talker(
-            logits[None], self.talker_params.select(slots), self.seen[slots], zero, plan, self.min_frames[slots]
+            logits, self.talker_params.select(idx), self.seen[idx], zero, plan, self.min_frames[idx]
         )
-        self.seen[slot, code0[0]] = True
-        self.hidden[slot] = hidden
-        self.code0[slot] = code0[0]
-        self.position[slot] = seq.prompt_len
-        self.frame_index[slot] = 0
+        self.seen[idx, code0] = True
+        self.hidden[idx] = hidden
+        self.code0[idx] = code0
+        self.position[idx] = torch.tensor([seq.prompt_len for seq in seqs], device=self.device)
+        self.frame_index[idx] = 0
 
     def _decode_frame(self, running: list[Sequence]) -> list[Sequence]:
         n = len(running)
@@ -230,7 +341,8 @@ class FastEngine:
         if self.on_step is not None:
             self.on_step(n)
         size = next(b for b in self.buckets if b >= n)
-        slot_list = [s.slot for s in running] + [self.scratch] * (size - n)
+        needed = max(seq.prompt_len + seq.num_frames for seq in running) + 1  # positions 0..this step's
+        kv_len = next(k for k in self.kv_buckets if k >= needed)
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
         plans = (
@@ -241,20 +353,23 @@ class FastEngine:
                 [o.subtalker_top_p for o in opts],
             ),
         )
-        frames = eos = None
+        out = None
         if self.graphs is not None:
             try:
-                frames, eos = self.graphs.run(slot_list, plans)
+                out = self.graphs.run(size, kv_len, plans)
             except RuntimeError:
                 self._drop_graphs()
-        if frames is None or eos is None:
-            frames, eos = self.frame(torch.tensor(slot_list, device=self.code0.device), plans)
-        # The one host read of the step.
-        frames_host = frames[:n].cpu()
-        eos_host = eos[:n].cpu().tolist()
+        if out is None:
+            out = self.frame(size, kv_len, plans)
+        # The one host read of the step: frames and EOS flags together.
+        out_host = out[:n].cpu()
+        frames_host, eos_host = out_host[:, :-1], out_host[:, -1].tolist()
+        now = time.perf_counter()
         finished = []
         for i, seq in enumerate(running):
             seq.frames.append(frames_host[i])
+            if seq.first_frame_at is None:
+                seq.first_frame_at = now
             if seq.on_frame is not None:
                 seq.on_frame(seq, frames_host[i])
             if eos_host[i] or seq.num_frames >= seq.max_frames:
@@ -263,62 +378,77 @@ class FastEngine:
                 finished.append(seq)
         return finished
 
-    def frame(self, slots: Tensor, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Tensor, Tensor]:
-        """All tensor work of one frame for the rows `slots` [B]: no host reads, fixed shapes.
+    def frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
+        """All tensor work of one frame for rows 0..size-1: no host reads, fixed shapes.
 
-        Completes each row's pending frame (code predictor), runs the talker step and samples the
-        next codebook 0, updating the per-slot state in place. Returns the frames [B, 16] and which
-        rows just sampled EOS [B]. This is what a CUDA graph captures per batch size.
+        Completes each row's pending frame (code predictor), runs the talker step (reading
+        `kv_len` cache positions) and samples the next codebook 0, updating the per-row state in
+        place. Rows past the running ones are free rows: they compute garbage nobody reads, and
+        their positions are clamped so they never leave the cache. Returns [size, 17]: each row's
+        frame (16 codes) and whether it just sampled EOS (1/0), one tensor so the host reads once.
+        This is what a CUDA graph captures per bucket.
         """
         talker_plan, sub_plan = plans
-        # Padding rows share the scratch slot: restart it so its position stays inside the cache.
-        self.position[self.scratch : self.scratch + 1].fill_(0)  # fill_, not `= 0`: no host copy in a graph
-        self.frame_index[self.scratch : self.scratch + 1].fill_(0)
-        step = self.frame_index[slots]
-        sub = self.sub_params.select(slots)
+        step = self.frame_index[:size]
+        sub = self.sub_params.head(size)
 
         def sample(codebook: int, logits: Tensor) -> Tensor:
             return self.sampler.code_predictor(logits, sub, step, codebook, plan=sub_plan)
 
-        code0 = self.code0[slots]
-        codes, embedded = self.runner.predict_codes(self.hidden[slots], code0, sample)
+        code0 = self.code0[:size]
+        codes, embedded = self.runner.predict_codes(self.hidden[:size], code0, sample)
         frames = torch.cat((code0[:, None], codes), dim=1)
         # Frame k's talker input carries trailing text token k while there is any, then tts_pad.
-        text = self.trailing[slots, step.clamp(max=self.max_len - 1)]
-        has_text = (step < self.trailing_len[slots])[:, None]
+        text = self.trailing[self.row_ids[:size], step.clamp(max=self.max_len - 1)]
+        has_text = (step < self.trailing_len[:size])[:, None]
         inputs = embedded + torch.where(has_text, text, self.tts_pad)
-        hidden, logits = self.runner.decode(slots, inputs, self.position[slots])
+        position = self.position[:size]
+        hidden, logits = self.runner.decode(inputs, position, kv_len=kv_len)
         next_step = step + 1
         next_code0 = self.sampler.talker(
-            logits, self.talker_params.select(slots), self.seen[slots], next_step, talker_plan, self.min_frames[slots]
+            logits, self.talker_params.head(size), self.seen[:size], next_step, talker_plan, self.min_frames[:size]
         )
-        self.seen.index_put_((slots, next_code0), self._true)
-        self.hidden[slots] = hidden
-        self.code0[slots] = next_code0
-        self.position[slots] += 1
-        self.frame_index[slots] = next_step
-        return frames, next_code0 == self.eos_id
+        self.seen[:size].scatter_(1, next_code0[:, None], True)
+        self.hidden[:size].copy_(hidden)
+        self.code0[:size].copy_(next_code0)
+        position.add_(1).clamp_(max=self.max_len - 1)  # only free rows ever reach the clamp
+        self.frame_index[:size].copy_(next_step)
+        return torch.cat((frames, (next_code0 == self.eos_id)[:, None].long()), dim=1)
 
-    def _set_sampling(self, slot: int, s: SequenceSampling) -> None:
+    @contextlib.contextmanager
+    def preserved_rows(self, size: int) -> Iterator[None]:
+        """Run a throwaway frame (graph warm-up, compile) over rows 0..size-1 and undo its writes,
+        so running requests are untouched: their state and the KV entries at their positions."""
+        state = [t[:size].clone() for t in self._row_state()]
+        positions = self.position[:size].clone()
+        kv = self.runner.read_positions(positions)
+        try:
+            yield
+        finally:
+            for tensor, saved in zip(self._row_state(), state, strict=True):
+                tensor[:size] = saved
+            self.runner.write_positions(positions, kv)
+
+    def _set_sampling(self, idx: Tensor, options: list[SequenceSampling]) -> None:
         talker = {
-            "do_sample": s.do_sample,
-            "temperature": s.temperature,
-            "top_k": s.top_k,
-            "top_p": s.top_p,
-            "repetition_penalty": s.repetition_penalty,
-            "seed": s.seed,
+            "do_sample": [o.do_sample for o in options],
+            "temperature": [o.temperature for o in options],
+            "top_k": [o.top_k for o in options],
+            "top_p": [o.top_p for o in options],
+            "repetition_penalty": [o.repetition_penalty for o in options],
+            "seed": [o.seed for o in options],
         }
         sub = {
-            "do_sample": s.subtalker_do_sample,
-            "temperature": s.subtalker_temperature,
-            "top_k": s.subtalker_top_k,
-            "top_p": s.subtalker_top_p,
-            "repetition_penalty": 1.0,
-            "seed": s.seed,
+            "do_sample": [o.subtalker_do_sample for o in options],
+            "temperature": [o.subtalker_temperature for o in options],
+            "top_k": [o.subtalker_top_k for o in options],
+            "top_p": [o.subtalker_top_p for o in options],
+            "repetition_penalty": [1.0] * len(options),
+            "seed": [o.seed for o in options],
         }
         for params, values in ((self.talker_params, talker), (self.sub_params, sub)):
-            for name, value in values.items():
-                getattr(params, name)[slot] = value
+            for name, column in params.columns().items():
+                column[idx] = torch.tensor(values[name], dtype=column.dtype, device=self.device)
 
     # ----- results -----
     def _deliver(self, finished: list[Sequence]) -> None:
@@ -335,19 +465,21 @@ class FastEngine:
             self._decode_and_finish(done)
 
     def _codec_loop(self) -> None:
-        """Decode whatever has finished since the last decode as one codec batch."""
-        while (batch := self._codec_queue.get()) is not None:
-            while not self._codec_queue.empty():
-                more = self._codec_queue.get_nowait()
-                if more is None:
-                    self._codec_queue.put(None)  # stop after this batch
-                    break
-                batch += more
-            t0 = time.perf_counter()
-            self._decode_and_finish(batch)
-            self.seconds["codec"] += time.perf_counter() - t0
+        """Decode whatever has finished since the last decode, in batches of bounded size."""
+        with _on_stream(self.codec_stream):
+            while (batch := self._codec_queue.get()) is not None:
+                while not self._codec_queue.empty():
+                    more = self._codec_queue.get_nowait()
+                    if more is None:
+                        self._codec_queue.put(None)  # stop after this batch
+                        break
+                    batch += more
+                t0 = time.perf_counter()
+                self._decode_and_finish(batch)
+                self.seconds["codec"] += time.perf_counter() - t0
 
     def _decode_and_finish(self, seqs: list[Sequence]) -> None:
+        """Decode (in bounded batches, see CodecDecoder) and hand every request back."""
         try:
             self._decode_audio(seqs)
         except Exception as exc:
@@ -360,15 +492,16 @@ class FastEngine:
     def _decode_audio(self, seqs: list[Sequence]) -> None:
         batch = []
         for seq in seqs:
+            if seq.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(seq.ready)  # the reference codes
             codes = torch.stack(seq.frames)
             ref = seq.prompt.ref_code
-            if ref is not None:
+            if ref is not None:  # ICL clones decode after the reference's codes, then drop that part
                 codes = torch.cat((ref.to(codes.device, codes.dtype), codes))
-            batch.append({"audio_codes": codes})
-        wavs, _ = self.tts.model.speech_tokenizer.decode(batch)
-        for seq, wav in zip(seqs, wavs, strict=True):
-            samples = np.asarray(wav, dtype=np.float32).reshape(-1)
+            batch.append(codes)
+        for seq, samples in zip(seqs, self.codec.decode(batch), strict=True):
             seq.audio = last_frames(samples, seq.num_frames)
+        self.codec_frames += sum(seq.num_frames for seq in seqs)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
@@ -381,57 +514,60 @@ class FastEngine:
 
 
 class FrameGraphs:
-    """CUDA graphs of `FastEngine.frame`, one per (batch-size bucket, sampling plans), captured lazily.
+    """CUDA graphs of `FastEngine.frame`, one per (batch bucket, KV bucket, sampling plans).
 
-    A replay launches the whole frame (thousands of small kernels when eager) at once; only the
-    slot list is copied in. Outputs live in the graph's memory and are read before the next replay.
+    A replay launches the whole frame (thousands of small kernels when eager) at once, with no
+    inputs to copy: the batch is rows 0..size-1 of the engine's state. Outputs live in the graph's
+    memory and are read before the next replay. Graphs for the default sampling are captured at
+    warm-up; others lazily, with the running requests' rows preserved around the warm-up frame.
     """
-
-    # Sampling plans come from clients' options (top_k, top_p): beyond this many graphs, an unusual
-    # plan runs eagerly instead of capturing yet another graph.
-    max_graphs = 64
 
     def __init__(self, engine: FastEngine) -> None:
         self.engine = engine
-        self._graphs: dict[tuple[int, SamplingPlan, SamplingPlan], tuple[Any, Tensor, Tensor, Tensor]] = {}
+        # Sampling plans come from clients' options (top_k, top_p): beyond this many graphs, an
+        # unusual plan runs eagerly instead of capturing yet another graph.
+        self.max_graphs = 2 * len(engine.buckets) * len(engine.kv_buckets)
+        self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
         self._pool: Any = None
 
-    def capture_all(self, plans: tuple[SamplingPlan, SamplingPlan]) -> None:
-        """Capture every batch-size bucket for these plans now, not on a request's first step."""
-        for size in self.engine.buckets:
-            key = (size, *plans)
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(size, plans)
+    def __len__(self) -> int:
+        return len(self._graphs)
 
-    def run(
-        self, slot_list: list[int], plans: tuple[SamplingPlan, SamplingPlan]
-    ) -> tuple[Tensor, Tensor] | tuple[None, None]:
-        """Replay the frame graph for this batch; (None, None) when it should run eagerly instead."""
-        key = (len(slot_list), *plans)
+    def capture_all(self, plans: tuple[SamplingPlan, SamplingPlan]) -> None:
+        """Capture every bucket pair for these plans now, not on a request's first step."""
+        for size in self.engine.buckets:
+            for kv_len in self.engine.kv_buckets:
+                key = (size, kv_len, *plans)
+                if key not in self._graphs:
+                    self._graphs[key] = self._capture(size, kv_len, plans)
+
+    def run(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor | None:
+        """Replay the frame graph for this batch (its output, see `FastEngine.frame`); None when it
+        should run eagerly instead."""
+        key = (size, kv_len, *plans)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
-                return None, None
-            entry = self._graphs[key] = self._capture(len(slot_list), plans)
-        graph, slots, frames, eos = entry
-        slots.copy_(torch.tensor(slot_list, dtype=torch.long), non_blocking=True)
+                return None
+            entry = self._graphs[key] = self._capture(size, kv_len, plans)
+        graph, out = entry
         graph.replay()
-        return frames, eos
+        return out
 
-    def _capture(self, size: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor, Tensor, Tensor]:
+    def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
-        slots = torch.full((size,), engine.scratch, dtype=torch.long, device=engine.code0.device)
-        # Warm up on a side stream (allocator and kernel choices), touching only the scratch slot.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                engine.frame(slots, plans)
-        torch.cuda.current_stream().wait_stream(side)
+        current = torch.cuda.current_stream(engine.device)
+        # Warm up on a side stream (allocator, kernel choices, compilation); capture itself only
+        # records kernels, so only the warm-up's writes need undoing.
+        side = torch.cuda.Stream(engine.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side), engine.preserved_rows(size):
+            engine.frame(size, kv_len, plans)
+        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            frames, eos = engine.frame(slots, plans)
+            out = engine.frame(size, kv_len, plans)
         self._pool = graph.pool()
-        log.info("captured a frame graph", extra={"batch": size})
-        return graph, slots, frames, eos
+        log.debug("captured a frame graph", extra={"batch": size, "kv_len": kv_len})
+        return graph, out

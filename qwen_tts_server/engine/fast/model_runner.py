@@ -3,24 +3,34 @@
 Upstream runs the talker through HF `generate` with a growing cache per batch, and the code
 predictor through another HF `generate` per frame. Here every tensor the hot loop touches is
 allocated once: a talker KV cache with one row ("slot") per request, and a small code-predictor
-cache reused by every frame. `decode` takes each row's slot and position as tensors and builds the
-attention mask from them, so its work does not depend on tensor values: with a fixed batch size it
-can be captured in a CUDA graph.
+cache reused by every frame. `decode` takes each row's position as a tensor and builds the attention
+mask from it, so its work does not depend on tensor values: with a fixed batch size and a fixed
+`kv_len` it can be captured in a CUDA graph.
 
-Numerics follow upstream op for op (RMSNorm in fp32 then cast back, q/k norm before RoPE, SDPA
-with scale head_dim**-0.5, SiLU-gated MLP). The talker's multimodal RoPE is ordinary RoPE here:
-upstream gives all three sections the same position ids for TTS, and then the interleaved section
-selection picks between identical cos/sin tables (checked numerically in the tests).
+Numerics follow upstream op for op (RMSNorm statistics in fp32, cast back before the weight; q/k
+norm before RoPE; SDPA with scale head_dim**-0.5; SiLU-gated MLP). The talker's multimodal RoPE is
+ordinary RoPE here: upstream gives all three sections the same position ids for TTS, and then the
+interleaved section selection picks between identical cos/sin tables (checked in the tests).
+
+What makes a frame cheap is the number of kernels, not FLOPs (gpu-device.md): the q/k/v and the
+gate/up projections run as one matmul each (upstream's weights become views into one fused tensor,
+so nothing is copied twice), q and k are normed and rotated together, and decode attention reads
+only the first `kv_len` keys of the first B cache rows, in place. With `compile=True` the
+elementwise work around the matmuls is fused further by `torch.compile`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 # The code predictor sees [past_hidden, codebook 0] and then feeds back codebooks 1..14;
 # the 15th predicted code is never fed back, so a frame spans 2 + 14 = 16 positions.
@@ -28,19 +38,6 @@ NUM_CODE_GROUPS = 16
 CP_CACHE_LEN = NUM_CODE_GROUPS
 
 SampleFn = Callable[[int, Tensor], Tensor]  # (codebook 1..15, logits [B, V]) -> codes [B]
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Upstream's Qwen3TTSRMSNorm: statistics in fp32, cast back before the weight."""
-    dtype = x.dtype
-    x32 = x.to(torch.float32)
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def rope_tables(rotary_emb: Any, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -59,43 +56,135 @@ def rope_tables(rotary_emb: Any, length: int, dtype: torch.dtype) -> tuple[Tenso
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
-def _qkv(layer: Any, x: Tensor, cos: Tensor, sin: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Pre-norm, q/k/v projections, per-head q/k RMSNorm and RoPE. Returns [B, heads, S, head_dim]."""
-    attn = layer.self_attn
-    h = rms_norm(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    B, S, _ = h.shape
-    q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, S, -1, head_dim)
-    k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, S, -1, head_dim)
-    v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, S, -1, head_dim)
-    q = rms_norm(q, attn.q_norm.weight, attn.q_norm.variance_epsilon).transpose(1, 2)
-    k = rms_norm(k, attn.k_norm.weight, attn.k_norm.variance_epsilon).transpose(1, 2)
-    v = v.transpose(1, 2)
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    return q, k, v
+# Fused weights, keyed by the first module of each group: a second runner over the same model
+# (e.g. after a reload of the engine) finds the views already in place.
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[Tensor, Tensor | None]] = weakref.WeakKeyDictionary()
 
 
-def _finish_layer(layer: Any, x: Tensor, attn_out: Tensor) -> Tensor:
-    """Output projection + residual, then the gated MLP + residual."""
-    B, _, S, _ = attn_out.shape
-    o = attn_out.transpose(1, 2).reshape(B, S, -1)
-    x = x + F.linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias)
-    mlp = layer.mlp
-    h = rms_norm(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-    gate = mlp.act_fn(F.linear(h, mlp.gate_proj.weight))
-    return x + F.linear(gate * F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight)
+@torch.no_grad()
+def fuse_linears(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """One weight (and bias) for several projections of the same input.
+
+    The modules' parameters become views into the fused tensor, so upstream's own forward (the
+    reference engine) keeps working on the same memory and no weight is held twice.
+    """
+    first = linears[0]
+    if first in _FUSED:
+        return _FUSED[first]
+    weight = torch.cat([m.weight for m in linears])
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    bias = None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
+    start = 0
+    for m in linears:
+        end = start + m.weight.shape[0]
+        m.weight.data = weight[start:end]
+        if bias is not None:
+            m.bias.data = bias[start:end]
+        start = end
+    _FUSED[first] = (weight, bias)
+    return weight, bias
+
+
+class LayerWeights:
+    """One decoder layer's tensors in the shapes the fused forward wants.
+
+    `attn_in` / `layer_out` take them as plain arguments (tensors and ints), so a compiled version
+    sees every layer of a model as the same inputs with other values, not as new code to compile.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        if "SiLU" not in type(mlp.act_fn).__name__:  # nn.SiLU or transformers' SiLUActivation
+            raise NotImplementedError(f"MLP activation {type(mlp.act_fn).__name__}")
+        qkv, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        heads = attn.q_proj.weight.shape[0] // attn.head_dim
+        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        # q heads then k heads, each with its own norm weight: one norm call for both.
+        qk_norm = torch.cat((attn.q_norm.weight.expand(heads, -1), attn.k_norm.weight.expand(kv_heads, -1)))
+        qk_eps = float(attn.q_norm.variance_epsilon)
+        if float(attn.k_norm.variance_epsilon) != qk_eps:
+            raise NotImplementedError("q_norm and k_norm with different eps")
+        eps = float(layer.input_layernorm.variance_epsilon)
+        self.head_dim = int(attn.head_dim)
+        self.attn_args = (layer.input_layernorm.weight, eps, qkv, qkv_bias, qk_norm, qk_eps, heads, kv_heads)
+        gate_up, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        post_eps = float(layer.post_attention_layernorm.variance_epsilon)
+        self.out_args = (attn.o_proj.weight, attn.o_proj.bias, layer.post_attention_layernorm.weight, post_eps)
+        self.out_args += (gate_up, mlp.down_proj.weight)
+
+
+def attn_in(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    norm: Tensor,
+    eps: float,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    qk_norm: Tensor,
+    qk_eps: float,
+    heads: int,
+    kv_heads: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pre-norm, fused q/k/v projection, q/k RMSNorm and RoPE. Returns q, k, v as [B, heads, S, head_dim].
+
+    `cos`/`sin` broadcast against [B, heads, S, head_dim] ([S, hd] or [B, 1, S, hd]).
+    """
+    B, S, _ = x.shape
+    head_dim = qk_norm.shape[-1]
+    h = F.rms_norm(x, (x.shape[-1],), norm, eps)
+    qkv = F.linear(h, qkv_weight, qkv_bias).view(B, S, heads + 2 * kv_heads, head_dim)
+    qk, v = qkv.split((heads + kv_heads, kv_heads), dim=2)
+    qk = (F.rms_norm(qk, (head_dim,), eps=qk_eps) * qk_norm).transpose(1, 2)
+    half = head_dim // 2
+    qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+    q, k = qk.split((heads, kv_heads), dim=1)
+    return q, k, v.transpose(1, 2)
+
+
+def layer_out(
+    x: Tensor,
+    attn: Tensor,
+    o_weight: Tensor,
+    o_bias: Tensor | None,
+    norm: Tensor,
+    eps: float,
+    gate_up: Tensor,
+    down: Tensor,
+) -> Tensor:
+    """Output projection + residual, then the SiLU-gated MLP + residual. `attn` is [B, heads, S, hd]."""
+    B, _, S, _ = attn.shape
+    x = x + F.linear(attn.transpose(1, 2).reshape(B, S, -1), o_weight, o_bias)
+    h = F.rms_norm(x, (x.shape[-1],), norm, eps)
+    gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+def grouped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """One query position per row against `keys` [B, kv_heads, L, hd], for grouped-query heads.
+
+    The q heads that share a kv head become that head's query "positions", so no kernel needs GQA
+    support and keys are never repeated. `q` [B, heads, 1, hd]; `mask` [B, 1, 1, L] or None.
+    """
+    B, heads, _, hd = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.reshape(B, kv_heads, heads // kv_heads, hd)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(B, heads, 1, hd)
 
 
 class ModelRunner:
     """Talker prefill / batched decode and the per-frame code predictor of one loaded model.
 
-    `tts` is a `qwen_tts.Qwen3TTSModel`. Weights stay upstream's tensors (nothing is copied);
-    caches live on the model's device in its dtype. Slots are rows of the talker cache: the
-    caller assigns them to requests and keeps each request's position (the prompt length after
-    prefill, +1 per decoded frame).
+    `tts` is a `qwen_tts.Qwen3TTSModel`. Weights stay upstream's tensors (q/k/v and gate/up are
+    re-laid out as views of fused tensors, nothing is copied twice); caches live on the model's
+    device in its dtype. Slots are rows of the talker cache: the caller assigns them to requests
+    and keeps each request's position (the prompt length after prefill, +1 per decoded frame).
     """
 
-    def __init__(self, tts: Any, *, max_slots: int, max_len: int) -> None:
+    def __init__(self, tts: Any, *, max_slots: int, max_len: int, compile: bool = False) -> None:
         talker = tts.model.talker
         self.talker = talker
         self.code_predictor = talker.code_predictor
@@ -105,79 +194,147 @@ class ModelRunner:
         self.max_slots, self.max_len = max_slots, max_len
         self.vocab_size = cfg.vocab_size
 
-        self.layers = list(talker.model.layers)
-        self.head_dim = self.layers[0].self_attn.head_dim
-        self.scaling = self.layers[0].self_attn.scaling
-        kv_heads = cfg.num_key_value_heads
-        shape = (max_slots, kv_heads, max_len, self.head_dim)
+        self.layers = [LayerWeights(layer) for layer in talker.model.layers]
+        self.head_dim = self.layers[0].head_dim
+        self.scaling = talker.model.layers[0].self_attn.scaling
+        shape = (max_slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.cos, self.sin = rope_tables(talker.model.rotary_emb, max_len, self.dtype)
         self.key_positions = torch.arange(max_len, device=self.device)
+        self.rows = torch.arange(max_slots, device=self.device)
+        self.norm = talker.model.norm
 
         cp = self.code_predictor
-        self.cp_layers = list(cp.model.layers)
-        self.cp_head_dim = self.cp_layers[0].self_attn.head_dim
-        self.cp_scaling = self.cp_layers[0].self_attn.scaling
+        self.cp_layers = [LayerWeights(layer) for layer in cp.model.layers]
+        self.cp_head_dim = self.cp_layers[0].head_dim
+        self.cp_scaling = cp.model.layers[0].self_attn.scaling
         cp_shape = (max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
         self.cp_k_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
         self.cp_v_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
         self.cp_cos, self.cp_sin = rope_tables(cp.model.rotary_emb, CP_CACHE_LEN, self.dtype)
+        self.cp_norm = cp.model.norm
+
+        self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
+        self.layer_out: Callable[..., Tensor] = layer_out
+        if compile:
+            self.enable_compile()
+
+    def enable_compile(self) -> None:
+        """Fuse the elementwise work around the matmuls with `torch.compile` (CUDA; compiles on first use).
+
+        Shapes differ between talker and code predictor, prefill and decode, and batch buckets; the
+        first recompile marks the batch dimension dynamic, so a handful of compiles serve them all.
+        """
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 64))
+        self.attn_in = torch.compile(attn_in)
+        self.layer_out = torch.compile(layer_out)
+
+    def disable_compile(self) -> None:
+        self.attn_in, self.layer_out = attn_in, layer_out
+
+    @property
+    def compiled(self) -> bool:
+        return self.attn_in is not attn_in
 
     # ---------------------------------------------------------------- talker
 
     @torch.inference_mode()
     def prefill(self, slot: int, embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the prompt `embeds` [L, H] at positions 0..L-1 into `slot`.
+        """Run one prompt `embeds` [L, H] at positions 0..L-1 into `slot`; see `prefill_many`."""
+        hidden, logits = self.prefill_many([slot], [embeds])
+        return hidden[0], logits[0]
 
-        Returns the last position's hidden state [H] (the code predictor's `past_hidden` for
-        frame 0) and its codec_head logits [V] (codebook 0 of frame 0).
+    @torch.inference_mode()
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Run several prompts (each [L_i, H], at positions 0..L_i-1) into their slots in one pass.
+
+        The prompts are packed end to end into one sequence; attention is causal within each
+        prompt only, so one forward serves a whole burst of admissions (one step's stall instead
+        of one per request). Returns each prompt's last hidden state [n, H] (the code predictor's
+        `past_hidden` for frame 0) and its codec_head logits [n, V] (codebook 0 of frame 0).
         """
-        L = embeds.shape[0]
-        if L > self.max_len:
-            raise ValueError(f"prompt of {L} positions exceeds max_len {self.max_len}")
-        x = embeds[None]
-        cos, sin = self.cos[:L], self.sin[:L]
-        for i, layer in enumerate(self.layers):
-            q, k, v = _qkv(layer, x, cos, sin, self.head_dim)
-            self.k_cache[i][slot, :, :L] = k[0]
-            self.v_cache[i][slot, :, :L] = v[0]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=True)
-            x = _finish_layer(layer, x, o)
+        lengths = [int(p.shape[0]) for p in prompts]
+        if max(lengths) > self.max_len:
+            raise ValueError(f"prompt of {max(lengths)} positions exceeds max_len {self.max_len}")
+        x = torch.cat(list(prompts))[None]
+        T = x.shape[1]
+        positions = torch.cat([self.key_positions[:n] for n in lengths])
+        cos, sin = self.cos[positions], self.sin[positions]
+        owner = torch.cat([torch.full((n,), s, device=self.device) for s, n in zip(slots, lengths, strict=True)])
+        if len(prompts) == 1:
+            mask, causal = None, True
+        else:
+            index = torch.arange(T, device=self.device)
+            mask, causal = (owner[:, None] == owner[None, :]) & (index[None, :] <= index[:, None]), False
+        for i, w in enumerate(self.layers):
+            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
+            self.k_cache[i][owner, :, positions] = k[0].transpose(0, 1)
+            self.v_cache[i][owner, :, positions] = v[0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=True
+            )
+            x = self.layer_out(x, o, *w.out_args)
         # The head runs over every position, as upstream's does: a one-row matmul may round
         # differently (gemv vs gemm), and this keeps prefill logits bit-identical on CPU.
         hidden = self._talker_norm(x[0])
-        return hidden[-1], F.linear(hidden, self.talker.codec_head.weight)[-1]
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        return hidden[last], F.linear(hidden, self.talker.codec_head.weight)[last]
 
     @torch.inference_mode()
     def decode(
-        self, slots: Tensor, inputs: Tensor, positions: Tensor, *, kv_len: int | None = None
+        self, inputs: Tensor, positions: Tensor, *, slots: Tensor | None = None, kv_len: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        """One talker step for B rows: `inputs` [B, H] at `positions` [B] in cache rows `slots` [B].
+        """One talker step for B rows: `inputs` [B, H] at `positions` [B].
 
-        Writes each row's K/V at (slot, position) and attends over that slot's positions
-        0..position. `kv_len` (a static bound > every position, e.g. a CUDA-graph bucket) limits
-        how much of the cache is read; default all of it. Returns hidden [B, H], logits [B, V].
+        Row b lives in cache row b (the engine keeps running requests in rows 0..B-1, so keys are
+        read in place), or in `slots[b]` when given (gathered). Writes each row's K/V at its
+        position and attends over positions 0..position. `kv_len` (a static bound > every real
+        row's position, e.g. a CUDA-graph bucket) limits how much of the cache is read; default all
+        of it. Returns hidden [B, H] and logits [B, V].
         """
+        B = inputs.shape[0]
         kv_len = self.max_len if kv_len is None else kv_len
+        rows = self.rows[:B] if slots is None else slots
         x = inputs[:, None, :]
         cos = self.cos[positions][:, None, None, :]
         sin = self.sin[positions][:, None, None, :]
         mask = (self.key_positions[None, :kv_len] <= positions[:, None])[:, None, None, :]
-        for i, layer in enumerate(self.layers):
-            q, k, v = _qkv(layer, x, cos, sin, self.head_dim)
+        for i, w in enumerate(self.layers):
+            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[slots, :, positions] = k[:, :, 0]
-            v_cache[slots, :, positions] = v[:, :, 0]
-            keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
-            x = _finish_layer(layer, x, o)
+            k_cache[rows, :, positions] = k[:, :, 0]
+            v_cache[rows, :, positions] = v[:, :, 0]
+            if slots is None:
+                keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
+            else:
+                keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
+            x = self.layer_out(x, grouped_attention(q, keys, values, mask, self.scaling), *w.out_args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
 
+    def move_rows(self, src: Tensor, dst: Tensor, length: int) -> None:
+        """Copy cache rows `src` to rows `dst` (positions 0..length-1): a request changed rows."""
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[dst, :, :length] = cache[src, :, :length]
+
+    def read_positions(self, positions: Tensor) -> list[Tensor]:
+        """Rows 0..B-1's K/V at `positions` [B] (what one decode step would overwrite)."""
+        rows = self.rows[: positions.shape[0]]
+        return [cache[rows, :, positions].clone() for cache in (*self.k_cache, *self.v_cache)]
+
+    def write_positions(self, positions: Tensor, saved: list[Tensor]) -> None:
+        rows = self.rows[: positions.shape[0]]
+        for cache, values in zip((*self.k_cache, *self.v_cache), saved, strict=True):
+            cache[rows, :, positions] = values
+
     def _talker_norm(self, x: Tensor) -> Tensor:
-        norm = self.talker.model.norm
-        return rms_norm(x, norm.weight, norm.variance_epsilon)
+        return F.rms_norm(x, (x.shape[-1],), self.norm.weight, self.norm.variance_epsilon)
 
     # ---------------------------------------------------------------- code predictor
 
@@ -216,12 +373,16 @@ class ModelRunner:
         B, S, _ = x.shape
         end = start + S
         cos, sin = self.cp_cos[start:end], self.cp_sin[start:end]
-        for i, layer in enumerate(self.cp_layers):
-            q, k, v = _qkv(layer, x, cos, sin, self.cp_head_dim)
+        for i, w in enumerate(self.cp_layers):
+            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
             self.cp_k_cache[i][:B, :, start:end] = k
             self.cp_v_cache[i][:B, :, start:end] = v
             keys, values = self.cp_k_cache[i][:B, :, :end], self.cp_v_cache[i][:B, :, :end]
-            o = F.scaled_dot_product_attention(q, keys, values, is_causal=S > 1, scale=self.cp_scaling, enable_gqa=True)
-            x = _finish_layer(layer, x, o)
-        norm = self.code_predictor.model.norm
-        return rms_norm(x, norm.weight, norm.variance_epsilon)
+            if S == 1:
+                o = grouped_attention(q, keys, values, None, self.cp_scaling)
+            else:
+                o = F.scaled_dot_product_attention(
+                    q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True
+                )
+            x = self.layer_out(x, o, *w.out_args)
+        return F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)

@@ -57,10 +57,19 @@ def resolve_sampling(sampling: SamplingParams, generate_defaults: dict[str, Any]
 
 
 class FastRuntime:
-    def __init__(self, tts: Any, *, max_slots: int, max_len: int, max_prefill_tokens: int) -> None:
+    def __init__(
+        self, tts: Any, *, max_slots: int, max_len: int, max_prefill_tokens: int, compile: bool = False
+    ) -> None:
         self.tts = tts
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
-        self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=max_prefill_tokens)
+        on_cuda = tts.model.talker.codec_head.weight.device.type == "cuda"
+        self.engine = FastEngine(
+            tts,
+            max_slots=max_slots,
+            max_len=max_len,
+            max_prefill_tokens=max_prefill_tokens,
+            compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
+        )
         # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.
         self.engine.warm_up(resolve_sampling(SamplingParams(), tts.generate_defaults or {}))
         self.engine.start()

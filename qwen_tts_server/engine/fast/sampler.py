@@ -83,6 +83,13 @@ class RowSampling:
         """Some rows' options (e.g. per-slot options gathered into a decode batch)."""
         return RowSampling(**{name: getattr(self, name)[index] for name in _PER_ROW})
 
+    def head(self, rows: int) -> RowSampling:
+        """The first `rows` rows, as views (a decode batch over cache rows 0..rows-1)."""
+        return RowSampling(**{name: getattr(self, name)[:rows] for name in _PER_ROW})
+
+    def columns(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in _PER_ROW}
+
 
 @dataclass(frozen=True)
 class SamplingPlan:

@@ -1,8 +1,12 @@
-"""Admission policy: FIFO into free slots, with a bound on prefill work per step.
+"""Admission policy: FIFO into free rows, with a bound on prefill work per step.
 
 Prefill of a long prompt costs many decode steps' worth of compute; admitting at most
-`max_prefill_tokens` prompt positions per step (but always at least one request when a slot is
+`max_prefill_tokens` prompt positions per step (but always at least one request when a row is
 free) keeps running streams from stalling behind a burst of new requests.
+
+Running requests are kept in cache rows 0..n-1, so a batch is the first rows of every tensor
+(views, not gathers). A request that leaves takes the last request's place in the list; the engine
+then moves that request's cache row into the hole (`compact`).
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.free_slots: list[int] = list(range(max_slots - 1, -1, -1))  # pop() hands out slot 0 first
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
-        """Move waiting requests into free slots, oldest first, within the prefill budget."""
+        """Move waiting requests into the next free rows, oldest first, within the prefill budget.
+
+        Call after `compact`: rows 0..n-1 are taken, so the next request gets row n.
+        """
         admitted: list[Sequence] = []
         budget = self.max_prefill_tokens
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.running) < self.max_slots:
             seq = self.waiting[0]
             if admitted and seq.prompt_len > budget:
                 break
             self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = len(self.running)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.append(seq)
@@ -40,13 +46,26 @@ class Scheduler:
         return admitted
 
     def release(self, seq: Sequence) -> None:
-        """Free a finished or cancelled request's slot at once."""
+        """Free a finished or cancelled request's row at once (the last request moves into it)."""
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            i = self.running.index(seq)
+            last = self.running.pop()
+            if last is not seq:
+                self.running[i] = last
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+
+    def compact(self) -> list[tuple[Sequence, int, int]]:
+        """Give every running request the row of its index; returns the moves (seq, from, to)."""
+        moves = [(seq, seq.slot, i) for i, seq in enumerate(self.running) if seq.slot != i]
+        for seq, _, row in moves:
+            seq.slot = row
+        return moves
+
+    @property
+    def free(self) -> int:
+        return self.max_slots - len(self.running)
 
     @property
     def has_work(self) -> bool:

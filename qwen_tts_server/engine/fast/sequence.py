@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from torch import Tensor
 
@@ -65,6 +66,11 @@ class Sequence:
     finish_reason: FinishReason | None = None
     audio: object = None  # float32 samples once decoded
     error: BaseException | None = None
+    ready: Any = None  # CUDA event recorded at submit: the prompt's tensors are ready on the GPU
+    # time.perf_counter() at submit, admission (prefill) and first frame: where first-frame latency goes.
+    submitted_at: float | None = None
+    admitted_at: float | None = None
+    first_frame_at: float | None = None
 
     @property
     def prompt_len(self) -> int:

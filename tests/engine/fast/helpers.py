@@ -107,7 +107,7 @@ def run_rows(
             text.append(p.trailing[t] if t < p.trailing.shape[0] else p.tts_pad)
         positions = torch.tensor([r.prompt.embeds.shape[0] + step[id(r)] for r in active], device=runner.device)
         kv_len = int(positions.max()) + 1 if exact_kv else None
-        h, lg = runner.decode(slots, embeds + torch.stack(text), positions, kv_len=kv_len)
+        h, lg = runner.decode(embeds + torch.stack(text), positions, slots=slots, kv_len=kv_len)
         for i, r in enumerate(active):
             hidden[id(r)], logits[id(r)] = h[i], lg[i]
             r.logits.append(lg[i])

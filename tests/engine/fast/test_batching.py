@@ -86,10 +86,10 @@ def test_decode_with_padding_rows(load_tts: Callable[[str], Any]) -> None:
     hidden, _ = runner.prefill(1, prompt.embeds)
     L = prompt.embeds.shape[0]
     x = hidden[None] * 0.5
-    solo_h, solo_logits = runner.decode(torch.tensor([1]), x, torch.tensor([L]))
+    solo_h, solo_logits = runner.decode(x, torch.tensor([L]), slots=torch.tensor([1]))
     dummy = 2  # rows 1 and 2 of the padded batch both write the dummy slot
     padded_h, padded_logits = runner.decode(
-        torch.tensor([1, dummy, dummy]), torch.cat([x, torch.randn(2, x.shape[1])]), torch.tensor([L, 0, 0])
+        torch.cat([x, torch.randn(2, x.shape[1])]), torch.tensor([L, 0, 0]), slots=torch.tensor([1, dummy, dummy])
     )
     assert (padded_logits[0] - solo_logits[0]).abs().max().item() < 1e-5
     assert padded_logits[0].argmax() == solo_logits[0].argmax()

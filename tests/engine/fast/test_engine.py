@@ -17,6 +17,7 @@ import torch
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import FastRuntime, resolve_sampling
+from qwen_tts_server.engine.fast.sampler import SamplingPlan
 from qwen_tts_server.engine.fast.sequence import FinishReason, Sequence, SequenceStatus
 from qwen_tts_server.engine.reference import ReferenceRunner
 from qwen_tts_server.engine.registry import LoadedModel, describe
@@ -208,7 +209,9 @@ def test_a_cancelled_request_frees_its_slot_and_the_others_continue_unchanged(lo
     assert victim.audio is None
     newcomer = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[2], GREEDY))
     engine.step()
-    assert newcomer.slot == slot
+    # The last running request moved into the freed row (cache and state with it); the newcomer
+    # took the row after it. Their codes below are still upstream's.
+    assert seqs[2].slot == slot and newcomer.slot == 2
     run_to_end(engine, [seqs[0], seqs[2], newcomer])
     assert torch.equal(codes_of(seqs[0]), expected[3])
     assert torch.equal(codes_of(seqs[2]), expected[0])
@@ -239,7 +242,7 @@ def test_runtime_streams_the_same_frames_it_returns_whole(load_tts):
                 if finished:
                     break
                 await asyncio.sleep(0.01)
-            free = len(runtime.engine.scheduler.free_slots)
+            free = runtime.engine.scheduler.free
             assert finished == [seq] and seq.finish_reason is FinishReason.CANCELLED and seq.num_frames < 400
             # And the asyncio path: cancelling the awaiting task cancels its request.
             task = asyncio.ensure_future(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[3]], long))
@@ -276,3 +279,44 @@ def test_min_frames_holds_eos_back(load_tts):
     run_to_end(engine, [engine.submit(forced)])
     assert forced.num_frames == target  # EOS was sampled earlier without min_frames
     assert torch.equal(codes_of(forced)[: natural.num_frames], codes_of(natural))
+
+
+def test_a_throwaway_frame_under_preserved_rows_changes_nothing(load_tts):
+    """Lazily captured graphs warm up with one real frame over the batch's rows, running requests
+    included; `preserved_rows` must undo every write of it (state and KV at their positions)."""
+    tts = load_tts(CUSTOM)
+    items = custom_items()
+    expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items[:2]]
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    seqs = [engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)) for item in items[:2]]
+    for _ in range(3):
+        engine.step()
+    plans = (SamplingPlan(), SamplingPlan())
+    with engine.preserved_rows(4):
+        out = engine.frame(4, engine.kv_buckets[0], plans)
+    assert out.shape == (4, 17)
+    run_to_end(engine, seqs)
+    for seq, codes in zip(seqs, expected, strict=True):
+        assert torch.equal(codes_of(seq), codes)
+
+
+def test_requests_leaving_in_any_order_keep_their_codes(load_tts):
+    """Rows are compacted whenever a request leaves; four requests of different lengths, one joining
+    late, each still produce upstream's codes."""
+    tts = load_tts(CUSTOM)
+    items = custom_items()
+    lengths = (5, 12, 3, 9)
+    expected = [
+        reference_codes(tts, Mode.CUSTOM_VOICE, [item], dataclasses.replace(GREEDY, max_new_tokens=n + 1))[0]
+        for item, n in zip(items, lengths, strict=True)
+    ]
+    engine = FastEngine(tts, max_slots=3, max_len=512)
+    seqs = []
+    for item, n in zip(items, lengths, strict=True):
+        seq = make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)
+        seq.max_frames = n
+        seqs.append(engine.submit(seq))
+    run_to_end(engine, seqs)
+    for seq, codes in zip(seqs, expected, strict=True):
+        assert torch.equal(codes_of(seq), codes[: seq.num_frames])
+        assert seq.num_frames == min(len(codes), seq.max_frames)

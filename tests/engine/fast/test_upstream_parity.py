@@ -143,10 +143,12 @@ def test_greedy_codes_match_upstream(name: str, load_tts: Callable[[str], Any], 
     assert torch.equal(prompt.trailing, up.trailing[0])
     assert torch.equal(prompt.tts_pad, up.tts_pad.reshape(-1))
 
+    # Codes are upstream's token for token; logits agree to fp32 rounding (fused q/k/v and gate/up
+    # matmuls and the grouped-query attention sum in another order than upstream's modules).
     codes, logits = _run_ours(tts, prompt, exact_kv=True)
     assert torch.equal(codes, up.codes)
     assert len(logits) == len(up.logits)
-    assert all(torch.equal(a, b) for a, b in zip(logits, up.logits, strict=True))
+    assert max((a - b).abs().max().item() for a, b in zip(logits, up.logits, strict=True)) < 1e-4
 
     masked_codes, masked_logits = _run_ours(tts, prompt, exact_kv=False)
     assert torch.equal(masked_codes, up.codes)
