@@ -25,9 +25,15 @@ upstream's loop) masks EOS until row i's call `frames[i]` and forces it there.
 Local smoke test (CPU, tiny configs, ~10 s):
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_engines --tiny --out /tmp/bench
 
-On the lent GPU (repo root as cwd, `.whl` from shared/tools/device-wheels/fetch.sh carried; ~8 min):
-    for g in official common; do pip install -q --no-index --no-deps --target /tmp/site_$g .whl/$g/*.whl; done
-    PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site_official:/tmp/site_common python3 -m bench.bench_engines --out "$OUT"
+The published peer faster-qwen3-tts runs too (`bench.peer_faster`, in a child process on its own
+stack; its rows are named `faster-qwen3-tts`). It serves one request at a time, so it takes ~4 min per
+model; with the reference that is about 9 min per model: on the lent GPU (10 min a command) run one
+size per call, on the same warm machine.
+
+On the lent GPU (repo root as cwd, `.whl` from shared/tools/device-wheels/fetch.sh carried):
+    for g in official common peer; do pip install -q --no-index --no-deps --target /tmp/site_$g .whl/$g/*.whl; done
+    PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site_official:/tmp/site_common \
+        python3 -m bench.bench_engines --sizes 1.7B --budget-s 570 --out "$OUT"
 """
 
 from __future__ import annotations
@@ -40,10 +46,12 @@ import gc
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import random
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -57,8 +65,10 @@ import torch
 from torch import Tensor, nn
 
 from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, row_bytes, slots_for_budget
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
+from qwen_tts_server.engine.fast.sampler import SamplingPlan
 from qwen_tts_server.engine.fast.sequence import Sequence as FastSequence
 from qwen_tts_server.engine.types import SAMPLES_PER_FRAME, Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.testing import tiny_models
@@ -340,6 +350,7 @@ class RunResult:
     ttff_s: list[float]  # per request: submit -> first frame available to the caller
     codes: list[Tensor] | None = None  # [frames, 16] per request, when asked for
     seconds: dict[str, float] | None = None  # fast engine: host seconds per loop part during the run
+    ttff_parts_ms: dict[str, float] | None = None  # fast engine: p95 of each part of the first-frame wait
 
     @property
     def audio_s(self) -> float:
@@ -380,21 +391,30 @@ class _Tracker:
 class FastBench:
     """A started FastEngine plus the per-request options the bench gives it."""
 
-    def __init__(self, tts: Any, *, max_slots: int, max_len: int) -> None:
+    def __init__(self, tts: Any, *, max_slots: int, max_len: int, compile: bool) -> None:
         self.tts = tts
-        self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=2048)
-        # Capture the frame graphs of every batch bucket for the benchmark's sampling up front.
+        self.engine = FastEngine(tts, max_slots=max_slots, max_len=max_len, max_prefill_tokens=2048, compile=compile)
+        # Compile, and capture the frame graphs of every bucket for the benchmark's sampling, up front.
+        t0 = time.perf_counter()
         self.engine.warm_up(resolve_sampling(SamplingParams(seed=0), tts.generate_defaults or {}))
+        self.warm_up_s = time.perf_counter() - t0
         self.engine.start()
 
     eos_method = "fast: SequenceSampling.min_frames = max_frames = target"
 
-    def run(self, requests: Sequence[Request], *, greedy: bool = False, timeout_s: float = 600.0) -> RunResult:
+    def run(
+        self, requests: Sequence[Request], *, greedy: bool = False, graphs: bool = True, timeout_s: float = 600.0
+    ) -> RunResult:
+        """`graphs=False` runs the same engine (same buckets, same state) without replaying graphs."""
         device = self.engine.runner.device
         trackers = [_Tracker() for _ in requests]
         options = SamplingParams(do_sample=False, subtalker_do_sample=False) if greedy else None
         _sync(device)
         before = dict(self.engine.seconds)
+        codec_frames = self.engine.codec_frames
+        saved_graphs = self.engine.graphs
+        if not graphs:
+            self.engine.graphs = None  # read by the engine thread at each step; it is idle now
         t0 = time.perf_counter()
         for i, (request, tracker) in enumerate(zip(requests, trackers, strict=True)):
             tracker.submitted = time.perf_counter()
@@ -408,20 +428,36 @@ class FastBench:
                 on_finish=tracker.on_finish,
             )
             self.engine.submit(seq)
-        for tracker in trackers:
-            if not tracker.done.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0))):
-                raise TimeoutError(f"fast engine: requests unfinished after {timeout_s:.0f} s")
+        try:
+            for tracker in trackers:
+                if not tracker.done.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0))):
+                    raise TimeoutError(f"fast engine: requests unfinished after {timeout_s:.0f} s")
+        finally:
+            self.engine.graphs = saved_graphs
         seqs = [t.seq for t in trackers]
         for seq in seqs:
             if seq is not None and seq.error is not None:
                 raise RuntimeError("fast engine request failed") from seq.error
+
+        def p95_ms(parts: list[float]) -> float:
+            return round(1000 * _p95(parts), 1)
+
+        ttff_parts = {
+            "prompt": p95_ms([s.submitted_at - t.submitted for s, t in zip(seqs, trackers, strict=True)]),
+            "queue": p95_ms([s.admitted_at - s.submitted_at for s in seqs]),
+            "prefill_and_first_step": p95_ms([s.first_frame_at - s.admitted_at for s in seqs]),
+        }
         return RunResult(
+            ttff_parts_ms=ttff_parts,
             wall_s=max(t.finished for t in trackers) - t0,
             frames=[s.num_frames for s in seqs],
             samples=[0 if s.audio is None else int(np.asarray(s.audio).size) for s in seqs],
             ttff_s=[(t.first_frame or t.finished) - t.submitted for t in trackers],
             codes=[torch.stack(s.frames) for s in seqs],
-            seconds={k: round(v - before[k], 2) for k, v in self.engine.seconds.items()},
+            seconds={
+                **{k: round(v - before[k], 2) for k, v in self.engine.seconds.items()},
+                "codec_audio_s": round((self.engine.codec_frames - codec_frames) * FRAME_S, 1),
+            },
         )
 
     def close(self) -> None:
@@ -636,6 +672,37 @@ class Report:
                     f"{c['all_equal_fraction']} | {c['first_cb0_divergence_frame']} | {c['first_divergence_frame']} |"
                 )
             out.append("")
+        if d.get("graph_checks"):
+            out += ["## CUDA graph replay vs. eager (same engine, same seeded requests)", ""]
+            out += ["| model | rows x frames | identical |", "|---|---|---|"]
+            for label, c in d["graph_checks"].items():
+                out.append(f"| {label} | {c['rows']} x {c['frames']} | {c['identical']} |")
+            out.append("")
+        if d.get("fast_engine"):
+            out += ["## Fast engine set-up", "", "| model | max_slots | max_len | compiled | graphs | warm-up s |"]
+            out.append("|---|---|---|---|---|---|")
+            for label, f in d["fast_engine"].items():
+                cells = (f["max_slots"], f["max_len"], f["compiled"], f["graphs"], f["warm_up_s"])
+                out.append(f"| {label} | " + " | ".join(str(c) for c in cells) + " |")
+            out.append("")
+        if d.get("vram"):
+            out += ["## Fast engine GPU memory (GiB) by max_slots", ""]
+            out += ["| model | max_len | weights+codec | MiB per row | max_slots | estimate | allocated | peak |"]
+            out.append("|---|---|---|---|---|---|---|---|")
+            for label, v in d["vram"].items():
+                for r in v["by_max_slots"]:
+                    cells = (r.get("estimate_gib"), r.get("allocated_gib"), r.get("peak_gib", r.get("error")))
+                    out.append(
+                        f"| {label} | {v['max_len']} | {v['weights_and_codec_gib']} | {v['row_mib']} | "
+                        f"{r['max_slots']} | " + " | ".join(_fmt(c) for c in cells) + " |"
+                    )
+            out.append("")
+            autos = ", ".join(f"{label}: {v['auto_max_slots']}" for label, v in d["vram"].items())
+            out += [
+                f"max_slots picked from 90% of this card's memory (less {WORKSPACE_BYTES / 2**30:.0f} GiB "
+                f"workspace): {autos}",
+                "",
+            ]
         skipped = [
             f"{engine}/{label}: {s}"
             for engine, models in d["results"].items()
@@ -752,11 +819,14 @@ def sweep_engine(
         }
         if result.seconds is not None:
             entry["runs"][key]["engine_seconds"] = result.seconds
+        if result.ttff_parts_ms is not None:
+            entry["runs"][key]["ttff_parts_ms_p95"] = result.ttff_parts_ms
         report.log(
             f"{name} {label} {key}: {len(requests)} req, {result.audio_s:.1f} audio s in {result.wall_s:.2f} s "
             f"({result.audio_s / result.wall_s:.2f} audio-s/s, {1000 * result.wall_s / steps:.0f} ms/step, "
             f"ttff p95 {1000 * _p95(result.ttff_s):.0f} ms, exact={exact})"
             + (f" engine seconds {result.seconds}" if result.seconds else "")
+            + (f" ttff parts p95 ms {result.ttff_parts_ms}" if result.ttff_parts_ms else "")
         )
         return result
 
@@ -784,6 +854,118 @@ def sweep_engine(
         entry["peak_gib"] = _peak_gib(device)
         report.save()
     entry["peak_gib"] = _peak_gib(device)
+    report.save()
+
+
+PEER = "faster-qwen3-tts"
+
+
+def run_peer(size: Size, args: argparse.Namespace, plan: Plan, report: Report, budget: Budget) -> None:
+    """The published peer on the same card, same request lists, in its own process: it needs
+    transformers 5 (the image's) and its own fork of qwen-tts, which cannot share our process with
+    the official qwen-tts 0.1.1. Its rows join this report under the engine name `faster-qwen3-tts`."""
+    label = MODEL_LABELS[size]
+    limit = min(args.peer_budget_s, budget.left_s - args.peer_reserve_s)
+    if limit < 60:
+        report.entry(PEER, label)["skipped"].append(f"all: {limit:.0f} s left for the peer")
+        report.log(f"{PEER} {label}: skipped ({limit:.0f} s left for it)")
+        return
+    with tempfile.TemporaryDirectory(prefix="qtts-peer-") as tmp:
+        out = Path(tmp) / "peer.json"
+        command = [args.peer_python, "-m", "bench.peer_faster", "--sizes", size, "--out", str(out)]
+        command += ["--tiny"] if size == "tiny" else []
+        command += ["--single-frames", str(plan.frames_single), "--low", str(plan.frames_min)]
+        command += ["--high", str(plan.frames_max), "--concurrency", ",".join(str(c) for c in plan.concurrency)]
+        command += ["--budget-s", f"{limit:.0f}", "--device", args.device]
+        env = dict(os.environ, PYTHONPATH=args.peer_pythonpath)
+        report.log(f"{PEER} {label}: {shlex.join(command)} (PYTHONPATH={args.peer_pythonpath})")
+        try:
+            done = subprocess.run(command, env=env, timeout=limit + 60, check=False)
+            data = json.loads(out.read_text())
+        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+            report.entry(PEER, label)["errors"]["all"] = f"{type(exc).__name__}: {exc}"[:500]
+            report.log(f"{PEER} {label}: FAILED {type(exc).__name__}: {exc}")
+            report.save()
+            return
+    report.data["results"].setdefault(PEER, {}).update(data["results"].get(PEER, {}))
+    report.data.setdefault("peer", {})[label] = {
+        "returncode": done.returncode,
+        "versions": data.get("versions"),
+        "settings": data.get("settings"),
+        "models": data.get("models"),
+    }
+    for note in data.get("notes", []):
+        report.note_once(f"{PEER}: {note}")
+    report.save()
+
+
+def vram_report(
+    tts: Any, label: str, slot_counts: list[int], max_len: int, report: Report, device: torch.device
+) -> None:
+    """GPU memory of the fast engine at several max_slots: what it allocates (weights, codec, KV
+    cache and row state) against the planner's estimate, and the peak through a packed prefill and
+    one eager full-batch frame reading the whole KV length. Graph pools and compile are not in it."""
+    gib = 2**30
+    gc.collect()
+    torch.cuda.empty_cache()
+    weights = torch.cuda.memory_allocated(device)
+    per_row = row_bytes(tts, max_len)
+    total = torch.cuda.get_device_properties(device).total_memory
+    rows: list[dict[str, Any]] = []
+    for count in slot_counts:
+        entry: dict[str, Any] = {"max_slots": count, "estimate_gib": round((weights + count * per_row) / gib, 2)}
+        engine = None
+        try:
+            _peak_reset(device)
+            engine = FastEngine(tts, max_slots=count, max_len=max_len, cuda_graphs=False)
+            entry["allocated_gib"] = round(torch.cuda.memory_allocated(device) / gib, 2)
+            sampling = resolve_sampling(SamplingParams(seed=0), tts.generate_defaults or {})
+            sampling = dataclasses.replace(sampling, min_frames=100)  # nobody leaves before all are in
+            for i in range(count):
+                prompt = prompt_for_item(tts, Mode.CUSTOM_VOICE, make_request(i, 100).item)
+                engine.submit(FastSequence(prompt=prompt, sampling=sampling, max_frames=100))
+            for _ in range(count):
+                if len(engine.scheduler.running) == count:
+                    break
+                engine.step()
+            plans = (SamplingPlan(), SamplingPlan())
+            with torch.inference_mode(), engine.preserved_rows(count):
+                engine.frame(count, max_len, plans)
+            _sync(device)
+            entry["peak_gib"] = _peak_gib(device)
+        except torch.cuda.OutOfMemoryError:
+            entry["error"] = "out of memory"
+        finally:
+            if engine is not None:
+                engine.stop()
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(entry)
+        report.log(f"vram {label} max_slots {count}: {entry}")
+    available = int(0.9 * total) - weights - WORKSPACE_BYTES
+    auto = slots_for_budget(per_row, available) if available >= per_row else 0
+    report.data.setdefault("vram", {})[label] = {
+        "max_len": max_len,
+        "weights_and_codec_gib": round(weights / gib, 2),
+        "row_mib": round(per_row / 2**20, 1),
+        "card_gib": round(total / gib, 1),
+        "auto_max_slots": auto,
+        "by_max_slots": rows,
+    }
+    report.save()
+
+
+def graph_check(fast: FastBench, plan: Plan, label: str, report: Report) -> None:
+    """Graph replay equals eager: the same seeded (sampling) requests through the same engine, with
+    and without its CUDA graphs, must give identical codes."""
+    requests = plan.check_requests
+    eager = fast.run(requests, graphs=False)
+    replayed = fast.run(requests, graphs=True)
+    result = {"rows": len(requests), "frames": plan.check_frames, "sampling": "seeded"}
+    result |= compare_codes(replayed.codes or [], eager.codes or [])
+    report.data.setdefault("graph_checks", {})[label] = result
+    report.log(f"graph replay vs eager {label}: identical={result['identical']}")
     report.save()
 
 
@@ -838,14 +1020,30 @@ def bench_size(size: Size, args: argparse.Namespace, plan: Plan, report: Report,
         report.log(f"codec warm-up over {len({r.frames for r in requests})} lengths: {seconds:.1f} s")
 
     check: dict[str, list[Tensor]] = {}
+    if PEER in args.engines:
+        run_peer(size, args, plan, report, budget)
     if "fast" in args.engines:
         longest = max(int(prompt_for_item(tts, Mode.CUSTOM_VOICE, r.item).embeds.shape[0]) for r in requests)
-        max_len = 64 * math.ceil((longest + max(r.frames for r in requests) + 16) / 64)
+        max_len = args.max_len or 64 * math.ceil((longest + max(r.frames for r in requests) + 16) / 64)
         max_slots = max([1, plan.check_rows, *plan.concurrency])
-        fast = FastBench(tts, max_slots=max_slots, max_len=max_len)
+        compile = args.compile and device.type == "cuda"
+        fast = FastBench(tts, max_slots=max_slots, max_len=max_len, compile=compile)
         report.note_once(f"EOS method: {fast.eos_method}; reference: ExactLengths hook on talker.codec_head.")
-        report.log(f"fast engine: max_slots {max_slots}, max_len {max_len} (longest prompt {longest})")
+        graphs = len(fast.engine.graphs or ())
+        report.log(
+            f"fast engine: max_slots {max_slots}, max_len {max_len} (longest prompt {longest}), compiled "
+            f"{fast.engine.runner.compiled}, {graphs} graphs captured, warm-up {fast.warm_up_s:.1f} s"
+        )
+        report.data.setdefault("fast_engine", {})[label] = {
+            "max_slots": max_slots,
+            "max_len": max_len,
+            "compiled": fast.engine.runner.compiled,
+            "graphs": graphs,
+            "warm_up_s": round(fast.warm_up_s, 1),
+        }
         try:
+            if graphs and plan.check_rows:
+                graph_check(fast, plan, label, report)
             sweep_engine(
                 "fast", lambda reqs, greedy: fast.run(reqs, greedy=greedy), label, plan, report, budget, device, check
             )
@@ -866,6 +1064,8 @@ def bench_size(size: Size, args: argparse.Namespace, plan: Plan, report: Report,
             device,
             check,
         )
+    if args.vram and device.type == "cuda" and budget.allows(30.0):
+        vram_report(tts, label, args.vram, args.max_len or 4096, report, device)
     if "fast" in check and "reference" in check:
         result = {
             "rows": plan.check_rows,
@@ -881,7 +1081,15 @@ def bench_size(size: Size, args: argparse.Namespace, plan: Plan, report: Report,
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default=None, help="comma list of 1.7B,0.6B (default both; --tiny: tiny)")
-    p.add_argument("--engines", default="reference,fast", help="comma list of reference,fast")
+    p.add_argument("--engines", default=None, help=f"comma list of reference,fast,{PEER} (--tiny: no {PEER})")
+    p.add_argument(
+        "--peer-pythonpath",
+        default=".:/tmp/site_peer:/tmp/site_common",
+        help=f"PYTHONPATH of the {PEER} process (its wheels, see the module docstring)",
+    )
+    p.add_argument("--peer-python", default=sys.executable, help=f"python of the {PEER} process")
+    p.add_argument("--peer-budget-s", type=float, default=240.0, help=f"most seconds for {PEER} per model")
+    p.add_argument("--peer-reserve-s", type=float, default=240.0, help="seconds the peer leaves for the others")
     p.add_argument("--concurrency", default=None, help="comma list (default 8,32,64; --tiny: 2,4)")
     p.add_argument("--frames-single", type=int, default=None, help="single-stream frames (default 100; --tiny: 12)")
     p.add_argument("--frames-min", type=int, default=None, help="shortest mixed request (default 50; --tiny: 6)")
@@ -890,6 +1098,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-frames", type=int, default=None, help="greedy parity frames (default 40; --tiny: 10)")
     p.add_argument("--budget-s", type=float, default=None, help="wall budget from start (default 460; --tiny: 100)")
     p.add_argument("--tiny", action="store_true", help="tiny configs and counts: a CPU smoke test")
+    p.add_argument("--max-len", type=int, default=None, help="fast engine KV length (default: the longest request)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="fast engine without torch.compile")
+    p.add_argument("--vram", default=None, help="comma list of max_slots for the VRAM report (default 1,32,64,128)")
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default bfloat16 on cuda, else float32)")
     p.add_argument("--out", default=None, help="write DIR/<date>-<card>.json and .md")
@@ -905,6 +1116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "check_frames": 10 if tiny else 40,
         "budget_s": 100.0 if tiny else 460.0,
         "device": "cuda" if torch.cuda.is_available() and not tiny else "cpu",
+        "vram": "" if tiny else "1,32,64,128",
+        "engines": "reference,fast" if tiny else f"reference,fast,{PEER}",  # the peer needs CUDA
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -913,9 +1126,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown := set(args.sizes) - set(MODEL_LABELS):
         p.error(f"unknown sizes {sorted(unknown)}")
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if unknown := set(args.engines) - {"reference", "fast"}:
+    if unknown := set(args.engines) - {"reference", "fast", PEER}:
         p.error(f"unknown engines {sorted(unknown)}")
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.vram = [int(c) for c in args.vram.split(",") if c.strip()]
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.dtype = getattr(torch, args.dtype)

@@ -1,12 +1,13 @@
 """Where a fast-engine step's time goes, and how close its logits are to upstream's in bf16.
 
-Builds a full-size random model (as bench_engines does), fills B slots, times the parts of a
-decode step with CUDA syncs between them, prints torch.profiler's top ops for the largest B, and
-compares our prefill logits with upstream's talker forward on the same prompt (teacher-forced, so
-the difference is numerics only, not diverging samples).
+Builds a full-size random model (as bench_engines does), fills B rows, times the parts of an
+eager decode step with CUDA syncs between them, times whole steps with CUDA graphs (with and
+without torch.compile), prints torch.profiler's top ops for the largest B, checks that graph
+replay gives the same codes as eager, and compares our prefill logits with upstream's talker
+forward on the same prompt (teacher-forced, so the difference is numerics only).
 
-    python -m bench.profile_step --size 1.7B --batches 1,8,64          # on the GPU
-    python -m bench.profile_step --size tiny --batches 1,2 --device cpu  # smoke test
+    python -m bench.profile_step --size 1.7B --batches 1,8,64 --compile both   # on the GPU
+    python -m bench.profile_step --size tiny --batches 1,2 --device cpu          # smoke test
 """
 
 from __future__ import annotations
@@ -51,25 +52,26 @@ def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
     device = engine.runner.device
     totals = {"predict_codes": 0.0, "decode": 0.0, "sample_talker": 0.0, "step_total": 0.0}
     runner, sampler = engine.runner, engine.sampler
-    running = list(engine.scheduler.running)
-    slots = torch.tensor([s.slot for s in running], device=device)
+    n = len(engine.scheduler.running)  # running requests hold rows 0..n-1
     with torch.inference_mode():
         for _ in range(steps):
-            step = engine.frame_index[slots]
-            sub = engine.sub_params.select(slots)
+            step = engine.frame_index[:n].clone()
+            sub = engine.sub_params.head(n)
             _sync(device)
             t0 = time.perf_counter()
             codes, embedded = runner.predict_codes(
-                engine.hidden[slots],
-                engine.code0[slots],
+                engine.hidden[:n].clone(),
+                engine.code0[:n].clone(),
                 lambda cb, lg, sub=sub, step=step: sampler.code_predictor(lg, sub, step, cb),
             )
             _sync(device)
             t1 = time.perf_counter()
-            hidden, logits = runner.decode(slots, embedded, engine.position[slots])
+            kv_len = next(k for k in engine.kv_buckets if k > int(engine.position[:n].max()))
+            with engine.preserved_rows(n):  # the real step below writes the same positions
+                hidden, logits = runner.decode(embedded, engine.position[:n].clone(), kv_len=kv_len)
             _sync(device)
             t2 = time.perf_counter()
-            sampler.talker(logits, engine.talker_params.select(slots), engine.seen[slots], step + 1)
+            sampler.talker(logits, engine.talker_params.head(n), engine.seen[:n], step + 1)
             _sync(device)
             t3 = time.perf_counter()
             engine.step()
@@ -120,12 +122,17 @@ def prefill_parity(tts: Any) -> dict[str, float]:
     }
 
 
-def graph_parity(tts: Any, batch: int, frames: int) -> dict[str, Any]:
+def default_sampling(tts: Any) -> Any:
+    return resolve_sampling(SamplingParams(seed=0), tts.generate_defaults)
+
+
+def graph_parity(tts: Any, batch: int, frames: int, compile: bool) -> dict[str, Any]:
     """The same seeded requests through CUDA-graph replay and eager: codes must be identical."""
     codes = {}
     timing = {}
     for graphs in (False, True):
-        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=graphs)
+        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=graphs, compile=compile)
+        engine.warm_up(default_sampling(tts))
         seqs = fill(engine, tts, batch, frames)
         _sync(engine.runner.device)
         t0 = time.perf_counter()
@@ -135,7 +142,33 @@ def graph_parity(tts: Any, batch: int, frames: int) -> dict[str, Any]:
         timing["graphs" if graphs else "eager"] = round(1000 * (time.perf_counter() - t0) / (frames - 1), 2)
         codes[graphs] = [torch.stack(s.frames) for s in seqs]
     equal = all(torch.equal(a, b) for a, b in zip(codes[False], codes[True], strict=True))
-    return {"batch": batch, "frames": frames, "identical": equal, "ms_per_step_incl_capture": timing}
+    return {"batch": batch, "frames": frames, "compile": compile, "identical": equal, "ms_per_step": timing}
+
+
+def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int) -> dict[str, Any]:
+    """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs)."""
+    engine = FastEngine(tts, max_slots=batch, max_len=max_len, compile=compile)
+    t0 = time.perf_counter()
+    engine.warm_up(default_sampling(tts))
+    warm_s = time.perf_counter() - t0
+    fill(engine, tts, batch, steps + 20)
+    for _ in range(3):
+        engine.step()
+    _sync(engine.runner.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync(engine.runner.device)
+    ms = 1000 * (time.perf_counter() - t0) / steps
+    return {
+        "batch": batch,
+        "compile": engine.runner.compiled,
+        "graphs": len(engine.graphs or ()),
+        "warm_up_s": round(warm_s, 1),
+        "ms_per_step": round(ms, 2),
+        "x_real_time_per_stream": round(80 / ms, 2),
+        "audio_s_per_s": round(batch * 0.08 / (ms / 1000), 1),
+    }
 
 
 def main() -> None:
@@ -145,19 +178,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--graphs", action="store_true", help="time steps with CUDA graphs (default eager)")
+    parser.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile for graphs")
+    parser.add_argument("--max-len", type=int, default=1024, help="KV length of the graph-timing engines")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tts = build_model(args.size, device=device, dtype=dtype)
     print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
-    if device.type == "cuda":
-        for batch in (1, 8):
-            print(json.dumps({"graph_parity": graph_parity(tts, batch, 24)}), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
+    if device.type == "cuda":
+        compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+        for compile in compiles:
+            print(json.dumps({"graph_parity": graph_parity(tts, 8, 24, compile)}), flush=True)
+            for batch in batches:
+                steps = graph_steps(tts, batch, 3 * args.steps, compile=compile, max_len=args.max_len)
+                print(json.dumps({"graph_steps": steps}), flush=True)
     frames = 3 * args.steps + 10
     for batch in batches:
-        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=args.graphs)
+        engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=False)
         fill(engine, tts, batch, frames)
         for _ in range(3):
             engine.step()  # warm
