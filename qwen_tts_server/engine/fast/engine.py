@@ -75,6 +75,8 @@ class FastEngine:
         self.tts = tts
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
         self.sampler = Sampler.for_model(tts)
+        if compile:
+            self.sampler.enable_compile()
         self.scheduler = Scheduler(max_slots, max_prefill_tokens)
         self.max_len = max_len
         self.codec = CodecDecoder(
@@ -153,10 +155,15 @@ class FastEngine:
                 width = self.hidden.shape[-1]
                 for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
                     prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
-                    self.runner.prefill_many(list(range(len(prompts))), prompts)
+                    _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
+                    idx = torch.arange(len(prompts), device=self.device)  # as `_prefill` samples: gathered rows
+                    zero = torch.zeros_like(idx)
+                    params, seen, floor = self.talker_params.select(idx), self.seen[idx], self.min_frames[idx]
+                    self.sampler.talker(logits, params, seen, zero, plans[0], floor)
             except Exception:
                 log.exception("torch.compile failed; the fast engine continues without it")
                 self.runner.disable_compile()
+                self.sampler.disable_compile()
         try:
             self.codec.warm_up()
         except RuntimeError:

@@ -15,7 +15,7 @@ sampled output differs from upstream's under the same `torch.manual_seed` (greed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +142,7 @@ def _mix32(h: Tensor) -> Tensor:
     return h ^ (h >> 15)
 
 
-def row_keys(seed: Tensor, step: Tensor, codebook: int) -> Tensor:
+def row_keys(seed: Tensor, step: Tensor, codebook: int | Tensor) -> Tensor:
     """One well-mixed 32-bit key [B] per (seed, step, codebook)."""
     seed = seed.to(torch.int64)
     key = _mix32((step.to(torch.int64) * 16 + codebook + 0x3C6EF372) & _MASK32)
@@ -158,6 +158,8 @@ def uniform_noise(keys: Tensor, ids: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ HF-equivalent processors
+# The public functions take RowSampling / SamplingPlan; the `_` versions take plain tensors and
+# Python scalars, the shape torch.compile handles best (Sampler.enable_compile).
 
 
 def apply_repetition_penalty(scores: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -174,33 +176,80 @@ def top_k_top_p(scores: Tensor, params: RowSampling, plan: SamplingPlan = GENERI
     filtered entries at -inf. Rows with k=0 or p>=1.0 are not filtered by that warper, as HF adds
     none for them.
     """
+    return _top_k_top_p(scores, params.top_k, params.top_p, plan.candidates, plan.any_top_p)
+
+
+def _top_k_top_p(
+    scores: Tensor, top_k: Tensor, top_p: Tensor, candidates: int, any_top_p: bool
+) -> tuple[Tensor, Tensor]:
     vocab = scores.shape[-1]
-    n = vocab if plan.candidates <= 0 else min(plan.candidates, vocab)
+    n = vocab if candidates <= 0 else min(candidates, vocab)
     values, ids = scores.topk(n, dim=-1)  # descending
-    k = torch.where(params.top_k > 0, params.top_k.clamp(max=n), n)
+    k = torch.where(top_k > 0, top_k.clamp(max=n), n)
     values = values.masked_fill(values < values.gather(1, (k - 1)[:, None]), _NEG_INF)
-    if plan.any_top_p:
+    if any_top_p:
         # HF sorts ascending and drops the low tail whose cumulative mass is <= 1 - top_p.
         ascending = values.flip(-1)
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        remove = (cumulative <= (1 - params.top_p).to(cumulative.dtype)[:, None]) & (params.top_p < 1.0)[:, None]
+        remove = (cumulative <= (1 - top_p).to(cumulative.dtype)[:, None]) & (top_p < 1.0)[:, None]
         remove[:, -1] = False
         values = values.masked_fill(remove.flip(-1), _NEG_INF)
     return values, ids
 
 
 def choose(
-    scores: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
+    scores: Tensor, params: RowSampling, step: Tensor, codebook: int | Tensor, plan: SamplingPlan = GENERIC_PLAN
 ) -> Tensor:
     """Greedy argmax for rows without sampling; Gumbel-max over the warped candidates otherwise."""
+    return _choose(scores, *_columns(params), step, codebook, *_flags(plan))
+
+
+def _choose(
+    scores: Tensor,
+    do_sample: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    codebook: int | Tensor,
+    any_sample: bool,
+    candidates: int,
+    any_top_p: bool,
+) -> Tensor:
     greedy = scores.argmax(dim=-1)
-    if not plan.any_sample:
+    if not any_sample:
         return greedy
-    temperature = torch.where(params.do_sample, params.temperature, torch.ones_like(params.temperature))
-    values, ids = top_k_top_p(scores / temperature[:, None], params, plan)
-    gumbel = -torch.log(-torch.log(uniform_noise(row_keys(params.seed, step, codebook), ids)))
+    temperature = torch.where(do_sample, temperature, torch.ones_like(temperature))
+    values, ids = _top_k_top_p(scores / temperature[:, None], top_k, top_p, candidates, any_top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(row_keys(seed, step, codebook), ids)))
     sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where(params.do_sample, sampled, greedy)
+    return torch.where(do_sample, sampled, greedy)
+
+
+def _talker_choose(
+    logits: Tensor,
+    seen: Tensor,
+    penalty: Tensor,
+    step: Tensor,
+    floor: Tensor,
+    suppress: Tensor,
+    is_eos: Tensor,
+    *choice: Any,
+) -> Tensor:
+    """Repetition penalty, suppressed ids, EOS blocked while `step` < `floor`, then `_choose`."""
+    scores = apply_repetition_penalty(logits.float(), seen, penalty)
+    block_eos = (step < floor)[:, None] & is_eos[None, :]
+    scores = scores.masked_fill(suppress[None, :] | block_eos, _NEG_INF)
+    return _choose(scores, *choice[:5], step, *choice[5:])
+
+
+def _columns(params: RowSampling) -> tuple[Tensor, ...]:
+    return params.do_sample, params.temperature, params.top_k, params.top_p, params.seed
+
+
+def _flags(plan: SamplingPlan) -> tuple[bool, int, bool]:
+    return plan.any_sample, plan.candidates, plan.any_top_p
 
 
 class Sampler:
@@ -217,12 +266,24 @@ class Sampler:
         ids = torch.arange(vocab_size, device=device)
         self.suppress = (ids >= vocab_size - 1024) & (ids != eos_id)
         self.is_eos = ids == eos_id
+        # Codebook numbers as device scalars: a compiled sampler then serves all 16 with one graph.
+        self.codebooks = list(torch.arange(16, device=device))
+        self._choose: Callable[..., Tensor] = _choose
+        self._talker_choose: Callable[..., Tensor] = _talker_choose
 
     @classmethod
     def for_model(cls, tts: Any) -> Sampler:
         """Rules of a `qwen_tts.Qwen3TTSModel`, on its device."""
         tcfg = tts.model.config.talker_config
         return cls(tcfg.vocab_size, tcfg.codec_eos_token_id, device=tts.model.talker.codec_head.weight.device)
+
+    def enable_compile(self) -> None:
+        """Fuse the ~60 small kernels of each codebook's sampling (hashing, top-k mask, Gumbel-max)."""
+        self._choose = torch.compile(_choose)
+        self._talker_choose = torch.compile(_talker_choose)
+
+    def disable_compile(self) -> None:
+        self._choose, self._talker_choose = _choose, _talker_choose
 
     def talker(
         self,
@@ -237,19 +298,18 @@ class Sampler:
 
         EOS is blocked while `step` < max(min_new_tokens, the row's `min_frames` [B]).
         """
-        scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
         floor = step.new_full(step.shape, self.min_new_tokens)
         if min_frames is not None:
             floor = torch.maximum(floor, min_frames)
-        block_eos = (step < floor)[:, None] & self.is_eos[None, :]
-        scores = scores.masked_fill(self.suppress[None, :] | block_eos, _NEG_INF)
-        return choose(scores, params, step, 0, plan)
+        penalty = params.repetition_penalty
+        choice = (*_columns(params), self.codebooks[0], *_flags(plan))
+        return self._talker_choose(logits, seen, penalty, step, floor, self.suppress, self.is_eos, *choice)
 
     def code_predictor(
         self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
     ) -> Tensor:
         """Codebook `codebook` (1..15) for B rows with the subtalker options."""
-        return choose(logits.float(), params, step, codebook, plan)
+        return self._choose(logits.float(), *_columns(params), step, self.codebooks[codebook], *_flags(plan))
 
 
 def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
