@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import queue
 import random
 import re
 import shlex
@@ -377,6 +378,7 @@ class _Tracker:
         self.finished = 0.0
         self.done = threading.Event()
         self.seq: FastSequence | None = None
+        self.done_hook: Callable[[], None] | None = None
 
     def on_frame(self, _seq: FastSequence, _frame: Tensor) -> None:
         if self.first_frame is None:
@@ -386,6 +388,8 @@ class _Tracker:
         self.seq = seq
         self.finished = time.perf_counter()
         self.done.set()
+        if self.done_hook is not None:
+            self.done_hook()
 
 
 class FastBench:
@@ -417,17 +421,7 @@ class FastBench:
             self.engine.graphs = None  # read by the engine thread at each step; it is idle now
         t0 = time.perf_counter()
         for i, (request, tracker) in enumerate(zip(requests, trackers, strict=True)):
-            tracker.submitted = time.perf_counter()
-            sampling = resolve_sampling(options or SamplingParams(seed=1000 + i), self.tts.generate_defaults or {})
-            sampling = dataclasses.replace(sampling, min_frames=request.frames)
-            seq = FastSequence(
-                prompt=prompt_for_item(self.tts, Mode.CUSTOM_VOICE, request.item),
-                sampling=sampling,
-                max_frames=request.frames,
-                on_frame=tracker.on_frame,
-                on_finish=tracker.on_finish,
-            )
-            self.engine.submit(seq)
+            self._submit(i, request, tracker, options)
         try:
             for tracker in trackers:
                 if not tracker.done.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0))):
@@ -459,6 +453,55 @@ class FastBench:
                 "codec_audio_s": round((self.engine.codec_frames - codec_frames) * FRAME_S, 1),
             },
         )
+
+    def _submit(self, i: int, request: Request, tracker: _Tracker, options: SamplingParams | None) -> None:
+        tracker.submitted = time.perf_counter()
+        sampling = resolve_sampling(options or SamplingParams(seed=1000 + i), self.tts.generate_defaults or {})
+        sampling = dataclasses.replace(sampling, min_frames=request.frames)
+        seq = FastSequence(
+            prompt=prompt_for_item(self.tts, Mode.CUSTOM_VOICE, request.item),
+            sampling=sampling,
+            max_frames=request.frames,
+            on_frame=tracker.on_frame,
+            on_finish=tracker.on_finish,
+        )
+        self.engine.submit(seq)
+
+    def run_sustained(self, requests: Sequence[Request], clients: int, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Closed loop: `clients` requests in flight at all times (each finish submits the next one).
+
+        Unlike `run`, whose batch drains to one request at the end, this measures the rate a server
+        sustains at that concurrency: audio of the requests that finished between the first finish
+        and the last submission, over that interval (end to end: decoded audio).
+        """
+        trackers = [_Tracker() for _ in requests]
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i, tracker in enumerate(trackers):
+            tracker.done_hook = lambda i=i: finished.put(i)
+        t0 = time.perf_counter()
+        submitted = 0
+        for _ in range(min(clients, len(requests))):
+            self._submit(submitted, requests[submitted], trackers[submitted], None)
+            submitted += 1
+        last_submit = time.perf_counter()
+        for _ in range(len(requests)):
+            finished.get(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+            if submitted < len(requests):
+                self._submit(submitted, requests[submitted], trackers[submitted], None)
+                submitted += 1
+                last_submit = time.perf_counter()
+        first_finish = min(t.finished for t in trackers)
+        window = [t for t in trackers if first_finish <= t.finished <= last_submit and t.seq is not None]
+        audio_s = sum(0 if t.seq.audio is None else np.asarray(t.seq.audio).size for t in window) / SAMPLE_RATE
+        return {
+            "clients": clients,
+            "requests": len(requests),
+            "wall_s": round(max(t.finished for t in trackers) - t0, 2),
+            "window_s": round(last_submit - first_finish, 2),
+            "window_requests": len(window),
+            "audio_s_per_s": round(audio_s / max(last_submit - first_finish, 1e-9), 1),
+            "ttff_ms_p95": round(1000 * _p95([(t.first_frame or t.finished) - t.submitted for t in trackers]), 1),
+        }
 
     def close(self) -> None:
         self.engine.stop()
@@ -671,6 +714,14 @@ class Report:
                     f"| {label} | {c['rows']} x {c['frames']} | {c['cb0_equal_fraction']} | "
                     f"{c['all_equal_fraction']} | {c['first_cb0_divergence_frame']} | {c['first_divergence_frame']} |"
                 )
+            out.append("")
+        sustained = {label: r["sustained"] for label, r in d["results"].get("fast", {}).items() if r.get("sustained")}
+        if sustained:
+            out += ["## Fast engine, sustained concurrency (closed loop: each finish submits the next request)", ""]
+            out += ["| model | clients | requests | window s | audio-s/s | ttff p95 ms |", "|---|---|---|---|---|---|"]
+            for label, r in sustained.items():
+                cells = (r["clients"], r["requests"], r["window_s"], r["audio_s_per_s"], r["ttff_ms_p95"])
+                out.append(f"| {label} | " + " | ".join(str(c) for c in cells) + " |")
             out.append("")
         if d.get("graph_checks"):
             out += ["## CUDA graph replay vs. eager (same engine, same seeded requests)", ""]
@@ -956,6 +1007,23 @@ def vram_report(
     report.save()
 
 
+def sustained(fast: FastBench, label: str, plan: Plan, report: Report, budget: Budget) -> None:
+    """The fast engine at its largest concurrency as a closed loop (4x that many requests)."""
+    clients = max(plan.concurrency, default=0)
+    step_s = budget.step_s.get("fast")
+    if not clients or step_s is None or not budget.allows(4 * plan.frames_max * step_s * 1.6 + 10):
+        return
+    requests = mixed_requests(4 * clients, plan.frames_min, plan.frames_max)
+    try:
+        result = fast.run_sustained(requests, clients)
+    except Exception as exc:
+        report.entry("fast", label)["errors"]["sustained"] = f"{type(exc).__name__}: {exc}"[:500]
+        return
+    report.entry("fast", label)["sustained"] = result
+    report.log(f"fast {label} sustained c{clients}: {result}")
+    report.save()
+
+
 def graph_check(fast: FastBench, plan: Plan, label: str, report: Report) -> None:
     """Graph replay equals eager: the same seeded (sampling) requests through the same engine, with
     and without its CUDA graphs, must give identical codes."""
@@ -1047,6 +1115,7 @@ def bench_size(size: Size, args: argparse.Namespace, plan: Plan, report: Report,
             sweep_engine(
                 "fast", lambda reqs, greedy: fast.run(reqs, greedy=greedy), label, plan, report, budget, device, check
             )
+            sustained(fast, label, plan, report, budget)
         finally:
             fast.close()
             del fast

@@ -146,20 +146,12 @@ class FastEngine:
             SamplingPlan.of([s.subtalker_do_sample], [s.subtalker_top_k], [s.subtalker_top_p]),
         )
         if self.runner.compiled:
+            # Greedy requests take another sampling path: compile it now as well, or the first
+            # greedy request would stall every stream for the seconds a compile takes. (Graphs for
+            # other plans are captured when first needed: a fraction of a second.)
+            greedy = SamplingPlan.of([False], [0], [1.0])
             try:
-                with self.preserved_rows(self.buckets[-1]):
-                    for size in self.buckets[:2]:  # the first recompile makes the batch dimension dynamic
-                        self.frame(size, self.kv_buckets[0], plans)
-                # Packed prefill too (the sequence length becomes dynamic), not on the first request.
-                # It writes KV into rows 0-1: warm_up runs before any request is admitted.
-                width = self.hidden.shape[-1]
-                for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
-                    prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
-                    _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
-                    idx = torch.arange(len(prompts), device=self.device)  # as `_prefill` samples: gathered rows
-                    zero = torch.zeros_like(idx)
-                    params, seen, floor = self.talker_params.select(idx), self.seen[idx], self.min_frames[idx]
-                    self.sampler.talker(logits, params, seen, zero, plans[0], floor)
+                self._compile_warm_up([plans, (greedy, greedy)])
             except Exception:
                 log.exception("torch.compile failed; the fast engine continues without it")
                 self.runner.disable_compile()
@@ -175,6 +167,23 @@ class FastEngine:
             self.graphs.capture_all(plans)
         except RuntimeError:
             self._drop_graphs()
+
+    def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
+        """Run every compiled path once per sampling variant, at two batch sizes (the first
+        recompile makes the batch dimension dynamic) and for packed prefill (the sequence length
+        too), so no request ever waits for a compile. Prefill writes KV into rows 0-1: warm_up runs
+        before any request is admitted."""
+        width = self.hidden.shape[-1]
+        for plans in variants:
+            with self.preserved_rows(self.buckets[-1]):
+                for size in self.buckets[:2]:
+                    self.frame(size, self.kv_buckets[0], plans)
+            for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
+                prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
+                _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
+                idx = torch.arange(len(prompts), device=self.device)  # as `_prefill` samples: gathered rows
+                params, seen, floor = self.talker_params.select(idx), self.seen[idx], self.min_frames[idx]
+                self.sampler.talker(logits, params, seen, torch.zeros_like(idx), plans[0], floor)
 
     def _drop_graphs(self) -> None:
         """A frame that cannot be captured still runs: fall back to eager for good, and say so."""
