@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
+    admit_wait_ms: float = Field(
+        40.0,
+        ge=0,
+        description="Fast engine: while others run, a new request waits up to this long to be prefilled with "
+        "the next arrivals (one prefill per step would halve throughput under steady load).",
+    )
+    codec_wait_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Fast engine: while others run, a finished request waits up to this long for others to be "
+        "decoded to audio with (the codec is several times more efficient eight at a time).",
+    )
     max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")
     batch_window_ms: float = Field(
         15.0, ge=0, description="Reference engine: how long to wait for other requests to merge."

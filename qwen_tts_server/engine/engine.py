@@ -118,6 +118,8 @@ class TTSEngine:
                     max_slots=s.max_slots or self._auto_slots(model),
                     max_len=s.max_context,
                     max_prefill_tokens=s.max_prefill_tokens,
+                    admit_wait_s=s.admit_wait_ms / 1000,
+                    codec_wait_s=s.codec_wait_ms / 1000,
                     compile=s.compile,
                 )
             except Exception as exc:  # e.g. out of memory for the KV cache

@@ -45,6 +45,7 @@ KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 # switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
 # it that long each time: up to +5 ms a step.
 GIL_SWITCH_INTERVAL_S = 0.0005
+CODEC_GATHER = 8  # finished requests the codec thread waits for (at most codec_wait_s) under load
 
 
 def kv_buckets(max_len: int) -> list[int]:
@@ -68,17 +69,20 @@ class FastEngine:
         max_slots: int = 16,
         max_len: int = 4096,
         max_prefill_tokens: int = 2048,
+        admit_wait_s: float = 0.0,
         cuda_graphs: bool | None = None,
         compile: bool = False,
         codec_batch_frames: int = 1024,
+        codec_wait_s: float = 0.0,
     ) -> None:
         self.tts = tts
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
         self.sampler = Sampler.for_model(tts)
         if compile:
             self.sampler.enable_compile()
-        self.scheduler = Scheduler(max_slots, max_prefill_tokens)
+        self.scheduler = Scheduler(max_slots, max_prefill_tokens, admit_wait_s)
         self.max_len = max_len
+        self.codec_wait_s = codec_wait_s
         self.codec = CodecDecoder(
             tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
         )
@@ -484,15 +488,31 @@ class FastEngine:
         """Decode whatever has finished since the last decode, in batches of bounded size."""
         with _on_stream(self.codec_stream):
             while (batch := self._codec_queue.get()) is not None:
-                while not self._codec_queue.empty():
-                    more = self._codec_queue.get_nowait()
-                    if more is None:
-                        self._codec_queue.put(None)  # stop after this batch
-                        break
-                    batch += more
+                batch = self._gather_codec(batch)
                 t0 = time.perf_counter()
                 self._decode_and_finish(batch)
                 self.seconds["codec"] += time.perf_counter() - t0
+
+    def _gather_codec(self, batch: list[Sequence]) -> list[Sequence]:
+        """Add what else finished, waiting up to `codec_wait_s` for `CODEC_GATHER` requests while
+        other requests are still running: one row at a time, the codec uses the GPU several times
+        less efficiently than eight at a time, and under steady load that GPU time comes out of
+        every running stream. With nothing else running there is no wait."""
+        deadline = time.perf_counter() + self.codec_wait_s
+        while True:
+            left = deadline - time.perf_counter()
+            busy = bool(self.scheduler.running)  # read from another thread: a hint, not a promise
+            try:
+                if len(batch) < CODEC_GATHER and busy and left > 0:
+                    more = self._codec_queue.get(timeout=left)
+                else:
+                    more = self._codec_queue.get_nowait()
+            except queue.Empty:
+                return batch
+            if more is None:
+                self._codec_queue.put(None)  # stop after this batch
+                return batch
+            batch += more
 
     def _decode_and_finish(self, seqs: list[Sequence]) -> None:
         """Decode (in bounded batches, see CodecDecoder) and hand every request back."""

@@ -58,7 +58,15 @@ def resolve_sampling(sampling: SamplingParams, generate_defaults: dict[str, Any]
 
 class FastRuntime:
     def __init__(
-        self, tts: Any, *, max_slots: int, max_len: int, max_prefill_tokens: int, compile: bool = False
+        self,
+        tts: Any,
+        *,
+        max_slots: int,
+        max_len: int,
+        max_prefill_tokens: int,
+        admit_wait_s: float = 0.0,
+        codec_wait_s: float = 0.0,
+        compile: bool = False,
     ) -> None:
         self.tts = tts
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
@@ -68,6 +76,8 @@ class FastRuntime:
             max_slots=max_slots,
             max_len=max_len,
             max_prefill_tokens=max_prefill_tokens,
+            admit_wait_s=admit_wait_s,
+            codec_wait_s=codec_wait_s,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
         )
         # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.

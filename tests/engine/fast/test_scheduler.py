@@ -67,3 +67,26 @@ def test_kv_buckets_double_up_to_max_len() -> None:
     assert kv_buckets(4096) == [256, 512, 1024, 2048, 4096]
     assert kv_buckets(1000) == [256, 512, 1000]
     assert kv_buckets(100) == [100]
+
+
+def test_while_others_run_newcomers_wait_to_be_prefilled_together() -> None:
+    s = Scheduler(max_slots=8, max_prefill_tokens=100, admit_wait_s=0.04)
+    first = seq(5)
+    first.submitted_at = 0.0
+    s.add(first)
+    assert s.admit(now=0.0) == [first]  # nothing running: at once
+    a, b = seq(5), seq(5)
+    a.submitted_at, b.submitted_at = 1.0, 1.01
+    s.add(a)
+    s.add(b)
+    assert s.admit(now=1.02) == []  # the oldest has waited 20 ms
+    assert s.admit(now=1.04) == [a, b]  # 40 ms: both in one prefill
+    big = seq(100)
+    big.submitted_at = 2.0
+    s.add(big)
+    assert s.admit(now=2.0) == [big]  # a full prefill budget goes at once
+    fill = [seq(1) for _ in range(s.free)]
+    for x in fill:
+        x.submitted_at = 3.0
+        s.add(x)
+    assert s.admit(now=3.0) == fill  # they take every free row: no reason to wait
