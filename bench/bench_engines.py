@@ -1215,8 +1215,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_MERGED_SECTIONS = ("checks", "graph_checks", "fast_engine", "vram", "peer", "models")
+
+
+def merge_reports(paths: Sequence[Path], out: Path) -> Path:
+    """One report from several runs of this command (e.g. one model per call on a lent GPU, whose
+    commands are limited to 10 minutes): results and per-model sections side by side, and each
+    run's command and start time kept."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    cards = {r["card"] for r in runs}
+    if len(cards) != 1:
+        raise SystemExit(f"runs come from different cards: {sorted(cards)}")
+    data = json.loads(json.dumps(runs[0]))
+    data["runs"] = [{"command": r["command"], "started_at": r["started_at"]} for r in runs]
+    for run in runs[1:]:
+        for engine, models in run["results"].items():
+            data["results"].setdefault(engine, {}).update(models)
+        for key in _MERGED_SECTIONS:
+            if key in run:
+                data.setdefault(key, {}).update(run[key])
+        data["notes"] += [n for n in run["notes"] if n not in data["notes"]]
+    data["command"] = " ; ".join(r["command"] for r in runs)
+    report = object.__new__(Report)
+    report.data, report.card = data, data["card"]
+    report.concurrency = sorted({c for r in runs for c in r["settings"]["concurrency"]})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{data['date']}-{re.sub(r'[^A-Za-z0-9._-]+', '-', data['card']).strip('-')}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.with_suffix(".md").write_text(report.markdown())
+    print(report.table())
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import transformers
+
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--merge":
+        *inputs, flag, out = sys.argv[2:]
+        if flag != "--out" or not inputs:
+            raise SystemExit("usage: python -m bench.bench_engines --merge RUN.json [RUN.json ...] --out DIR")
+        print(f"wrote {merge_reports([Path(p) for p in inputs], Path(out))}")
+        return 0
 
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()  # upstream's per-call generate warnings
