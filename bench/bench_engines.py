@@ -364,7 +364,7 @@ class RunResult:
         )
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -421,7 +421,7 @@ class FastBench:
         device = self.engine.runner.device
         trackers = [_Tracker() for _ in requests]
         options = SamplingParams(do_sample=False, subtalker_do_sample=False) if greedy else None
-        _sync(device)
+        sync_device(device)
         before = dict(self.engine.seconds)
         codec_frames = self.engine.codec_frames
         saved_graphs = self.engine.graphs
@@ -442,7 +442,7 @@ class FastBench:
                 raise RuntimeError("fast engine request failed") from seq.error
 
         def p95_ms(parts: list[float]) -> float:
-            return round(1000 * _p95(parts), 1)
+            return round(1000 * p95(parts), 1)
 
         ttff_parts = {
             "prompt": p95_ms([s.submitted_at - t.submitted for s, t in zip(seqs, trackers, strict=True)]),
@@ -509,7 +509,7 @@ class FastBench:
             "window_s": round(last_submit - first_finish, 2),
             "window_requests": len(window),
             "audio_s_per_s": round(audio_s / max(last_submit - first_finish, 1e-9), 1),
-            "ttff_ms_p95": round(1000 * _p95([(t.first_frame or t.finished) - t.submitted for t in trackers]), 1),
+            "ttff_ms_p95": round(1000 * p95([(t.first_frame or t.finished) - t.submitted for t in trackers]), 1),
             "engine_seconds": {k: round(v - before[k], 2) for k, v in self.engine.seconds.items()},
         }
 
@@ -561,7 +561,7 @@ def run_reference(tts: Any, requests: Sequence[Request], *, greedy: bool = False
     handle = model.talker.codec_head.register_forward_hook(hook)
     codec.decode = spy
     try:
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         wavs, _ = tts.generate_custom_voice(
             text=[r.text for r in requests],
@@ -571,7 +571,7 @@ def run_reference(tts: Any, requests: Sequence[Request], *, greedy: bool = False
             max_new_tokens=max(lengths) + 1,
             **kwargs,
         )
-        _sync(device)
+        sync_device(device)
         wall = time.perf_counter() - t0
     finally:
         handle.remove()
@@ -600,7 +600,7 @@ def warm_codec(tts: Any, lengths: set[int], batches: set[tuple[int, int]]) -> fl
 # ---------------------------------------------------------------- report
 
 
-def _p95(values: Sequence[float]) -> float:
+def p95(values: Sequence[float]) -> float:
     return float(np.percentile(np.asarray(values), 95))
 
 
@@ -610,7 +610,7 @@ def _card(device: torch.device) -> str:
     return f"cpu-{platform.machine()}"
 
 
-def _version(dist: str) -> str | None:
+def dist_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -636,7 +636,7 @@ class Report:
                 "torch": torch.__version__,
                 "cuda": torch.version.cuda,
                 "transformers": transformers.__version__,
-                "qwen_tts": _version("qwen-tts"),
+                "qwen_tts": dist_version("qwen-tts"),
             },
             "settings": {
                 "device": str(device),
@@ -696,18 +696,7 @@ class Report:
         self.json_path.with_suffix(".md").write_text(self.markdown())
 
     def table(self) -> str:
-        top = max(self.concurrency, default=64)
-        head = ["engine", "model", "xrt_single", "ttff_ms_single"]
-        head += [f"audio_s/s c{c}" for c in self.concurrency] + [f"ttff_ms_p95_c{top}", "peak_GiB"]
-        rows = []
-        for engine, models in self.data["results"].items():
-            for label, r in models.items():
-                cells = [r["xrt_single"], r["ttff_ms_single"]]
-                cells += [r.get(f"audio_s_per_s_c{c}") for c in self.concurrency]
-                cells += [r.get(f"ttff_ms_p95_c{top}"), r["peak_gib"]]
-                rows.append([engine, label, *(_fmt(v) for v in cells)])
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+        return results_table(self.data["results"], self.concurrency)
 
     def markdown(self) -> str:
         d = self.data
@@ -755,7 +744,7 @@ class Report:
                     cells = (r.get("estimate_gib"), r.get("allocated_gib"), r.get("peak_gib", r.get("error")))
                     out.append(
                         f"| {label} | {v['max_len']} | {v['weights_and_codec_gib']} | {v['row_mib']} | "
-                        f"{r['max_slots']} | " + " | ".join(_fmt(c) for c in cells) + " |"
+                        f"{r['max_slots']} | " + " | ".join(fmt_cell(c) for c in cells) + " |"
                     )
             out.append("")
             autos = ", ".join(f"{label}: {v['auto_max_slots']}" for label, v in d["vram"].items())
@@ -776,7 +765,23 @@ class Report:
         return "\n".join(out)
 
 
-def _fmt(value: Any) -> str:
+def results_table(results: dict[str, dict[str, Any]], concurrency: list[int]) -> str:
+    """The summary table: a row per engine and model."""
+    top = max(concurrency, default=64)
+    head = ["engine", "model", "xrt_single", "ttff_ms_single"]
+    head += [f"audio_s/s c{c}" for c in concurrency] + [f"ttff_ms_p95_c{top}", "peak_GiB"]
+    rows = []
+    for engine, models in results.items():
+        for label, r in models.items():
+            cells = [r["xrt_single"], r["ttff_ms_single"]]
+            cells += [r.get(f"audio_s_per_s_c{c}") for c in concurrency]
+            cells += [r.get(f"ttff_ms_p95_c{top}"), r["peak_gib"]]
+            rows.append([engine, label, *(fmt_cell(v) for v in cells)])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def fmt_cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -811,7 +816,7 @@ def _peak_reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_gib(device: torch.device) -> float | None:
+def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
@@ -885,7 +890,7 @@ def sweep_engine(
         report.log(
             f"{name} {label} {key}: {len(requests)} req, {result.audio_s:.1f} audio s in {result.wall_s:.2f} s "
             f"({result.audio_s / result.wall_s:.2f} audio-s/s, {1000 * result.wall_s / steps:.0f} ms/step, "
-            f"ttff p95 {1000 * _p95(result.ttff_s):.0f} ms, exact={exact})"
+            f"ttff p95 {1000 * p95(result.ttff_s):.0f} ms, exact={exact})"
             + (f" engine seconds {result.seconds}" if result.seconds else "")
             + (f" ttff parts p95 ms {result.ttff_parts_ms}" if result.ttff_parts_ms else "")
         )
@@ -911,10 +916,10 @@ def sweep_engine(
         result = section(f"c{c}", requests, growth=1.6 if name == "fast" else 1.25)
         if result is not None:
             entry[f"audio_s_per_s_c{c}"] = round(result.audio_s / result.wall_s, 2)
-            entry[f"ttff_ms_p95_c{c}"] = round(1000 * _p95(result.ttff_s), 1)
-        entry["peak_gib"] = _peak_gib(device)
+            entry[f"ttff_ms_p95_c{c}"] = round(1000 * p95(result.ttff_s), 1)
+        entry["peak_gib"] = peak_gib(device)
         report.save()
-    entry["peak_gib"] = _peak_gib(device)
+    entry["peak_gib"] = peak_gib(device)
     report.save()
 
 
@@ -992,8 +997,8 @@ def vram_report(
             plans = (SamplingPlan(), SamplingPlan())
             with torch.inference_mode(), engine.preserved_rows(count):
                 engine.frame(count, max_len, plans)
-            _sync(device)
-            entry["peak_gib"] = _peak_gib(device)
+            sync_device(device)
+            entry["peak_gib"] = peak_gib(device)
         except torch.cuda.OutOfMemoryError:
             entry["error"] = "out of memory"
         finally:
@@ -1075,10 +1080,10 @@ def compare_codes(fast: list[Tensor], reference: list[Tensor]) -> dict[str, Any]
 def bench_size(size: Size, args: argparse.Namespace, plan: Plan, report: Report, budget: Budget, codec: Any) -> Any:
     device, dtype = torch.device(args.device), args.dtype
     label = MODEL_LABELS[size]
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     tts = build_model(size, device=device, dtype=dtype, speech_tokenizer=codec)
-    _sync(device)
+    sync_device(device)
     params = sum(p.numel() for p in tts.model.parameters())
     report.log(f"built {label}: {params / 1e6:.1f}M parameters (codec apart) in {time.perf_counter() - t0:.1f} s")
     report.data.setdefault("models", {})[label] = {
@@ -1281,10 +1286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         tiny = size == "tiny"
         if tiny not in codecs:  # one codec for every model: the published ones share it
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             codecs[tiny] = build_speech_tokenizer(size, device, args.dtype)
-            _sync(device)
+            sync_device(device)
             report.log(f"built speech tokenizer in {time.perf_counter() - t0:.1f} s")
         tts = bench_size(size, args, plan, report, budget, codecs[tiny])
         del tts

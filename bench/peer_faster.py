@@ -50,7 +50,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.metadata
 import json
 import platform
 import shlex
@@ -74,10 +73,15 @@ from bench.bench_engines import (
     Request,
     build_model,
     build_speech_tokenizer,
+    dist_version,
     make_request,
     mixed_requests,
     model_config,
+    p95,
+    peak_gib,
+    results_table,
     speech_tokenizer_config,
+    sync_device,
 )
 from qwen_tts_server.engine.types import SAMPLES_PER_FRAME
 from qwen_tts_server.testing import tiny_models
@@ -85,36 +89,6 @@ from qwen_tts_server.testing import tiny_models
 T_START = time.perf_counter()
 ENGINE = "faster-qwen3-tts"
 STREAM_CONTEXT_FRAMES = 25  # left context the peer's streaming wrappers re-decode once calibrated
-
-# Files of the published layout that carry no weights (qwen3-tts-facts.md).
-_PREPROCESSOR = {"processor_class": "Qwen3TTSProcessor", "padding_side": "left"}
-_CODEC_CONFIGURATION = {"framework": "pytorch", "task": "feature-extraction"}
-_CODEC_PREPROCESSOR = {
-    "chunk_length_s": None,
-    "feature_extractor_type": "EncodecFeatureExtractor",
-    "feature_size": 1,
-    "overlap": None,
-    "padding_side": "right",
-    "padding_value": 0.0,
-    "return_attention_mask": True,
-    "sampling_rate": SAMPLE_RATE,
-}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _p95(values: Sequence[float]) -> float:
-    return float(np.percentile(np.asarray(values), 95))
 
 
 # ---------------------------------------------------------------- building and loading the peer
@@ -156,10 +130,10 @@ def write_checkpoint(base: Any, size: str, out: Path) -> Path:
     files: dict[str, Any] = {
         "config.json": model_config(size),
         "generation_config.json": tiny_models.GENERATION_CONFIG,
-        "preprocessor_config.json": _PREPROCESSOR,
+        "preprocessor_config.json": tiny_models.PREPROCESSOR,
         "speech_tokenizer/config.json": speech_tokenizer_config(size),
-        "speech_tokenizer/configuration.json": _CODEC_CONFIGURATION,
-        "speech_tokenizer/preprocessor_config.json": _CODEC_PREPROCESSOR,
+        "speech_tokenizer/configuration.json": tiny_models.SPEECH_TOKENIZER_CONFIGURATION,
+        "speech_tokenizer/preprocessor_config.json": tiny_models.SPEECH_TOKENIZER_PREPROCESSOR,
     }
     for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2) + "\n")
@@ -237,7 +211,7 @@ def load_peer(size: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
     info: dict[str, Any] = {"load": args.load}
     t0 = time.perf_counter()
     base = build_base(size, device, dtype)
-    _sync(device)
+    sync_device(device)
     info["build_s"] = round(time.perf_counter() - t0, 1)
     info["params_m"] = round(sum(p.numel() for p in base.model.parameters()) / 1e6, 1)
     peer_kwargs = {
@@ -282,7 +256,7 @@ def load_peer(size: str, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]
                     source, device_map=str(device), torch_dtype=dtype, attn_implementation="sdpa"
                 )
             tts = _cpu_peer(base, device, dtype, args.max_seq_len)
-        _sync(device)
+        sync_device(device)
         info["load_s"] = round(time.perf_counter() - t2, 1)
         if fired:
             info["rope_theta_mirrored"] = sorted(set(fired))
@@ -384,7 +358,7 @@ class PeerBench:
     def run(self, requests: Sequence[Request], *, streaming: bool) -> PeerRun:
         frames, samples, first_audio = [], [], []
         self.spy.ms_per_step.clear()
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         for i, request in enumerate(requests):
             torch.manual_seed(1000 + i)
@@ -426,7 +400,7 @@ def warm_codec(tts: Any, lengths: set[int], device: torch.device) -> float:
     t0 = time.perf_counter()
     for n in sorted(lengths):
         codec.decode({"audio_codes": torch.randint(0, 2048, (1, n, 16), device=device)})
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - t0
 
 
@@ -454,8 +428,8 @@ class PeerReport:
                 "torch": torch.__version__,
                 "cuda": torch.version.cuda,
                 "transformers": transformers.__version__,
-                "faster_qwen3_tts": _version("faster-qwen3-tts"),
-                "qwen_tts_hf": _version("qwen-tts-hf"),
+                "faster_qwen3_tts": dist_version("faster-qwen3-tts"),
+                "qwen_tts_hf": dist_version("qwen-tts-hf"),
             },
             "settings": {
                 "device": str(device),
@@ -513,24 +487,7 @@ class PeerReport:
         tmp.replace(self.out)
 
     def table(self) -> str:
-        top = max(self.concurrency, default=64)
-        head = ["engine", "model", "xrt_single", "ttff_ms_single"]
-        head += [f"audio_s/s c{c}" for c in self.concurrency] + [f"ttff_ms_p95_c{top}", "peak_GiB"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for label, r in self.data["results"][ENGINE].items():
-            cells = [r["xrt_single"], r["ttff_ms_single"]]
-            cells += [r.get(f"audio_s_per_s_c{c}") for c in self.concurrency]
-            cells += [r.get(f"ttff_ms_p95_c{top}"), r["peak_gib"]]
-            lines.append("| " + " | ".join([ENGINE, label, *(_fmt(v) for v in cells)]) + " |")
-        return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
-    return str(value)
+        return results_table({ENGINE: self.data["results"][ENGINE]}, self.concurrency)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -550,10 +507,6 @@ class Budget:
     def estimate(self, requests: Sequence[Request]) -> float:
         per_frame = 0.05 if self.frame_s is None else self.frame_s
         return 1.15 * per_frame * sum(r.frames for r in requests) + 0.05 * len(requests) + 2.0
-
-
-def _peak_gib(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
 def bench_size(size: str, args: argparse.Namespace, report: PeerReport, budget: Budget) -> None:
@@ -607,12 +560,12 @@ def bench_size(size: str, args: argparse.Namespace, report: PeerReport, budget: 
             "samples_match_frames": result.samples_match(requests),
             "serving": "sequential " + ("streaming" if streaming else "whole"),
             "first_audio_ms_p50": round(1000 * float(np.median(result.first_audio_s)), 1),
-            "first_audio_ms_p95": round(1000 * _p95(result.first_audio_s), 1),
+            "first_audio_ms_p95": round(1000 * p95(result.first_audio_s), 1),
         }
         report.log(
             f"{label} {key}: {len(requests)} req, {result.audio_s:.1f} audio s in {result.wall_s:.2f} s "
             f"({result.audio_s / result.wall_s:.2f} audio-s/s, {1000 * frame_s:.1f} ms/frame, peer's own "
-            f"{result.peer_ms_per_step:.1f}, first audio p95 {1000 * _p95(result.first_audio_s):.0f} ms, "
+            f"{result.peer_ms_per_step:.1f}, first audio p95 {1000 * p95(result.first_audio_s):.0f} ms, "
             f"exact={exact})"
         )
         return result
@@ -628,18 +581,18 @@ def bench_size(size: str, args: argparse.Namespace, report: PeerReport, budget: 
         result = section("single_streaming", single, streaming=True)
         if result is not None:
             entry["ttff_ms_single"] = round(1000 * result.first_audio_s[0], 1)
-        entry["peak_gib"] = _peak_gib(device)
+        entry["peak_gib"] = peak_gib(device)
         report.save()
         for c in args.concurrency:
             result = section(f"c{c}", lists[f"c{c}"], streaming=streaming_runs)
             if result is not None:
                 entry[f"audio_s_per_s_c{c}"] = round(result.audio_s / result.wall_s, 2)
-                entry[f"ttff_ms_p95_c{c}"] = round(1000 * _p95(result.first_audio_s), 1)
-            entry["peak_gib"] = _peak_gib(device)
+                entry[f"ttff_ms_p95_c{c}"] = round(1000 * p95(result.first_audio_s), 1)
+            entry["peak_gib"] = peak_gib(device)
             report.save()
     finally:
         bench.close()
-        entry["peak_gib"] = _peak_gib(device)
+        entry["peak_gib"] = peak_gib(device)
         report.save()
 
 

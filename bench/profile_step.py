@@ -29,7 +29,7 @@ from qwen_tts_server.engine.types import Mode, SamplingParams
 from .bench_engines import build_model, make_request
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -57,25 +57,25 @@ def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
         for _ in range(steps):
             step = engine.frame_index[:n].clone()
             sub = engine.sub_params.head(n)
-            _sync(device)
+            sync_device(device)
             t0 = time.perf_counter()
             codes, embedded = runner.predict_codes(
                 engine.hidden[:n].clone(),
                 engine.code0[:n].clone(),
                 lambda cb, lg, sub=sub, step=step: sampler.code_predictor(lg, sub, step, cb),
             )
-            _sync(device)
+            sync_device(device)
             t1 = time.perf_counter()
             kv_len = next(k for k in engine.kv_buckets if k > int(engine.position[:n].max()))
             with engine.preserved_rows(n):  # the real step below writes the same positions
                 hidden, logits = runner.decode(embedded, engine.position[:n].clone(), kv_len=kv_len)
-            _sync(device)
+            sync_device(device)
             t2 = time.perf_counter()
             sampler.talker(logits, engine.talker_params.head(n), engine.seen[:n], step + 1)
-            _sync(device)
+            sync_device(device)
             t3 = time.perf_counter()
             engine.step()
-            _sync(device)
+            sync_device(device)
             t4 = time.perf_counter()
             totals["predict_codes"] += (t1 - t0) * 1000
             totals["decode"] += (t2 - t1) * 1000
@@ -94,7 +94,7 @@ def profile(engine: FastEngine, steps: int, rows: int) -> str:
     with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
-        _sync(engine.runner.device)
+        sync_device(engine.runner.device)
     key = "self_cuda_time_total" if engine.runner.device.type == "cuda" else "self_cpu_time_total"
     by_device = prof.key_averages().table(sort_by=key, row_limit=rows)
     by_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
@@ -134,11 +134,11 @@ def graph_parity(tts: Any, batch: int, frames: int, compile: bool) -> dict[str, 
         engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=graphs, compile=compile)
         engine.warm_up(default_sampling(tts))
         seqs = fill(engine, tts, batch, frames)
-        _sync(engine.runner.device)
+        sync_device(engine.runner.device)
         t0 = time.perf_counter()
         while any(s.finish_reason is None for s in seqs):
             engine.step()
-        _sync(engine.runner.device)
+        sync_device(engine.runner.device)
         timing["graphs" if graphs else "eager"] = round(1000 * (time.perf_counter() - t0) / (frames - 1), 2)
         codes[graphs] = [torch.stack(s.frames) for s in seqs]
     equal = all(torch.equal(a, b) for a, b in zip(codes[False], codes[True], strict=True))
@@ -154,11 +154,11 @@ def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int
     fill(engine, tts, batch, steps + 20)
     for _ in range(3):
         engine.step()
-    _sync(engine.runner.device)
+    sync_device(engine.runner.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    _sync(engine.runner.device)
+    sync_device(engine.runner.device)
     ms = 1000 * (time.perf_counter() - t0) / steps
     return {
         "batch": batch,

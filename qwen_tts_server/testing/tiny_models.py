@@ -401,7 +401,7 @@ def speech_tokenizer_config() -> dict[str, Any]:
     }
 
 
-_SPEECH_TOKENIZER_PREPROCESSOR = {
+SPEECH_TOKENIZER_PREPROCESSOR = {
     "chunk_length_s": None,
     "feature_extractor_type": "EncodecFeatureExtractor",
     "feature_size": 1,
@@ -411,8 +411,8 @@ _SPEECH_TOKENIZER_PREPROCESSOR = {
     "return_attention_mask": True,
     "sampling_rate": SAMPLE_RATE,
 }
-_PREPROCESSOR = {"processor_class": "Qwen3TTSProcessor", "padding_side": "left"}
-_SPEECH_TOKENIZER_CONFIGURATION = {"framework": "pytorch", "task": "feature-extraction"}
+PREPROCESSOR = {"processor_class": "Qwen3TTSProcessor", "padding_side": "left"}
+SPEECH_TOKENIZER_CONFIGURATION = {"framework": "pytorch", "task": "feature-extraction"}
 
 
 @torch.no_grad()
@@ -589,12 +589,12 @@ def build_tiny_checkpoint(
         (work / "speech_tokenizer" / "model.safetensors").write_bytes(st_weights)
         _write_json(work / "config.json", config)
         _write_json(work / "generation_config.json", GENERATION_CONFIG)
-        _write_json(work / "preprocessor_config.json", _PREPROCESSOR)
+        _write_json(work / "preprocessor_config.json", PREPROCESSOR)
         for file_name, data in tokenizer_files().items():
             (work / file_name).write_bytes(data)
         _write_json(work / "speech_tokenizer" / "config.json", st_config)
-        _write_json(work / "speech_tokenizer" / "configuration.json", _SPEECH_TOKENIZER_CONFIGURATION)
-        _write_json(work / "speech_tokenizer" / "preprocessor_config.json", _SPEECH_TOKENIZER_PREPROCESSOR)
+        _write_json(work / "speech_tokenizer" / "configuration.json", SPEECH_TOKENIZER_CONFIGURATION)
+        _write_json(work / "speech_tokenizer" / "preprocessor_config.json", SPEECH_TOKENIZER_PREPROCESSOR)
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)
