@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -320,3 +322,26 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts):
     for seq, codes in zip(seqs, expected, strict=True):
         assert torch.equal(codes_of(seq), codes[: seq.num_frames])
         assert seq.num_frames == min(len(codes), seq.max_frames)
+
+
+def test_the_codec_waits_for_company_only_while_others_run(load_tts):
+    """Finished requests are decoded together: while requests are running the codec thread waits
+    (up to codec_wait_s) for more to finish; with nothing running it decodes at once."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
+    first, second, running = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:3])
+
+    engine.scheduler.running.append(running)
+    threading.Timer(0.05, engine._codec_queue.put, args=([second],)).start()
+    t0 = time.perf_counter()
+    assert engine._gather_codec([first]) == [first, second]
+    assert 0.45 < time.perf_counter() - t0 < 1.0  # fewer than CODEC_GATHER: it waited out the window
+
+    engine.scheduler.running.clear()
+    t0 = time.perf_counter()
+    assert engine._gather_codec([first]) == [first]
+    assert time.perf_counter() - t0 < 0.05  # nothing running: no wait
+
+    engine._codec_queue.put(None)
+    assert engine._gather_codec([first]) == [first]
+    assert engine._codec_queue.get_nowait() is None  # the stop signal is kept for the loop
