@@ -181,6 +181,7 @@ class ModelRegistry:
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._idle = asyncio.Condition()
         self._budget_lock = asyncio.Lock()
+        self._reserved: dict[str, int] = {}  # bytes promised to loads in flight, counted in the budget
         self.load_count = 0  # successful loads; for tests and metrics
         self.on_load: Callable[[str, bool, float], None] | None = None  # (name, ok, seconds)
         self.on_unload: Callable[[str], None] | None = None  # release what was built on the model
@@ -263,15 +264,18 @@ class ModelRegistry:
             tts = await asyncio.to_thread(self._loader, path, self.options)
             info = describe(key, tts)
         except ModelUnavailable as exc:
+            self._reserved.pop(key, None)
             self._errors[key] = exc.message
             self._report(key, False, started)
             raise
         except Exception as exc:
+            self._reserved.pop(key, None)
             message = f"model '{key}' could not be loaded: {type(exc).__name__}: {exc}"
             log.exception("model load failed", extra={"model": key})
             self._errors[key] = message
             self._report(key, False, started)
             raise ModelUnavailable(message, field="model") from exc
+        self._reserved.pop(key, None)
         model = LoadedModel(
             name=key,
             path=path,
@@ -305,19 +309,24 @@ class ModelRegistry:
                     f"budget (QTTS_MEMORY_BUDGET_GB={budget_gb})",
                     field="model",
                 )
-            while self.used_bytes() + needed > budget:
+            while self.used_bytes() + self.reserved_bytes() + needed > budget:
                 idle = sorted((m for m in self._loaded.values() if m.active == 0), key=lambda m: m.last_used)
                 if not idle:
                     raise ModelUnavailable(
                         f"model '{key}' needs about {needed / 1024**3:.2f} GB but the memory budget "
-                        f"({budget_gb} GB) is held by models that are busy; retry shortly",
+                        f"({budget_gb} GB) is held by models that are busy or loading; retry shortly",
                         field="model",
                     )
                 log.info("unloading to fit budget", extra={"model": idle[0].name, "for_model": key})
                 self._drop(idle[0].name)
+            self._reserved[key] = needed  # until the load ends: a concurrent load cannot take it too
 
     def used_bytes(self) -> int:
         return sum(m.memory_bytes for m in self._loaded.values())
+
+    def reserved_bytes(self) -> int:
+        """Bytes promised to loads still in flight."""
+        return sum(self._reserved.values())
 
     def add_memory(self, name: str, nbytes: int) -> None:
         """Count memory a loaded model's engine allocated (its KV cache) against the budget too."""
