@@ -240,7 +240,10 @@ def test_concurrent_requests_merge_into_one_batch(make_client, engine):
     def send(text):
         results.append(client.post("/api/v1/custom-voice", json={"text": text, "speaker": "ryan"}).status_code)
 
-    threads = [threading.Thread(target=send, args=(f"request {i}",)) for i in range(3)]
+    # Long enough to overlap: the fast engine admits a first request at once (nothing else running)
+    # and gathers later arrivals for up to QTTS_ADMIT_WAIT_MS while it runs.
+    text = "A rather long sentence that keeps going for a good number of frames before it stops, request {}."
+    threads = [threading.Thread(target=send, args=(text.format(i),)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
