@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from qwen_tts_server.engine.fast.engine import FastEngine
-from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, row_bytes, slots_for_budget
+from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, auto_slots, row_bytes
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sampler import SamplingPlan
@@ -749,8 +749,8 @@ class Report:
             out.append("")
             autos = ", ".join(f"{label}: {v['auto_max_slots']}" for label, v in d["vram"].items())
             out += [
-                f"max_slots picked from 90% of this card's memory (less {WORKSPACE_BYTES / 2**30:.0f} GiB "
-                f"workspace): {autos}",
+                "max_slots the server picks on this card for a first model (auto_slots: half of 90% of the "
+                f"card less weights and {WORKSPACE_BYTES / 2**30:.0f} GiB workspace): {autos}",
                 "",
             ]
         skipped = [
@@ -1009,8 +1009,10 @@ def vram_report(
             torch.cuda.empty_cache()
         rows.append(entry)
         report.log(f"vram {label} max_slots {count}: {entry}")
-    available = int(0.9 * total) - weights - WORKSPACE_BYTES
-    auto = slots_for_budget(per_row, available) if available >= per_row else 0
+    try:
+        auto = auto_slots(per_row, int(0.9 * total), weights)  # as the server picks for a first model
+    except ValueError:
+        auto = 0
     report.data.setdefault("vram", {})[label] = {
         "max_len": max_len,
         "weights_and_codec_gib": round(weights / gib, 2),

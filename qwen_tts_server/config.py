@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     max_slots: int | None = Field(
         None,
         ge=1,
-        description="Fast engine: requests decoded together (KV cache rows); unset: as many as the VRAM budget "
-        "allows (at most 128; 8 on CPU).",
+        description="Fast engine: requests decoded together (KV cache rows); unset: half of what the VRAM budget "
+        "has left after the loaded models (at most 128; 8 on CPU).",
     )
     compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")

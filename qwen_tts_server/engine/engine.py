@@ -23,7 +23,7 @@ from ..config import Settings
 from ..errors import InvalidRequest, ModelUnavailable
 from ..metrics import Metrics
 from .batcher import Batcher
-from .fast.memory import WORKSPACE_BYTES, device_budget, row_bytes, slots_for_budget
+from .fast.memory import WORKSPACE_BYTES, auto_slots, device_budget, row_bytes
 from .fast.runtime import FastRuntime
 from .reference import ReferenceRunner
 from .registry import LoadedModel, ModelRegistry
@@ -129,18 +129,21 @@ class TTSEngine:
                     field="model",
                 ) from exc
             runtime.engine.on_step = self.metrics.batch_size.observe
-            self.registry.add_memory(model.name, runtime.engine.cache_bytes)
+            # Its KV cache, and on CUDA the workspace its graphs and codec batches take, count
+            # against the memory budget like weights do.
+            workspace = WORKSPACE_BYTES if runtime.engine.device.type == "cuda" else 0
+            self.registry.add_memory(model.name, runtime.engine.cache_bytes + workspace)
             self._fast[model.name] = runtime
             return runtime
 
     def _auto_slots(self, model: LoadedModel) -> int:
-        """Rows that fit in the VRAM budget after every loaded model's weights and caches."""
+        """Rows for this model from the VRAM budget (see `auto_slots`)."""
         device = torch.device(model.device)
         if device.type != "cuda":
             return CPU_SLOTS
         budget = device_budget(device, self.settings.memory_budget_gb)
-        available = budget - self.registry.used_bytes() - WORKSPACE_BYTES
-        rows = slots_for_budget(row_bytes(model.tts, self.settings.max_context), available)
+        used = self.registry.used_bytes() + self.registry.reserved_bytes()
+        rows = auto_slots(row_bytes(model.tts, self.settings.max_context), budget, used)
         log.info("fast engine rows from the memory budget", extra={"model": model.name, "max_slots": rows})
         return rows
 

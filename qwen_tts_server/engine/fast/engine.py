@@ -17,6 +17,7 @@ The host reads one small tensor per step: the new frames and which rows hit EOS.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import sys
@@ -55,6 +56,10 @@ def kv_buckets(max_len: int) -> list[int]:
         sizes.add(k)
         k *= 2
     return sorted(sizes)
+
+
+def _with_top_p(plan: SamplingPlan) -> SamplingPlan:
+    return dataclasses.replace(plan, any_top_p=True) if plan.any_sample else plan
 
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
@@ -150,12 +155,14 @@ class FastEngine:
             SamplingPlan.of([s.subtalker_do_sample], [s.subtalker_top_k], [s.subtalker_top_p]),
         )
         if self.runner.compiled:
-            # Greedy requests take another sampling path: compile it now as well, or the first
-            # greedy request would stall every stream for the seconds a compile takes. (Graphs for
-            # other plans are captured when first needed: a fraction of a second.)
+            # Greedy requests and top_p < 1 take other sampling paths: compile them now as well, or
+            # the first such request would stall every stream for the seconds a compile takes. Other
+            # top_k sizes (plans round them to powers of two) still compile on first use. Graphs
+            # for other plans are captured when first needed: a fraction of a second.
             greedy = SamplingPlan.of([False], [0], [1.0])
+            top_p = (_with_top_p(plans[0]), _with_top_p(plans[1]))
             try:
-                self._compile_warm_up([plans, (greedy, greedy)])
+                self._compile_warm_up([plans, (greedy, greedy), top_p])
             except Exception:
                 log.exception("torch.compile failed; the fast engine continues without it")
                 self.runner.disable_compile()
@@ -210,7 +217,7 @@ class FastEngine:
         seq.submitted_at = time.perf_counter()
         if self.device.type == "cuda":
             seq.ready = torch.cuda.Event()
-            seq.ready.record()
+            seq.ready.record(torch.cuda.current_stream(self.device))  # the model's device, not the caller's
         self._inbox.put(("submit", seq))
         self._wake.set()
         return seq
@@ -271,15 +278,23 @@ class FastEngine:
         """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
         finished = self._take_inbox()
         t0 = time.perf_counter()
-        self._compact()
-        admitted = self.scheduler.admit()
-        if admitted:
-            self._prefill(admitted)
-        t1 = time.perf_counter()
-        running = list(self.scheduler.running)
-        if running:
-            finished += self._decode_frame(running)
-            self.steps += 1
+        try:
+            self._compact()
+            admitted = self.scheduler.admit()
+            if admitted:
+                self._prefill(admitted)
+            t1 = time.perf_counter()
+            running = list(self.scheduler.running)
+            if running:
+                self._decode_frame(running, finished)
+                self.steps += 1
+        except BaseException as exc:
+            # Requests already released this step (cancelled, or finished before the failure) are
+            # no longer running, so `_fail_all` will not see them: fail them here.
+            for seq in finished:
+                seq.error = seq.error or exc
+            self._deliver(finished)
+            raise
         t2 = time.perf_counter()
         self._deliver(finished)
         t3 = time.perf_counter()
@@ -355,7 +370,8 @@ class FastEngine:
         self.position[idx] = torch.tensor([seq.prompt_len for seq in seqs], device=self.device)
         self.frame_index[idx] = 0
 
-    def _decode_frame(self, running: list[Sequence]) -> list[Sequence]:
+    def _decode_frame(self, running: list[Sequence], finished: list[Sequence]) -> None:
+        """One frame for every running request; those that end are released and added to `finished`."""
         n = len(running)
         self.batch_sizes.append(n)
         if self.on_step is not None:
@@ -373,30 +389,43 @@ class FastEngine:
                 [o.subtalker_top_p for o in opts],
             ),
         )
-        out = None
-        if self.graphs is not None:
-            try:
-                out = self.graphs.run(size, kv_len, plans)
-            except RuntimeError:
-                self._drop_graphs()
-        if out is None:
-            out = self.frame(size, kv_len, plans)
+        out = self._run_frame(size, kv_len, plans)
         # The one host read of the step: frames and EOS flags together.
         out_host = out[:n].cpu()
         frames_host, eos_host = out_host[:, :-1], out_host[:, -1].tolist()
         now = time.perf_counter()
-        finished = []
         for i, seq in enumerate(running):
             seq.frames.append(frames_host[i])
             if seq.first_frame_at is None:
                 seq.first_frame_at = now
             if seq.on_frame is not None:
-                seq.on_frame(seq, frames_host[i])
+                try:
+                    seq.on_frame(seq, frames_host[i])
+                except Exception:  # a caller's callback must not take the step down
+                    log.exception("on_frame callback failed")
             if eos_host[i] or seq.num_frames >= seq.max_frames:
                 self.scheduler.release(seq)
                 seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
                 finished.append(seq)
-        return finished
+
+    def _run_frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
+        """The frame through its CUDA graph (captured on first use) or eagerly. A sampling plan not
+        compiled at warm-up compiles here; if compiling fails, compile is turned off and the frame
+        retried; if capture fails, graphs are."""
+        if self.graphs is not None:
+            try:
+                out = self.graphs.run(size, kv_len, plans)
+            except Exception:
+                if not self.runner.compiled:
+                    self._drop_graphs()
+                    return self.frame(size, kv_len, plans)
+                log.exception("a frame failed with torch.compile; continuing without it")
+                self.runner.disable_compile()
+                self.sampler.disable_compile()
+                return self._run_frame(size, kv_len, plans)
+            if out is not None:
+                return out
+        return self.frame(size, kv_len, plans)
 
     def frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
         """All tensor work of one frame for rows 0..size-1: no host reads, fixed shapes.
@@ -515,13 +544,17 @@ class FastEngine:
             batch += more
 
     def _decode_and_finish(self, seqs: list[Sequence]) -> None:
-        """Decode (in bounded batches, see CodecDecoder) and hand every request back."""
+        """Decode (in bounded batches, see CodecDecoder) and hand every request back. If a batch
+        fails, each request is retried alone, so one bad request fails only itself."""
         try:
             self._decode_audio(seqs)
-        except Exception as exc:
-            log.exception("codec decode failed")
+        except Exception:
+            log.exception("codec decode failed; retrying its requests one by one")
             for seq in seqs:
-                seq.error = exc
+                try:
+                    self._decode_audio([seq])
+                except Exception as exc:
+                    seq.error = exc
         for seq in seqs:
             self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
 

@@ -43,6 +43,13 @@ def slots_for_budget(per_row: int, available: int, cap: int = MAX_AUTO_SLOTS) ->
     return int(rows)
 
 
+def auto_slots(per_row: int, budget: int, used: int) -> int:
+    """Rows for a model's engine when QTTS_MAX_SLOTS is unset: half of what the budget has left
+    after every loaded model and this engine's workspace, so a second model (each endpoint has its
+    own default) still finds room; at most MAX_AUTO_SLOTS."""
+    return slots_for_budget(per_row, (budget - used - WORKSPACE_BYTES) // 2)
+
+
 def device_budget(device: torch.device, budget_gb: float | None) -> int:
     """The configured budget in bytes, or 90% of the card's memory when none is set."""
     if budget_gb is not None:

@@ -108,10 +108,13 @@ class SamplingPlan:
 
     @classmethod
     def of(cls, do_sample: Sequence[bool], top_k: Sequence[int], top_p: Sequence[float]) -> SamplingPlan:
+        """`candidates` is rounded up to a power of two (at least 64): each row still keeps exactly
+        its own top-k, and a client's odd top_k does not make a new compiled variant and graphs."""
         rows = [(k, p) for d, k, p in zip(do_sample, top_k, top_p, strict=True) if d]
+        largest = max((k for k, _ in rows), default=0)
         return cls(
             any_sample=bool(rows),
-            candidates=0 if any(k <= 0 for k, _ in rows) else max((k for k, _ in rows), default=0),
+            candidates=0 if not rows or any(k <= 0 for k, _ in rows) else max(64, 1 << (largest - 1).bit_length()),
             any_top_p=any(p < 1.0 for _, p in rows),
         )
 
@@ -154,7 +157,9 @@ def uniform_noise(keys: Tensor, ids: Tensor) -> Tensor:
     """Uniform (0, 1) float32 [B, N] for vocab ids [B, N] (or [N]): a pure function of (key, id),
     so a token's draw is the same whether the candidate set is the top-k or the whole vocab."""
     h = _mix32(keys[:, None] ^ ((ids * 0x1B873593) & _MASK32))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 bits, not 24: (2**24 - 1) + 0.5 rounds to 2**24 in float32, a draw of exactly 1.0, whose
+    # Gumbel noise is +inf, and -inf + inf is NaN, which argmax would pick (a filtered-out token).
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 # ------------------------------------------------------------------ HF-equivalent processors

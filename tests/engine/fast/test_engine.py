@@ -345,3 +345,27 @@ def test_the_codec_waits_for_company_only_while_others_run(load_tts):
     engine._codec_queue.put(None)
     assert engine._gather_codec([first]) == [first]
     assert engine._codec_queue.get_nowait() is None  # the stop signal is kept for the loop
+
+
+def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    good, bad = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
+    good.frames = [torch.full((16,), 7) for _ in range(3)]
+    bad.frames = [torch.full((16,), 10**6) for _ in range(3)]  # no such code: the codec raises
+    engine._decode_and_finish([good, bad])
+    assert good.error is None and np.asarray(good.audio).size == 3 * 1920
+    assert bad.error is not None and bad.status is SequenceStatus.FINISHED
+
+
+def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
+    tts = load_tts(CUSTOM)
+    expected = reference_codes(tts, Mode.CUSTOM_VOICE, custom_items()[:1], GREEDY)[0]
+
+    def broken(_seq, _frame):
+        raise RuntimeError("client went away badly")
+
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    seq = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY, on_frame=broken))
+    run_to_end(engine, [seq])
+    assert seq.error is None and torch.equal(codes_of(seq), expected)

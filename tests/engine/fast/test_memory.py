@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen_tts_server.engine.fast.engine import FastEngine
-from qwen_tts_server.engine.fast.memory import GiB, row_bytes, slots_for_budget
+from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, GiB, auto_slots, row_bytes, slots_for_budget
 
 CUSTOM = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
 
@@ -25,3 +25,14 @@ def test_slots_for_budget() -> None:
     assert slots_for_budget(per_row=GiB, available=1000 * GiB, cap=64) == 64
     with pytest.raises(ValueError, match="one request row needs 1.00 GiB"):
         slots_for_budget(per_row=GiB, available=GiB // 2)
+
+
+def test_auto_slots_leave_room_for_a_second_model() -> None:
+    budget, weights = 72 * GiB, 5 * GiB
+    first = auto_slots(per_row=GiB // 2, budget=budget, used=weights)
+    assert first == 59  # half of 72 - 5 - 8 GiB, in half-GiB rows
+    used = weights + first * (GiB // 2) + WORKSPACE_BYTES
+    second = auto_slots(per_row=GiB // 2, budget=budget, used=used + weights)
+    assert second >= 1
+    with pytest.raises(ValueError):
+        auto_slots(per_row=GiB // 2, budget=budget, used=budget)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from qwen_tts_server.engine.fast import sampler as sampler_module
 from qwen_tts_server.engine.fast.model_runner import ModelRunner
 from qwen_tts_server.engine.fast.prompt import build_prompt
 from qwen_tts_server.engine.fast.sampler import (
@@ -108,7 +110,10 @@ def test_warpers_match_hf(settings: list[tuple[float, int, float]]) -> None:
     params = RowSampling.make(len(settings), temperature=temperature, top_k=top_k, top_p=top_p)
     plan = SamplingPlan.of([True] * len(settings), top_k, top_p)
     values, ids = top_k_top_p(scores / params.temperature[:, None], params, plan)
-    assert values.shape[1] == (400 if 0 in top_k else max(top_k))
+    if 0 in top_k:  # a row without top-k: the whole vocabulary
+        assert plan.candidates == 0 and values.shape[1] == 400
+    else:  # the largest top-k rounded up to a power of two, within the vocabulary
+        assert plan.candidates >= max(top_k) and values.shape[1] == min(400, plan.candidates)
     ours = torch.full_like(scores, float("-inf")).scatter(1, ids, values)
     for i, (t, k, p) in enumerate(settings):
         row = scores[i : i + 1].clone()
@@ -155,7 +160,18 @@ def test_sampling_plan() -> None:
     greedy_only = SamplingPlan.of([False, False], [0, 7], [0.5, 1.0])
     assert greedy_only == SamplingPlan(any_sample=False, candidates=0, any_top_p=False)
     top50 = SamplingPlan.of([True, False], [50, 0], [1.0, 0.5])
-    assert top50 == SamplingPlan(any_sample=True, candidates=50, any_top_p=False)
+    assert top50 == SamplingPlan(any_sample=True, candidates=64, any_top_p=False)  # rounded up: fewer variants
+    assert SamplingPlan.of([True], [300], [1.0]).candidates == 512
     assert greedy_only.merge(top50) == top50 == top50.merge(greedy_only)
     wide = top50.merge(SamplingPlan.of([True], [0], [0.9]))
     assert wide == SamplingPlan(any_sample=True, candidates=0, any_top_p=True)
+
+
+def test_a_draw_of_the_largest_hash_stays_below_one() -> None:
+    """The noise must stay in (0, 1): a draw of exactly 1.0 made +inf Gumbel noise, NaN scores,
+    and a token outside the candidates (seen about once in 16,000 frames)."""
+    keys, ids = torch.zeros(2, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)
+    for extreme in (0xFFFFFFFF, 0):
+        with mock.patch.object(sampler_module, "_mix32", lambda h, v=extreme: torch.full_like(h, v)):
+            noise = sampler_module.uniform_noise(keys, ids)
+        assert ((noise > 0) & (noise < 1)).all()
