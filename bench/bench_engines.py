@@ -945,17 +945,21 @@ def run_peer(size: Size, args: argparse.Namespace, plan: Plan, report: Report, b
         command += ["--budget-s", f"{limit:.0f}", "--device", args.device]
         env = dict(os.environ, PYTHONPATH=args.peer_pythonpath)
         report.log(f"{PEER} {label}: {shlex.join(command)} (PYTHONPATH={args.peer_pythonpath})")
+        returncode: int | None = None
         try:
-            done = subprocess.run(command, env=env, timeout=limit + 60, check=False)
+            returncode = subprocess.run(command, env=env, timeout=limit + 60, check=False).returncode
+        except subprocess.TimeoutExpired:  # it saves after every section: keep what it finished
+            report.log(f"{PEER} {label}: timed out after {limit + 60:.0f} s")
+        try:
             data = json.loads(out.read_text())
-        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             report.entry(PEER, label)["errors"]["all"] = f"{type(exc).__name__}: {exc}"[:500]
             report.log(f"{PEER} {label}: FAILED {type(exc).__name__}: {exc}")
             report.save()
             return
     report.data["results"].setdefault(PEER, {}).update(data["results"].get(PEER, {}))
     report.data.setdefault("peer", {})[label] = {
-        "returncode": done.returncode,
+        "returncode": returncode,
         "versions": data.get("versions"),
         "settings": data.get("settings"),
         "models": data.get("models"),
