@@ -502,7 +502,7 @@ class FastEngine:
     # ----- results -----
     def _deliver(self, finished: list[Sequence]) -> None:
         """Hand finished requests to the codec thread (or, with no threads running, decode here)."""
-        done = [s for s in finished if s.finish_reason is not FinishReason.CANCELLED and s.frames]
+        done = [s for s in finished if s.finish_reason is not FinishReason.CANCELLED and s.frames and s.decode_audio]
         for seq in finished:
             if seq not in done:
                 self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)

@@ -108,6 +108,7 @@ class FastRuntime:
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Tensor | None] = asyncio.Queue()
         seq = await self._sequence(mode, item, sampling)
+        seq.decode_audio = False  # the caller gets codes; decoding the whole utterance would be wasted
         seq.on_frame = lambda _s, frame: loop.call_soon_threadsafe(frames.put_nowait, frame)
         seq.on_finish = lambda _s: loop.call_soon_threadsafe(frames.put_nowait, None)
         self._submit(seq)

@@ -59,6 +59,7 @@ class Sequence:
     max_frames: int
     on_frame: Callable[[Sequence, Tensor], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
+    decode_audio: bool = True  # False: the caller takes the frames (a stream of codes); no codec decode
     id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1

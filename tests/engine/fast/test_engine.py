@@ -369,3 +369,13 @@ def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
     seq = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY, on_frame=broken))
     run_to_end(engine, [seq])
     assert seq.error is None and torch.equal(codes_of(seq), expected)
+
+
+def test_a_request_that_takes_its_frames_is_not_decoded_to_audio(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
+    seq.decode_audio = False
+    run_to_end(engine, [engine.submit(seq)])
+    assert seq.frames and seq.audio is None and seq.finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
+    assert engine.codec_frames == 0
