@@ -125,6 +125,10 @@ class FastEngine:
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.stop_timeout_s = 30.0
+        self._shutdown = threading.Lock()  # who fails what is left at stop: stop() or a late step thread
+        self._loop_exited = False
+        self._abandoned = False
         self._thread: threading.Thread | None = None
         self._codec_thread: threading.Thread | None = None
         self._codec_queue: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
@@ -240,15 +244,29 @@ class FastEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop; requests still queued or running fail instead of waiting forever."""
+        """Stop the loop; requests still queued or running fail instead of waiting forever.
+
+        If the step thread is still inside a long step after `stop_timeout_s` (a compile, a hung
+        GPU), it is left to fail its requests itself when that step ends: two threads must never
+        touch the scheduler at once.
+        """
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=self.stop_timeout_s)
         if self._codec_thread is not None:
             self._codec_queue.put(None)
             self._codec_thread.join(timeout=60)
             self._codec_thread = None
+        with self._shutdown:
+            if thread is not None and not self._loop_exited:
+                self._abandoned = True
+                log.error("the fast engine's step thread did not stop in time; it fails its requests when it does")
+                return
+        self._fail_remaining()
+
+    def _fail_remaining(self) -> None:
         self._take_inbox()
         self._fail_all(RuntimeError("the model was unloaded while this request was in progress"))
 
@@ -264,6 +282,10 @@ class FastEngine:
                 except Exception as exc:  # fail the requests in flight, keep the engine alive
                     log.exception("fast engine step failed")
                     self._fail_all(exc)
+            with self._shutdown:
+                self._loop_exited = True
+                if self._abandoned:  # stop() gave up waiting for this thread
+                    self._fail_remaining()
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows."""

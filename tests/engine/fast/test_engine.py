@@ -379,3 +379,26 @@ def test_a_request_that_takes_its_frames_is_not_decoded_to_audio(load_tts):
     run_to_end(engine, [engine.submit(seq)])
     assert seq.frames and seq.audio is None and seq.finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
     assert engine.codec_frames == 0
+
+
+def test_a_step_thread_that_outlives_stop_fails_its_requests_itself(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    engine.stop_timeout_s = 0.05
+    step, in_step = engine.step, threading.Event()
+
+    def slow_step():
+        in_step.set()
+        time.sleep(0.5)  # longer than stop() waits
+        return step()
+
+    engine.step = slow_step
+    finished = threading.Event()
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY, on_finish=lambda _s: finished.set())
+    engine.start()
+    engine.submit(seq)
+    assert in_step.wait(5)
+    engine.stop()  # returns before the step ends; the request is not failed from this thread
+    assert not finished.is_set()
+    assert finished.wait(5)  # the step thread failed it once its step ended
+    assert "unloaded" in str(seq.error) and seq.finish_reason is FinishReason.CANCELLED
