@@ -1209,21 +1209,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "vram": "" if tiny else "1,32,64,128",
         "engines": "reference,fast" if tiny else f"reference,fast,{PEER}",  # the peer needs CUDA
     }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.sizes = ["tiny"] if tiny else [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if unknown := set(args.sizes) - set(MODEL_LABELS):
-        p.error(f"unknown sizes {sorted(unknown)}")
+    finish_args(p, args, defaults)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if unknown := set(args.engines) - {"reference", "fast", PEER}:
         p.error(f"unknown engines {sorted(unknown)}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.vram = [int(c) for c in args.vram.split(",") if c.strip()]
+    return args
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    """What this bench and `bench.peer_faster` do alike after parsing: fill unset options from
+    `defaults`, and turn --sizes, --concurrency and --dtype into a checked list, ints and a dtype."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.sizes = ["tiny"] if args.tiny else [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if unknown := set(args.sizes) - set(MODEL_LABELS):
+        p.error(f"unknown sizes {sorted(unknown)}")
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.dtype = getattr(torch, args.dtype)
-    return args
 
 
 _MERGED_SECTIONS = ("checks", "graph_checks", "fast_engine", "vram", "peer", "models")

@@ -74,6 +74,7 @@ from bench.bench_engines import (
     build_model,
     build_speech_tokenizer,
     dist_version,
+    finish_args,
     make_request,
     mixed_requests,
     model_config,
@@ -624,16 +625,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "budget_s": 300.0 if tiny else 540.0,
         "device": "cuda" if torch.cuda.is_available() and not tiny else "cpu",
     }
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.sizes = ["tiny"] if tiny else [s.strip() for s in args.sizes.split(",") if s.strip()]
-    if unknown := set(args.sizes) - set(MODEL_LABELS):
-        p.error(f"unknown sizes {sorted(unknown)}")
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    args.dtype = getattr(torch, args.dtype)
+    finish_args(p, args, defaults)
     return args
 
 
