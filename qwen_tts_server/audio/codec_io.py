@@ -1,56 +1,44 @@
-"""Audio bytes <-> float32 mono arrays, through libsndfile (soundfile) and soxr.
+"""Audio bytes <-> float32 mono arrays: decoding through libsndfile (soundfile), resampling through soxr.
 
-Everything the server reads or writes as audio goes through here, so format support and the
-error messages a client sees for bad audio live in one place.
+Everything the server reads as audio goes through here, so input format support and the error
+messages a client sees for bad audio live in one place. Writing audio lives in `encoders` (one
+streaming-capable encoder per output format); its names are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import soundfile as sf
 import soxr
 
+from qwen_tts_server.audio.encoders import (
+    AUDIO_FORMATS,
+    FILE_EXTENSIONS,
+    MEDIA_TYPES,
+    AudioFormat,
+    available_output_formats,
+    encode_audio,
+)
 from qwen_tts_server.errors import InvalidRequest
 
+__all__ = [
+    "ACCEPTED_INPUT_FORMATS",
+    "AUDIO_FORMATS",
+    "FILE_EXTENSIONS",
+    "MEDIA_TYPES",
+    "AudioFormat",
+    "DecodedAudio",
+    "available_output_formats",
+    "check_duration",
+    "decode_audio",
+    "encode_audio",
+    "resample",
+]
+
 ACCEPTED_INPUT_FORMATS = "WAV, FLAC, OGG (Vorbis or Opus) or MP3"
-
-AudioFormat = Literal["wav", "flac", "mp3", "opus", "pcm"]
-AUDIO_FORMATS: tuple[AudioFormat, ...] = get_args(AudioFormat)
-
-MEDIA_TYPES: dict[str, str] = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "opus": "audio/ogg",
-    "pcm": "audio/pcm",  # raw s16le mono at the model's rate; no header
-}
-FILE_EXTENSIONS: dict[str, str] = {
-    "wav": ".wav",
-    "flac": ".flac",
-    "mp3": ".mp3",
-    "opus": ".opus",
-    "pcm": ".pcm",
-}
-
-# libsndfile refuses other rates for these codecs; anything else is resampled to the fallback.
-_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
-_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
-_FALLBACK_RATE = 48000
-# libsndfile's OGG writer has crashed on very large single writes; chunking costs nothing.
-_WRITE_BLOCK = 16384
-
-# fmt -> (libsndfile major format, subtype, allowed sample rates or None for any)
-_SF_FORMATS: dict[str, tuple[str, str, tuple[int, ...] | None]] = {
-    "wav": ("WAV", "PCM_16", None),
-    "flac": ("FLAC", "PCM_16", None),
-    "mp3": ("MP3", "MPEG_LAYER_III", _MP3_RATES),
-    "opus": ("OGG", "OPUS", _OPUS_RATES),
-}
 
 
 @dataclass(frozen=True)
@@ -112,40 +100,3 @@ def resample(samples: np.ndarray, from_sr: int, to_sr: int) -> np.ndarray:
     if from_sr == to_sr:
         return samples
     return np.asarray(soxr.resample(samples, from_sr, to_sr), dtype=np.float32)
-
-
-@functools.cache
-def available_output_formats() -> tuple[AudioFormat, ...]:
-    """Output formats this libsndfile build can write (MP3 needs libsndfile >= 1.1)."""
-    formats = sf.available_formats()
-    out: list[AudioFormat] = []
-    for fmt in AUDIO_FORMATS:
-        spec = _SF_FORMATS.get(fmt)
-        if spec is None or (spec[0] in formats and spec[1] in sf.available_subtypes(spec[0])):
-            out.append(fmt)
-    return tuple(out)
-
-
-def encode_audio(samples: np.ndarray, sample_rate: int, fmt: AudioFormat) -> bytes:
-    """Encode mono float samples; opus/mp3 are resampled when the codec refuses the rate.
-
-    Raises InvalidRequest (field `response_format`) for a format this build cannot write.
-    """
-    x = np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    if fmt == "pcm":
-        return np.round(x * 32767.0).astype("<i2").tobytes()
-    if fmt not in _SF_FORMATS or fmt not in available_output_formats():
-        raise InvalidRequest(
-            f"response_format '{fmt}' is not available on this server; "
-            f"use one of: {', '.join(available_output_formats())}",
-            field="response_format",
-        )
-    major, subtype, rates = _SF_FORMATS[fmt]
-    if rates is not None and sample_rate not in rates:
-        x = np.clip(resample(x, sample_rate, _FALLBACK_RATE), -1.0, 1.0)
-        sample_rate = _FALLBACK_RATE
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, "w", samplerate=sample_rate, channels=1, format=major, subtype=subtype) as f:
-        for start in range(0, x.shape[0], _WRITE_BLOCK):
-            f.write(x[start : start + _WRITE_BLOCK])
-    return buf.getvalue()
