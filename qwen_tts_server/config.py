@@ -80,10 +80,38 @@ class Settings(BaseSettings):
         15.0, ge=0, description="Reference engine: how long to wait for other requests to merge."
     )
     max_items_per_request: int = Field(64, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
+    max_text_chars: int = Field(
+        20000, ge=1, description="Per item; text over `segment_chars` is generated as consecutive segments."
+    )
     max_instruct_chars: int = Field(1000, ge=1)
     max_audio_seconds: float = Field(300.0, gt=0, description="Upper bound on generated audio per item.")
     voice_cache_entries: int = Field(256, ge=1)
+    max_queue: int = Field(
+        256,
+        ge=0,
+        description="Items per model that may wait for an engine row; beyond it a request is refused at once "
+        "with 429 and Retry-After, and /ready reports the model saturated.",
+    )
+    segment_chars: int = Field(
+        300, ge=20, description="Long text is generated as consecutive segments of about this many characters."
+    )
+
+    # --- streaming and the OpenAI API ---
+    stream_first_chunk_frames: int = Field(
+        2, ge=1, description="Streaming: frames (80 ms each) in a stream's first audio chunk; later ones grow."
+    )
+    stream_chunk_frames: int = Field(
+        12, ge=1, description="Streaming: the largest chunk, in frames; chunks double from the first up to this."
+    )
+    ws_idle_timeout_s: float = Field(
+        60.0, gt=0, description="WebSocket: a client that sends nothing for this long is disconnected."
+    )
+    ws_max_message_bytes: int = Field(64 * 1024, ge=1024, description="WebSocket: largest client message.")
+    openai_default_model: str | None = Field(
+        None,
+        description="Model behind the OpenAI names tts-1, tts-1-hd and gpt-4o-mini-tts; unset: the default "
+        "model of the mode the request asks for.",
+    )
 
     # --- files ---
     data_dir: Path = Field(Path("data"), description="Uploaded and generated files, and their SQLite index.")

@@ -51,3 +51,21 @@ class ModelUnavailable(ServiceError):
 
     status_code = 503
     error_type = "model_unavailable"
+
+
+class Overloaded(ServiceError):
+    """The model's queue is full: try again after `retry_after_s` (sent as Retry-After)."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's own `timeout_s` passed; its work was cancelled."""
+
+    status_code = 504
+    error_type = "deadline_exceeded"

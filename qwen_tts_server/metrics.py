@@ -32,6 +32,15 @@ class Metrics:
             "qtts_model_load_seconds", "Time to resolve and load a model", ["model"], registry=r
         )
         self.voice_cache = Counter("qtts_voice_prompt_cache_total", "Voice prompt lookups", ["result"], registry=r)
+        self.finished = Counter(
+            "qtts_finished_total", "Utterances by how they ended: eos, length, cancelled", ["reason"], registry=r
+        )
+        self.rejected = Counter("qtts_rejected_total", "Requests refused with 429 (model at capacity)", registry=r)
+        self.disconnects = Counter(
+            "qtts_client_disconnects_total", "Requests whose client left before the end (work cancelled)", registry=r
+        )
+        self.deadlines = Counter("qtts_deadline_exceeded_total", "Requests cancelled at their timeout_s", registry=r)
+        self.streams = Gauge("qtts_streams", "Audio streams in progress (HTTP and WebSocket)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

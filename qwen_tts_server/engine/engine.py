@@ -9,10 +9,11 @@ on that thread as well (beside the fast engines' threads, not queued behind them
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,14 +21,25 @@ import torch
 
 from ..audio.sources import ReferenceAudio
 from ..config import Settings
-from ..errors import InvalidRequest, ModelUnavailable
+from ..errors import InvalidRequest, ModelUnavailable, Overloaded
 from ..metrics import Metrics
+from .admission import AdmissionGate
 from .batcher import Batcher
 from .fast.memory import WORKSPACE_BYTES, auto_slots, device_budget, row_bytes
 from .fast.runtime import FastRuntime
 from .reference import ReferenceRunner
 from .registry import LoadedModel, ModelRegistry
-from .types import FRAME_RATE_HZ, Mode, ModelInfo, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
+from .types import (
+    FRAME_RATE_HZ,
+    AudioChunk,
+    FinishReason,
+    Mode,
+    ModelInfo,
+    SamplingParams,
+    SynthesisItem,
+    SynthesisResult,
+    VoicePrompt,
+)
 from .voice_cache import VoicePromptCache
 from .voice_prompt import compute_voice_prompt
 
@@ -69,6 +81,7 @@ class TTSEngine:
         self.registry.on_unload = self._on_unload
         self._fast: dict[str, FastRuntime] = {}
         self._fast_locks: dict[str, asyncio.Lock] = {}
+        self.gate = AdmissionGate(settings.max_queue)
         self._in_flight = 0
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
@@ -93,6 +106,7 @@ class TTSEngine:
         return await self.registry.unload(name)
 
     def _on_unload(self, name: str) -> None:
+        self.gate.forget(name)
         runtime = self._fast.pop(name, None)
         if runtime is not None:
             self._close_later(runtime)
@@ -121,6 +135,8 @@ class TTSEngine:
                     admit_wait_s=s.admit_wait_ms / 1000,
                     codec_wait_s=s.codec_wait_ms / 1000,
                     compile=s.compile,
+                    stream_first_frames=s.stream_first_chunk_frames,
+                    stream_tick=s.stream_chunk_frames,
                 )
             except Exception as exc:  # e.g. out of memory for the KV cache
                 raise ModelUnavailable(
@@ -134,6 +150,7 @@ class TTSEngine:
             workspace = WORKSPACE_BYTES if runtime.engine.device.type == "cuda" else 0
             self.registry.add_memory(model.name, runtime.engine.cache_bytes + workspace)
             self._fast[model.name] = runtime
+            self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
             return runtime
 
     def _auto_slots(self, model: LoadedModel) -> int:
@@ -171,27 +188,75 @@ class TTSEngine:
     async def synthesize(
         self, model: LoadedModel, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams
     ) -> list[SynthesisResult]:
-        """Generate every item; items of one call stay in order and in as few batches as fit."""
+        """Generate every item; items of one call stay in order and in as few batches as fit.
+
+        Raises Overloaded (429) at once when the model has no room for them (see AdmissionGate)."""
         check_items(model.info, mode, items)
-        sampling = dataclasses.replace(sampling, max_new_tokens=self._frame_limit(model.info, sampling))
-        self._in_flight += len(items)
-        self.metrics.queue_depth.set(self._in_flight)
-        try:
+        sampling = dataclasses.replace(sampling, max_new_tokens=self.frame_limit(model.info, sampling))
+        with self._admitted(model.name, len(items)):
             if self.settings.engine == "fast":
                 async with self.registry.using(model):
                     runtime = await self.fast_runtime(model)
                     results = await runtime.generate(mode, items, sampling)
             else:
                 results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
-        finally:
-            self._in_flight -= len(items)
-            self.metrics.queue_depth.set(self._in_flight)
         for result in results:
-            self.metrics.items.labels(model=model.name, mode=mode.value).inc()
-            self.metrics.audio_seconds.labels(model=model.name, mode=mode.value).inc(result.duration_s)
+            self._count(model.name, mode, result.duration_s, result.finish_reason)
         return results
 
-    def _frame_limit(self, info: ModelInfo, sampling: SamplingParams) -> int:
+    async def stream(
+        self, model: LoadedModel, mode: Mode, item: SynthesisItem, sampling: SamplingParams
+    ) -> AsyncIterator[AudioChunk]:
+        """One item's audio in chunks as it is generated (the last carries the finish reason).
+
+        The fast engine streams; the reference engine has no frame stream, so its audio comes as one
+        chunk at the end. Closing the iterator early cancels the work."""
+        check_items(model.info, mode, [item])
+        sampling = dataclasses.replace(sampling, max_new_tokens=self.frame_limit(model.info, sampling))
+        with self._admitted(model.name, 1):
+            if self.settings.engine != "fast":
+                (result,) = await self.batcher.submit(BatchKey(model.name, mode, sampling), [item])
+                self._count(model.name, mode, result.duration_s, result.finish_reason)
+                yield AudioChunk(result.samples, result.frames)
+                yield AudioChunk(result.samples[:0], 0, finish_reason=result.finish_reason)
+                return
+            async with self.registry.using(model):
+                runtime = await self.fast_runtime(model)
+                seconds = 0.0
+                async for chunk in runtime.stream_audio(mode, item, sampling):
+                    seconds += len(chunk.samples) / runtime.sample_rate
+                    if chunk.finish_reason is not None:
+                        self._count(model.name, mode, seconds, chunk.finish_reason)
+                    yield chunk
+
+    @contextlib.contextmanager
+    def _admitted(self, model: str, items: int) -> Iterator[None]:
+        """Hold room for `items` in the model's admission gate; count refusals and cancellations."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.gate.admit(model, items))
+            except Overloaded:
+                self.metrics.rejected.inc()
+                raise
+            self._in_flight += items
+            self.metrics.queue_depth.set(self._in_flight)
+            try:
+                yield
+            except (asyncio.CancelledError, GeneratorExit):  # client gone, deadline, stream closed early
+                self.metrics.finished.labels(reason=FinishReason.CANCELLED.value).inc(items)
+                raise
+            finally:
+                self._in_flight -= items
+                self.metrics.queue_depth.set(self._in_flight)
+
+    def _count(self, model: str, mode: Mode, seconds: float, reason: FinishReason | None) -> None:
+        self.metrics.items.labels(model=model, mode=mode.value).inc()
+        self.metrics.audio_seconds.labels(model=model, mode=mode.value).inc(seconds)
+        self.metrics.finished.labels(reason=(reason or FinishReason.EOS).value).inc()
+
+    def frame_limit(self, info: ModelInfo, sampling: SamplingParams) -> int:
+        """Frames one utterance (one segment of a long text) may run to: the request's bound, else the
+        checkpoint's default, never over the server's cap."""
         cap = int(self.settings.max_audio_seconds * FRAME_RATE_HZ)
         wanted = sampling.max_new_tokens or info.max_new_tokens_default or DEFAULT_MAX_NEW_TOKENS
         return max(1, min(int(wanted), cap))

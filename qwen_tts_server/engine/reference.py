@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .registry import LoadedModel
-from .types import SAMPLES_PER_FRAME, Mode, SamplingParams, SynthesisItem, SynthesisResult, last_frames
+from .types import SAMPLES_PER_FRAME, FinishReason, Mode, SamplingParams, SynthesisItem, SynthesisResult, last_frames
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class ReferenceRunner:
             samples = np.asarray(wav, dtype=np.float32).reshape(-1)
             frames = int(round(len(samples) / SAMPLES_PER_FRAME))
             samples = last_frames(samples, frames)
-            results.append(SynthesisResult(samples=samples, sample_rate=int(sample_rate), frames=frames))
+            cut = sampling.max_new_tokens is not None and frames >= sampling.max_new_tokens
+            reason = FinishReason.LENGTH if cut else FinishReason.EOS
+            results.append(SynthesisResult(samples, int(sample_rate), frames, finish_reason=reason))
         return results
 
 

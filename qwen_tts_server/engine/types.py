@@ -22,6 +22,14 @@ def last_frames(samples: np.ndarray, frames: int) -> np.ndarray:
     return samples[max(0, len(samples) - frames * SAMPLES_PER_FRAME) :]
 
 
+class FinishReason(str, Enum):
+    """How a request ended. Audio cut at its frame limit is `length`, never reported as complete."""
+
+    EOS = "eos"  # the model ended the speech
+    LENGTH = "length"  # cut at the frame limit
+    CANCELLED = "cancelled"  # client gone, deadline passed, or the model unloaded
+
+
 class Mode(str, Enum):
     """What a request asks the model to do; each needs its own checkpoint kind."""
 
@@ -103,10 +111,21 @@ class SynthesisResult:
     samples: np.ndarray  # float32 mono
     sample_rate: int
     frames: int
+    finish_reason: FinishReason = FinishReason.EOS
 
     @property
     def duration_s(self) -> float:
         return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """A piece of one request's audio while it is generated. The last chunk of a stream carries its
+    `finish_reason` (and may be empty); the others carry None."""
+
+    samples: np.ndarray  # float32 mono
+    frames: int
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ codebook-0 sampling. A request that samples EOS, reaches its frame limit or is c
 once; the last running request moves into its row, so running requests always hold rows 0..n-1
 and a batch is the first rows of every tensor. Finished requests go to a codec thread, which
 decodes everything that finished since its last decode in bounded batches, on its own
-low-priority CUDA stream, so decoding never stalls the running streams' steps.
+low-priority CUDA stream, so decoding never stalls the running streams' steps (see codec_worker).
+Streaming requests hand the codec thread their frames in chunks while they run: a small first
+chunk at once, then everything new at each stream tick, the same steps for every stream, so one
+batched codec call decodes the chunks of all streams.
 
 Per-row state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
 text, sampling options) lives in static tensors, so the frame's tensor work takes no values back to
@@ -30,13 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..types import last_frames
+from ..types import FinishReason
 from .codec import CodecDecoder
+from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder
 from .model_runner import ModelRunner
 from .prompt import special_text_hiddens
 from .sampler import RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
-from .sequence import FinishReason, Sequence, SequenceSampling, SequenceStatus
+from .sequence import Sequence, SequenceSampling, SequenceStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,6 @@ KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 # switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
 # it that long each time: up to +5 ms a step.
 GIL_SWITCH_INTERVAL_S = 0.0005
-CODEC_GATHER = 8  # finished requests the codec thread waits for (at most codec_wait_s) under load
 
 
 def kv_buckets(max_len: int) -> list[int]:
@@ -79,6 +82,8 @@ class FastEngine:
         compile: bool = False,
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
+        stream_tick: int = 12,
+        chunk_decoder: ChunkDecoder | None = None,
     ) -> None:
         self.tts = tts
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
@@ -87,7 +92,7 @@ class FastEngine:
             self.sampler.enable_compile()
         self.scheduler = Scheduler(max_slots, max_prefill_tokens, admit_wait_s)
         self.max_len = max_len
-        self.codec_wait_s = codec_wait_s
+        self.stream_tick = stream_tick  # steps between streaming chunks (after each stream's first)
         self.codec = CodecDecoder(
             tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
         )
@@ -130,15 +135,30 @@ class FastEngine:
         self._loop_exited = False
         self._abandoned = False
         self._thread: threading.Thread | None = None
-        self._codec_thread: threading.Thread | None = None
-        self._codec_queue: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
+        self.codec_worker = CodecWorker(
+            self.codec,
+            chunk_decoder or ContextChunkDecoder(self.codec),
+            device=device,
+            stream=self.codec_stream,
+            wait_s=codec_wait_s,
+            busy=lambda: bool(self.scheduler.running),
+            finish=self._finish,
+        )
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
-        # Host seconds spent in each part of the loop; "codec" runs on its own thread, and
-        # `codec_frames` counts what it decoded, so codec throughput can be read on its own.
-        self.seconds = {"prefill": 0.0, "frame": 0.0, "codec": 0.0}
-        self.codec_frames = 0
+        # Host seconds spent in the step's parts; the codec's are `codec_worker.seconds`.
+        self._seconds = {"prefill": 0.0, "frame": 0.0}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Host seconds in each part of the loop; "codec" runs on its own thread."""
+        return {**self._seconds, "codec": self.codec_worker.seconds}
+
+    @property
+    def codec_frames(self) -> int:
+        """Frames decoded to audio so far, so codec throughput can be read on its own."""
+        return self.codec_worker.frames
 
     @property
     def cache_bytes(self) -> int:
@@ -239,8 +259,7 @@ class FastEngine:
         if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
             sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # process-wide, and only ever lowered
         self._thread = threading.Thread(target=self._loop, name="qtts-fast-engine", daemon=True)
-        self._codec_thread = threading.Thread(target=self._codec_loop, name="qtts-codec", daemon=True)
-        self._codec_thread.start()
+        self.codec_worker.start()
         self._thread.start()
 
     def stop(self) -> None:
@@ -255,10 +274,7 @@ class FastEngine:
         thread = self._thread
         if thread is not None:
             thread.join(timeout=self.stop_timeout_s)
-        if self._codec_thread is not None:
-            self._codec_queue.put(None)
-            self._codec_thread.join(timeout=60)
-            self._codec_thread = None
+        self.codec_worker.stop()
         with self._shutdown:
             if thread is not None and not self._loop_exited:
                 self._abandoned = True
@@ -299,6 +315,7 @@ class FastEngine:
     def step(self) -> list[Sequence]:
         """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
         finished = self._take_inbox()
+        chunks: list[CodecJob] = []
         t0 = time.perf_counter()
         try:
             self._compact()
@@ -309,6 +326,7 @@ class FastEngine:
             running = list(self.scheduler.running)
             if running:
                 self._decode_frame(running, finished)
+                chunks = self._stream_chunks(running)
                 self.steps += 1
         except BaseException as exc:
             # Requests already released this step (cancelled, or finished before the failure) are
@@ -318,12 +336,9 @@ class FastEngine:
             self._deliver(finished)
             raise
         t2 = time.perf_counter()
-        self._deliver(finished)
-        t3 = time.perf_counter()
-        self.seconds["prefill"] += t1 - t0
-        self.seconds["frame"] += t2 - t1
-        if self._codec_thread is None:
-            self.seconds["codec"] += t3 - t2  # decoded inline; otherwise the codec thread counts it
+        self._deliver(finished, chunks)
+        self._seconds["prefill"] += t1 - t0
+        self._seconds["frame"] += t2 - t1
         return finished
 
     def _take_inbox(self) -> list[Sequence]:
@@ -522,77 +537,35 @@ class FastEngine:
                 column[idx] = torch.tensor(values[name], dtype=column.dtype, device=self.device)
 
     # ----- results -----
-    def _deliver(self, finished: list[Sequence]) -> None:
-        """Hand finished requests to the codec thread (or, with no threads running, decode here)."""
-        done = [s for s in finished if s.finish_reason is not FinishReason.CANCELLED and s.frames and s.decode_audio]
+    def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:
+        """Chunks of the streams still running: a stream's first `first_frames` as soon as they
+        exist, later everything new on tick steps (the same steps for all streams: one codec call)."""
+        tick = self.steps % self.stream_tick == 0
+        jobs = []
+        for seq in running:
+            stream = seq.stream
+            if stream is None or seq.status is SequenceStatus.FINISHED:
+                continue
+            new = seq.num_frames - stream.sent
+            if (stream.sent == 0 and new >= stream.first_frames) or (stream.sent > 0 and tick and new > 0):
+                jobs.append(CodecJob(seq, stream.sent, seq.num_frames))
+                stream.sent = seq.num_frames
+        return jobs
+
+    def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:
+        """Hand streaming chunks and finished requests to the codec thread (or, with no threads
+        running, decode here); requests with nothing to decode finish at once."""
+        jobs = list(chunks or [])
         for seq in finished:
-            if seq not in done:
+            ended = seq.finish_reason is not FinishReason.CANCELLED and seq.frames
+            if ended and seq.stream is not None:
+                jobs.append(CodecJob(seq, seq.stream.sent, seq.num_frames, final=True))
+                seq.stream.sent = seq.num_frames
+            elif ended and seq.decode_audio:
+                jobs.append(CodecJob(seq, 0, seq.num_frames, final=True))
+            else:
                 self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
-        if not done:
-            return
-        if self._codec_thread is not None:
-            self._codec_queue.put(done)
-        else:
-            self._decode_and_finish(done)
-
-    def _codec_loop(self) -> None:
-        """Decode whatever has finished since the last decode, in batches of bounded size."""
-        with _on_stream(self.codec_stream):
-            while (batch := self._codec_queue.get()) is not None:
-                batch = self._gather_codec(batch)
-                t0 = time.perf_counter()
-                self._decode_and_finish(batch)
-                self.seconds["codec"] += time.perf_counter() - t0
-
-    def _gather_codec(self, batch: list[Sequence]) -> list[Sequence]:
-        """Add what else finished, waiting up to `codec_wait_s` for `CODEC_GATHER` requests while
-        other requests are still running: one row at a time, the codec uses the GPU several times
-        less efficiently than eight at a time, and under steady load that GPU time comes out of
-        every running stream. With nothing else running there is no wait."""
-        deadline = time.perf_counter() + self.codec_wait_s
-        while True:
-            left = deadline - time.perf_counter()
-            busy = bool(self.scheduler.running)  # read from another thread: a hint, not a promise
-            try:
-                if len(batch) < CODEC_GATHER and busy and left > 0:
-                    more = self._codec_queue.get(timeout=left)
-                else:
-                    more = self._codec_queue.get_nowait()
-            except queue.Empty:
-                return batch
-            if more is None:
-                self._codec_queue.put(None)  # stop after this batch
-                return batch
-            batch += more
-
-    def _decode_and_finish(self, seqs: list[Sequence]) -> None:
-        """Decode (in bounded batches, see CodecDecoder) and hand every request back. If a batch
-        fails, each request is retried alone, so one bad request fails only itself."""
-        try:
-            self._decode_audio(seqs)
-        except Exception:
-            log.exception("codec decode failed; retrying its requests one by one")
-            for seq in seqs:
-                try:
-                    self._decode_audio([seq])
-                except Exception as exc:
-                    seq.error = exc
-        for seq in seqs:
-            self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
-
-    def _decode_audio(self, seqs: list[Sequence]) -> None:
-        batch = []
-        for seq in seqs:
-            if seq.ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(seq.ready)  # the reference codes
-            codes = torch.stack(seq.frames)
-            ref = seq.prompt.ref_code
-            if ref is not None:  # ICL clones decode after the reference's codes, then drop that part
-                codes = torch.cat((ref.to(codes.device, codes.dtype), codes))
-            batch.append(codes)
-        for seq, samples in zip(seqs, self.codec.decode(batch), strict=True):
-            seq.audio = last_frames(samples, seq.num_frames)
-        self.codec_frames += sum(seq.num_frames for seq in seqs)
+        self.codec_worker.put(jobs)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED

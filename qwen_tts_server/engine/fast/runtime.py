@@ -1,4 +1,4 @@
-"""The asyncio face of one model's fast engine: submit items, await audio or stream frames.
+"""The asyncio face of one model's fast engine: submit items, await audio, or stream audio or frames.
 
 The engine loop runs on its own thread; results and frames come back to the event loop through
 `call_soon_threadsafe`. A caller that goes away (task cancelled) cancels its requests, which frees
@@ -12,13 +12,14 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from ...errors import InvalidRequest
-from ..types import Mode, SamplingParams, SynthesisItem, SynthesisResult
+from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisResult
 from .engine import FastEngine
 from .prompt import prompt_for_item
-from .sequence import Sequence, SequenceSampling
+from .sequence import AudioStream, Sequence, SequenceSampling
 
 # Upstream's hard defaults, used where the checkpoint's generation_config says nothing.
 _DEFAULTS = {
@@ -67,8 +68,11 @@ class FastRuntime:
         admit_wait_s: float = 0.0,
         codec_wait_s: float = 0.0,
         compile: bool = False,
+        stream_first_frames: int = 2,
+        stream_tick: int = 12,
     ) -> None:
         self.tts = tts
+        self.stream_first_frames = stream_first_frames
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
         on_cuda = tts.model.talker.codec_head.weight.device.type == "cuda"
         self.engine = FastEngine(
@@ -78,6 +82,7 @@ class FastRuntime:
             max_prefill_tokens=max_prefill_tokens,
             admit_wait_s=admit_wait_s,
             codec_wait_s=codec_wait_s,
+            stream_tick=stream_tick,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
         )
         # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.
@@ -101,7 +106,31 @@ class FastRuntime:
             for seq in seqs:
                 self.engine.cancel(seq)
             raise
-        return [SynthesisResult(samples=s.audio, sample_rate=self.sample_rate, frames=s.num_frames) for s in done]
+        return [SynthesisResult(s.audio, self.sample_rate, s.num_frames, finish_reason=s.finish_reason) for s in done]
+
+    async def stream_audio(
+        self, mode: Mode, item: SynthesisItem, sampling: SamplingParams
+    ) -> AsyncIterator[AudioChunk]:
+        """One request's audio in chunks as it is generated; the last chunk carries the finish reason.
+        Leaving the loop early (client gone) cancels the request: its row frees at the next step."""
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+        seq = await self._sequence(mode, item, sampling)
+        seq.stream = AudioStream(
+            on_audio=lambda _s, audio: loop.call_soon_threadsafe(chunks.put_nowait, audio),
+            first_frames=self.stream_first_frames,
+        )
+        seq.on_finish = lambda _s: loop.call_soon_threadsafe(chunks.put_nowait, None)
+        self._submit(seq)
+        try:
+            while (audio := await chunks.get()) is not None:
+                yield AudioChunk(audio, frames=len(audio) // self.engine.codec.samples_per_frame)
+            if seq.error is not None:
+                raise seq.error
+            yield AudioChunk(np.zeros(0, dtype=np.float32), frames=0, finish_reason=seq.finish_reason)
+        finally:
+            if seq.finish_reason is None:
+                self.engine.cancel(seq)
 
     async def stream(self, mode: Mode, item: SynthesisItem, sampling: SamplingParams) -> AsyncIterator[Tensor]:
         """One request's codec frames ([16] codes each) as they are produced."""

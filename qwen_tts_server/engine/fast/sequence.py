@@ -10,7 +10,10 @@ from typing import Any
 
 from torch import Tensor
 
+from ..types import FinishReason
 from .prompt import Prompt
+
+__all__ = ["AudioStream", "FinishReason", "Sequence", "SequenceSampling", "SequenceStatus"]
 
 _ids = itertools.count()
 
@@ -19,12 +22,6 @@ class SequenceStatus(str, Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(str, Enum):
-    EOS = "eos"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,23 @@ class SequenceSampling:
 
 
 @dataclass(eq=False)
+class AudioStream:
+    """A request whose audio goes out while it is generated, chunk by chunk.
+
+    The step thread hands the codec thread the first `first_frames` frames as soon as they exist
+    (a small first chunk: the listener hears audio at once), then everything new at each stream tick
+    (every `FastEngine.stream_tick` steps, the same steps for every stream), so the chunks of all
+    streams are decoded together, one batched codec call per tick. `on_audio` runs on the codec
+    thread with each chunk's float32 samples, in order; the last chunk comes before `on_finish`.
+    """
+
+    on_audio: Callable[[Sequence, Any], None]
+    first_frames: int = 2
+    sent: int = 0  # frames handed to the codec so far
+    state: Any = None  # the chunk decoder's per-stream state (decoder caches), made on first use
+
+
+@dataclass(eq=False)
 class Sequence:
     """A request from admission to its last frame.
 
@@ -60,6 +74,7 @@ class Sequence:
     on_frame: Callable[[Sequence, Tensor], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
     decode_audio: bool = True  # False: the caller takes the frames (a stream of codes); no codec decode
+    stream: AudioStream | None = None  # set: audio goes out in chunks as it is generated
     id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1

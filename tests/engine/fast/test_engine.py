@@ -324,40 +324,6 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts):
         assert seq.num_frames == min(len(codes), seq.max_frames)
 
 
-def test_the_codec_waits_for_company_only_while_others_run(load_tts):
-    """Finished requests are decoded together: while requests are running the codec thread waits
-    (up to codec_wait_s) for more to finish; with nothing running it decodes at once."""
-    tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
-    first, second, running = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:3])
-
-    engine.scheduler.running.append(running)
-    threading.Timer(0.05, engine._codec_queue.put, args=([second],)).start()
-    t0 = time.perf_counter()
-    assert engine._gather_codec([first]) == [first, second]
-    assert 0.45 < time.perf_counter() - t0 < 1.0  # fewer than CODEC_GATHER: it waited out the window
-
-    engine.scheduler.running.clear()
-    t0 = time.perf_counter()
-    assert engine._gather_codec([first]) == [first]
-    assert time.perf_counter() - t0 < 0.05  # nothing running: no wait
-
-    engine._codec_queue.put(None)
-    assert engine._gather_codec([first]) == [first]
-    assert engine._codec_queue.get_nowait() is None  # the stop signal is kept for the loop
-
-
-def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
-    tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256)
-    good, bad = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
-    good.frames = [torch.full((16,), 7) for _ in range(3)]
-    bad.frames = [torch.full((16,), 10**6) for _ in range(3)]  # no such code: the codec raises
-    engine._decode_and_finish([good, bad])
-    assert good.error is None and np.asarray(good.audio).size == 3 * 1920
-    assert bad.error is not None and bad.status is SequenceStatus.FINISHED
-
-
 def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
     tts = load_tts(CUSTOM)
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, custom_items()[:1], GREEDY)[0]

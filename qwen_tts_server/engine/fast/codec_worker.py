@@ -1,0 +1,223 @@
+"""The codec thread: frames to audio, off the step thread, batched across requests.
+
+The step thread hands over jobs; this thread decodes them on its own low-priority CUDA stream, so a
+burst of decoding yields the GPU to the next frame instead of stalling the running streams. Two
+kinds of job share each batch:
+
+- whole: a finished request that wants its utterance in one piece (decoded with everything else
+  that finished since the last decode; under load it waits up to `wait_s` for company, since the
+  codec is several times more efficient eight rows at a time than one);
+- chunk: frames [start, end) of a streaming request. Chunks never wait: the step thread already
+  lines the streams' chunks up on the same steps (stream ticks), so one call decodes them all.
+
+A job marked `final` finishes its request after its audio is delivered, so a stream's last chunk
+always reaches the caller before `on_finish`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..types import FinishReason, last_frames
+from .codec import CodecDecoder
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+GATHER = 8  # finished requests a whole-utterance decode waits for (at most wait_s) under load
+
+
+@dataclass(eq=False)
+class CodecJob:
+    seq: Sequence
+    start: int = 0  # first frame of this job's audio
+    end: int = 0  # one past its last frame
+    final: bool = False  # the request has ended: finish it once this job's audio is delivered
+
+    @property
+    def is_chunk(self) -> bool:
+        return self.seq.stream is not None
+
+
+class ChunkDecoder(Protocol):
+    """Decodes streaming chunks: each job's frames [start, end) to (end - start) frames of audio."""
+
+    def decode_chunks(self, jobs: list[CodecJob]) -> list[np.ndarray]: ...
+
+
+class ContextChunkDecoder:
+    """Re-decodes each chunk after up to `context` frames that came before it (the reference codes
+    for an ICL clone's first chunks) and keeps only the chunk's own audio. Stateless, and it shares
+    the whole-utterance decoder's CUDA graphs; the price is decoding the context again each chunk,
+    and a small difference from whole decode where the decoder's receptive field reaches further
+    back than the context."""
+
+    def __init__(self, codec: CodecDecoder, context: int = 25) -> None:
+        self.codec = codec
+        self.context = context
+
+    def decode_chunks(self, jobs: list[CodecJob]) -> list[np.ndarray]:
+        codes = [self._codes(job) for job in jobs]
+        audio = self.codec.decode(codes)
+        return [last_frames(samples, job.end - job.start) for samples, job in zip(audio, jobs, strict=True)]
+
+    def _codes(self, job: CodecJob) -> torch.Tensor:
+        first = max(0, job.start - self.context)
+        codes = torch.stack(job.seq.frames[first : job.end])
+        ref = job.seq.prompt.ref_code
+        missing = self.context - (job.start - first)
+        if ref is not None and missing > 0:
+            codes = torch.cat((ref[-missing:].to(codes.device, codes.dtype), codes))
+        return codes
+
+
+class CodecWorker:
+    def __init__(
+        self,
+        whole: CodecDecoder,
+        chunks: ChunkDecoder,
+        *,
+        device: torch.device,
+        stream: Any,
+        wait_s: float,
+        busy: Callable[[], bool],
+        finish: Callable[[Sequence, FinishReason], None],
+    ) -> None:
+        self.whole = whole
+        self.chunks = chunks
+        self.device = device
+        self.stream = stream  # a CUDA stream, or None
+        self.wait_s = wait_s
+        self._busy = busy  # other requests are running (read across threads: a hint)
+        self._finish = finish
+        self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.seconds = 0.0  # host seconds spent decoding
+        self.frames = 0  # frames decoded (whole and chunks)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="qtts-codec", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=timeout_s)
+            self._thread = None
+
+    def put(self, jobs: list[CodecJob]) -> None:
+        """Queue jobs for the codec thread, or, with no thread running, decode them here."""
+        if not jobs:
+            return
+        if self._thread is not None:
+            self._queue.put(jobs)
+        else:
+            self.run(jobs)
+
+    def _loop(self) -> None:
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        with ctx:
+            while (jobs := self._queue.get()) is not None:
+                jobs = self._gather(jobs)
+                t0 = time.perf_counter()
+                self.run(jobs)
+                self.seconds += time.perf_counter() - t0
+
+    def _gather(self, jobs: list[CodecJob]) -> list[CodecJob]:
+        """Add whatever else is queued; wait for more only when every job is a whole utterance and
+        others are still running (see the module docstring)."""
+        deadline = time.perf_counter() + self.wait_s
+        while True:
+            left = deadline - time.perf_counter()
+            wait = not any(j.is_chunk for j in jobs) and len(jobs) < GATHER and self._busy() and left > 0
+            try:
+                more = self._queue.get(timeout=left) if wait else self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if more is None:
+                self._queue.put(None)  # stop after this batch
+                return jobs
+            jobs += more
+
+    def run(self, jobs: list[CodecJob]) -> None:
+        """Decode every job (a failing batch is retried job by job, so one bad request fails only
+        itself), deliver chunks, then finish the requests that ended."""
+        for job in jobs:
+            if job.seq.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(job.seq.ready)  # the reference codes
+        whole = [j for j in jobs if not j.is_chunk]
+        live = [j for j in jobs if j.is_chunk and (j.final or j.seq.status is not SequenceStatus.FINISHED)]
+        self._guarded(self._decode_whole, whole)
+        for part in _rounds(live):  # a stream's chunks in order, never two of one stream in a call
+            self._guarded(self._decode_chunks, part)
+        for job in jobs:
+            if job.final:
+                self._finish(job.seq, job.seq.finish_reason or FinishReason.CANCELLED)
+
+    def _guarded(self, decode: Callable[[list[CodecJob]], None], jobs: list[CodecJob]) -> None:
+        if not jobs:
+            return
+        try:
+            decode(jobs)
+            return
+        except Exception as exc:
+            log.exception("codec decode failed" + ("; retrying its requests one by one" if len(jobs) > 1 else ""))
+            if len(jobs) == 1:
+                jobs[0].seq.error = exc
+                return
+        for job in jobs:
+            try:
+                decode([job])
+            except Exception as exc:
+                job.seq.error = exc
+
+    def _decode_whole(self, jobs: list[CodecJob]) -> None:
+        batch = []
+        for job in jobs:
+            codes = torch.stack(job.seq.frames)
+            ref = job.seq.prompt.ref_code
+            if ref is not None:  # ICL clones decode after the reference's codes, then drop that part
+                codes = torch.cat((ref.to(codes.device, codes.dtype), codes))
+            batch.append(codes)
+        for job, samples in zip(jobs, self.whole.decode(batch), strict=True):
+            job.seq.audio = last_frames(samples, job.seq.num_frames)
+        self.frames += sum(job.seq.num_frames for job in jobs)
+
+    def _decode_chunks(self, jobs: list[CodecJob]) -> None:
+        nonempty = [j for j in jobs if j.end > j.start]
+        audio = self.chunks.decode_chunks(nonempty) if nonempty else []
+        self.frames += sum(j.end - j.start for j in nonempty)
+        for job, samples in zip(nonempty, audio, strict=True):
+            stream = job.seq.stream
+            assert stream is not None
+            try:
+                stream.on_audio(job.seq, samples)
+            except Exception:  # a caller's callback must not take the codec thread down
+                log.exception("on_audio callback failed")
+
+
+def _rounds(jobs: list[CodecJob]) -> list[list[CodecJob]]:
+    """Split jobs into calls in which each request appears at most once, keeping each one's order."""
+    rounds: list[list[CodecJob]] = []
+    depth: dict[int, int] = {}
+    for job in jobs:
+        i = depth.get(job.seq.id, 0)
+        depth[job.seq.id] = i + 1
+        if i == len(rounds):
+            rounds.append([])
+        rounds[i].append(job)
+    return rounds

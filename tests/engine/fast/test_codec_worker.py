@@ -1,0 +1,140 @@
+"""The codec thread's jobs: whole utterances gathered under load, streaming chunks batched per tick."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import torch
+
+from qwen_tts_server.engine.fast.codec_worker import CodecJob, ContextChunkDecoder
+from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
+from qwen_tts_server.engine.types import Mode, SamplingParams
+
+from .test_engine import CUSTOM, GREEDY, custom_items, make_seq, run_to_end
+
+# Streamed audio re-decodes a bounded left context, so it differs from whole decode where the codec's
+# receptive field reaches further back: the tiny codec keeps the difference below this (audio RMS ~0.2).
+CONTEXT_TOLERANCE = 0.05
+
+
+def test_the_codec_waits_for_company_only_while_others_run(load_tts):
+    """Whole utterances are decoded together: while requests are running the codec thread waits (up to
+    wait_s) for more to finish; with nothing running it decodes at once; chunks never wait."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
+    worker = engine.codec_worker
+    first, second, running = (
+        CodecJob(make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY), final=True) for item in custom_items()[:3]
+    )
+
+    engine.scheduler.running.append(running.seq)
+    threading.Timer(0.05, worker._queue.put, args=([second],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([first]) == [first, second]
+    assert 0.45 < time.perf_counter() - t0 < 1.0  # fewer than GATHER: it waited out the window
+
+    chunk = CodecJob(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY))
+    chunk.seq.stream = AudioStream(on_audio=lambda *_: None)
+    t0 = time.perf_counter()
+    assert worker._gather([chunk]) == [chunk]
+    assert time.perf_counter() - t0 < 0.05  # a streaming chunk: no wait even under load
+
+    engine.scheduler.running.clear()
+    t0 = time.perf_counter()
+    assert worker._gather([first]) == [first]
+    assert time.perf_counter() - t0 < 0.05  # nothing running: no wait
+
+    worker._queue.put(None)
+    assert worker._gather([first]) == [first]
+    assert worker._queue.get_nowait() is None  # the stop signal is kept for the loop
+
+
+def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    good, bad = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
+    good.frames = [torch.full((16,), 7) for _ in range(3)]
+    bad.frames = [torch.full((16,), 10**6) for _ in range(3)]  # no such code: the codec raises
+    good.finish_reason = bad.finish_reason = FinishReason.LENGTH
+    engine.codec_worker.run([CodecJob(good, 0, 3, final=True), CodecJob(bad, 0, 3, final=True)])
+    assert good.error is None and np.asarray(good.audio).size == 3 * 1920
+    assert bad.error is not None and bad.status is SequenceStatus.FINISHED
+    assert good.status is SequenceStatus.FINISHED and good.finish_reason is FinishReason.LENGTH
+
+
+class CountingDecoder(ContextChunkDecoder):
+    """The real chunk decoder, counting its calls and the chunks in each."""
+
+    def __init__(self, codec):
+        super().__init__(codec)
+        self.calls: list[int] = []
+
+    def decode_chunks(self, jobs):
+        self.calls.append(len(jobs))
+        return super().decode_chunks(jobs)
+
+
+def streaming_seq(tts, item, frames: int, chunks: list, finished: list, first_frames: int = 2):
+    sampling = SamplingParams(seed=3, max_new_tokens=frames)
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, item, sampling, on_finish=finished.append)
+    seq.sampling = dataclasses.replace(seq.sampling, min_frames=frames + 1)  # no EOS: runs to its limit
+    seq.stream = AudioStream(on_audio=lambda _s, audio: chunks.append(audio), first_frames=first_frames)
+    return seq
+
+
+def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=4)
+    chunks, finished = [], []
+    seq = engine.submit(streaming_seq(tts, custom_items()[0], 23, chunks, finished))
+    engine.step()  # prefill + frame 1
+    assert chunks == []
+    engine.step()  # frame 2: the first chunk goes out at once
+    assert [len(c) for c in chunks] == [2 * 1920]
+    run_to_end(engine, [seq])
+    sizes = [len(c) // 1920 for c in chunks]
+    assert sum(sizes) == 23 and finished == [seq] and seq.finish_reason is FinishReason.LENGTH
+    assert max(sizes[1:-1]) <= 4  # later chunks: what is new at each tick
+    whole = engine.codec.decode([torch.stack(seq.frames)])[0]
+    streamed = np.concatenate(chunks)
+    assert streamed.shape == whole.shape
+    assert np.abs(streamed - whole).max() < CONTEXT_TOLERANCE
+    assert np.allclose(streamed[: 2 * 1920], whole[: 2 * 1920], atol=1e-5)  # no context yet: exact
+
+
+def test_all_streams_chunks_are_decoded_in_one_call_per_tick(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=3)
+    counter = CountingDecoder(engine.codec)
+    engine.codec_worker.chunks = counter
+    outputs = [[] for _ in range(4)]
+    finished: list = []
+    seqs = []
+    for i, item in enumerate(custom_items()):  # joining one step apart
+        seqs.append(engine.submit(streaming_seq(tts, item, 20, outputs[i], finished)))
+        engine.step()
+    engine.step()  # the last stream's first chunk
+    counter.calls.clear()
+    for _ in range(9):
+        engine.step()
+    assert counter.calls == [4, 4, 4]  # every third step, all four streams together
+    run_to_end(engine, seqs)
+    assert all(sum(len(c) for c in out) == 20 * 1920 for out in outputs)
+
+
+def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_tick=2)
+    chunks, finished = [], []
+    seq = engine.submit(streaming_seq(tts, custom_items()[3], 200, chunks, finished))
+    for _ in range(6):
+        engine.step()
+    heard = len(chunks)
+    engine.cancel(seq)
+    engine.step()
+    assert finished == [seq] and seq.finish_reason is FinishReason.CANCELLED
+    assert not engine.scheduler.has_work and len(chunks) == heard
