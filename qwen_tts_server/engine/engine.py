@@ -137,6 +137,7 @@ class TTSEngine:
                     compile=s.compile,
                     stream_first_frames=s.stream_first_chunk_frames,
                     stream_tick=s.stream_chunk_frames,
+                    stream_decoder=s.stream_decoder,
                 )
             except Exception as exc:  # e.g. out of memory for the KV cache
                 raise ModelUnavailable(

@@ -28,9 +28,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..types import FinishReason, last_frames
+from ..types import SAMPLES_PER_FRAME, FinishReason, last_frames
 from .codec import CodecDecoder
 from .sequence import Sequence, SequenceStatus
+from .stream_codec import StreamingDecoder
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,41 @@ class ContextChunkDecoder:
         if ref is not None and missing > 0:
             codes = torch.cat((ref[-missing:].to(codes.device, codes.dtype), codes))
         return codes
+
+
+class StatefulChunkDecoder:
+    """Carries each stream's decoder state from chunk to chunk (stream_codec): exactly the audio of
+    a whole decode, and no context decoded twice. An ICL clone's state is primed once with the
+    reference codes (their audio discarded), as whole decode puts them in front."""
+
+    def __init__(self, decoder: StreamingDecoder, sizes: tuple[int, ...] = ()) -> None:
+        self.decoder = decoder
+        self.sizes = sorted(sizes)  # chunk lengths with captured graphs
+
+    def decode_chunks(self, jobs: list[CodecJob]) -> list[np.ndarray]:
+        states = [self._state(job.seq) for job in jobs]
+        codes = [self._codes(job) for job in jobs]
+        audio = self.decoder.decode(states, codes)
+        return [samples[: (job.end - job.start) * SAMPLES_PER_FRAME] for samples, job in zip(audio, jobs, strict=True)]
+
+    def _codes(self, job: CodecJob) -> torch.Tensor:
+        """A stream's last chunk is padded to a graphed length: the decoder is causal, so the padding
+        changes none of the chunk's samples (they are cut off after), and the state is not used again."""
+        codes = torch.stack(job.seq.frames[job.start : job.end])
+        size = next((n for n in self.sizes if n >= len(codes)), len(codes))
+        if job.final and size > len(codes):
+            codes = torch.cat((codes, codes.new_zeros(size - len(codes), codes.shape[1])))
+        return codes
+
+    def _state(self, seq: Sequence) -> Any:
+        stream = seq.stream
+        assert stream is not None
+        if stream.state is None:
+            stream.state = self.decoder.new_state()
+            ref = seq.prompt.ref_code
+            if ref is not None:
+                self.decoder.decode([stream.state], [ref.to(torch.long).cpu()])
+        return stream.state
 
 
 class CodecWorker:

@@ -35,12 +35,13 @@ from torch import Tensor
 
 from ..types import FinishReason
 from .codec import CodecDecoder
-from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder
+from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .model_runner import ModelRunner
 from .prompt import special_text_hiddens
 from .sampler import RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceSampling, SequenceStatus
+from .stream_codec import StreamingDecoder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class FastEngine:
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
         stream_tick: int = 12,
-        chunk_decoder: ChunkDecoder | None = None,
+        stream_first_frames: int = 2,
+        stream_decoder: str = "stateful",
     ) -> None:
         self.tts = tts
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
@@ -93,6 +95,7 @@ class FastEngine:
         self.scheduler = Scheduler(max_slots, max_prefill_tokens, admit_wait_s)
         self.max_len = max_len
         self.stream_tick = stream_tick  # steps between streaming chunks (after each stream's first)
+        self.stream_first_frames = stream_first_frames
         self.codec = CodecDecoder(
             tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
         )
@@ -135,9 +138,15 @@ class FastEngine:
         self._loop_exited = False
         self._abandoned = False
         self._thread: threading.Thread | None = None
+        self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
+        chunks: ChunkDecoder = (
+            StatefulChunkDecoder(self.streaming_decoder, (stream_first_frames, stream_tick))
+            if self.streaming_decoder is not None
+            else ContextChunkDecoder(self.codec)
+        )
         self.codec_worker = CodecWorker(
             self.codec,
-            chunk_decoder or ContextChunkDecoder(self.codec),
+            chunks,
             device=device,
             stream=self.codec_stream,
             wait_s=codec_wait_s,
@@ -196,12 +205,26 @@ class FastEngine:
         except RuntimeError:
             log.exception("codec graph capture failed; codec decode continues without graphs")
             self.codec.use_graphs = False
+        self._capture_stream_decoder()
         if self.graphs is None:
             return
         try:
             self.graphs.capture_all(plans)
         except RuntimeError:
             self._drop_graphs()
+
+    def _capture_stream_decoder(self) -> None:
+        """On CUDA, graph the streaming decoder for the chunk sizes every stream produces (its first
+        chunk, then one tick's frames) at a few batch sizes; other sizes run eagerly."""
+        if self.streaming_decoder is None or not self.codec.use_graphs:
+            return
+        rows = sorted({r for r in (1, 4, 16, 64) if r < self.scheduler.max_slots} | {self.scheduler.max_slots})
+        try:
+            for frames in sorted({self.stream_first_frames, self.stream_tick}):
+                for count in rows:
+                    self.streaming_decoder.capture(count, frames)
+        except RuntimeError:
+            log.exception("streaming decoder graph capture failed; streaming chunks decode eagerly")
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
         """Run every compiled path once per sampling variant, at two batch sizes (the first
@@ -539,17 +562,17 @@ class FastEngine:
     # ----- results -----
     def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:
         """Chunks of the streams still running: a stream's first `first_frames` as soon as they
-        exist, later everything new on tick steps (the same steps for all streams: one codec call)."""
-        tick = self.steps % self.stream_tick == 0
+        exist, then every `stream_tick` frames. Two chunk sizes only, so every chunk decode is a
+        captured graph; the codec thread decodes all chunks queued since its last call together."""
         jobs = []
         for seq in running:
             stream = seq.stream
             if stream is None or seq.status is SequenceStatus.FINISHED:
                 continue
-            new = seq.num_frames - stream.sent
-            if (stream.sent == 0 and new >= stream.first_frames) or (stream.sent > 0 and tick and new > 0):
-                jobs.append(CodecJob(seq, stream.sent, seq.num_frames))
-                stream.sent = seq.num_frames
+            size = stream.first_frames if stream.sent == 0 else self.stream_tick
+            if seq.num_frames - stream.sent >= size:
+                jobs.append(CodecJob(seq, stream.sent, stream.sent + size))
+                stream.sent += size
         return jobs
 
     def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:

@@ -70,6 +70,7 @@ class FastRuntime:
         compile: bool = False,
         stream_first_frames: int = 2,
         stream_tick: int = 12,
+        stream_decoder: str = "stateful",
     ) -> None:
         self.tts = tts
         self.stream_first_frames = stream_first_frames
@@ -83,6 +84,8 @@ class FastRuntime:
             admit_wait_s=admit_wait_s,
             codec_wait_s=codec_wait_s,
             stream_tick=stream_tick,
+            stream_first_frames=stream_first_frames,
+            stream_decoder=stream_decoder,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
         )
         # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.

@@ -7,17 +7,20 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 
-from qwen_tts_server.engine.fast.codec_worker import CodecJob, ContextChunkDecoder
+from qwen_tts_server.engine.fast.codec_worker import CodecJob
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
 from qwen_tts_server.engine.types import Mode, SamplingParams
 
 from .test_engine import CUSTOM, GREEDY, custom_items, make_seq, run_to_end
 
-# Streamed audio re-decodes a bounded left context, so it differs from whole decode where the codec's
-# receptive field reaches further back: the tiny codec keeps the difference below this (audio RMS ~0.2).
+# The stateful decoder carries the codec's causal state across chunks: whole decode up to float32
+# rounding. The context decoder re-decodes a bounded left context, so it differs where the codec's
+# receptive field reaches further back: the tiny codec keeps that below this (audio RMS ~0.2).
+STATEFUL_TOLERANCE = 1e-4
 CONTEXT_TOLERANCE = 0.05
 
 
@@ -66,16 +69,16 @@ def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
     assert good.status is SequenceStatus.FINISHED and good.finish_reason is FinishReason.LENGTH
 
 
-class CountingDecoder(ContextChunkDecoder):
-    """The real chunk decoder, counting its calls and the chunks in each."""
+class CountingDecoder:
+    """Wraps the engine's real chunk decoder, counting its calls and the chunks in each."""
 
-    def __init__(self, codec):
-        super().__init__(codec)
+    def __init__(self, inner):
+        self.inner = inner
         self.calls: list[int] = []
 
     def decode_chunks(self, jobs):
         self.calls.append(len(jobs))
-        return super().decode_chunks(jobs)
+        return self.inner.decode_chunks(jobs)
 
 
 def streaming_seq(tts, item, frames: int, chunks: list, finished: list, first_frames: int = 2):
@@ -86,9 +89,10 @@ def streaming_seq(tts, item, frames: int, chunks: list, finished: list, first_fr
     return seq
 
 
-def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_tts):
+@pytest.mark.parametrize("decoder", ["stateful", "context"])
+def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_tts, decoder):
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=4)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=4, stream_decoder=decoder)
     chunks, finished = [], []
     seq = engine.submit(streaming_seq(tts, custom_items()[0], 23, chunks, finished))
     engine.step()  # prefill + frame 1
@@ -98,31 +102,30 @@ def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_
     run_to_end(engine, [seq])
     sizes = [len(c) // 1920 for c in chunks]
     assert sum(sizes) == 23 and finished == [seq] and seq.finish_reason is FinishReason.LENGTH
-    assert max(sizes[1:-1]) <= 4  # later chunks: what is new at each tick
+    assert sizes[:-1] == [2] + [4] * (len(sizes) - 2) and sizes[-1] <= 4  # first, then fixed-size chunks
     whole = engine.codec.decode([torch.stack(seq.frames)])[0]
     streamed = np.concatenate(chunks)
     assert streamed.shape == whole.shape
-    assert np.abs(streamed - whole).max() < CONTEXT_TOLERANCE
+    tolerance = STATEFUL_TOLERANCE if decoder == "stateful" else CONTEXT_TOLERANCE
+    assert np.abs(streamed - whole).max() < tolerance
     assert np.allclose(streamed[: 2 * 1920], whole[: 2 * 1920], atol=1e-5)  # no context yet: exact
 
 
-def test_all_streams_chunks_are_decoded_in_one_call_per_tick(load_tts):
+@pytest.mark.parametrize("decoder", ["stateful", "context"])
+def test_streams_chunks_are_decoded_together_in_two_sizes(load_tts, decoder):
+    """A first chunk, then chunks of one size: streams that run together decode in one call per round,
+    and only the last chunk of a stream is shorter (padded to a graphed size by the stateful decoder)."""
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=3)
-    counter = CountingDecoder(engine.codec)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=3, stream_decoder=decoder)
+    counter = CountingDecoder(engine.codec_worker.chunks)
     engine.codec_worker.chunks = counter
     outputs = [[] for _ in range(4)]
     finished: list = []
-    seqs = []
-    for i, item in enumerate(custom_items()):  # joining one step apart
-        seqs.append(engine.submit(streaming_seq(tts, item, 20, outputs[i], finished)))
-        engine.step()
-    engine.step()  # the last stream's first chunk
-    counter.calls.clear()
-    for _ in range(9):
-        engine.step()
-    assert counter.calls == [4, 4, 4]  # every third step, all four streams together
+    seqs = [engine.submit(streaming_seq(tts, item, 20, outputs[i], finished)) for i, item in enumerate(custom_items())]
     run_to_end(engine, seqs)
+    assert counter.calls == [4] * len(counter.calls) and len(counter.calls) == 7  # 2 + 6 x 3 frames, then the rest
+    for out in outputs:
+        assert [len(c) // 1920 for c in out] == [2, 3, 3, 3, 3, 3, 3]
     assert all(sum(len(c) for c in out) == 20 * 1920 for out in outputs)
 
 

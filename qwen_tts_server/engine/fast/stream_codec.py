@@ -1,0 +1,393 @@
+"""Streaming codec decode: frames to audio chunk by chunk, exactly as one whole decode would.
+
+The 12 Hz decoder is causal end to end, so the audio of frames [a, b) depends only on frames < b.
+Re-decoding each chunk with a bounded left context (upstream's `chunked_decode`, 25 frames) is an
+approximation, since the receptive field (sliding-window attention over 72 frames, then many
+dilated convolutions) is longer, and it redoes the context's work on every chunk. Here the decoder's
+causal state is carried from one chunk to the next instead:
+
+* every causal convolution keeps the last `padding` samples of its input (zeros at the start,
+  which is exactly upstream's left zero padding; every such convolution has stride 1, so upstream
+  adds no right padding);
+* every causal transposed convolution keeps the part of its output that overlaps the next input
+  frame (upstream trims these `kernel - stride` samples on the right; the next chunk's first
+  outputs are the sum of that tail and their own contribution);
+* every transformer layer keeps the post-RoPE keys and values of the last `window - 1` positions
+  (upstream's sliding window of 72 includes the query itself: key j is seen by query i when
+  i - 72 < j <= i) and the stream's absolute position, for RoPE and for how much of the window
+  holds real frames.
+
+Streams are decoded together: those whose chunks have the same length run as one batch, each row at
+its own position (its own RoPE angles and window mask). A stream's state is one flat tensor on the
+decoder's device, so a batch gathers all of its streams' states with one `stack`, and the rows of the
+batch's new state become the streams' states without a copy. Nothing in `decode` waits for the
+device except the final copy of the audio to the host, and on CUDA a (batch, chunk length) bucket
+can be captured as one graph (`capture`), because every input and output of the step is a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
+    Qwen3TTSTokenizerV2CausalConvNet,
+    Qwen3TTSTokenizerV2CausalTransConvNet,
+    Qwen3TTSTokenizerV2ConvNeXtBlock,
+    Qwen3TTSTokenizerV2DecoderDecoderBlock,
+    Qwen3TTSTokenizerV2DecoderDecoderResidualUnit,
+    Qwen3TTSTokenizerV2DecoderTransformerLayer,
+    SnakeBeta,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+from torch import Tensor, nn
+
+
+@dataclass
+class DecoderState:
+    """One stream's causal state: every carried tensor packed in `flat` ([state_size], the decoder's
+    dtype and device), the absolute position of its next frame as a 0-d long tensor on the device
+    (so no host value enters the step), and the same count on the host."""
+
+    flat: Tensor
+    position: Tensor
+    frames: int = 0
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where one carried tensor lives in a stream's flat state."""
+
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class _StateIO:
+    """Views of a batch's old and new states, per module (or (layer, "k"/"v") for the caches)."""
+
+    def __init__(self, slots: dict[Any, _Slot], old: Tensor, new: Tensor) -> None:
+        self.slots = slots
+        self.old = old
+        self.new = new
+
+    def _view(self, flat: Tensor, key: Any) -> Tensor:
+        slot = self.slots[key]
+        # A column range of a [B, S] tensor: its last dim is contiguous, so this is a view, not a copy.
+        return flat[:, slot.offset : slot.offset + slot.size].view(flat.shape[0], *slot.shape)
+
+    def read(self, key: Any) -> Tensor:
+        return self._view(self.old, key)
+
+    def write(self, key: Any, value: Tensor) -> None:
+        self._view(self.new, key).copy_(value)
+
+
+def _layout(decoder: nn.Module) -> tuple[dict[Any, _Slot], int]:
+    """Every carried tensor of the decoder and its place in a flat state; checks that the module is
+    the architecture this file replays (stride-1 causal convolutions, unpadded transposed ones,
+    sliding-window attention)."""
+    slots: dict[Any, _Slot] = {}
+    offset = 0
+
+    def add(key: Any, shape: tuple[int, ...]) -> None:
+        nonlocal offset
+        slots[key] = _Slot(offset, shape)
+        offset += math.prod(shape)
+
+    for module in decoder.modules():
+        if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
+            if module.stride != 1:
+                raise ValueError("streaming decode assumes stride-1 causal convolutions (no right padding)")
+            if module.padding > 0:
+                add(module, (module.conv.in_channels, module.padding))
+        elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
+            conv = module.conv
+            if conv.padding[0] != 0 or conv.output_padding[0] != 0 or module.left_pad != 0:
+                raise ValueError("streaming decode assumes unpadded transposed convolutions")
+            if module.right_pad != conv.kernel_size[0] - conv.stride[0]:
+                raise ValueError("streaming decode assumes a right trim of kernel - stride")
+            if module.right_pad > 0:
+                add(module, (conv.out_channels, module.right_pad))
+    transformer = decoder.pre_transformer
+    config = transformer.config
+    if config.sliding_window is None:
+        raise ValueError("streaming decode needs the transformer's sliding window (bounded state)")
+    past = int(config.sliding_window) - 1
+    for layer in transformer.layers[: config.num_hidden_layers]:
+        if layer.attention_type != "sliding_attention":
+            raise ValueError(f"unexpected attention type {layer.attention_type!r}")
+        attn = layer.self_attn
+        shape = (config.num_key_value_heads, past, attn.head_dim)
+        add((layer, "k"), shape)
+        add((layer, "v"), shape)
+    return slots, offset
+
+
+class StreamingDecoder:
+    """Exact chunked decode of the 12 Hz codec decoder (upstream `Qwen3TTSTokenizerV2Decoder`),
+    carrying its causal state across chunks. Reuses the module's weights and submodules; only the
+    forward, which threads the state, is ours.
+
+    `decode(states, codes)` returns, for any split of a stream's codes into chunks, audio equal (up
+    to float rounding) to the matching samples of `decoder(whole_codes)`.
+    """
+
+    def __init__(self, decoder: nn.Module) -> None:
+        self.decoder = decoder
+        param = next(decoder.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        self.samples_per_frame = int(decoder.total_upsample)
+        self.num_quantizers = int(decoder.config.num_quantizers)
+        self.past = int(decoder.pre_transformer.config.sliding_window) - 1
+        self.slots, self.state_size = _layout(decoder)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool: Any = None
+
+    # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def new_state(self) -> DecoderState:
+        """A stream before its first frame: zero history, as upstream's causal zero padding."""
+        return DecoderState(
+            flat=torch.zeros(self.state_size, dtype=self.dtype, device=self.device),
+            position=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+
+    def decode(self, states: list[DecoderState], codes: list[Tensor]) -> list[np.ndarray]:
+        """Each stream's next chunk ([T_i, 16] codes) to its T_i x 1920 float32 samples, updating
+        each state in place. Streams with equal T_i run as one batch; each stream may appear once."""
+        if len(states) != len(codes):
+            raise ValueError("one code chunk per state")
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a stream can decode only one chunk per call")
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(codes):
+            if c.dim() != 2 or c.shape[1] != self.num_quantizers:
+                raise ValueError(f"codes must be [T, {self.num_quantizers}], got {tuple(c.shape)}")
+            groups.setdefault(int(c.shape[0]), []).append(i)
+        out = [np.zeros(0, dtype=np.float32) for _ in codes]
+        pending: list[tuple[list[int], Tensor]] = []
+        with torch.inference_mode():
+            for frames, idx in groups.items():
+                if frames > 0:
+                    wav = self._decode_group([states[i] for i in idx], [codes[i] for i in idx])
+                    pending.append((idx, wav))
+        for idx, wav in pending:  # every group is queued before the first wait
+            audio = wav.float().cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = audio[row]
+        return out
+
+    @torch.inference_mode()
+    def capture(self, rows: int, frames: int) -> None:
+        """Capture the step for `rows` streams (or fewer: spare rows are computed and ignored) with
+        chunks of `frames` frames as one CUDA graph; `decode` then replays it for such groups."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA decoder")
+        if (rows, frames) not in self._graphs:
+            self._graphs[rows, frames] = _Graph(self, rows, frames)
+            self._pool = self._graphs[rows, frames].graph.pool()
+
+    # ------------------------------------------------------------------ batching
+
+    def _decode_group(self, states: list[DecoderState], codes: list[Tensor]) -> Tensor:
+        """One batch of streams with equal chunk lengths; returns their audio [n, T x 1920] on the device."""
+        frames = int(codes[0].shape[0])
+        batch = torch.stack(codes).transpose(1, 2)  # [n, 16, T]
+        graph = self._graph_for(len(states), frames)
+        if graph is not None:
+            return graph.run(states, batch)
+        flat = torch.stack([s.flat for s in states])
+        position = torch.stack([s.position for s in states])
+        wav, new_flat, new_position = self.step(flat, position, batch.to(self.device, non_blocking=True))
+        self._adopt(states, new_flat, new_position, frames)
+        return wav[:, 0]
+
+    def _graph_for(self, rows: int, frames: int) -> _Graph | None:
+        fits = [r for r, t in self._graphs if t == frames and r >= rows]
+        return self._graphs[min(fits), frames] if fits else None
+
+    @staticmethod
+    def _adopt(states: list[DecoderState], flat: Tensor, position: Tensor, frames: int) -> None:
+        """The batch's new state rows become the streams' states (views: no copy)."""
+        for row, state in enumerate(states):
+            state.flat = flat[row]
+            state.position = position[row]
+            state.frames += frames
+
+    # ------------------------------------------------------------------ the stateful forward
+
+    def step(self, flat: Tensor, position: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Decoder forward over one chunk: states [B, S] and positions [B] in, codes [B, 16, T];
+        returns audio [B, 1, T x 1920] (clamped as upstream), the new states and positions. Pure
+        function of tensors (no host values), so it can be captured in a CUDA graph."""
+        dec = self.decoder
+        io = _StateIO(self.slots, flat, torch.empty_like(flat))
+        hidden = dec.quantizer.decode(codes)
+        hidden = self._conv(dec.pre_conv, hidden, io).transpose(1, 2)
+        hidden = self._transformer(hidden, position, io).permute(0, 2, 1)
+        for blocks in dec.upsample:
+            for block in blocks:
+                hidden = self._run(block, hidden, io)
+        for block in dec.decoder:
+            hidden = self._run(block, hidden, io)
+        return hidden.clamp(min=-1, max=1), io.new, position + codes.shape[-1]
+
+    def _run(self, module: nn.Module, x: Tensor, io: _StateIO) -> Tensor:
+        """Upstream's module forward, with the causal ones swapped for their stateful versions."""
+        if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
+            return self._conv(module, x, io)
+        if isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
+            return self._trans_conv(module, x, io)
+        if isinstance(module, Qwen3TTSTokenizerV2ConvNeXtBlock):
+            return self._convnext(module, x, io)
+        if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit):
+            return self._residual_unit(module, x, io)
+        if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderBlock):
+            for sub in module.block:
+                x = self._run(sub, x, io)
+            return x
+        if isinstance(module, SnakeBeta):
+            return module(x)
+        raise TypeError(f"no streaming forward for {type(module).__name__}")
+
+    @staticmethod
+    def _conv(module: Qwen3TTSTokenizerV2CausalConvNet, x: Tensor, io: _StateIO) -> Tensor:
+        """Causal conv: the carried last `padding` input samples stand in for the left zero padding."""
+        if module.padding == 0:
+            return module.conv(x)
+        full = torch.cat([io.read(module), x], dim=-1)
+        io.write(module, full[..., -module.padding :])
+        return module.conv(full)
+
+    @staticmethod
+    def _trans_conv(module: Qwen3TTSTokenizerV2CausalTransConvNet, x: Tensor, io: _StateIO) -> Tensor:
+        """Causal transposed conv: upstream trims the last kernel - stride samples, which are exactly
+        the part the next input frame also writes to. Carry them (without bias) into the next chunk."""
+        conv = module.conv
+        out = F.conv_transpose1d(x, conv.weight, None, stride=conv.stride, groups=conv.groups, dilation=conv.dilation)
+        emitted = x.shape[-1] * conv.stride[0]
+        tail = module.right_pad
+        if tail > 0:
+            out[..., :tail] += io.read(module)
+            io.write(module, out[..., emitted:])
+        out = out[..., :emitted]
+        if conv.bias is not None:
+            out = out + conv.bias[:, None]
+        return out
+
+    def _convnext(self, block: Qwen3TTSTokenizerV2ConvNeXtBlock, x: Tensor, io: _StateIO) -> Tensor:
+        h = self._conv(block.dwconv, x, io).permute(0, 2, 1)
+        h = block.pwconv2(block.act(block.pwconv1(block.norm(h))))
+        return x + (block.gamma * h).permute(0, 2, 1)
+
+    def _residual_unit(self, unit: Qwen3TTSTokenizerV2DecoderDecoderResidualUnit, x: Tensor, io: _StateIO) -> Tensor:
+        h = self._conv(unit.conv1, unit.act1(x), io)
+        return x + self._conv(unit.conv2, unit.act2(h), io)
+
+    # ------------------------------------------------------------------ transformer
+
+    def _transformer(self, x: Tensor, position: Tensor, io: _StateIO) -> Tensor:
+        """Upstream's pre-transformer (input/output projections, final norm) over one chunk, each row at
+        its own absolute positions, attending to its carried window."""
+        model = self.decoder.pre_transformer
+        hidden = model.input_proj(x)
+        frames = hidden.shape[1]
+        positions = position[:, None] + torch.arange(frames, device=hidden.device)
+        cos, sin = model.rotary_emb(hidden, positions)
+        mask = self._window_mask(position, frames)
+        for layer in model.layers[: model.config.num_hidden_layers]:
+            hidden = self._layer(layer, hidden, cos, sin, mask, io)
+        return model.output_proj(model.norm(hidden))
+
+    def _window_mask(self, position: Tensor, frames: int) -> Tensor:
+        """[B, 1, T, past + T] boolean: query i (cache index past + i) sees cache indices
+        i..past + i, i.e. itself and the `past` = window - 1 positions before it, except cached
+        slots from before the stream's start (cache index < past - position)."""
+        keys = torch.arange(self.past + frames, device=position.device)
+        queries = torch.arange(frames, device=position.device)[:, None]
+        band = (keys >= queries) & (keys <= queries + self.past)  # [T, past + T]
+        filled = keys[None, :] >= (self.past - position)[:, None]  # [B, past + T]
+        return (band[None] & filled[:, None])[:, None]
+
+    def _layer(
+        self,
+        layer: Qwen3TTSTokenizerV2DecoderTransformerLayer,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        io: _StateIO,
+    ) -> Tensor:
+        """Upstream's layer (pre-norm attention and MLP, each with LayerScale on the residual branch)."""
+        h = self._attention(layer, layer.input_layernorm(x), cos, sin, mask, io)
+        x = x + layer.self_attn_layer_scale(h)
+        return x + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(x)))
+
+    def _attention(
+        self,
+        layer: Qwen3TTSTokenizerV2DecoderTransformerLayer,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor,
+        io: _StateIO,
+    ) -> Tensor:
+        attn = layer.self_attn
+        batch, frames, _ = x.shape
+        shape = (batch, frames, -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # keys are cached post-RoPE, at absolute positions
+        k = torch.cat([io.read((layer, "k")), k], dim=2)
+        v = torch.cat([io.read((layer, "v")), v], dim=2)
+        if self.past > 0:
+            io.write((layer, "k"), k[:, :, -self.past :])
+            io.write((layer, "v"), v[:, :, -self.past :])
+        groups = attn.num_key_value_groups
+        out = F.scaled_dot_product_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=attn.scaling
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, frames, -1))
+
+
+class _Graph:
+    """One captured (rows, frames) step: static state, position and code inputs and outputs."""
+
+    def __init__(self, owner: StreamingDecoder, rows: int, frames: int) -> None:
+        device = owner.device
+        self.frames = frames
+        self.flat = torch.zeros(rows, owner.state_size, dtype=owner.dtype, device=device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)
+        self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            owner.step(self.flat, self.position, self.codes)  # warm-up: kernel choices, workspaces
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=owner._pool, capture_error_mode="thread_local"):
+            self.wav, self.new_flat, self.new_position = owner.step(self.flat, self.position, self.codes)
+
+    def run(self, states: list[DecoderState], codes: Tensor) -> Tensor:
+        """Replay for len(states) <= rows streams; returns their audio [n, T x 1920], copied out of
+        the graph's buffers (the next replay overwrites them), and adopts their new states."""
+        n = len(states)
+        torch.stack([s.flat for s in states], out=self.flat[:n])
+        torch.stack([s.position for s in states], out=self.position[:n])
+        self.codes[:n].copy_(codes, non_blocking=True)
+        self.graph.replay()
+        StreamingDecoder._adopt(states, self.new_flat[:n].clone(), self.new_position[:n].clone(), self.frames)
+        return self.wav[:n, 0].clone()

@@ -1,0 +1,162 @@
+"""Streaming codec decode, chunk by chunk with carried state, equals upstream's decode of the whole
+code sequence: for any split into chunks, for streams batched at different positions, after ICL
+priming, and past the transformer's attention window."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
+
+CUSTOM = "Qwen3-TTS-12Hz-0.6B-CustomVoice"
+SPF = 1920  # samples per codec frame
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def decoder(load_tts: Callable[[str], Any]) -> nn.Module:
+    return load_tts(CUSTOM).model.speech_tokenizer.model.decoder
+
+
+@pytest.fixture(scope="module")
+def sharp_decoder(decoder: nn.Module) -> nn.Module:
+    """The tiny decoder with its transformer made to matter: the tiny checkpoint's LayerScale of 0.01
+    leaves attention so faint that a window off by one moves the audio by only ~1e-4, under the
+    tolerance. With full-scale residual branches and sharp attention it moves it by ~1e-2."""
+    sharp = copy.deepcopy(decoder)
+    with torch.no_grad():
+        for layer in sharp.pre_transformer.layers:
+            layer.self_attn_layer_scale.scale.fill_(1.0)
+            layer.mlp_layer_scale.scale.fill_(1.0)
+            layer.self_attn.q_proj.weight.mul_(30.0)
+    return sharp
+
+
+def random_codes(frames: int, seed: int) -> Tensor:
+    return torch.randint(0, 2048, (frames, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def whole_decode(decoder: nn.Module, codes: Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return decoder(codes.T[None])[0, 0].numpy()
+
+
+def stream(streaming: StreamingDecoder, codes: Tensor, split: list[int]) -> np.ndarray:
+    """Decode one stream chunk by chunk; the concatenated audio."""
+    assert sum(split) == codes.shape[0]
+    state = streaming.new_state()
+    parts, start = [], 0
+    for n in split:
+        (wav,) = streaming.decode([state], [codes[start : start + n]])
+        assert wav.dtype == np.float32 and wav.shape == (n * SPF,)
+        parts.append(wav)
+        start += n
+    assert state.frames == codes.shape[0] and int(state.position) == codes.shape[0]
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [[69], [1, 3, 8, 25, 25, 7], [2, 12, 12, 12, 12, 12, 7], [1] * 20 + [49], [4, 25, 25, 15]],
+)
+def test_any_split_equals_the_whole_decode(decoder: nn.Module, sharp_decoder: nn.Module, split: list[int]) -> None:
+    codes = random_codes(sum(split), seed=1)
+    for module in (decoder, sharp_decoder):
+        ours = stream(StreamingDecoder(module), codes, split)
+        np.testing.assert_allclose(ours, whole_decode(module, codes), atol=ATOL, rtol=0)
+
+
+def test_long_stream_beyond_the_attention_window(sharp_decoder: nn.Module) -> None:
+    """200 frames in chunks of 12: the sliding window (72) fills, then slides; RoPE positions grow."""
+    codes = random_codes(200, seed=2)
+    ours = stream(StreamingDecoder(sharp_decoder), codes, [12] * 16 + [8])
+    np.testing.assert_allclose(ours, whole_decode(sharp_decoder, codes), atol=ATOL, rtol=0)
+
+
+def test_streams_at_different_positions_decode_together(sharp_decoder: nn.Module) -> None:
+    """Three streams, started at different times, share batches once their chunk lengths agree; each
+    stream's audio equals its own whole decode."""
+    streaming = StreamingDecoder(sharp_decoder)
+    codes = [random_codes(n, seed=10 + i) for i, n in enumerate((110, 97, 51))]
+    states = [streaming.new_state() for _ in codes]
+    audio: list[list[np.ndarray]] = [[] for _ in codes]
+    done = [0, 0, 0]
+
+    def step(chunks: dict[int, int]) -> None:
+        idx = list(chunks)
+        wavs = streaming.decode([states[i] for i in idx], [codes[i][done[i] : done[i] + chunks[i]] for i in idx])
+        for i, wav in zip(idx, wavs, strict=True):
+            audio[i].append(wav)
+            done[i] += chunks[i]
+
+    step({0: 2})
+    step({0: 12, 1: 2})  # different lengths: two groups in one call
+    step({0: 12, 1: 12, 2: 1})
+    for _ in range(3):
+        step({0: 25, 1: 25, 2: 12})  # streams 0 and 1 in one batch at positions 26.. and 14..
+    step({0: 9, 1: 8, 2: 8})  # 1 and 2 batched at positions 89 and 37
+    step({2: 6})
+    assert done == [110, 97, 51]
+    for c, parts in zip(codes, audio, strict=True):
+        np.testing.assert_allclose(np.concatenate(parts), whole_decode(sharp_decoder, c), atol=ATOL, rtol=0)
+
+
+def test_icl_priming_with_reference_codes(sharp_decoder: nn.Module) -> None:
+    """Voice cloning decodes reference + generated codes and drops the reference's audio: prime the
+    stream with the reference (audio discarded), then stream the generated codes."""
+    streaming = StreamingDecoder(sharp_decoder)
+    ref, generated = random_codes(40, seed=20), random_codes(60, seed=21)
+    state = streaming.new_state()
+    streaming.decode([state], [ref])
+    parts, start = [], 0
+    for n in (2, 12, 12, 25, 9):
+        parts.append(streaming.decode([state], [generated[start : start + n]])[0])
+        start += n
+    whole = whole_decode(sharp_decoder, torch.cat([ref, generated]))
+    np.testing.assert_allclose(np.concatenate(parts), whole[ref.shape[0] * SPF :], atol=ATOL, rtol=0)
+
+
+def test_empty_chunks_and_bad_shapes(decoder: nn.Module) -> None:
+    streaming = StreamingDecoder(decoder)
+    state = streaming.new_state()
+    (wav,) = streaming.decode([state], [torch.zeros(0, 16, dtype=torch.long)])
+    assert wav.shape == (0,) and state.frames == 0
+    with pytest.raises(ValueError):
+        streaming.decode([state], [torch.zeros(3, 8, dtype=torch.long)])
+    with pytest.raises(ValueError):
+        streaming.decode([state, state], [random_codes(2, 0), random_codes(2, 1)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_eager_and_graphs_equal_the_whole_decode(sharp_decoder: nn.Module) -> None:
+    """On the GPU (fp32), eager and graphed: streams batched at different positions, graphs fed fewer
+    streams than their rows, each stream equal to its own whole decode."""
+    cuda = copy.deepcopy(sharp_decoder).cuda()
+    codes = [random_codes(n, seed=30 + i) for i, n in enumerate((74, 74, 62))]
+    with torch.inference_mode():
+        wholes = [cuda(c.T[None].cuda())[0, 0].cpu().numpy() for c in codes]
+    plan = [{0: 2, 1: 2}, {0: 12, 1: 12, 2: 2}] + [{0: 12, 1: 12, 2: 12}] * 5  # stream 2 starts later
+    for graphs in (False, True):
+        streaming = StreamingDecoder(cuda)
+        if graphs:
+            streaming.capture(4, 2)
+            streaming.capture(4, 12)
+        states = [streaming.new_state() for _ in codes]
+        audio: list[list[np.ndarray]] = [[] for _ in codes]
+        done = [0, 0, 0]
+        for chunks in plan:
+            idx = list(chunks)
+            chunk_codes = [codes[i][done[i] : done[i] + chunks[i]].cuda() for i in idx]
+            for i, wav in zip(idx, streaming.decode([states[i] for i in idx], chunk_codes), strict=True):
+                audio[i].append(wav)
+                done[i] += chunks[i]
+        assert done == [74, 74, 62]
+        for parts, whole in zip(audio, wholes, strict=True):
+            np.testing.assert_allclose(np.concatenate(parts), whole, atol=ATOL, rtol=0)
