@@ -1,0 +1,1192 @@
+"""End to end through the real server: concurrent HTTP and WebSocket clients against `qwen-tts-server serve`.
+
+Starts the REAL server process (`python -m qwen_tts_server.cli serve`) on a checkpoint folder, loads the
+model through the real loading code (`POST /api/v1/models/<name>/load`; a full-size random checkpoint is
+written first by `bench.checkpoint` if the folder lacks it), warms it up, and drives it from this process
+with asyncio clients (httpx with a large connection pool; `websockets`):
+
+* streaming: `POST /v1/audio/speech` (OpenAI's speech API), `response_format: pcm`, `stream_format: audio`,
+  read as a byte stream; each chunk's arrival time and size is recorded (pcm s16le 24 kHz mono: audio
+  seconds = bytes / 48000). Without that route, `POST /api/v1/custom-voice` with `"stream": true`.
+* whole (non-streaming): `POST /api/v1/custom-voice`, `response_format: pcm`, `return_audio_inline: true`:
+  the native API as its clients use it (the server also encodes and stores the file); the audio comes back
+  base64 in the JSON.
+* WebSocket: `/v1/audio/speech/stream` (`session.config`, `input.text` pieces, `input.done`; binary audio
+  messages until `session.done`).
+
+Every request asks for exactly `--frames` codec frames (default 100 = 8 s; random weights never emit EOS)
+of a fixed text of a few sentences (one segment), with its own seed.
+
+Runs: one request at a time (`single`, the median of `--single-requests`); per concurrency C, a burst of C
+requests at once and a closed loop of C clients (each sends its next request when the last one ends; their
+first starts spread over one request's lifetime, as measured in the warm-up, so that the loop reaches a
+steady mix instead of moving in lockstep bursts) for `--loop-rounds` rounds or `--loop-seconds`. The
+headline keys (`..._c64`) come from the closed loop, measured in its steady window: from the first request's
+end (ramp-up over) to the last request's start (all clients still busy). Aggregate audio-s/s = audio
+bytes that arrived in that window / its length (whole responses: those that ended in it); first-audio and
+latency percentiles over the requests started in it.
+
+First audio (ttfa) is the first audio byte at the client, from just before the request is sent (WebSocket:
+before the connection opens). Stutter: a player starts a stream at its first byte and plays in real time;
+a stream starves when chunk i arrives after the audio received before it has played out; the gap is
+max_i(t_i - (t_first + seconds_received_before_i)), clipped at 0, per stream; reported: the worst over all
+streams, the p95 of per-stream worsts, and how many streams ever starved.
+
+Warm-up (not measured, reported as `warmup_s`): the first request (compile and graph capture), then
+`--warmup-rounds` bursts at every concurrency of every run. Budget: `--max-seconds` from start; a section
+that would not fit is skipped, and the JSON is rewritten after every section, so a run cut short keeps
+what it measured.
+
+Writes `<out>/<date>-<card>-http.json` and replaces the section of `docs/benchmarks.md` between
+`<!-- http-bench:start -->` and `<!-- http-bench:end -->` (`--docs`; re-render from a JSON with
+`--update-docs RESULT.json`). `--targets` prints met/missed.
+
+CPU smoke run (tiny checkpoint, a few seconds):
+    .venv/bin/python -m bench.bench_http --size tiny --models-dir /tmp/m --concurrency 2 --frames 6 \
+        --device cpu --out /tmp/r --docs /tmp/r/benchmarks.md
+On the lent GPU: see bench/device_setup.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+T_START = time.perf_counter()
+REPO = Path(__file__).resolve().parents[1]
+BYTES_PER_S = 48000  # pcm s16le, 24 kHz, mono
+FRAME_S = 0.08
+DOCS_START = "<!-- http-bench:start -->"
+DOCS_END = "<!-- http-bench:end -->"
+DEFAULT_TEXT = (
+    "It was a bright cold day in April, and the clocks were striking thirteen. Please read this sentence "
+    "aloud: the weather today is sunny, and tomorrow it may rain again. Thank you very much, see you soon."
+)
+MODES = ("stream", "whole", "ws")
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{now() - T_START:7.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- one request, seen from the client
+
+
+@dataclasses.dataclass
+class Sample:
+    mode: str
+    started: float
+    first: float | None = None  # first audio byte
+    finished: float | None = None
+    chunks: list[tuple[float, int]] = dataclasses.field(default_factory=list)  # (arrival, bytes)
+    bytes: int = 0
+    streamed: bool = True  # False: the audio came whole (a JSON body), first == finished
+    connect_s: float | None = None  # WebSocket handshake
+    error: str | None = None
+    finish_reason: str | None = None
+
+    def add(self, t: float, n: int) -> None:
+        if n <= 0:
+            return
+        if self.first is None:
+            self.first = t
+        self.chunks.append((t, n))
+        self.bytes += n
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finished is not None and self.bytes > 0
+
+    @property
+    def audio_s(self) -> float:
+        return self.bytes / BYTES_PER_S
+
+    @property
+    def ttfa_s(self) -> float:
+        return (self.first if self.first is not None else self.finished or self.started) - self.started
+
+    @property
+    def latency_s(self) -> float:
+        return (self.finished or self.started) - self.started
+
+    @property
+    def worst_gap_s(self) -> float:
+        """How long a real-time player started at the first byte starves, at worst (0: never)."""
+        if not self.chunks:
+            return 0.0
+        t_first = self.chunks[0][0]
+        received = 0
+        worst = 0.0
+        for t, n in self.chunks:
+            worst = max(worst, t - (t_first + received / BYTES_PER_S))
+            received += n
+        return worst
+
+
+@dataclasses.dataclass
+class Api:
+    base_url: str
+    ws_url: str
+    model: str
+    frames: int
+    text: str
+    timeout_s: float
+    stream_route: str = "/v1/audio/speech"  # or /api/v1/custom-voice (stream: true)
+    whole_route: str = "/api/v1/custom-voice"
+    ws_route: str = "/v1/audio/speech/stream"
+    client: httpx.AsyncClient | None = None
+    seed: int = 0
+
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
+
+    def stream_body(self, seed: int, frames: int | None = None) -> dict[str, Any]:
+        frames = frames or self.frames
+        if self.stream_route == "/v1/audio/speech":
+            return {
+                "model": self.model,
+                "input": self.text,
+                "voice": "vivian",
+                "language": "english",
+                "response_format": "pcm",
+                "stream_format": "audio",
+                "max_new_tokens": frames,
+                "seed": seed,
+            }
+        return self.whole_body(seed, frames) | {"stream": True, "return_audio_inline": False}
+
+    def whole_body(self, seed: int, frames: int | None = None) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "text": self.text,
+            "speaker": "vivian",
+            "language": "english",
+            "max_new_tokens": frames or self.frames,
+            "response_format": "pcm",
+            "return_audio_inline": True,
+            "seed": seed,
+        }
+
+
+def _json_audio_bytes(data: dict[str, Any]) -> int:
+    """Audio bytes of a native JSON response: inline base64 if there, else from the item durations."""
+    total = 0
+    for item in data.get("items") or []:
+        if item.get("audio_base64"):
+            total += len(base64.b64decode(item["audio_base64"]))
+        else:
+            total += round(float(item.get("duration_s") or 0.0) * BYTES_PER_S)
+    return total
+
+
+async def http_stream(api: Api, seed: int, frames: int | None = None) -> Sample:
+    assert api.client is not None
+    s = Sample("stream", now())
+    try:
+        async with api.client.stream("POST", api.stream_route, json=api.stream_body(seed, frames)) as r:
+            if r.status_code != 200:
+                body = (await r.aread()).decode("utf-8", "replace")
+                s.error = f"HTTP {r.status_code}: {body[:300]}"
+            elif "json" in r.headers.get("content-type", ""):  # a server that does not stream this route
+                data = json.loads(await r.aread())
+                s.streamed = False
+                s.add(now(), _json_audio_bytes(data))
+            else:
+                async for chunk in r.aiter_raw():
+                    s.add(now(), len(chunk))
+    except Exception as exc:  # recorded, the run goes on
+        s.error = f"{type(exc).__name__}: {exc}"[:300]
+    s.finished = now()
+    return s
+
+
+async def http_whole(api: Api, seed: int, frames: int | None = None) -> Sample:
+    assert api.client is not None
+    s = Sample("whole", now(), streamed=False)
+    try:
+        r = await api.client.post(api.whole_route, json=api.whole_body(seed, frames))
+        if r.status_code != 200:
+            s.error = f"HTTP {r.status_code}: {r.text[:300]}"
+        else:
+            data = r.json()
+            items = data.get("items") or [{}]
+            s.finish_reason = items[0].get("finish_reason")
+            s.add(now(), _json_audio_bytes(data))
+    except Exception as exc:
+        s.error = f"{type(exc).__name__}: {exc}"[:300]
+    s.finished = now()
+    return s
+
+
+def _text_pieces(text: str) -> list[str]:
+    """The text as a client would send it while typing: sentence by sentence."""
+    pieces = [p for p in re.split(r"(?<=[.!?])\s+", text) if p]
+    return [p + (" " if i < len(pieces) - 1 else "") for i, p in enumerate(pieces)]
+
+
+async def ws_session(api: Api, seed: int, frames: int | None = None) -> Sample:
+    import websockets
+
+    s = Sample("ws", now())
+    config = {
+        "type": "session.config",
+        "model": api.model,
+        "voice": "vivian",
+        "response_format": "pcm",
+        "language": "english",
+        "seed": seed,
+        "max_new_tokens": frames or api.frames,
+    }
+    try:
+        async with websockets.connect(
+            api.ws_url + api.ws_route,
+            max_size=None,
+            compression=None,
+            ping_interval=None,
+            open_timeout=30,
+            close_timeout=5,
+        ) as ws:
+            s.connect_s = now() - s.started
+            await ws.send(json.dumps(config))
+            for piece in _text_pieces(api.text):
+                await ws.send(json.dumps({"type": "input.text", "text": piece}))
+            await ws.send(json.dumps({"type": "input.done"}))
+            async for message in ws:
+                if isinstance(message, bytes):
+                    s.add(now(), len(message))
+                    continue
+                event = json.loads(message)
+                kind = event.get("type")
+                if kind == "session.done":
+                    s.finish_reason = event.get("finish_reason")
+                    break
+                if kind == "error":
+                    err = event.get("error") or {}
+                    s.error = f"ws error {err.get('code') or err.get('type')}: {err.get('message')}"[:300]
+                    break
+            else:
+                s.error = s.error or "connection closed before session.done"
+    except Exception as exc:
+        s.error = f"{type(exc).__name__}: {exc}"[:300]
+    s.finished = now()
+    return s
+
+
+Client = Callable[[Api, int], Awaitable[Sample]]
+CLIENTS: dict[str, Client] = {"stream": http_stream, "whole": http_whole, "ws": ws_session}
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass
+class Run:
+    samples: list[Sample]
+    t0: float
+    t1: float
+    clients: int
+    kind: str  # single | burst | loop
+    cut_short: bool = False
+
+
+async def _bounded(coro: Awaitable[None], limit_s: float) -> bool:
+    """Run `coro` for at most `limit_s`; True if it was cut short."""
+    try:
+        await asyncio.wait_for(coro, timeout=max(1.0, limit_s))
+        return False
+    except asyncio.TimeoutError:
+        return True
+
+
+async def run_single(api: Api, mode: str, count: int, limit_s: float) -> Run:
+    samples: list[Sample] = []
+
+    async def go() -> None:
+        for _ in range(count):
+            samples.append(await CLIENTS[mode](api, api.next_seed()))
+
+    t0 = now()
+    cut = await _bounded(go(), limit_s)
+    return Run(samples, t0, now(), 1, "single", cut)
+
+
+async def run_burst(api: Api, mode: str, clients: int, limit_s: float, frames: int | None = None) -> Run:
+    samples: list[Sample] = []
+
+    async def one() -> None:
+        samples.append(await CLIENTS[mode](api, api.next_seed(), frames))
+
+    t0 = now()
+    cut = await _bounded(asyncio.gather(*(one() for _ in range(clients))), limit_s)
+    return Run(samples, t0, now(), clients, "burst", cut)
+
+
+async def run_loop(
+    api: Api, mode: str, clients: int, rounds: int, seconds: float, limit_s: float, stagger_s: float = 0.0
+) -> Run:
+    """Closed loop: `clients` workers, each sends its next request as soon as its last one ends, until it
+    has sent `rounds` or `seconds` have passed since the start. Worker k starts k x `stagger_s` late, so
+    that the requests are spread over their lifetime instead of moving in lockstep bursts."""
+    samples: list[Sample] = []
+    t0 = now()
+
+    async def worker(k: int) -> None:
+        await asyncio.sleep(k * stagger_s)
+        for _ in range(rounds):
+            if now() - t0 > seconds:
+                return
+            samples.append(await CLIENTS[mode](api, api.next_seed()))
+
+    cut = await _bounded(asyncio.gather(*(worker(k) for k in range(clients))), limit_s)
+    return Run(samples, t0, now(), clients, "loop", cut)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(1000 * value, 1)
+
+
+def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
+    ok = [s for s in run.samples if s.ok]
+    errors = [s.error for s in run.samples if s.error]
+    out: dict[str, Any] = {
+        "kind": run.kind,
+        "clients": run.clients,
+        "requests": len(run.samples),
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_examples": list(dict.fromkeys(errors))[:3],
+        "cut_short": run.cut_short,
+        "wall_s": round(run.t1 - run.t0, 3),
+    }
+    if not ok:
+        return out
+    expected = frames * FRAME_S
+    audio = [s.audio_s for s in ok]
+    first_start = min(s.started for s in ok)
+    last_end = max(s.finished for s in ok)  # type: ignore[type-var]
+    out |= {
+        "audio_s": round(sum(audio), 2),
+        "audio_s_per_request_min": round(min(audio), 3),
+        "audio_s_expected": round(expected, 3),
+        "exact_lengths": all(abs(a - expected) < 1e-6 for a in audio),
+        "streamed": all(s.streamed for s in ok),
+        "audio_s_per_s_total": round(sum(audio) / max(last_end - first_start, 1e-9), 2),
+        "ttfa_ms_p50": ms(pct([s.ttfa_s for s in ok], 50)),
+        "ttfa_ms_p95": ms(pct([s.ttfa_s for s in ok], 95)),
+        "ttfa_ms_max": ms(max(s.ttfa_s for s in ok)),
+        "latency_ms_p50": ms(pct([s.latency_s for s in ok], 50)),
+        "latency_ms_p95": ms(pct([s.latency_s for s in ok], 95)),
+        "xrt_p50": round(pct([s.audio_s / max(s.latency_s, 1e-9) for s in ok], 50) or 0.0, 2),
+        "xrt_min": round(min(s.audio_s / max(s.latency_s, 1e-9) for s in ok), 2),
+        "chunks_per_request": round(statistics.mean(len(s.chunks) for s in ok), 1),
+    }
+    finish = {s.finish_reason for s in ok if s.finish_reason}
+    if finish:
+        out["finish_reasons"] = sorted(finish)
+    if any(s.connect_s is not None for s in ok):
+        out["connect_ms_p95"] = ms(pct([s.connect_s for s in ok if s.connect_s is not None], 95))
+    gaps = [s.worst_gap_s for s in ok if s.streamed]
+    if gaps:
+        out |= {
+            "worst_gap_ms": ms(max(gaps)),
+            "worst_gap_ms_p95": ms(pct(gaps, 95)),
+            "starved_streams": sum(g > starve_s for g in gaps),
+        }
+    if run.kind == "single":
+        out |= {
+            "ttfa_ms_median": ms(statistics.median(s.ttfa_s for s in ok)),
+            "latency_ms_median": ms(statistics.median(s.latency_s for s in ok)),
+            "xrt_median": round(statistics.median(s.audio_s / max(s.latency_s, 1e-9) for s in ok), 2),
+        }
+    # Steady window of a closed loop: from the first end (ramp-up over) to the last start (all still busy).
+    w0 = min(s.finished for s in ok)  # type: ignore[type-var]
+    w1 = max(s.started for s in run.samples)
+    if run.kind == "loop" and w1 - w0 > 0.2:
+        if all(s.streamed for s in ok):
+            in_window = sum(n for s in ok for t, n in s.chunks if w0 <= t <= w1)
+        else:
+            in_window = sum(s.bytes for s in ok if w0 <= s.finished <= w1)  # type: ignore[operator]
+        steady = [s for s in ok if s.started >= w0]
+        out |= {
+            "window_s": round(w1 - w0, 2),
+            "audio_s_per_s": round(in_window / BYTES_PER_S / (w1 - w0), 2),
+            "steady_requests": len(steady),
+        }
+        if len(steady) >= max(2, run.clients // 2):
+            out |= {
+                "ttfa_ms_p50_steady": ms(pct([s.ttfa_s for s in steady], 50)),
+                "ttfa_ms_p95_steady": ms(pct([s.ttfa_s for s in steady], 95)),
+                "latency_ms_p50_steady": ms(pct([s.latency_s for s in steady], 50)),
+                "latency_ms_p95_steady": ms(pct([s.latency_s for s in steady], 95)),
+            }
+    else:
+        out["audio_s_per_s"] = out["audio_s_per_s_total"]
+    return out
+
+
+def metric_keys(concurrency: Sequence[int], ws_concurrency: Sequence[int]) -> list[str]:
+    keys = ["http_ttfa_ms_single", "http_xrt_single", "http_latency_ms_single", "http_xrt_single_nonstream"]
+    keys += ["ws_ttfa_ms_single", "warmup_s", "load_s"]
+    for c in concurrency:
+        keys += [
+            f"http_ttfa_ms_p50_c{c}",
+            f"http_ttfa_ms_p95_c{c}",
+            f"http_audio_s_per_s_c{c}",
+            f"http_worst_gap_ms_c{c}",
+            f"http_worst_gap_ms_p95_c{c}",
+            f"http_starved_streams_c{c}",
+            f"http_ttfa_ms_p95_c{c}_burst",
+            f"http_audio_s_per_s_c{c}_burst",
+            f"http_latency_ms_p50_c{c}",
+            f"http_latency_ms_p95_c{c}",
+            f"http_audio_s_per_s_c{c}_nonstream",
+        ]
+    for c in ws_concurrency:
+        keys += [
+            f"ws_ttfa_ms_p50_c{c}",
+            f"ws_ttfa_ms_p95_c{c}",
+            f"ws_audio_s_per_s_c{c}",
+            f"ws_worst_gap_ms_c{c}",
+            f"ws_starved_streams_c{c}",
+        ]
+    return keys
+
+
+def headline(mode: str, run_kind: str, c: int, summary: dict[str, Any]) -> dict[str, Any]:
+    """The flat metric keys a section's summary fills."""
+    if summary.get("ok", 0) == 0:
+        return {}
+    steady = "_steady" if "ttfa_ms_p95_steady" in summary else ""
+    if run_kind == "single":
+        return {
+            "stream": {"http_ttfa_ms_single": summary["ttfa_ms_median"], "http_xrt_single": summary["xrt_median"]},
+            "whole": {
+                "http_latency_ms_single": summary["latency_ms_median"],
+                "http_xrt_single_nonstream": summary["xrt_median"],
+            },
+            "ws": {"ws_ttfa_ms_single": summary["ttfa_ms_median"]},
+        }[mode]
+    if run_kind == "burst":
+        if mode != "stream":
+            return {}
+        return {
+            f"http_ttfa_ms_p95_c{c}_burst": summary["ttfa_ms_p95"],
+            f"http_audio_s_per_s_c{c}_burst": summary["audio_s_per_s"],
+        }
+    if mode == "stream":
+        return {
+            f"http_ttfa_ms_p50_c{c}": summary[f"ttfa_ms_p50{steady}"],
+            f"http_ttfa_ms_p95_c{c}": summary[f"ttfa_ms_p95{steady}"],
+            f"http_audio_s_per_s_c{c}": summary["audio_s_per_s"],
+            f"http_worst_gap_ms_c{c}": summary.get("worst_gap_ms"),
+            f"http_worst_gap_ms_p95_c{c}": summary.get("worst_gap_ms_p95"),
+            f"http_starved_streams_c{c}": summary.get("starved_streams"),
+        }
+    if mode == "whole":
+        return {
+            f"http_latency_ms_p50_c{c}": summary[f"latency_ms_p50{steady}"],
+            f"http_latency_ms_p95_c{c}": summary[f"latency_ms_p95{steady}"],
+            f"http_audio_s_per_s_c{c}_nonstream": summary["audio_s_per_s"],
+        }
+    return {
+        f"ws_ttfa_ms_p50_c{c}": summary[f"ttfa_ms_p50{steady}"],
+        f"ws_ttfa_ms_p95_c{c}": summary[f"ttfa_ms_p95{steady}"],
+        f"ws_audio_s_per_s_c{c}": summary["audio_s_per_s"],
+        f"ws_worst_gap_ms_c{c}": summary.get("worst_gap_ms"),
+        f"ws_starved_streams_c{c}": summary.get("starved_streams"),
+    }
+
+
+# ---------------------------------------------------------------- the server process
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """`python -m qwen_tts_server.cli serve` in its own process group, its output in a log file."""
+
+    def __init__(self, args: argparse.Namespace, models_dir: Path, data_dir: Path, log_path: Path) -> None:
+        self.port = args.port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.command = [sys.executable, "-m", "qwen_tts_server.cli", "serve", "--host", "127.0.0.1"]
+        self.command += ["--port", str(self.port), "--models-dir", str(models_dir), "--data-dir", str(data_dir)]
+        self.env = dict(os.environ, QTTS_DOWNLOAD_SOURCE="none", PYTHONUNBUFFERED="1")
+        if args.device:
+            self.env["QTTS_DEVICE"] = args.device
+        for item in args.server_env:
+            key, _, value = item.partition("=")
+            self.env[key] = value
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def settings(self) -> dict[str, str]:
+        return {k: v for k, v in sorted(self.env.items()) if k.startswith("QTTS_")}
+
+    def start(self) -> None:
+        log(f"server: {shlex.join(self.command)} (log {self.log_path})")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def wait_healthy(self, client: httpx.AsyncClient, timeout_s: float) -> None:
+        deadline = now() + timeout_s
+        failing_since: float | None = None  # a server that answers /health with 5xx is broken, not starting
+        while now() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"server exited with {self.proc.returncode if self.proc else None}")
+            with contextlib.suppress(httpx.HTTPError):
+                status = (await client.get("/health", timeout=2.0)).status_code
+                if status == 200:
+                    return
+                failing_since = failing_since or now()
+                if status >= 500 and now() - failing_since > 10:
+                    raise RuntimeError(f"server answers /health with HTTP {status}")
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"server not healthy after {timeout_s:.0f} s")
+
+    def stop(self) -> int | None:
+        """SIGINT (uvicorn's graceful stop), then SIGTERM, then SIGKILL, to this server's own process group
+        (torch.compile's worker processes are in it)."""
+        if self.proc is None:
+            return None
+        for sig, wait_s in ((signal.SIGINT, 20.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=wait_s)
+        with contextlib.suppress(ProcessLookupError):  # leftovers of the group (compile workers)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# ---------------------------------------------------------------- report
+
+
+def card_name(device: str | None) -> str:
+    if device and device.startswith("cpu"):
+        return f"cpu-{platform.machine()}"
+    index = device.split(":", 1)[1] if device and ":" in device else "0"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", index],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+        if out:
+            return out.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"cpu-{platform.machine()}"
+
+
+def gpu_memory() -> str | None:
+    try:
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Report:
+    def __init__(self, args: argparse.Namespace, card: str, model: str) -> None:
+        started = datetime.datetime.now(datetime.timezone.utc)
+        self.data: dict[str, Any] = {
+            "card": card,
+            "date": started.strftime("%Y-%m-%d"),
+            "started_at": started.isoformat(timespec="seconds"),
+            "commit": args.commit or git_commit() or "unknown",
+            "command": shlex.join(["python", "-m", "bench.bench_http", *(args.argv or [])]),
+            "versions": {
+                "python": platform.python_version(),
+                **{
+                    name: dist_version(name)
+                    for name in ("torch", "transformers", "qwen-tts", "qwen-tts-server", "fastapi", "uvicorn")
+                },
+                "httpx": dist_version("httpx"),
+                "websockets": dist_version("websockets"),
+            },
+            "settings": {
+                "model": model,
+                "size": args.size,
+                "frames": args.frames,
+                "audio_s_per_request": round(args.frames * FRAME_S, 2),
+                "text": args.text,
+                "text_chars": len(args.text),
+                "concurrency": args.concurrency,
+                "ws_concurrency": args.ws_concurrency,
+                "headline_concurrency": args.headline,
+                "modes": args.modes,
+                "single_requests": args.single_requests,
+                "loop_rounds": args.loop_rounds,
+                "loop_stagger": args.stagger,
+                "loop_seconds": args.loop_seconds,
+                "warmup_rounds": args.warmup_rounds,
+                "max_seconds": args.max_seconds,
+                "starve_ms": args.starve_ms,
+                "device": args.device,
+                "voice": "vivian",
+                "language": "english",
+                "format": "pcm s16le 24 kHz mono (seconds = bytes / 48000)",
+            },
+            "metrics": dict.fromkeys(metric_keys(args.concurrency, args.ws_concurrency)),
+            "server": {},
+            "api": {},
+            "sections": {},
+            "warmup": {},
+            "skipped": [],
+            "errors": [],
+            "notes": [
+                "Clients in the benchmark process (asyncio, httpx, websockets), the server in its own process, "
+                "over loopback on the same host.",
+                "ttfa: request sent (WebSocket: before connecting) -> first audio byte at the client.",
+                "cN keys: closed loop of N clients (starts spread over one request's lifetime), steady window "
+                "(first end -> last start); *_burst: N at once.",
+                "whole (non-streaming) = POST /api/v1/custom-voice, pcm, return_audio_inline: the server also "
+                "encodes and stores the file; latency = request -> whole JSON body.",
+                "Weights are random (full-size architecture), so every request runs to max_new_tokens.",
+            ],
+        }
+        self.path: Path | None = None
+        if args.out:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.data['date']}-{card}").strip("-")
+            self.path = Path(args.out) / f"{name}-http.json"
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.data["metrics"]
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+            tmp.replace(self.path)
+
+
+ROW_LABELS = {"stream": "HTTP stream", "whole": "HTTP whole", "ws": "WebSocket"}
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def sections_table(data: dict[str, Any]) -> str:
+    head = ["run", "clients", "requests", "audio-s/s", "first audio p50 / p95 ms", "latency p50 / p95 ms"]
+    head += ["worst gap ms", "starved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, s in data["sections"].items():
+        mode, kind = key.split("_", 1)
+        label = f"{ROW_LABELS.get(mode, mode)} {kind}"
+        steady = "_steady" if "ttfa_ms_p95_steady" in s else ""
+        streamed = s.get("streamed", False) and mode != "whole"
+        first = f"{fmt(s.get('ttfa_ms_p50' + steady))} / {fmt(s.get('ttfa_ms_p95' + steady))}" if streamed else "-"
+        latency = f"{fmt(s.get('latency_ms_p50' + steady))} / {fmt(s.get('latency_ms_p95' + steady))}"
+        requests = f"{s.get('ok', 0)}/{s['requests']}"
+        cells = [label, s["clients"], requests, fmt(s.get("audio_s_per_s")), first, latency]
+        cells += [fmt(s.get("worst_gap_ms")) if streamed else "-", fmt(s.get("starved_streams")) if streamed else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, Any]]:
+    m = data["metrics"]
+    c = data["settings"]["headline_concurrency"]
+
+    def row(name: str, value: Any, ok: Callable[[Any], bool] | None) -> dict[str, Any]:
+        status = "not measured" if value is None or ok is None else ("met" if ok(value) else "missed")
+        return {"target": name, "value": value, "status": status}
+
+    gap = m.get(f"http_worst_gap_ms_c{c}")
+    starved = m.get(f"http_starved_streams_c{c}")
+    agg = m.get(f"http_audio_s_per_s_c{c}")
+    rows = [
+        row("first audio byte, one stream <= 60 ms", m.get("http_ttfa_ms_single"), lambda v: v <= 60),
+        row(f"first audio byte p95 at c{c} <= 250 ms", m.get(f"http_ttfa_ms_p95_c{c}"), lambda v: v <= 250),
+        row(
+            f"no stream slower than real time at c{c} (starved streams; worst gap {fmt(gap)} ms)",
+            starved,
+            lambda v: v == 0,
+        ),
+    ]
+    if engine_c64 is None:
+        rows.append(row(f"streaming aggregate at c{c} >= 0.9 x engine-only (no engine figure given)", agg, None))
+    else:
+        rows.append(
+            row(
+                f"streaming aggregate at c{c} >= 0.9 x engine-only {engine_c64:g} = {0.9 * engine_c64:.1f} audio-s/s",
+                agg,
+                lambda v: v >= 0.9 * engine_c64,
+            )
+        )
+    return rows
+
+
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| target | measured | |", "|---|---|---|"]
+    lines += [f"| {r['target']} | {fmt(r['value'])} | {r['status']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    server = data.get("server", {})
+    out = [
+        "## End to end through the real server (`bench/bench_http.py`)",
+        "",
+        "| card | date | commit | command |",
+        "|---|---|---|---|",
+        f"| {data['card']} | {data['date']} | {data['commit']} | `{data['command']}` |",
+        "",
+        f"{s['model']} ("
+        + ("tiny test checkpoint" if s.get("size") == "tiny" else "full-size architecture")
+        + ", random weights, loaded from disk by the server), "
+        f"{s['frames']} frames ({s['audio_s_per_request']} s of audio) per request, pcm, one segment of "
+        f"{s['text_chars']} characters; torch {data['versions'].get('torch')}. Server start "
+        f"{fmt(server.get('start_s'))} s, model load {fmt(data['metrics'].get('load_s'))} s, warm-up "
+        f"{fmt(data['metrics'].get('warmup_s'))} s (first request {fmt(server.get('first_request_s'))} s). "
+        f"Routes: stream `{data['api'].get('stream_route')}`, whole `{data['api'].get('whole_route')}`, "
+        f"WebSocket `{data['api'].get('ws_route')}`"
+        + ("" if data["api"].get("ws_available", True) else " (not available)")
+        + ".",
+        "",
+        sections_table(data),
+        "",
+        "cN loop: a closed loop of N clients, measured in its steady window (first end to last start); "
+        "cN burst: N requests at once. First audio: request sent to the first audio byte at the client. "
+        "Worst gap: how long a real-time player started at the first byte starved, worst stream.",
+        "",
+    ]
+    if data.get("targets"):
+        out += [targets_table(data["targets"]), ""]
+    if data.get("skipped") or data.get("errors"):
+        out += [f"- skipped: {x}" for x in data.get("skipped", [])]
+        out += [f"- error: {x}" for x in data.get("errors", [])]
+        out.append("")
+    return "\n".join(out)
+
+
+def update_docs(docs: Path, data: dict[str, Any]) -> None:
+    """Replace the marked section of `docs` (markers added under the title if absent)."""
+    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
+    block = f"{DOCS_START}\n{markdown(data).rstrip()}\n{DOCS_END}"
+    if DOCS_START in text and DOCS_END in text:
+        head, rest = text.split(DOCS_START, 1)
+        _, tail = rest.split(DOCS_END, 1)
+        text = head + block + tail
+    else:
+        lines = text.splitlines(keepends=True)
+        at = 1 if lines and lines[0].startswith("# ") else 0
+        text = "".join(lines[:at]) + ("\n" if at else "") + block + "\n\n" + "".join(lines[at:]).lstrip("\n")
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
+
+
+def engine_figure(value: str | None, model: str) -> float | None:
+    """--engine-c64: a number, or a bench_engines JSON (its fast engine's audio_s_per_s_c64 for the model)."""
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return float(value)
+    data = json.loads(Path(value).read_text())
+    fast = data.get("results", {}).get("fast", {})
+    for label in (model, *fast):
+        figure = (fast.get(label) or {}).get("audio_s_per_s_c64")
+        if figure is not None:
+            return float(figure)
+    raise SystemExit(f"{value}: no fast engine audio_s_per_s_c64 in it")
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+class Budget:
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+
+    @property
+    def left_s(self) -> float:
+        return self.limit_s - (now() - T_START)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, api: Api, report: Report, budget: Budget) -> None:
+        self.args, self.api, self.report, self.budget = args, api, report, budget
+        self.rate: dict[tuple[str, int], float] = {}  # audio-s/s seen in warm-up, per (mode, clients)
+        self.wall: dict[tuple[str, int], float] = {}  # a warm-up burst's wall time, per (mode, clients)
+        self.request_s = args.frames * FRAME_S / 2  # a request's wall time, refined by warm-up
+
+    def estimate_s(self, mode: str, clients: int, requests: int) -> float:
+        rate = self.rate.get((mode, clients)) or max(self.rate.values(), default=0.0)
+        audio = requests * self.args.frames * FRAME_S
+        if rate <= 0:
+            return requests * self.request_s * 1.5 + 5
+        return max(audio / rate, self.request_s) * 1.3 + 3
+
+    def fits(self, name: str, estimate: float) -> bool:
+        left = self.budget.left_s - self.args.reserve_s
+        if estimate <= left:
+            return True
+        self.report.data["skipped"].append(f"{name}: needs ~{estimate:.0f} s, {left:.0f} s left")
+        log(f"{name}: skipped (needs ~{estimate:.0f} s, {left:.0f} s left)")
+        self.report.save()
+        return False
+
+    def record(self, name: str, mode: str, run: Run) -> dict[str, Any]:
+        summary = summarize(run, self.args.frames, self.args.starve_ms / 1000)
+        self.report.data["sections"][name] = summary
+        self.report.metrics.update(headline(mode, run.kind, run.clients, summary))
+        if summary.get("errors"):
+            self.report.data["errors"].append(f"{name}: {summary['errors']} failed, e.g. {summary['error_examples']}")
+        log(
+            f"{name}: {summary['ok']}/{summary['requests']} ok, {fmt(summary.get('audio_s_per_s'))} audio-s/s, "
+            f"ttfa p50/p95 {fmt(summary.get('ttfa_ms_p50'))}/{fmt(summary.get('ttfa_ms_p95'))} ms, latency p95 "
+            f"{fmt(summary.get('latency_ms_p95'))} ms, worst gap {fmt(summary.get('worst_gap_ms'))} ms, starved "
+            f"{fmt(summary.get('starved_streams'))}" + (" (CUT SHORT)" if run.cut_short else "")
+        )
+        self.report.save()
+        return summary
+
+    async def warm_up(self, modes: list[str]) -> None:
+        args = self.args
+        t0 = now()
+        warm = self.report.data["warmup"]
+        for mode in modes:
+            plan = [1, 1] + [c for c in self.concurrencies(mode) for _ in range(args.warmup_rounds)]
+            for clients in plan:
+                estimate = self.estimate_s(mode, clients, clients)
+                if not self.fits(f"warm-up {mode} c{clients}", estimate):
+                    break
+                run = await run_burst(self.api, mode, clients, self.budget.left_s - args.reserve_s)
+                ok = [s for s in run.samples if s.ok]
+                wall = run.t1 - run.t0
+                if ok:
+                    self.rate[(mode, clients)] = sum(s.audio_s for s in ok) / max(wall, 1e-9)
+                    self.wall[(mode, clients)] = wall
+                    if clients == 1:
+                        self.request_s = wall
+                warm.setdefault(f"{mode}_c{clients}", []).append(
+                    {"wall_s": round(wall, 2), "ok": len(ok), "requests": clients}
+                )
+                log(f"warm-up {mode} c{clients}: {len(ok)}/{clients} ok in {wall:.2f} s")
+                if not ok:
+                    errors = {s.error for s in run.samples if s.error}
+                    self.report.data["errors"].append(f"warm-up {mode} c{clients}: {sorted(errors)[:2]}")
+                    break
+        self.report.metrics["warmup_s"] = round(now() - t0 + self.report.data["server"].get("first_request_s", 0), 1)
+        self.report.save()
+
+    def concurrencies(self, mode: str) -> list[int]:
+        return self.args.ws_concurrency if mode == "ws" else self.args.concurrency
+
+    async def measure(self, modes: list[str]) -> None:
+        args = self.args
+        # Headline first (single, then the headline concurrency), then the others, while time lasts.
+        order: list[tuple[str, str, int]] = [(m, "single", 1) for m in modes]
+        for c in sorted({*args.concurrency, *args.ws_concurrency}, key=lambda c: (c != args.headline, c)):
+            for m in modes:
+                if c in self.concurrencies(m):
+                    order += [(m, "loop", c)] + ([(m, "burst", c)] if m != "ws" or args.ws_burst else [])
+        for mode, kind, c in order:
+            name = f"{mode}_single" if kind == "single" else f"{mode}_{kind}_c{c}"
+            if kind == "single":
+                estimate = args.single_requests * self.request_s * 1.5 + 3
+            elif kind == "burst":
+                estimate = self.estimate_s(mode, c, c)
+            else:
+                one_round = self.estimate_s(mode, c, c)
+                estimate = min(one_round * (args.loop_rounds + 1), args.loop_seconds + 2 * one_round)
+            if not self.fits(name, estimate):
+                continue
+            limit = self.budget.left_s - args.reserve_s
+            if kind == "single":
+                run = await run_single(self.api, mode, args.single_requests, limit)
+            elif kind == "burst":
+                run = await run_burst(self.api, mode, c, limit)
+            else:
+                # Spread the clients' starts over one request's lifetime at this concurrency.
+                stagger = self.wall.get((mode, c), 0.0) / c if args.stagger else 0.0
+                run = await run_loop(self.api, mode, c, args.loop_rounds, args.loop_seconds, limit, stagger)
+            self.record(name, mode, run)
+
+
+async def probe(api: Api, report: Report, modes: list[str], first_timeout_s: float) -> list[str]:
+    """Find the routes this server has; the first request (compile, graph capture) is timed here."""
+    info = report.data["api"]
+    assert api.client is not None
+    for route in (api.stream_route, "/api/v1/custom-voice"):
+        api.stream_route = route
+        t0 = now()
+        s = await asyncio.wait_for(http_stream(api, api.next_seed(), 2), timeout=first_timeout_s)
+        report.data["server"]["first_request_s"] = round(now() - t0, 1)
+        if not (s.error and ("HTTP 404" in s.error or "HTTP 405" in s.error)):
+            break
+        info["stream_route_missing"] = route
+    if s.error:
+        raise RuntimeError(f"first request failed: {s.error}")
+    info["stream_route"] = api.stream_route
+    info["streamed"] = s.streamed
+    info["whole_route"] = api.whole_route
+    info["ws_route"] = api.ws_route
+    if not s.streamed:
+        report.data["notes"].append(
+            f"{api.stream_route} answered with a whole JSON body: 'stream' first audio = whole latency."
+        )
+    usable = [m for m in modes if m != "ws"]
+    if "ws" in modes:
+        w = await ws_session(api, api.next_seed(), 2)
+        info["ws_available"] = w.ok
+        if w.ok:
+            usable.append("ws")
+        else:
+            info["ws_error"] = w.error
+            report.data["skipped"].append(f"ws: {w.error}")
+            log(f"ws: not available ({w.error})")
+    return usable
+
+
+async def bench_main(args: argparse.Namespace, report: Report, server: Server, budget: Budget) -> None:
+    limits = httpx.Limits(max_connections=4 * args.max_clients + 16, max_keepalive_connections=4 * args.max_clients)
+    timeout = httpx.Timeout(args.timeout_s, connect=30.0)
+    api = Api(
+        base_url=server.url,
+        ws_url=server.url.replace("http://", "ws://"),
+        model=report.data["settings"]["model"],
+        frames=args.frames,
+        text=args.text,
+        timeout_s=args.timeout_s,
+    )
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as client:
+        api.client = client
+        t0 = now()
+        server.start()
+        await server.wait_healthy(client, min(args.start_timeout_s, budget.left_s))
+        report.data["server"]["start_s"] = round(now() - t0, 1)
+        report.data["server"]["settings"] = server.settings()
+        log(f"server healthy after {now() - t0:.1f} s")
+        t0 = now()
+        r = await client.post(f"/api/v1/models/{api.model}/load", timeout=max(30.0, budget.left_s))
+        if r.status_code != 200:
+            raise RuntimeError(f"load: HTTP {r.status_code}: {r.text[:500]}")
+        report.metrics["load_s"] = round(now() - t0, 1)
+        log(f"model loaded in {now() - t0:.1f} s: {r.json()}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            report.data["server"]["models"] = (await client.get("/api/v1/models")).json()
+        report.save()
+        modes = await probe(api, report, args.modes, max(30.0, budget.left_s - args.reserve_s))
+        log(f"first request {report.data['server']['first_request_s']} s; routes {report.data['api']}")
+        bench = Bench(args, api, report, budget)
+        await bench.warm_up(modes)
+        await bench.measure(modes)
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            report.data["server"]["ready"] = (await client.get("/ready")).json()
+        report.data["server"]["gpu_memory"] = gpu_memory()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"], help="checkpoint size (CustomVoice)")
+    p.add_argument("--model", default=None, help="model name (default: the published name of --size)")
+    p.add_argument("--models-dir", default=None, help="checkpoints folder (default: a temporary one)")
+    p.add_argument("--tokenizer-dir", default=None, help="full text tokenizer for a checkpoint this writes")
+    p.add_argument("--device", default=None, help="QTTS_DEVICE for the server (default: the server's own)")
+    p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--frames", type=int, default=100, help="codec frames per request (0.08 s each)")
+    p.add_argument("--text", default=DEFAULT_TEXT)
+    p.add_argument("--concurrency", default="1,64", help="comma list; 1 = one request at a time (always run)")
+    p.add_argument("--ws-concurrency", default=None, help="comma list for the WebSocket runs (default: headline)")
+    p.add_argument("--ws-burst", action="store_true", help="also a WebSocket burst per concurrency")
+    p.add_argument("--headline", type=int, default=None, help="concurrency of the targets (default 64 if run)")
+    p.add_argument("--modes", default="stream,whole,ws", help="comma list of stream,whole,ws")
+    p.add_argument("--single-requests", type=int, default=5, help="sequential requests of the single runs")
+    p.add_argument("--loop-rounds", type=int, default=4, help="requests per client in a closed loop")
+    p.add_argument(
+        "--no-stagger",
+        dest="stagger",
+        action="store_false",
+        help="closed-loop clients all start at once (default: spread over one request's lifetime)",
+    )
+    p.add_argument("--loop-seconds", type=float, default=60.0, help="a closed loop sends nothing new after this")
+    p.add_argument("--warmup-rounds", type=int, default=2, help="warm-up bursts per concurrency and mode")
+    p.add_argument("--max-seconds", type=float, default=540.0, help="overall budget from start")
+    p.add_argument("--reserve-s", type=float, default=15.0, help="budget kept for stopping and saving")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
+    p.add_argument("--start-timeout-s", type=float, default=180.0, help="server start to /health")
+    p.add_argument("--starve-ms", type=float, default=0.0, help="a stream starved if its worst gap exceeds this")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder ('' to write none)")
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file to update")
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--server-log", default=None, help="server output (default: in the temporary data folder)")
+    p.add_argument("--engine-c64", default=None, help="engine-only c64 audio-s/s, or a bench_engines JSON")
+    p.add_argument("--targets", action="store_true", help="print met/missed against the targets")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
+    p.add_argument("--update-docs", default=None, metavar="RESULT_JSON", help="only re-render --docs from a JSON")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()} - {1})
+    if args.headline is None:
+        args.headline = 64 if 64 in args.concurrency or not args.concurrency else max(args.concurrency)
+    if args.ws_concurrency is None:
+        args.ws_concurrency = [args.headline] if args.headline in args.concurrency else args.concurrency[-1:]
+    else:
+        args.ws_concurrency = sorted({int(c) for c in args.ws_concurrency.split(",") if c.strip()} - {1})
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(args.modes) - set(MODES):
+        p.error(f"unknown modes {sorted(unknown)}")
+    args.max_clients = max([1, *args.concurrency, *args.ws_concurrency])
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.update_docs:
+        data = json.loads(Path(args.update_docs).read_text())
+        update_docs(Path(args.docs), data)
+        print(markdown(data))
+        return 0
+    from bench.bench_engines import published_name
+
+    model = args.model or published_name(args.size)
+    report = Report(args, card_name(args.device), model)
+    budget = Budget(args.max_seconds)
+    tmp = Path(tempfile.mkdtemp(prefix="qtts-http-bench-"))
+    models_dir = Path(args.models_dir) if args.models_dir else tmp / "models"
+    server_log = Path(args.server_log) if args.server_log else tmp / "server.log"
+    server = Server(args, models_dir, tmp / "data", server_log)
+    log(f"{report.data['card']}, model {model}, commit {report.data['commit']}, budget {args.max_seconds:.0f} s")
+    status = 0
+    try:
+        if not (models_dir / model / "config.json").exists():
+            command = [sys.executable, "-m", "bench.checkpoint", "--size", args.size, "--out", str(models_dir)]
+            if args.tokenizer_dir:
+                command += ["--tokenizer-dir", args.tokenizer_dir]
+            if args.device:
+                command += ["--device", args.device]
+            t0 = now()
+            log(f"writing the checkpoint: {shlex.join(command)}")
+            subprocess.run(command, cwd=REPO, check=True, timeout=max(60.0, budget.left_s))
+            report.data["server"]["checkpoint_write_s"] = round(now() - t0, 1)
+        asyncio.run(bench_main(args, report, server, budget))
+    except Exception as exc:
+        status = 1
+        report.data["errors"].append(f"{type(exc).__name__}: {exc}"[:1000])
+        log(f"FAILED: {type(exc).__name__}: {exc}")
+        tail = server.log_tail()
+        if tail:
+            print("---- server log tail ----\n" + tail + "\n----", flush=True)
+    finally:
+        returncode = server.stop()
+        report.data["server"]["exit_code"] = returncode
+        engine = engine_figure(args.engine_c64, model)
+        report.data["targets"] = targets(report.data, engine)
+        report.data["wall_s"] = round(now() - T_START, 1)
+        report.save()
+        shutil.rmtree(tmp / "data", ignore_errors=True)
+        if not args.models_dir:
+            shutil.rmtree(tmp / "models", ignore_errors=True)
+    print("\n" + sections_table(report.data), flush=True)
+    if args.targets:
+        print("\n" + targets_table(report.data["targets"]), flush=True)
+    if not args.no_docs and args.docs and report.data["sections"]:
+        update_docs(Path(args.docs), report.data)
+        print(f"updated {args.docs}", flush=True)
+    if report.path is not None:
+        print(f"wrote {report.path}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`python -m bench.bench_http` end to end on the CPU: it writes a tiny checkpoint, starts the real server,
+drives it over HTTP (and WebSocket, where the server has the route) and writes its JSON and docs section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.bench_http import DOCS_END, DOCS_START, Sample, update_docs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_worst_gap_is_how_long_a_real_time_player_starves() -> None:
+    s = Sample("stream", started=0.0)
+    s.add(1.0, 48000)  # 1 s of audio at t=1: plays until t=2
+    s.add(1.5, 48000)  # early: plays until t=3
+    s.add(3.25, 24000)  # 0.25 s late
+    assert s.first == 1.0 and s.bytes == 120000
+    assert abs(s.worst_gap_s - 0.25) < 1e-9
+    on_time = Sample("stream", started=0.0)
+    on_time.add(0.1, 9600)
+    on_time.add(0.2, 9600)
+    assert on_time.worst_gap_s == 0.0
+
+
+def test_docs_section_is_added_under_the_title_then_replaced(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nOlder text.\n")
+    data = {
+        "card": "cpu-x86_64",
+        "date": "2026-12-03",
+        "commit": "abc1234",
+        "command": "python -m bench.bench_http",
+        "versions": {"torch": "2.9.1"},
+        "settings": {"model": "m", "size": "tiny", "frames": 6, "audio_s_per_request": 0.48, "text_chars": 10},
+        "server": {},
+        "api": {},
+        "metrics": {},
+        "sections": {},
+        "targets": [],
+    }
+    update_docs(docs, data)
+    first = docs.read_text()
+    assert first.startswith("# Benchmarks\n") and first.index(DOCS_START) < first.index("Older text.")
+    assert "| cpu-x86_64 | 2026-12-03 | abc1234 |" in first
+    data["commit"] = "def5678"
+    update_docs(docs, data)
+    second = docs.read_text()
+    assert second.count(DOCS_START) == 1 and second.count(DOCS_END) == 1
+    assert "def5678" in second and "abc1234" not in second and "Older text." in second
+
+
+@pytest.mark.slow
+def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path) -> None:
+    docs = tmp_path / "benchmarks.md"
+    command = [sys.executable, "-m", "bench.bench_http", "--size", "tiny", "--models-dir", str(tmp_path / "models")]
+    command += ["--device", "cpu", "--concurrency", "2", "--frames", "6", "--single-requests", "2"]
+    command += ["--loop-rounds", "2", "--warmup-rounds", "1", "--max-seconds", "150", "--targets"]
+    command += ["--out", str(tmp_path / "results"), "--docs", str(docs), "--engine-c64", "1.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "| HTTP stream single |" in done.stdout and "| target |" in done.stdout
+
+    (json_path,) = (tmp_path / "results").glob("*-http.json")
+    report = json.loads(json_path.read_text())
+    assert report["card"].startswith("cpu") and report["command"] and report["commit"]
+    assert report["versions"]["torch"] and report["settings"]["frames"] == 6
+    assert not report["errors"], report["errors"]
+    m = report["metrics"]
+    expected = {"http_ttfa_ms_single", "http_xrt_single", "http_latency_ms_single", "http_xrt_single_nonstream"}
+    expected |= {"warmup_s", "load_s", "ws_ttfa_ms_p50_c2", "ws_ttfa_ms_p95_c2", "ws_audio_s_per_s_c2"}
+    for key in ("http_ttfa_ms_p50", "http_ttfa_ms_p95", "http_audio_s_per_s", "http_worst_gap_ms"):
+        expected.add(f"{key}_c2")
+    expected |= {"http_starved_streams_c2", "http_latency_ms_p50_c2", "http_latency_ms_p95_c2"}
+    expected.add("http_audio_s_per_s_c2_nonstream")
+    assert expected <= set(m), expected - set(m)
+    http = [k for k in expected if k.startswith("http_") and "starved" not in k and "gap" not in k]
+    for key in [*http, "warmup_s", "load_s"]:
+        assert m[key] is not None and m[key] > 0, (key, m[key])
+    assert m["http_worst_gap_ms_c2"] >= 0 and m["http_starved_streams_c2"] >= 0
+
+    sections = report["sections"]
+    for name in ("stream_single", "whole_single", "stream_loop_c2", "stream_burst_c2", "whole_loop_c2"):
+        s = sections[name]
+        assert s["ok"] == s["requests"] > 0 and s["exact_lengths"], (name, s)
+        assert 0 < s["ttfa_ms_p50"] <= s["latency_ms_p50"], (name, s)
+    assert sections["stream_single"]["audio_s_expected"] == pytest.approx(0.48)
+    # The first audio byte of a stream comes before its end (when the server streams that route).
+    if report["api"]["streamed"]:
+        assert sections["stream_single"]["ttfa_ms_median"] < sections["stream_single"]["latency_ms_median"]
+    if report["api"].get("ws_available"):
+        assert m["ws_ttfa_ms_p95_c2"] > 0 and m["ws_audio_s_per_s_c2"] > 0
+    else:
+        assert any(s.startswith("ws:") for s in report["skipped"])
+    assert [t["status"] for t in report["targets"]][-1] in ("met", "missed")
+
+    text = docs.read_text()
+    assert DOCS_START in text and DOCS_END in text and report["commit"] in text
