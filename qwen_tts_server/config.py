@@ -101,7 +101,15 @@ class Settings(BaseSettings):
         2, ge=1, description="Streaming: frames (80 ms each) in a stream's first audio chunk; later ones grow."
     )
     stream_chunk_frames: int = Field(
-        12, ge=1, description="Streaming: the largest chunk, in frames; chunks double from the first up to this."
+        12,
+        ge=1,
+        description="Streaming: after its first chunk, each stream's new audio goes out every this many frames, "
+        "on the same steps for every stream (one batched codec decode for all of them).",
+    )
+    stream_decoder: Literal["stateful", "context"] = Field(
+        "stateful",
+        description="Streaming codec decode: stateful carries the decoder's causal state across chunks (exactly "
+        "the whole-utterance audio); context re-decodes 25 frames before each chunk (approximate).",
     )
     ws_idle_timeout_s: float = Field(
         60.0, gt=0, description="WebSocket: a client that sends nothing for this long is disconnected."
@@ -118,6 +126,12 @@ class Settings(BaseSettings):
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_json_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest JSON request body; larger ones get 413 before they are read. Base64 reference audio "
+        "takes 4/3 of its size: the default fits a 20 MB clip. Multipart uploads may be max_upload_bytes + 1 MiB.",
+    )
     min_ref_audio_s: float = Field(1.0, ge=0)
     max_ref_audio_s: float = Field(60.0, gt=0)
     ref_audio_url_timeout_s: float = Field(10.0, gt=0)

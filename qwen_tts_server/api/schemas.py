@@ -14,32 +14,34 @@ from ..config import Settings
 from ..engine.languages import KNOWN_LANGUAGES, LANGUAGE_ALIASES, normalize_language
 from ..engine.types import FRAME_RATE_HZ, SamplingParams
 from ..errors import InvalidRequest
+from .validation import RepetitionPenalty, Seed, SpeechText, Temperature, TopK, TopP
 
-OptionalText = str | None
+OptionalText = SpeechText | None
 
 
-class SynthesisOptions(BaseModel):
-    """Fields shared by the three synthesis endpoints."""
+class SamplingFields(BaseModel):
+    """Decoding options and bounds, the same on every synthesis route (native and OpenAI)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    model: str | None = Field(None, description="Checkpoint name; default depends on the endpoint.")
-    language: str | list[str] = Field(
-        "auto", description="Name (english) or ISO code (en, zh, ja, ko, de, fr, ru, pt, es, it), or auto."
-    )
-    custom_id: str | list[OptionalText] | None = Field(None, description="Echoed back on each item.")
     do_sample: bool | None = Field(
         None, description="false: greedy decoding of every codebook (deterministic); default: sample."
     )
-    temperature: float | None = Field(None, gt=0, le=5)
-    top_k: int | None = Field(None, ge=1, le=3072)
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=5)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # Bounds and why: api/validation.py (checked in the dtype the sampler uses; NaN/inf refused).
+    temperature: Temperature | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
     max_new_tokens: int | None = Field(None, ge=1, description="Upper bound on codec frames (12.5 per second).")
-    max_duration_s: float | None = Field(None, gt=0, description="Upper bound on audio seconds per item.")
-    response_format: AudioFormat = "wav"
-    return_audio_inline: bool = Field(False, description="Also return each item's audio as base64.")
+    max_duration_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Upper bound on audio seconds per item."
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="Give up (cancel the work) when the request takes longer than this.",
+    )
 
     def sampling(self, settings: Settings) -> SamplingParams:
         limit = int(settings.max_audio_seconds * FRAME_RATE_HZ)
@@ -72,10 +74,30 @@ class SynthesisOptions(BaseModel):
         )
 
 
+class SynthesisOptions(SamplingFields):
+    """Fields shared by the three native synthesis endpoints."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: SpeechText | None = Field(None, description="Checkpoint name; default depends on the endpoint.")
+    language: SpeechText | list[SpeechText] = Field(
+        "auto", description="Name (english) or ISO code (en, zh, ja, ko, de, fr, ru, pt, es, it), or auto."
+    )
+    custom_id: SpeechText | list[OptionalText] | None = Field(None, description="Echoed back on each item.")
+    response_format: AudioFormat = "wav"
+    return_audio_inline: bool = Field(False, description="Also return each item's audio as base64.")
+    stream: bool = Field(
+        False,
+        description="Return the audio itself, chunked as it is generated (one item; wav, pcm, mp3, opus or aac).",
+    )
+
+
 class CustomVoiceRequest(SynthesisOptions):
-    text: str | list[str]
-    speaker: str | list[str] = Field(description="A built-in speaker, e.g. vivian, ryan (see GET /api/v1/models).")
-    instruct: str | list[OptionalText] | None = Field(None, description="Style instruction (1.7B only).")
+    text: SpeechText | list[SpeechText]
+    speaker: SpeechText | list[SpeechText] = Field(
+        description="A built-in speaker, e.g. vivian, ryan (see GET /api/v1/models)."
+    )
+    instruct: SpeechText | list[OptionalText] | None = Field(None, description="Style instruction (1.7B only).")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -84,8 +106,8 @@ class CustomVoiceRequest(SynthesisOptions):
 
 
 class VoiceDesignRequest(SynthesisOptions):
-    text: str | list[str]
-    instruct: str | list[str] = Field(description="A description of the voice to create.")
+    text: SpeechText | list[SpeechText]
+    instruct: SpeechText | list[SpeechText] = Field(description="A description of the voice to create.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -94,11 +116,11 @@ class VoiceDesignRequest(SynthesisOptions):
 
 
 class VoiceCloneRequest(SynthesisOptions):
-    text: str | list[str]
-    ref_audio: str | list[str] = Field(
+    text: SpeechText | list[SpeechText]
+    ref_audio: SpeechText | list[SpeechText] = Field(
         description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, or an allowed path."
     )
-    ref_text: str | list[OptionalText] | None = Field(None, description="Transcript of ref_audio (ICL mode).")
+    ref_text: SpeechText | list[OptionalText] | None = Field(None, description="Transcript of ref_audio (ICL mode).")
     x_vector_only: bool | list[bool] = Field(
         False,
         validation_alias=AliasChoices("x_vector_only", "x_vector_only_mode"),
@@ -125,6 +147,10 @@ class AudioItem(BaseModel):
     sample_rate: int
     duration_s: float
     frames: int
+    finish_reason: str = Field(
+        description="eos: the model ended the speech; length: cut at the frame limit (max_new_tokens, "
+        "max_duration_s or the server's cap)."
+    )
     audio_base64: str | None = None
 
 
