@@ -20,12 +20,23 @@ async def health():
 
 @router.get("/ready")
 async def ready(request: Request):
-    """Ready to take requests: storage is open and the engine started (models load lazily)."""
+    """Ready to take requests: storage is open and the engine started (models load lazily).
+
+    503 `saturated` while a model's queue is full (new requests for it get 429): a load balancer
+    sends traffic to another replica meanwhile."""
     svc = getattr(request.app.state, "services", None)
     if svc is None or not svc.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    loaded = [m.name for m in svc.engine.registry.loaded()]
-    return {"status": "ready", "loaded_models": loaded, "queue_depth": svc.engine.queue_depth}
+    engine = svc.engine
+    loaded = [m.name for m in engine.registry.loaded()]
+    saturated = engine.gate.saturated()
+    body = {
+        "status": "saturated" if saturated else "ready",
+        "loaded_models": loaded,
+        "queue_depth": engine.queue_depth,
+        "saturated_models": saturated,
+    }
+    return JSONResponse(body, status_code=503 if saturated else 200)
 
 
 @router.get("/metrics")

@@ -1,5 +1,6 @@
 """The three synthesis endpoints. Each request (one item or a list) becomes engine items;
-results are encoded, stored in the file registry and returned as download URLs."""
+results are encoded, stored in the file registry and returned as download URLs, or, with
+`"stream": true`, one item's audio is sent back in chunks as it is generated."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from ..audio.codec_io import FILE_EXTENSIONS, MEDIA_TYPES, available_output_formats, encode_audio
+from ..audio.encoders import STREAMABLE_FORMATS
 from ..engine.registry import LoadedModel
 from ..engine.types import Mode, SynthesisItem, SynthesisResult
 from ..errors import InvalidRequest
 from .deps import file_url, services
+from .lifecycle import until_disconnect
 from .schemas import (
     AudioItem,
     CustomVoiceRequest,
@@ -30,11 +34,18 @@ from .schemas import (
     field_name,
     spread,
 )
+from .speech import Speech
+from .streaming import audio_stream_response
 
 router = APIRouter(prefix="/api/v1", tags=["synthesis"])
 
 
-@router.post("/custom-voice", response_model=SynthesisResponse, response_model_exclude_none=True)
+STREAM_RESPONSES = {200: {"content": {"application/json": {}, "audio/*": {}}, "description": "JSON, or audio"}}
+
+
+@router.post(
+    "/custom-voice", response_model=SynthesisResponse, response_model_exclude_none=True, responses=STREAM_RESPONSES
+)
 async def custom_voice(body: CustomVoiceRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
     """Speak text with a built-in speaker, optionally in a style (`instruct`, 1.7B models)."""
     s = svc.settings
@@ -51,7 +62,9 @@ async def custom_voice(body: CustomVoiceRequest, request: Request, svc=Depends(s
     return await _synthesize(request, body, Mode.CUSTOM_VOICE, model, n, _ready(items))
 
 
-@router.post("/voice-design", response_model=SynthesisResponse, response_model_exclude_none=True)
+@router.post(
+    "/voice-design", response_model=SynthesisResponse, response_model_exclude_none=True, responses=STREAM_RESPONSES
+)
 async def voice_design(body: VoiceDesignRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
     """Speak text in a voice described in words (`instruct`)."""
     s = svc.settings
@@ -67,7 +80,9 @@ async def voice_design(body: VoiceDesignRequest, request: Request, svc=Depends(s
     return await _synthesize(request, body, Mode.VOICE_DESIGN, model, n, _ready(items))
 
 
-@router.post("/voice-clone", response_model=SynthesisResponse, response_model_exclude_none=True)
+@router.post(
+    "/voice-clone", response_model=SynthesisResponse, response_model_exclude_none=True, responses=STREAM_RESPONSES
+)
 async def voice_clone(body: VoiceCloneRequest, request: Request, svc=Depends(services)) -> SynthesisResponse:
     """Speak text in the voice of a reference recording (with its transcript, or x-vector only)."""
     s = svc.settings
@@ -122,10 +137,10 @@ def _ready(items: list[SynthesisItem]) -> ItemBuilder:
 
 async def _synthesize(
     request: Request, body: SynthesisOptions, mode: Mode, model_name: str, n: int, build_items: ItemBuilder
-) -> SynthesisResponse:
-    """Load the model, build the items (clone prompts need the model), run them, store each result."""
+) -> SynthesisResponse | StreamingResponse:
+    """Load the model, build the items (clone prompts need the model), then stream the one item, or
+    run them all and store each result. A client that leaves cancels the work."""
     svc = services(request)
-    started = time.perf_counter()
     sampling = body.sampling(svc.settings)
     if body.response_format not in available_output_formats():
         raise InvalidRequest(
@@ -133,11 +148,44 @@ async def _synthesize(
             f"use one of: {', '.join(available_output_formats())}",
             field="response_format",
         )
+    if body.stream:
+        _check_streamable(body, n)
+
+    async def prepare() -> tuple[LoadedModel, list[SynthesisItem]]:
+        model = await svc.engine.model_for(model_name, mode)
+        return model, await build_items(model)
+
+    if body.stream:
+        model, items = await until_disconnect(request, prepare(), svc.metrics, body.timeout_s)
+        speech = Speech(svc.engine, model, mode, sampling)
+        return await audio_stream_response(
+            request, speech.stream(items[0]), body.response_format, model.info.sample_rate, body.timeout_s
+        )
+    return await until_disconnect(
+        request, _whole(request, body, mode, n, prepare, sampling), svc.metrics, body.timeout_s
+    )
+
+
+def _check_streamable(body: SynthesisOptions, n: int) -> None:
+    if n != 1:
+        raise InvalidRequest(f"stream takes one item, this request has {n}: send one text", field="stream")
+    if body.response_format not in STREAMABLE_FORMATS:
+        raise InvalidRequest(
+            f"response_format '{body.response_format}' cannot be streamed; stream one of "
+            f"{', '.join(STREAMABLE_FORMATS)}, or send stream: false for {body.response_format}",
+            field="response_format",
+        )
+    if body.return_audio_inline:
+        raise InvalidRequest("a stream is the audio itself: drop return_audio_inline", field="return_audio_inline")
+
+
+async def _whole(request: Request, body: SynthesisOptions, mode: Mode, n: int, prepare, sampling) -> SynthesisResponse:
+    svc = services(request)
+    started = time.perf_counter()
     ids = custom_ids(body.custom_id, n)
-    model = await svc.engine.model_for(model_name, mode)
+    model, items = await prepare()
     loaded = time.perf_counter()
-    items = await build_items(model)
-    results = await svc.engine.synthesize(model, mode, items, sampling)
+    results = await Speech(svc.engine, model, mode, sampling).whole(items)
     generated = time.perf_counter()
     out = await asyncio.gather(
         *(asyncio.to_thread(_store, request, svc, body, i, ids[i], result) for i, result in enumerate(results))
@@ -176,5 +224,6 @@ def _store(request: Request, svc, body: SynthesisOptions, index: int, custom_id,
         sample_rate=result.sample_rate,
         duration_s=round(result.duration_s, 6),
         frames=result.frames,
+        finish_reason=result.finish_reason.value,
         audio_base64=base64.b64encode(data).decode("ascii") if body.return_audio_inline else None,
     )

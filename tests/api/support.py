@@ -64,3 +64,55 @@ def error_of(response) -> dict:
 def largest_batch(client: TestClient) -> int:
     """The most items decoded together so far, on whichever engine the app runs."""
     return max(client.app.state.services.engine.batch_sizes(), default=0)
+
+
+# ----- live-server helpers (streaming, lifecycle, OpenAI and WebSocket tests) -----
+_WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet hills and "
+    "rivers run toward the distant sea"
+).split()
+
+
+def words(n: int) -> str:
+    """A sentence of `n` words: about 0.8 codec frames a word on the tiny checkpoints, so 60 words
+    run for about 80 frames (about a second of work on a CPU)."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in range(n)).capitalize() + "."
+
+
+def engine_work(app) -> dict[str, object]:
+    """What the app's engine still holds: sequences running or waiting in each fast engine, items
+    admitted by the gate, and the in-flight count. All empty or zero when it is idle."""
+    engine = app.state.services.engine
+    running = {name: len(rt.engine.scheduler.running) for name, rt in list(engine._fast.items())}
+    waiting = {name: len(rt.engine.scheduler.waiting) for name, rt in list(engine._fast.items())}
+    return {
+        "running": {k: v for k, v in running.items() if v},
+        "waiting": {k: v for k, v in waiting.items() if v},
+        "admitted": dict(engine.gate._in_flight),
+        "in_flight": engine.queue_depth,
+    }
+
+
+def wait_until_idle(app, timeout_s: float = 10.0) -> dict[str, object]:
+    """Poll until the engine holds no work; returns the last state seen (empty when idle)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        work = engine_work(app)
+        if not any(work.values()):
+            return {}
+        if time.monotonic() > deadline:
+            return work
+        time.sleep(0.05)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0

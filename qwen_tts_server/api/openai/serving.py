@@ -1,0 +1,117 @@
+"""OpenAI speech requests to engine work: which model and mode, which voice, and the item.
+
+The mode follows from the request: `ref_audio` clones a voice (a Base model); otherwise the model's
+kind decides: a CustomVoice model speaks as `voice` (a built-in speaker or an OpenAI voice name),
+a VoiceDesign model speaks in the voice `instructions` describe. OpenAI's model names (tts-1,
+tts-1-hd, gpt-4o-mini-tts) mean the configured default for that mode.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...config import Settings
+from ...engine.engine import TTSEngine
+from ...engine.registry import LoadedModel
+from ...engine.types import Mode, SynthesisItem
+from ...errors import InvalidRequest, NotFound
+from ..schemas import check_languages, check_texts
+from .protocol import SpeechRequest
+from .voices import VoiceLookup
+
+if TYPE_CHECKING:
+    from ..app import Services
+
+OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+_MODES = {"custom_voice": Mode.CUSTOM_VOICE, "voice_design": Mode.VOICE_DESIGN, "base": Mode.VOICE_CLONE}
+# Our field names as OpenAI clients know them.
+PARAMS = {"text": "input", "speaker": "voice", "instruct": "instructions"}
+
+
+def default_model(settings: Settings, mode: Mode) -> str:
+    return {
+        Mode.CUSTOM_VOICE: settings.default_custom_voice_model,
+        Mode.VOICE_DESIGN: settings.default_voice_design_model,
+        Mode.VOICE_CLONE: settings.default_voice_clone_model,
+    }[mode]
+
+
+def model_name(settings: Settings, requested: str, mode: Mode) -> str:
+    if requested in OPENAI_MODELS:
+        configured = settings.openai_default_model
+        return configured if configured and mode is not Mode.VOICE_CLONE else default_model(settings, mode)
+    return requested
+
+
+async def resolve_mode(engine: TTSEngine, body: SpeechRequest) -> tuple[LoadedModel, Mode]:
+    settings = engine.settings
+    if body.ref_audio is not None:
+        mode = Mode.VOICE_CLONE
+    else:
+        name = model_name(settings, body.model, Mode.CUSTOM_VOICE)
+        kind = (await engine.registry.get(name)).info.model_type
+        mode = _MODES[kind]
+        if mode is Mode.VOICE_CLONE:
+            raise InvalidRequest(
+                f"model '{body.model}' clones voices: send ref_audio (and ref_text), or use a CustomVoice model",
+                field="ref_audio",
+            )
+    return await engine.model_for(model_name(settings, body.model, mode), mode), mode
+
+
+async def speech_item(svc: Services, body: SpeechRequest, model: LoadedModel, mode: Mode) -> SynthesisItem:
+    """The request as one engine item (validated; errors name OpenAI's fields)."""
+    s = svc.settings
+    (text,) = check_texts("input", body.input, 1, s.max_text_chars)
+    (instructions,) = check_texts("instructions", body.instructions, 1, s.max_instruct_chars, required=False)
+    (language,) = check_languages(body.language, 1)
+    assert text is not None
+    if mode is Mode.VOICE_DESIGN:
+        if instructions is None:
+            raise InvalidRequest(
+                "instructions are required for a VoiceDesign model: describe the voice, e.g. "
+                "'a warm, low female voice, speaking slowly'",
+                field="instructions",
+            )
+        return SynthesisItem(text=text, language=language, instruct=instructions)
+    if mode is Mode.VOICE_CLONE:
+        return await _clone_item(svc, body, model, text, language)
+    lookup = VoiceLookup(model.info.speakers)
+    if not body.voice_name or not body.voice_name.strip():
+        raise InvalidRequest(f"voice is required; choose one of: {', '.join(lookup.names())}", field="voice")
+    voice = lookup.resolve(body.voice_name)
+    if voice is None:
+        raise NotFound(
+            f"voice '{body.voice_name}' is not available in model '{model.name}'; choose one of: "
+            f"{', '.join(lookup.names())}",
+            field="voice",
+        )
+    return SynthesisItem(text=text, language=language, speaker=voice.speaker, instruct=instructions)
+
+
+async def _clone_item(
+    svc: Services, body: SpeechRequest, model: LoadedModel, text: str, language: str
+) -> SynthesisItem:
+    (ref_text,) = check_texts("ref_text", body.ref_text, 1, svc.settings.max_text_chars, required=False)
+    if ref_text is None and not body.x_vector_only:
+        raise InvalidRequest(
+            "ref_text (the transcript of ref_audio) is required unless x_vector_only is true", field="ref_text"
+        )
+    if body.instructions:
+        raise InvalidRequest("voice cloning takes no instructions: remove them", field="instructions")
+    ref = (body.ref_audio or "").strip()
+    if not ref:
+        raise InvalidRequest(
+            "ref_audio is empty: send a file_id, an http(s) URL, base64 audio or an allowed path", field="ref_audio"
+        )
+    audio = await svc.resolver.resolve(ref, field="ref_audio")
+    prompt = await svc.engine.voice_prompt(model, audio)
+    return SynthesisItem(
+        text=text, language=language, voice=prompt, ref_text=ref_text, x_vector_only=body.x_vector_only
+    )
+
+
+def input_tokens(model: LoadedModel, text: str) -> int:
+    """Text tokens of the input, as the model's tokenizer counts them (for `usage`)."""
+    tokenizer = getattr(getattr(model.tts, "processor", None), "tokenizer", None)
+    return len(tokenizer.encode(text)) if tokenizer is not None else len(text)
