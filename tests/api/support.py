@@ -67,7 +67,7 @@ def largest_batch(client: TestClient) -> int:
 
 
 # ----- live-server helpers (streaming, lifecycle, OpenAI and WebSocket tests) -----
-_WORDS = (
+_WORDS = (  # noqa: SIM905
     "the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet hills and "
     "rivers run toward the distant sea"
 ).split()
