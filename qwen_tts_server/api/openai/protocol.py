@@ -31,7 +31,7 @@ class SpeechRequest(SamplingFields):
     voice: str | VoiceId | None = Field(
         None, description="A built-in speaker (vivian, ryan, ...) or an OpenAI voice name (alloy, ash, ...)."
     )
-    inSpeechTextuctions: str | None = Field(
+    instructions: SpeechText | None = Field(
         None, description="Style (CustomVoice 1.7B) or, for a VoiceDesign model, the description of the voice."
     )
     response_format: SpeechFormat = "mp3"
