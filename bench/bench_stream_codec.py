@@ -93,6 +93,12 @@ class GraphedDecoder:
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.pool: Any = None
 
+    def reset(self) -> None:
+        """Drop every graph and their memory pool (a pool whose graphs are gone cannot be reused)."""
+        self.graphs.clear()
+        self.pool = None
+        torch.cuda.empty_cache()
+
     def __call__(self, codes: Tensor) -> Tensor:
         key = tuple(codes.shape)
         if key not in self.graphs:
@@ -315,7 +321,9 @@ def write_json(rows: list[dict[str, Any]], args: argparse.Namespace, device: tor
             "B streams in lockstep: each call decodes the same chunk of every stream; per-call times end "
             "with the audio's copy to the host.",
             "audio_s_per_s = B x frames x 0.08 s / median pass time; chunk_ms_* over non-first chunks.",
-            "max_abs_vs_whole: the method's audio vs. one whole decode of the same codes (same dtype).",
+            "max_abs_vs_whole: the method's audio vs. one whole decode of the same codes (same dtype). "
+            "In bf16 it is rounding at different call shapes, amplified by the random decoder (~0.5 for "
+            "every method); exactness shows in fp32 (--dtype fp32, which also turns TF32 off).",
         ],
         "results": rows,
     }
@@ -348,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.float32:  # fp32 means fp32: TF32 rounding would hide exactness behind its noise
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.perf_counter()
     decoder = load_speech_tokenizer(args, device, dtype).model.decoder.eval()
     print(f"{card_name(device)}, torch {torch.__version__}, {dtype}, codec built in {time.perf_counter() - t0:.1f} s")
@@ -362,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
                 path = write_json(rows, args, device, dtype)  # after every config: a cut-short run keeps its data
                 if graphed is not None:
-                    graphed.graphs.clear()  # this batch's graphs are done: give their memory back
-                    torch.cuda.empty_cache()
+                    graphed.reset()  # this batch's graphs are done: give their memory back
     print("\n" + table(rows))
     print(f"wrote {path}")
     return 0
