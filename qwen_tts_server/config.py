@@ -103,8 +103,7 @@ class Settings(BaseSettings):
     stream_chunk_frames: int = Field(
         12,
         ge=1,
-        description="Streaming: after its first chunk, each stream's new audio goes out every this many frames, "
-        "on the same steps for every stream (one batched codec decode for all of them).",
+        description="Streaming: the largest chunk, in frames; a stream's chunks double from the first up to this.",
     )
     stream_decoder: Literal["stateful", "context"] = Field(
         "stateful",

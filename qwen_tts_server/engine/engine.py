@@ -136,7 +136,7 @@ class TTSEngine:
                     codec_wait_s=s.codec_wait_ms / 1000,
                     compile=s.compile,
                     stream_first_frames=s.stream_first_chunk_frames,
-                    stream_tick=s.stream_chunk_frames,
+                    stream_chunk_frames=s.stream_chunk_frames,
                     stream_decoder=s.stream_decoder,
                 )
             except Exception as exc:  # e.g. out of memory for the KV cache

@@ -53,6 +53,18 @@ KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
+def stream_chunk_sizes(first: int, largest: int) -> list[int]:
+    """A stream's chunk sizes in frames: `first`, then doubling up to `largest`, which repeats.
+
+    Each chunk takes about as many steps to generate as it has frames, and the steps are several
+    times faster than real time, so a chunk twice the size of the one before still arrives before
+    that one has played: the player never starves, and most of the audio goes in large chunks."""
+    sizes = [min(first, largest)]
+    while sizes[-1] < largest:
+        sizes.append(min(sizes[-1] * 2, largest))
+    return sizes
+
+
 def kv_buckets(max_len: int) -> list[int]:
     """Static KV read lengths: a step attends over the smallest that covers every running row."""
     sizes, k = {max_len}, KV_BUCKET_MIN
@@ -83,7 +95,7 @@ class FastEngine:
         compile: bool = False,
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
-        stream_tick: int = 12,
+        stream_chunk_frames: int = 12,
         stream_first_frames: int = 2,
         stream_decoder: str = "stateful",
     ) -> None:
@@ -94,8 +106,7 @@ class FastEngine:
             self.sampler.enable_compile()
         self.scheduler = Scheduler(max_slots, max_prefill_tokens, admit_wait_s)
         self.max_len = max_len
-        self.stream_tick = stream_tick  # steps between streaming chunks (after each stream's first)
-        self.stream_first_frames = stream_first_frames
+        self.chunk_sizes = stream_chunk_sizes(stream_first_frames, stream_chunk_frames)
         self.codec = CodecDecoder(
             tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
         )
@@ -140,7 +151,7 @@ class FastEngine:
         self._thread: threading.Thread | None = None
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
         chunks: ChunkDecoder = (
-            StatefulChunkDecoder(self.streaming_decoder, (stream_first_frames, stream_tick))
+            StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunk_sizes))
             if self.streaming_decoder is not None
             else ContextChunkDecoder(self.codec)
         )
@@ -220,7 +231,7 @@ class FastEngine:
             return
         rows = sorted({r for r in (1, 4, 16, 64) if r < self.scheduler.max_slots} | {self.scheduler.max_slots})
         try:
-            for frames in sorted({self.stream_first_frames, self.stream_tick}):
+            for frames in self.chunk_sizes:
                 for count in rows:
                     self.streaming_decoder.capture(count, frames)
         except RuntimeError:
@@ -561,18 +572,19 @@ class FastEngine:
 
     # ----- results -----
     def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:
-        """Chunks of the streams still running: a stream's first `first_frames` as soon as they
-        exist, then every `stream_tick` frames. Two chunk sizes only, so every chunk decode is a
-        captured graph; the codec thread decodes all chunks queued since its last call together."""
+        """Chunks of the streams still running, each as soon as its frames exist, in the sizes of
+        `chunk_sizes` only, so every chunk decode is a captured graph; the codec thread decodes all
+        chunks queued since its last call together."""
         jobs = []
         for seq in running:
             stream = seq.stream
             if stream is None or seq.status is SequenceStatus.FINISHED:
                 continue
-            size = stream.first_frames if stream.sent == 0 else self.stream_tick
+            size = self.chunk_sizes[min(stream.chunks, len(self.chunk_sizes) - 1)]
             if seq.num_frames - stream.sent >= size:
                 jobs.append(CodecJob(seq, stream.sent, stream.sent + size))
                 stream.sent += size
+                stream.chunks += 1
         return jobs
 
     def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:

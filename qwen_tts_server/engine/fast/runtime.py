@@ -69,11 +69,10 @@ class FastRuntime:
         codec_wait_s: float = 0.0,
         compile: bool = False,
         stream_first_frames: int = 2,
-        stream_tick: int = 12,
+        stream_chunk_frames: int = 12,
         stream_decoder: str = "stateful",
     ) -> None:
         self.tts = tts
-        self.stream_first_frames = stream_first_frames
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
         on_cuda = tts.model.talker.codec_head.weight.device.type == "cuda"
         self.engine = FastEngine(
@@ -83,7 +82,7 @@ class FastRuntime:
             max_prefill_tokens=max_prefill_tokens,
             admit_wait_s=admit_wait_s,
             codec_wait_s=codec_wait_s,
-            stream_tick=stream_tick,
+            stream_chunk_frames=stream_chunk_frames,
             stream_first_frames=stream_first_frames,
             stream_decoder=stream_decoder,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
@@ -121,7 +120,6 @@ class FastRuntime:
         seq = await self._sequence(mode, item, sampling)
         seq.stream = AudioStream(
             on_audio=lambda _s, audio: loop.call_soon_threadsafe(chunks.put_nowait, audio),
-            first_frames=self.stream_first_frames,
         )
         seq.on_finish = lambda _s: loop.call_soon_threadsafe(chunks.put_nowait, None)
         self._submit(seq)

@@ -45,16 +45,15 @@ class SequenceSampling:
 class AudioStream:
     """A request whose audio goes out while it is generated, chunk by chunk.
 
-    The step thread hands the codec thread the first `first_frames` frames as soon as they exist
-    (a small first chunk: the listener hears audio at once), then everything new at each stream tick
-    (every `FastEngine.stream_tick` steps, the same steps for every stream), so the chunks of all
-    streams are decoded together, one batched codec call per tick. `on_audio` runs on the codec
-    thread with each chunk's float32 samples, in order; the last chunk comes before `on_finish`.
+    The step thread hands the codec thread each chunk as soon as its frames exist, in the sizes of
+    `FastEngine.chunk_sizes` (small first: the listener hears audio at once and the next chunk always
+    arrives before the audio so far has played). `on_audio` runs on the codec thread with each chunk's
+    float32 samples, in order; the last chunk comes before `on_finish`.
     """
 
     on_audio: Callable[[Sequence, Any], None]
-    first_frames: int = 2
     sent: int = 0  # frames handed to the codec so far
+    chunks: int = 0  # chunks handed to the codec so far
     state: Any = None  # the chunk decoder's per-stream state (decoder caches), made on first use
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwen_tts_server.engine.fast.codec_worker import CodecJob
-from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.engine import FastEngine, stream_chunk_sizes
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
 from qwen_tts_server.engine.types import Mode, SamplingParams
 
@@ -69,6 +69,12 @@ def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
     assert good.status is SequenceStatus.FINISHED and good.finish_reason is FinishReason.LENGTH
 
 
+def test_chunks_start_small_and_double_up_to_the_largest():
+    assert stream_chunk_sizes(2, 12) == [2, 4, 8, 12]
+    assert stream_chunk_sizes(3, 3) == [3]
+    assert stream_chunk_sizes(5, 4) == [4]
+
+
 class CountingDecoder:
     """Wraps the engine's real chunk decoder, counting its calls and the chunks in each."""
 
@@ -81,18 +87,18 @@ class CountingDecoder:
         return self.inner.decode_chunks(jobs)
 
 
-def streaming_seq(tts, item, frames: int, chunks: list, finished: list, first_frames: int = 2):
+def streaming_seq(tts, item, frames: int, chunks: list, finished: list):
     sampling = SamplingParams(seed=3, max_new_tokens=frames)
     seq = make_seq(tts, Mode.CUSTOM_VOICE, item, sampling, on_finish=finished.append)
     seq.sampling = dataclasses.replace(seq.sampling, min_frames=frames + 1)  # no EOS: runs to its limit
-    seq.stream = AudioStream(on_audio=lambda _s, audio: chunks.append(audio), first_frames=first_frames)
+    seq.stream = AudioStream(on_audio=lambda _s, audio: chunks.append(audio))
     return seq
 
 
 @pytest.mark.parametrize("decoder", ["stateful", "context"])
 def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_tts, decoder):
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=4, stream_decoder=decoder)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_chunk_frames=4, stream_decoder=decoder)
     chunks, finished = [], []
     seq = engine.submit(streaming_seq(tts, custom_items()[0], 23, chunks, finished))
     engine.step()  # prefill + frame 1
@@ -116,7 +122,7 @@ def test_streams_chunks_are_decoded_together_in_two_sizes(load_tts, decoder):
     """A first chunk, then chunks of one size: streams that run together decode in one call per round,
     and only the last chunk of a stream is shorter (padded to a graphed size by the stateful decoder)."""
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=4, max_len=256, stream_tick=3, stream_decoder=decoder)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_chunk_frames=3, stream_decoder=decoder)
     counter = CountingDecoder(engine.codec_worker.chunks)
     engine.codec_worker.chunks = counter
     outputs = [[] for _ in range(4)]
@@ -131,7 +137,7 @@ def test_streams_chunks_are_decoded_together_in_two_sizes(load_tts, decoder):
 
 def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256, stream_tick=2)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=2)
     chunks, finished = [], []
     seq = engine.submit(streaming_seq(tts, custom_items()[3], 200, chunks, finished))
     for _ in range(6):
