@@ -4,7 +4,7 @@ routes and the WebSocket, so long text, seeds, speed and encoding follow one set
 - Long text is split at sentence boundaries (text.segment) and generated as consecutive segments
   with one voice, one seed and one set of sampling options; segments are joined with a short fade,
   so the joins do not click. Whole results generate all segments at once (they batch); streams
-  play segment k while segment k+1 is already generating.
+  generate segment k+1 as soon as segment k is generated, while k is still playing.
 - A request without a seed gets one drawn here, so all its segments share it.
 - A request's frame bound (`max_new_tokens` / `max_duration_s`) bounds the item's whole audio; the
   server's cap bounds each segment. Audio cut at a bound ends with finish_reason `length`.
@@ -100,7 +100,7 @@ class Speech:
 
     async def stream_segments(self, segments: AsyncIterator[SynthesisItem]) -> AsyncIterator[AudioChunk]:
         """Segments' audio, joined, as they are generated; each segment starts generating as soon as it
-        is known and the one before it is playing (so text that streams in keeps the audio going)."""
+        is known and the one before it is generated (so text that streams in keeps the audio going)."""
         pumps: asyncio.Queue[_Pump | Exception | None] = asyncio.Queue(maxsize=1)
         feeder = asyncio.ensure_future(self._feed(segments, pumps, with_seed(self.sampling)))
         joiner = SegmentJoiner(int(self.model.info.sample_rate))
@@ -144,13 +144,15 @@ class Speech:
         pumps: asyncio.Queue[_Pump | Exception | None],
         sampling: SamplingParams,
     ) -> None:
-        """Start each segment's generation as soon as the previous one is playing; then None (the end),
-        or the error the segment source raised."""
+        """Start each segment's generation once the one before it has finished generating (it is then
+        still playing: generation runs several times faster than real time), so a stream holds one
+        engine row at a time; then None (the end), or the error the segment source raised."""
         try:
             async for segment in segments:
                 pump = _Pump(self.engine.stream(self.model, self.mode, segment, sampling))
                 try:
                     await pumps.put(pump)
+                    await pump.generated.wait()
                 except BaseException:
                     await pump.close()
                     raise
@@ -182,6 +184,7 @@ class _Pump:
 
     def __init__(self, chunks: AsyncIterator[AudioChunk]) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.generated = asyncio.Event()  # the source has ended (or failed)
         self._chunks = chunks
         self._task = asyncio.ensure_future(self._run())
 
@@ -193,6 +196,7 @@ class _Pump:
             self._queue.put_nowait(exc)
         finally:
             self._queue.put_nowait(self._END)
+            self.generated.set()
 
     def __aiter__(self) -> _Pump:
         return self

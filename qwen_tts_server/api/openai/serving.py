@@ -8,7 +8,8 @@ tts-1-hd, gpt-4o-mini-tts) mean the configured default for that mode.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 from ...config import Settings
 from ...engine.engine import TTSEngine
@@ -112,6 +113,16 @@ async def _clone_item(
 
 
 def input_tokens(model: LoadedModel, text: str) -> int:
-    """Text tokens of the input, as the model's tokenizer counts them (for `usage`)."""
-    tokenizer = getattr(getattr(model.tts, "processor", None), "tokenizer", None)
-    return len(tokenizer.encode(text)) if tokenizer is not None else len(text)
+    """Text tokens of the input, as the model's tokenizer counts them (for `usage`).
+
+    Counted with a copy of the tokenizer: a Rust fast tokenizer may not be used by two threads at
+    once ("Already borrowed"), and the engine builds prompts with the original on worker threads.
+    Only the event loop uses the copy."""
+    counter = _token_counters.get(id(model.tts))
+    if counter is None:
+        tokenizer = getattr(getattr(model.tts, "processor", None), "tokenizer", None)
+        counter = _token_counters[id(model.tts)] = copy.deepcopy(tokenizer) if tokenizer is not None else False
+    return len(counter.encode(text)) if counter else len(text)
+
+
+_token_counters: dict[int, Any] = {}

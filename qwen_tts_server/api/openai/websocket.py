@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,7 @@ from ..speech import Speech, StreamEncoder
 from .protocol import SpeechRequest
 from .serving import PARAMS, input_tokens, resolve_mode, speech_item
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1008, 1009, 1011
@@ -73,6 +75,7 @@ class SpeechSession:
         except ServiceError as exc:
             await self._error(exc, CLOSE_TOO_BIG if exc.status_code == 413 else CLOSE_POLICY)
         except Exception as exc:  # never leave a socket hanging on a bug
+            log.exception("speech WebSocket session failed")
             await self._error(exc, CLOSE_ERROR)
         finally:
             self.svc.metrics.streams.dec()
