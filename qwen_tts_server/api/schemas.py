@@ -156,7 +156,9 @@ class AudioItem(BaseModel):
 
 class Timing(BaseModel):
     total_ms: float
-    model_ms: float = Field(description="Waiting for the model to load (0 when already loaded).")
+    model_ms: float = Field(
+        description="Loading the model (0 when already loaded) and preparing the voice (clone prompts)."
+    )
     generate_ms: float = Field(description="Queue wait plus generation.")
     encode_ms: float
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from ..audio.codec_io import FILE_EXTENSIONS, MEDIA_TYPES, available_output_formats, encode_audio
 from ..audio.encoders import STREAMABLE_FORMATS
 from ..engine.registry import LoadedModel
-from ..engine.types import Mode, SynthesisItem, SynthesisResult
+from ..engine.types import Mode, SamplingParams, SynthesisItem, SynthesisResult
 from ..errors import InvalidRequest
 from .deps import file_url, services
 from .lifecycle import until_disconnect
@@ -179,7 +179,13 @@ def _check_streamable(body: SynthesisOptions, n: int) -> None:
         raise InvalidRequest("a stream is the audio itself: drop return_audio_inline", field="return_audio_inline")
 
 
-async def _whole(request: Request, body: SynthesisOptions, mode: Mode, n: int, prepare, sampling) -> SynthesisResponse:
+Prepare = Callable[[], Awaitable[tuple[LoadedModel, list[SynthesisItem]]]]
+
+
+async def _whole(
+    request: Request, body: SynthesisOptions, mode: Mode, n: int, prepare: Prepare, sampling: SamplingParams
+) -> SynthesisResponse:
+    """Every item whole, each stored and returned as a download URL (and inline on request)."""
     svc = services(request)
     started = time.perf_counter()
     ids = custom_ids(body.custom_id, n)
