@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import threading
-from collections.abc import AsyncIterator, Hashable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -103,14 +102,17 @@ class TTSEngine:
         return model
 
     async def unload(self, name: str) -> bool:
+        """Unload a model (see `ModelRegistry.unload`); returns once its engine's memory is released."""
         return await self.registry.unload(name)
 
-    def _on_unload(self, name: str) -> None:
+    async def _on_unload(self, name: str) -> None:
+        """The registry dropped the model: stop its fast engine and let go of everything built on it
+        (engine, KV cache, graphs, cached voice prompts), so its memory is free when unload returns."""
         self.gate.forget(name)
         runtime = self._fast.pop(name, None)
-        if runtime is not None:
-            self._close_later(runtime)
         self.voice_cache.drop_model(name)
+        if runtime is not None:
+            await self._close(runtime)
 
     async def fast_runtime(self, model: LoadedModel) -> FastRuntime:
         """The model's fast engine, started once on first use, off the event loop: it allocates the
@@ -123,7 +125,8 @@ class TTSEngine:
             if runtime is not None and runtime.tts is model.tts:
                 return runtime
             if runtime is not None:  # built for an earlier load of this name, since unloaded
-                self._close_later(self._fast.pop(model.name))
+                await self._close(self._fast.pop(model.name))
+            self._check_current(model)  # never build an engine for a model that has left the registry
             s = self.settings
             try:
                 runtime = await asyncio.to_thread(
@@ -145,6 +148,9 @@ class TTSEngine:
                     "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
                     field="model",
                 ) from exc
+            if not self.registry.is_current(model):  # unloaded while the engine started: not ours to keep
+                await self._close(runtime)
+                self._check_current(model)
             runtime.engine.on_step = self.metrics.batch_size.observe
             # Its KV cache, and on CUDA the workspace its graphs and codec batches take, count
             # against the memory budget like weights do.
@@ -165,23 +171,53 @@ class TTSEngine:
         log.info("fast engine rows from the memory budget", extra={"model": model.name, "max_slots": rows})
         return rows
 
+    def _check_current(self, model: LoadedModel) -> None:
+        if not self.registry.is_current(model):
+            raise ModelUnavailable(
+                f"model '{model.name}' was unloaded while this request waited for it; retry (it loads again on demand)",
+                field="model",
+            )
+
     @staticmethod
-    def _close_later(runtime: FastRuntime) -> None:
-        """Stopping joins the engine's threads: do it off the event loop."""
-        threading.Thread(target=runtime.close, name="qtts-close", daemon=True).start()
+    async def _close(runtime: FastRuntime) -> None:
+        """Stop a fast engine off the event loop (stopping joins its threads) and wait for it. The worker
+        thread gets the runtime through a box it empties, so nothing holds the runtime once it is closed."""
+        box = [runtime]
+        del runtime
+        await asyncio.to_thread(_close_boxed, box)
 
     # ----- voice prompts -----
     async def voice_prompt(self, model: LoadedModel, ref: ReferenceAudio) -> VoicePrompt:
-        """The cached cloning prompt for this reference audio, computed once per model."""
+        """The cached cloning prompt for this reference audio, computed once per model.
+
+        Keyed by (model, the audio's content hash): the prompt (speaker embedding and reference
+        codes) depends on nothing else, so ICL and x-vector requests, and a file_id and base64 of
+        the same bytes, share one entry. The audio is decoded only on a miss."""
 
         async def compute() -> VoicePrompt:
+            audio = await ref.decoded()
             async with self.registry.using(model):
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
-                    self._gpu, compute_voice_prompt, model.tts, ref.audio.samples, ref.audio.sample_rate
+                    self._gpu, compute_voice_prompt, model.tts, audio.samples, audio.sample_rate
                 )
 
-        prompt, hit = await self.voice_cache.get_or_compute((model.name, ref.cache_key), compute)
+        return await self._cached_prompt(model, ref.cache_key, compute)
+
+    async def stored_voice_prompt(
+        self, model: LoadedModel, cache_key: str, load: Callable[[str], VoicePrompt]
+    ) -> VoicePrompt:
+        """A prompt computed earlier and stored (a library voice): `load(device)` reads it (in a
+        thread) on a miss. `cache_key` is its audio's content key, so it shares the entry with the
+        same audio sent as a reference."""
+
+        async def compute() -> VoicePrompt:
+            return await asyncio.to_thread(load, model.device)
+
+        return await self._cached_prompt(model, cache_key, compute)
+
+    async def _cached_prompt(self, model: LoadedModel, cache_key: str, compute) -> VoicePrompt:
+        prompt, hit = await self.voice_cache.get_or_compute((model.name, cache_key), compute)
         self.metrics.voice_cache.labels(result="hit" if hit else "miss").inc()
         return prompt
 
@@ -191,16 +227,23 @@ class TTSEngine:
     ) -> list[SynthesisResult]:
         """Generate every item; items of one call stay in order and in as few batches as fit.
 
-        Raises Overloaded (429) at once when the model has no room for them (see AdmissionGate)."""
+        Raises Overloaded (429) at once when the model has no room for them (see AdmissionGate). A
+        call larger than the model's whole capacity runs in consecutive groups that fit, so it is
+        never refused for good."""
         check_items(model.info, mode, items)
         sampling = dataclasses.replace(sampling, max_new_tokens=self.frame_limit(model.info, sampling))
-        with self._admitted(model.name, len(items)):
-            if self.settings.engine == "fast":
-                async with self.registry.using(model):
-                    runtime = await self.fast_runtime(model)
-                    results = await runtime.generate(mode, items, sampling)
-            else:
-                results = await self.batcher.submit(BatchKey(model.name, mode, sampling), items)
+        results: list[SynthesisResult] = []
+        if self.settings.engine == "fast":
+            async with self.registry.using(model):
+                runtime = await self.fast_runtime(model)  # its rows are the gate's capacity
+                for group in self._groups(model.name, items):
+                    with self._admitted(model.name, len(group)):
+                        results += await runtime.generate(mode, group, sampling)
+        else:
+            self.gate.set_rows(model.name, self.settings.max_batch_size)
+            for group in self._groups(model.name, items):
+                with self._admitted(model.name, len(group)):
+                    results += await self.batcher.submit(BatchKey(model.name, mode, sampling), group)
         for result in results:
             self._count(model.name, mode, result.duration_s, result.finish_reason)
         return results
@@ -214,21 +257,27 @@ class TTSEngine:
         chunk at the end. Closing the iterator early cancels the work."""
         check_items(model.info, mode, [item])
         sampling = dataclasses.replace(sampling, max_new_tokens=self.frame_limit(model.info, sampling))
-        with self._admitted(model.name, 1):
-            if self.settings.engine != "fast":
+        if self.settings.engine != "fast":
+            self.gate.set_rows(model.name, self.settings.max_batch_size)
+            with self._admitted(model.name, 1):
                 (result,) = await self.batcher.submit(BatchKey(model.name, mode, sampling), [item])
-                self._count(model.name, mode, result.duration_s, result.finish_reason)
-                yield AudioChunk(result.samples, result.frames)
-                yield AudioChunk(result.samples[:0], 0, finish_reason=result.finish_reason)
-                return
-            async with self.registry.using(model):
-                runtime = await self.fast_runtime(model)
+            self._count(model.name, mode, result.duration_s, result.finish_reason)
+            yield AudioChunk(result.samples, result.frames)
+            yield AudioChunk(result.samples[:0], 0, finish_reason=result.finish_reason)
+            return
+        async with self.registry.using(model):
+            runtime = await self.fast_runtime(model)  # its rows are the gate's capacity
+            with self._admitted(model.name, 1):
                 seconds = 0.0
                 async for chunk in runtime.stream_audio(mode, item, sampling):
                     seconds += len(chunk.samples) / runtime.sample_rate
                     if chunk.finish_reason is not None:
                         self._count(model.name, mode, seconds, chunk.finish_reason)
                     yield chunk
+
+    def _groups(self, model: str, items: list[SynthesisItem]) -> list[list[SynthesisItem]]:
+        size = max(1, self.gate.load(model).capacity)
+        return [items[i : i + size] for i in range(0, len(items), size)]
 
     @contextlib.contextmanager
     def _admitted(self, model: str, items: int) -> Iterator[None]:
@@ -284,6 +333,10 @@ class TTSEngine:
             runtime.close()
         self._fast.clear()
         self._gpu.shutdown(wait=True, cancel_futures=True)
+
+
+def _close_boxed(box: list[FastRuntime]) -> None:
+    box.pop().close()
 
 
 def _example_model(mode: Mode) -> str:

@@ -26,6 +26,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -80,6 +81,18 @@ def _with_top_p(plan: SamplingPlan) -> SamplingPlan:
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def finish_sequence(seq: Sequence, reason: FinishReason) -> None:
+    """Mark a request finished and tell its owner. A plain function, not a method: the codec thread
+    that calls it then holds no reference to the engine."""
+    seq.status = SequenceStatus.FINISHED
+    seq.finish_reason = reason
+    if seq.on_finish is not None:
+        try:
+            seq.on_finish(seq)
+        except Exception:  # a caller's callback must not take the engine's threads down
+            log.exception("on_finish callback failed")
 
 
 class FastEngine:
@@ -155,14 +168,18 @@ class FastEngine:
             if self.streaming_decoder is not None
             else ContextChunkDecoder(self.codec)
         )
+        # Nothing the engine owns holds the engine itself (no callbacks bound to it, FrameGraphs holds
+        # a weak proxy): with no reference cycle, dropping the last reference frees it, KV cache and
+        # graphs included, without waiting for the cycle collector.
+        scheduler = self.scheduler
         self.codec_worker = CodecWorker(
             self.codec,
             chunks,
             device=device,
             stream=self.codec_stream,
             wait_s=codec_wait_s,
-            busy=lambda: bool(self.scheduler.running),
-            finish=self._finish,
+            busy=lambda: bool(scheduler.running),
+            finish=finish_sequence,
         )
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
@@ -315,6 +332,22 @@ class FastEngine:
                 log.error("the fast engine's step thread did not stop in time; it fails its requests when it does")
                 return
         self._fail_remaining()
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the engine's device memory now that no thread runs on it: the frame, codec and
+        streaming-decoder graphs (and their memory pools), the KV caches and the per-row state. A
+        caller that still holds the engine (a request in flight at an unload) holds a husk."""
+        self.graphs = None
+        self.on_step = None
+        for owner in (self.codec, self.streaming_decoder):
+            if owner is not None:
+                owner._graphs.clear()
+                owner._pool = None
+        runner = self.runner
+        runner.k_cache, runner.v_cache, runner.cp_k_cache, runner.cp_v_cache = [], [], [], []
+        empty = self.hidden.new_empty(0)
+        self.hidden = self.seen = self.trailing = empty
 
     def _fail_remaining(self) -> None:
         self._take_inbox()
@@ -336,6 +369,7 @@ class FastEngine:
                 self._loop_exited = True
                 if self._abandoned:  # stop() gave up waiting for this thread
                     self._fail_remaining()
+                    self._release()
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows."""
@@ -602,14 +636,7 @@ class FastEngine:
                 self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
         self.codec_worker.put(jobs)
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        if seq.on_finish is not None:
-            try:
-                seq.on_finish(seq)
-            except Exception:  # a caller's callback must not take the engine's threads down
-                log.exception("on_finish callback failed")
+    _finish = staticmethod(finish_sequence)
 
 
 class FrameGraphs:
@@ -622,7 +649,7 @@ class FrameGraphs:
     """
 
     def __init__(self, engine: FastEngine) -> None:
-        self.engine = engine
+        self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
         # Sampling plans come from clients' options (top_k, top_p): beyond this many graphs, an
         # unusual plan runs eagerly instead of capturing yet another graph.
         self.max_graphs = 2 * len(engine.buckets) * len(engine.kv_buckets)
