@@ -1,17 +1,24 @@
 """Command line: `serve`, `synth`, `models`, `make-test-models`.
 
-Flags override the matching `QTTS_*` environment variables.
+Flags override the matching `QTTS_*` environment variables. A failing command prints one line,
+`error: <what went wrong>`, on stderr and exits with status 1 (2 for a usage error), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import json
+import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import Settings
+from .errors import ServiceError
+
+log = logging.getLogger("qwen_tts_server.cli")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -38,6 +45,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base = f"http://{host}:{settings.port}"
+    everywhere = " (all interfaces)" if settings.host in ("0.0.0.0", "::") else ""
+    log.info(f"qwen-tts-server {__version__} listening on {base}{everywhere}; API docs at {base}/docs")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     return 0
 
@@ -52,13 +63,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
     body: dict[str, object] = {"text": args.text, "language": args.language, "response_format": args.format}
     if args.model:
         body["model"] = args.model
+    _download_if_missing(settings, args.model or _default_model(settings, args.mode))
     if args.mode == "custom-voice":
         body["speaker"] = args.speaker
     if args.instruct:
         body["instruct"] = args.instruct
     if args.mode == "voice-clone":
         if not args.ref_audio:
-            print("error: voice-clone needs --ref-audio", file=sys.stderr)
+            _error("voice-clone needs --ref-audio")
             return 2
         body["ref_audio"] = base64.b64encode(Path(args.ref_audio).read_bytes()).decode("ascii")
         body["ref_text"] = args.ref_text
@@ -69,7 +81,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     with TestClient(create_app(settings)) as client:
         response = client.post(f"/api/v1/{args.mode}", json=body)
     if response.status_code != 200:
-        print(json.dumps(response.json(), indent=2), file=sys.stderr)
+        error = response.json().get("error", {})
+        field = f" (field: {error['field']})" if error.get("field") else ""
+        _error(f"{error.get('message', response.text)}{field}")
         return 1
     item = response.json()["items"][0]
     Path(args.out).write_bytes(base64.b64decode(item["audio_base64"]))
@@ -77,18 +91,42 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_model(settings: Settings, mode: str) -> str:
+    return {
+        "custom-voice": settings.default_custom_voice_model,
+        "voice-design": settings.default_voice_design_model,
+        "voice-clone": settings.default_voice_clone_model,
+    }[mode]
+
+
+def _download_if_missing(settings: Settings, name: str) -> None:
+    """Fetch a known model that is not on disk yet, with the hub's progress bars (the server would
+    answer 503 while it downloads in the background)."""
+    from .engine.registry import ModelRegistry
+
+    registry = ModelRegistry(settings)
+    key = registry.key(name)
+    if not registry.is_local(key) and settings.download_source != "none":
+        print(f"downloading {key} from {settings.download_source} ({settings.hub_org}/{key})", file=sys.stderr)
+        registry.download(key)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import dataclasses
+    import json
 
     from .engine.registry import ModelRegistry
 
-    registry = ModelRegistry(_settings(args))
+    settings = _settings(args)
+    registry = ModelRegistry(settings)
     if args.action == "list":
         for status in registry.statuses():
             print(json.dumps(dataclasses.asdict(status)))
         return 0
-    path = registry.resolve(args.name)
-    print(path)
+    key = registry.key(args.name)  # an unknown name fails here, before any hub is asked
+    if not registry.is_local(key) and settings.download_source != "none":
+        print(f"downloading {key} from {settings.download_source} ({settings.hub_org}/{key})", file=sys.stderr)
+    print(registry.download(key))
     return 0
 
 
@@ -132,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(synth)
     synth.set_defaults(func=cmd_synth)
 
-    models = sub.add_parser("models", help="list models, or resolve (find or download) one")
-    models.add_argument("action", choices=["list", "resolve"])
-    models.add_argument("name", nargs="?")
+    models = sub.add_parser("models", help="list the known models, or download one (resolve: the same)")
+    models.add_argument("action", choices=["list", "download", "resolve"])
+    models.add_argument("name", nargs="?", help="model name, e.g. Qwen3-TTS-12Hz-1.7B-Base")
     common(models)
     models.set_defaults(func=cmd_models)
 
@@ -144,12 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> None:
+    """One line on stderr, however many lines the message had."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "action", None) == "resolve" and not args.name:
-        print("error: models resolve needs a NAME", file=sys.stderr)
+    if getattr(args, "action", None) in ("download", "resolve") and not args.name:
+        _error(f"models {args.action} needs a NAME")
         return 2
-    return int(args.func(args) or 0)
+    try:
+        if args.command in ("serve", "synth", "make-test-models"):
+            from .logs import import_upstream_quietly
+
+            import_upstream_quietly()
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `... | head`: the reader left; say nothing, and let exit not complain either
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ServiceError as exc:
+        _error(exc.message)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _error(f"{exc.strerror or type(exc).__name__}{where}")
+    except Exception as exc:
+        _error(f"{type(exc).__name__}: {exc}")
+    return 1
 
 
 if __name__ == "__main__":

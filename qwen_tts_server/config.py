@@ -38,13 +38,20 @@ class Settings(BaseSettings):
     # --- models ---
     models_dir: Path = Field(Path("models"), description="Local checkpoints: <models_dir>/<model name>.")
     download_source: Literal["huggingface", "modelscope", "none"] = "huggingface"
-    hub_org: str = "Qwen"
+    hub_org: str = Field("Qwen", description="Organisation hub downloads come from; no other is ever used.")
+    extra_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Model names beyond the published five that may be downloaded from hub_org (comma-separated).",
+    )
     hub_cache_dir: Path | None = None
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     memory_budget_gb: float | None = Field(
         None, gt=0, description="Models are unloaded least-recently-used first to stay under this (GB)."
+    )
+    unload_timeout_s: float = Field(
+        30.0, ge=0, description="Unload waits this long for a model's running work, then stops it (that work fails)."
     )
     default_custom_voice_model: str = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
     default_voice_design_model: str = "Qwen3-TTS-12Hz-1.7B-VoiceDesign"
@@ -121,7 +128,9 @@ class Settings(BaseSettings):
     )
 
     # --- files ---
-    data_dir: Path = Field(Path("data"), description="Uploaded and generated files, and their SQLite index.")
+    data_dir: Path = Field(
+        Path("data"), description="Uploaded and generated files, stored voices, and their SQLite index."
+    )
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -141,7 +150,29 @@ class Settings(BaseSettings):
         default_factory=list, description="Directories whose files may be named as ref_audio paths."
     )
 
-    @field_validator("api_keys", "allowed_audio_dirs", mode="before")
+    # --- clients of the earlier voice-cloning service, browsers on other origins (README: compatibility) ---
+    inline_audio_default: bool = Field(
+        False,
+        description="Native synthesis results carry each item's audio as base64 (items[].audio_base64) unless "
+        "the request sends return_audio_inline: false.",
+    )
+    clone_without_transcript: Literal["error", "xvector"] = Field(
+        "error",
+        description="/api/v1/voice-clone without ref_text: error (422) or xvector (clone from the speaker "
+        "embedding alone, with a warning). The compatibility clone routes always do xvector.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins browsers may call the API from (comma-separated, * for any); empty: no CORS.",
+    )
+    url_signing_key: str | None = Field(
+        None,
+        repr=False,
+        description="Key of the signed download URLs handed out while API keys are on; default: derived from "
+        "the API keys.",
+    )
+
+    @field_validator("api_keys", "allowed_audio_dirs", "extra_models", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -153,3 +184,8 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def voices_dir(self) -> Path:
+        """Stored voices' prompts (safetensors); their metadata is in db_path."""
+        return self.data_dir / "voices"

@@ -54,6 +54,30 @@ def is_file_id(s: str) -> bool:
     return _ID_RE.fullmatch(s) is not None
 
 
+def sniff_media_type(data: bytes) -> str | None:
+    """The audio media type of these bytes from their first bytes, or None if they are none of ours:
+    RIFF/WAVE (or RF64, WAVE over 4 GB) is audio/wav, fLaC audio/flac, OggS audio/ogg, an ID3 tag or
+    an MPEG audio frame sync audio/mpeg. Uploads are stored as what they are, not as what the client
+    said (browsers often send application/octet-stream)."""
+    head = data[:12]
+    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head[:4] == b"fLaC":
+        return "audio/flac"
+    if head[:4] == b"OggS":
+        return "audio/ogg"
+    if head[:3] == b"ID3":
+        return "audio/mpeg"
+    # MPEG audio frame header: 11 sync bits, a version other than "reserved" (01), a layer other than
+    # "reserved" (00), a bitrate index other than 1111 and a sample rate index other than 11.
+    if len(head) >= 3 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
+        bitrate, rate = head[2] >> 4, (head[2] >> 2) & 0b11
+        if version != 0b01 and layer != 0b00 and bitrate != 0b1111 and rate != 0b11:
+            return "audio/mpeg"
+    return None
+
+
 def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
 

@@ -123,7 +123,7 @@ def audio_server(make_wav: WavFn) -> Iterator[str]:
 def test_file_id(tmp_path: Path, registry: FileRegistry, make_wav: WavFn) -> None:
     rec = registry.put(make_wav(1.5, 16000), kind="upload", filename="a.wav", media_type="audio/wav")
     ref = resolve(ReferenceAudioResolver(registry, make_settings(tmp_path)), rec.id)
-    assert ref.cache_key == f"file:{rec.id}"
+    assert ref.cache_key == f"sha256:{rec.sha256}"  # by content: a file_id and base64 of its bytes share it
     assert ref.audio.sample_rate == 16000 and ref.audio.duration_s == pytest.approx(1.5)
 
 

@@ -204,3 +204,47 @@ def test_concurrent_puts(registry: FileRegistry) -> None:
     assert len(set(ids)) == 160
     assert len(registry.list()) == 160
     assert not [p for p in registry.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ----- what an upload is, from its bytes -----
+def _encoded(fmt: str) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    from qwen_tts_server.audio.encoders import encode_audio
+
+    samples = (0.2 * np.sin(np.arange(24000) / 10)).astype(np.float32)
+    if fmt in ("wav", "flac"):
+        buf = io.BytesIO()
+        sf.write(buf, samples, 24000, format=fmt.upper())
+        return buf.getvalue()
+    return encode_audio(samples, 24000, fmt)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media_type"),
+    [("wav", "audio/wav"), ("flac", "audio/flac"), ("opus", "audio/ogg"), ("mp3", "audio/mpeg")],
+)
+def test_real_audio_files_are_recognised(fmt: str, media_type: str) -> None:
+    from qwen_tts_server.storage.files import sniff_media_type
+
+    assert sniff_media_type(_encoded(fmt)) == media_type
+
+
+def test_sniffing_reads_the_magic_bytes() -> None:
+    from qwen_tts_server.storage.files import sniff_media_type
+
+    assert sniff_media_type(b"RIFF\x24\x00\x00\x00WAVEfmt ") == "audio/wav"
+    assert sniff_media_type(b"RF64\xff\xff\xff\xffWAVEds64") == "audio/wav"
+    assert sniff_media_type(b"fLaC\x00\x00\x00\x22") == "audio/flac"
+    assert sniff_media_type(b"OggS\x00\x02") == "audio/ogg"
+    assert sniff_media_type(b"ID3\x04\x00\x00\x00\x00\x00\x00") == "audio/mpeg"
+    assert sniff_media_type(bytes([0xFF, 0xFB, 0x90, 0x64])) == "audio/mpeg"  # MPEG-1 layer III, 128 kbit/s
+    assert sniff_media_type(bytes([0xFF, 0xF3, 0x48, 0xC4])) == "audio/mpeg"  # MPEG-2 layer III
+    assert sniff_media_type(bytes([0xFF, 0xFB, 0xF0, 0x64])) is None  # bitrate index 1111 is invalid
+    assert sniff_media_type(bytes([0xFF, 0xF9, 0x90, 0x64])) is None  # layer 00 is reserved (AAC ADTS)
+    assert sniff_media_type(b"RIFF\x24\x00\x00\x00AVI LIST") is None
+    assert sniff_media_type(b"PK\x03\x04") is None
+    assert sniff_media_type(b"") is None
