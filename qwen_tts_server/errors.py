@@ -36,6 +36,13 @@ class NotFound(ServiceError):
     error_type = "not_found"
 
 
+class Conflict(ServiceError):
+    """The request clashes with what exists (e.g. a voice name already taken)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     error_type = "payload_too_large"
@@ -44,6 +51,13 @@ class PayloadTooLarge(ServiceError):
 class Unauthorized(ServiceError):
     status_code = 401
     error_type = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """Credentials that are wrong rather than missing, e.g. a tampered or expired signed download URL."""
+
+    status_code = 403
+    error_type = "forbidden"
 
 
 class ModelUnavailable(ServiceError):

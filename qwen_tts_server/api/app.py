@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import math
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi import FastAPI
 
 from .. import __version__
 from ..audio.sources import ReferenceAudioResolver
 from ..config import Settings
 from ..engine.engine import TTSEngine
-from ..errors import ServiceError, Unauthorized
-from ..logs import request_id_var
 from ..metrics import Metrics
 from ..storage.files import FileRegistry
-from . import files, models, system, tts
-from .error_shapes import error_body
+from ..storage.voices import VoiceStore
+from . import compat, docs, files, models, system, tts, voices
+from .error_handlers import install_error_handlers
 from .limits import BodyLimit
+from .middleware import OPEN_PATHS, install_request_context
 from .openai import router as openai_router
+from .openai import voices_router as openai_voices_router
 from .openai import websocket as openai_websocket
 
 log = logging.getLogger(__name__)
-
-OPEN_PATHS = frozenset({"/health", "/ready"})  # probes work without a key
 
 
 @dataclass
@@ -47,6 +37,7 @@ class Services:
     files: FileRegistry
     resolver: ReferenceAudioResolver
     engine: TTSEngine
+    voices: VoiceStore | None = None  # the voice library (set at start-up)
     ready: bool = False
 
 
@@ -57,16 +48,19 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         metrics = engine.metrics if engine is not None else Metrics()
-        registry = FileRegistry(settings.files_dir, settings.db_path, settings.file_ttl_s)
+        registry = await asyncio.to_thread(FileRegistry, settings.files_dir, settings.db_path, settings.file_ttl_s)
         services = Services(
             settings=settings,
             metrics=metrics,
             files=registry,
             resolver=ReferenceAudioResolver(registry, settings),
             engine=engine or TTSEngine(settings, metrics=metrics),
+            voices=VoiceStore(settings.voices_dir, settings.db_path),
         )
         app.state.services = services
         cleanup = asyncio.create_task(_cleanup_loop(registry, settings.cleanup_interval_s))
+        for line in await asyncio.to_thread(_startup_report, services):
+            log.info(line)
         services.ready = True
         try:
             yield
@@ -75,25 +69,45 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
             cleanup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cleanup
-            services.engine.close()
-            registry.close()
+            await asyncio.to_thread(services.engine.close)  # joins the engines' threads: off the loop
+            await asyncio.to_thread(registry.close)
+            services.voices.close()
 
     app = FastAPI(
         title="Qwen3-TTS server",
         version=__version__,
         description="Custom voice, voice design and voice cloning with Qwen3-TTS-12Hz models.",
         lifespan=lifespan,
+        docs_url=None,  # served by `docs`, from the package: works offline and with API keys
+        redoc_url=None,
     )
+    docs.install(app, settings, OPEN_PATHS)
     app.include_router(tts.router)
+    app.include_router(compat.router)  # the earlier service's routes (its queue: the jobs module's)
     app.include_router(openai_router.router)
     app.include_router(openai_websocket.router)
+    app.include_router(openai_voices_router.router)
+    app.include_router(voices.router)
     app.include_router(files.router)
     app.include_router(models.router)
     app.include_router(system.router)
     app.add_middleware(BodyLimit, **BodyLimit.limits(settings))  # inside the request context: 413s get its id
-    _install_middleware(app, settings)
-    _install_error_handlers(app)
+    install_request_context(app, settings)
+    install_error_handlers(app)
+    compat.install_cors(app, settings)  # last: outermost, so preflights never meet the key check
     return app
+
+
+def _startup_report(services: Services) -> list[str]:
+    """What a newcomer needs to see at start: the engine, the models on disk and what happens to the
+    others (downloaded on first use, or not at all). Reads the models folder: run it in a thread."""
+    registry = services.engine.registry
+    options = registry.options
+    lines = [f"engine: {services.settings.engine} on {options.device} ({options.dtype}); models load on first use"]
+    lines += registry.startup_report()
+    if services.settings.api_keys:
+        lines.append("API keys are on: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' (/docs: Authorize)")
+    return lines
 
 
 async def _cleanup_loop(registry: FileRegistry, interval_s: float) -> None:
@@ -105,229 +119,3 @@ async def _cleanup_loop(registry: FileRegistry, interval_s: float) -> None:
                 log.info("expired files removed", extra={"count": removed})
         except Exception:
             log.exception("file cleanup failed")
-
-
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-def _install_middleware(app: FastAPI, settings: Settings) -> None:
-    keys = [k.encode() for k in settings.api_keys]
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):  # type: ignore[no-untyped-def]
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        token = request_id_var.set(request_id)
-        started = time.perf_counter()
-        try:
-            if keys and request.url.path not in OPEN_PATHS:
-                presented = (_presented_key(request) or "").encode()
-                if not any(hmac.compare_digest(presented, k) for k in keys):
-                    error = Unauthorized(
-                        "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-                    )
-                    response = JSONResponse({"error": error.to_dict()}, status_code=error.status_code)
-                else:
-                    response = await call_next(request)
-            else:
-                response = await call_next(request)
-            response.headers["x-request-id"] = request_id
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics: Metrics | None = getattr(getattr(request.app.state, "services", None), "metrics", None)
-            if metrics is not None:
-                metrics.requests.labels(route=path, status=str(response.status_code)).inc()
-                metrics.latency.labels(route=path).observe(time.perf_counter() - started)
-            log.info(
-                "request",
-                extra={
-                    "method": request.method,
-                    "path": request.url.path,
-                    "status": response.status_code,
-                    "ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
-            return response
-        finally:
-            request_id_var.reset(token)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every error becomes JSON in the shape of the route's API (error_shapes), never an exception.
-
-    Unexpected exceptions are not left to a handler keyed `Exception`: Starlette gives that one to
-    ServerErrorMiddleware, outside every middleware, so its 500 went out after the request context
-    had ended (no x-request-id; the message quoted request id None), and that middleware re-raises,
-    on which uvicorn closes the keep-alive connection. `_AnswerUnhandled` answers them instead:
-    innermost, inside the request context (the 500 gets the id, the access log and the metrics),
-    and outermost, for what escapes the middleware itself. Bodies are rendered by `_SafeJSON`,
-    which cannot fail on text without a UTF-8 form (a lone surrogate in a message or a field).
-    """
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        retry_after = getattr(exc, "retry_after_s", None)
-        headers = {"retry-after": str(retry_after)} if retry_after is not None else None
-        return _error_response(request, exc.status_code, exc.error_type, exc.message, exc.field, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        # A value that fits no member of a union (`str | list[str]`) is reported once per member;
-        # a member's own complaint (a bad character, a bound, an item) says more than "not a list".
-        errors.sort(key=lambda err: str(err.get("type", "")).endswith("_type"))
-        problems = [{"field": _field_of(err), "message": _message_of(err)} for err in errors]
-        first = problems[0] if problems else {"field": None, "message": "invalid request"}
-        message = f"{first['field']}: {first['message']}" if first["field"] else str(first["message"])
-        return _error_response(request, 422, "invalid_request", message, first["field"], errors=problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-        headers = getattr(exc, "headers", None)
-        return _error_response(request, exc.status_code, kind, str(exc.detail), None, headers=headers)
-
-    # user_middleware runs outermost first: append = innermost, just outside ExceptionMiddleware.
-    app.user_middleware.append(Middleware(_AnswerUnhandled))
-    app.add_middleware(_AnswerUnhandled)
-
-
-_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-# Parts of a pydantic error location that name a union member's schema, not a request field.
-_SCHEMA_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
-
-
-def _field_of(err: dict) -> str | None:
-    """`text`, `text[1]`, `voice.id`: the request field of a pydantic error, or None."""
-    loc = list(err.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
-        loc = loc[1:]
-    field = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            field += f"[{part}]"
-            continue
-        part = str(part)
-        named_by_client = err.get("type") == "extra_forbidden" and i == len(loc) - 1
-        if not named_by_client and (
-            part in _SCHEMA_TAGS or "[" in part or part.startswith("function-") or part[:1].isupper()
-        ):
-            continue  # e.g. 'list[function-after[check_text(), str]]', or a model's class name
-        field = f"{field}.{part}" if field else part
-    return field or None
-
-
-def _message_of(err: dict) -> str:
-    if err.get("type") == "string_unicode":  # a JSON key with a lone surrogate: pydantic can't name it
-        return (
-            "the request has a key or value that is not valid Unicode (a lone surrogate, such as a \\ud800 "
-            "escape without its pair): send valid UTF-8 text"
-        )
-    return str(err.get("msg", "invalid value"))
-
-
-def _error_response(
-    request: Request,
-    status: int,
-    kind: str,
-    message: str,
-    field: str | None,
-    *,
-    headers: dict[str, str] | None = None,
-    **extra: object,
-) -> JSONResponse:
-    body = error_body(request.scope.get("path", ""), status, kind, message, field, **extra)
-    return _SafeJSON(body, status_code=status, headers=headers)
-
-
-def _log_unhandled(exc: BaseException, request_id: str) -> None:
-    token = request_id_var.set(request_id)
-    try:
-        log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
-    finally:
-        request_id_var.reset(token)
-
-
-def _internal_error(scope: Scope, exc: BaseException, request_id: str) -> JSONResponse:
-    _log_unhandled(exc, request_id)
-    message = f"internal error ({type(exc).__name__}); quote request id {request_id} when reporting it"
-    body = error_body(scope.get("path", ""), 500, "internal_error", message, None)
-    return _SafeJSON(body, status_code=500, headers={"x-request-id": request_id})
-
-
-def _request_id_of(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            return value.decode("latin-1")
-    return None
-
-
-class _SafeJSON(JSONResponse):
-    """A JSONResponse whose rendering cannot raise: a body with text that has no UTF-8 form (a lone
-    surrogate the client sent, echoed in a message or a field name), NaN or an object JSON has no
-    form for is rendered again with those replaced (`\\ud800` as text, NaN as "nan")."""
-
-    def render(self, content: object) -> bytes:
-        try:
-            return super().render(content)
-        except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError, as is NaN
-            return super().render(_encodable(content))
-
-
-def _encodable(value: object) -> object:
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_encodable(str(k)): _encodable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    try:
-        return _encodable(str(value))
-    except Exception:
-        return f"<{type(value).__name__}>"
-
-
-class _AnswerUnhandled:
-    """An exception that nothing else answered gets a JSON 500 with x-request-id, and the keep-alive
-    connection stays open. A response already started cannot be replaced: that exception is raised
-    on, for the server to close the connection (so the client sees the response is cut). The
-    outermost instance also gives a request without an x-request-id one, before the request
-    context reads it, so the id quoted in any 500 is the one in the logs."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _request_id_of(scope)
-        if not request_id:
-            request_id = uuid.uuid4().hex[:16]
-            scope["headers"] = [*scope.get("headers", ()), (b"x-request-id", request_id.encode())]
-        started = complete = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started, complete
-            if message["type"] == "http.response.start":
-                started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                complete = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as exc:
-            if complete:  # e.g. a background task after the response: nothing to tell the client
-                _log_unhandled(exc, request_id)
-                return
-            if started:
-                raise
-            await _internal_error(scope, exc, request_id)(scope, receive, send)

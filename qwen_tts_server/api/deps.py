@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -14,6 +15,20 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def file_url(request: Request, file_id: str) -> str:
-    base = request.app.state.services.settings.public_base_url or str(request.base_url)
-    return f"{base.rstrip('/')}/api/v1/files/{file_id}/content"
+def file_url(request: Request, file_id: str, *, expires_at: float | None = None) -> str:
+    """The download URL of a file. With API keys on it is signed (api/signing.py): it works without a
+    key header (for `<audio src>` and links) until `expires_at`, the file's own expiry (default: a
+    file's lifetime from now)."""
+    settings = request.app.state.services.settings
+    base = settings.public_base_url or str(request.base_url)
+    url = f"{base.rstrip('/')}/api/v1/files/{file_id}/content"
+    signer = getattr(request.app.state, "url_signer", None)
+    if settings.api_keys and signer is not None:
+        url += "?" + signer.query(file_id, expires_at if expires_at is not None else time.time() + settings.file_ttl_s)
+    return url
+
+
+def owner(request: Request) -> str | None:
+    """Who owns what this request creates: the SHA-256 of its API key (set by the key check), or
+    None when the server runs without keys."""
+    return getattr(request.state, "owner", None)

@@ -1,8 +1,9 @@
 """The two shapes of an error body, chosen by the request's path.
 
-Native routes (`/api/v1/...`, `/health`, ...): `{"error": {"type", "message", "field"}}`, where
-`type` is our error type (`invalid_request`, `payload_too_large`, ...) and `field` names the request
-field (with a list index, e.g. `text[2]`) or is null.
+Native routes (`/api/v1/...`, `/health`, ...): `{"error": {"type", "message", "field"}, "detail"}`,
+where `type` is our error type (`invalid_request`, `payload_too_large`, ...), `field` names the request
+field (with a list index, e.g. `text[2]`) or is null, and `detail` repeats the message as a string
+(where FastAPI-style clients read it).
 
 OpenAI-compatible routes (`/v1/...`): OpenAI's `{"error": {"message", "type", "param", "code"}}`,
 which its SDKs parse: `type` is `invalid_request_error` (4xx) or `server_error` (5xx), `param` is
@@ -28,4 +29,6 @@ def error_body(
     if is_openai_path(path):
         kind = "server_error" if status >= 500 else "invalid_request_error"
         return {"error": {"message": message, "type": kind, "param": field, "code": type}}
-    return {"error": {"type": type, "message": message, "field": field, **extra}}
+    # `detail`: the message again, where FastAPI's own errors (and clients written for them, such as
+    # the earlier voice-cloning service's web page) look for it.
+    return {"error": {"type": type, "message": message, "field": field, **extra}, "detail": message}

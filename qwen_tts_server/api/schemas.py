@@ -75,9 +75,12 @@ class SamplingFields(BaseModel):
 
 
 class SynthesisOptions(SamplingFields):
-    """Fields shared by the three native synthesis endpoints."""
+    """Fields shared by the three native synthesis endpoints.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Unknown fields are accepted and ignored (clients of the earlier service send some), and each is
+    named in the response's `warnings` (`ignored_fields`), so a typo is seen rather than silent."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: SpeechText | None = Field(None, description="Checkpoint name; default depends on the endpoint.")
     language: SpeechText | list[SpeechText] = Field(
@@ -85,11 +88,32 @@ class SynthesisOptions(SamplingFields):
     )
     custom_id: SpeechText | list[OptionalText] | None = Field(None, description="Echoed back on each item.")
     response_format: AudioFormat = "wav"
-    return_audio_inline: bool = Field(False, description="Also return each item's audio as base64.")
+    return_audio_inline: bool | None = Field(
+        None,
+        description="Also return each item's audio as base64 (items[].audio_base64); default: the server's "
+        "QTTS_INLINE_AUDIO_DEFAULT (false unless set).",
+    )
     stream: bool = Field(
         False,
         description="Return the audio itself, chunked as it is generated (one item; wav, pcm, mp3, opus or aac).",
     )
+
+    def ignored_fields(self) -> list[str]:
+        """A warning for each unknown field of the request (at most MAX_FIELD_WARNINGS of them)."""
+        names = list(self.model_extra or ())
+        out = [f"unknown field {_quoted(name)} ignored" for name in names[:MAX_FIELD_WARNINGS]]
+        if len(names) > MAX_FIELD_WARNINGS:
+            out.append(f"and {len(names) - MAX_FIELD_WARNINGS} more unknown fields ignored")
+        return out
+
+
+MAX_FIELD_WARNINGS = 20
+
+
+def _quoted(name: str) -> str:
+    """A client's field name, bounded, printable and encodable, for a warning."""
+    name = name if len(name) <= 64 else name[:64] + "..."
+    return repr(name.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 class CustomVoiceRequest(SynthesisOptions):
@@ -100,7 +124,7 @@ class CustomVoiceRequest(SynthesisOptions):
     instruct: SpeechText | list[OptionalText] | None = Field(None, description="Style instruction (1.7B only).")
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="allow",
         json_schema_extra={"example": {"text": ["Hello there.", "Second line."], "speaker": "vivian"}},
     )
 
@@ -110,15 +134,22 @@ class VoiceDesignRequest(SynthesisOptions):
     instruct: SpeechText | list[SpeechText] = Field(description="A description of the voice to create.")
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="allow",
         json_schema_extra={"example": {"text": "Hello there.", "instruct": "A warm, low female voice."}},
     )
 
 
 class VoiceCloneRequest(SynthesisOptions):
     text: SpeechText | list[SpeechText]
-    ref_audio: SpeechText | list[SpeechText] = Field(
-        description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, or an allowed path."
+    ref_audio: SpeechText | list[OptionalText] | None = Field(
+        None,
+        description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, an allowed path, or "
+        "voice:NAME (a stored voice). Required unless voice is sent.",
+    )
+    voice: SpeechText | list[OptionalText] | None = Field(
+        None,
+        description="A stored voice (name or id, see /api/v1/voices) instead of ref_audio: its model, prompt "
+        "and transcript are used.",
     )
     ref_text: SpeechText | list[OptionalText] | None = Field(None, description="Transcript of ref_audio (ICL mode).")
     x_vector_only: bool | list[bool] = Field(
@@ -128,7 +159,7 @@ class VoiceCloneRequest(SynthesisOptions):
     )
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="allow",
         populate_by_name=True,
         json_schema_extra={
             "example": {"text": "Hello there.", "ref_audio": "file-0123abcd...", "ref_text": "What the clip says."}
@@ -167,6 +198,10 @@ class SynthesisResponse(BaseModel):
     model: str
     items: list[AudioItem]
     timing: Timing
+    performance: float = Field(description="Seconds the request took (timing.total_ms / 1000).")
+    warnings: list[str] | None = Field(
+        None, description="What the server ignored or decided for the request, e.g. unknown fields."
+    )
 
 
 # ----- expanding a request into items -----

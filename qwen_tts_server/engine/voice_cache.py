@@ -1,4 +1,9 @@
-"""LRU cache of voice-clone prompts, keyed by (model, reference audio).
+"""LRU cache of voice-clone prompts, keyed by (model, the reference audio's content hash).
+
+The key is `sha256:<hex>` of the audio file's bytes (audio.sources.ReferenceAudio.cache_key),
+whichever way they arrived, so a file_id and base64 of the same bytes share one entry. Transcript
+and mode are not in the key: the prompt (speaker embedding and reference codes) does not depend on
+them; they travel on each SynthesisItem.
 
 Computing a prompt runs the codec encoder and the speaker encoder; a batch of N items that share
 one reference, and later requests with the same `file_id`, reuse one computation. Concurrent
@@ -13,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from .types import VoicePrompt
 
-CacheKey = tuple[str, str]  # (model name, audio cache key)
+CacheKey = tuple[str, str]  # (model name, `sha256:<hex of the audio bytes>`)
 
 
 class VoicePromptCache:

@@ -10,7 +10,8 @@ from .support import error_of, sine_wav, upload
 def test_upload_metadata_download_delete(client):
     data = sine_wav(2.0)
     file_id = upload(client, data, filename="my voice.wav")
-    meta = client.get(f"/api/v1/files/{file_id}").json()
+    # Metadata for a client that asks for JSON (`*/*` and audio Accept headers get the file).
+    meta = client.get(f"/api/v1/files/{file_id}", headers={"accept": "application/json"}).json()
     assert meta["file_id"] == file_id and meta["kind"] == "upload"
     assert meta["duration_s"] == 2.0 and meta["sample_rate"] == 24000 and meta["size_bytes"] == len(data)
     content = client.get(f"/api/v1/files/{file_id}/content")
@@ -70,5 +71,6 @@ def test_files_survive_a_restart(make_client, tmp_path):
     first.__exit__(None, None, None)
     second = make_client(data_dir=data_dir)
     assert second.get(f"/api/v1/files/{file_id}").status_code == 200
-    assert second.get(f"/api/v1/files/{output['file_id']}").json()["kind"] == "output"
+    meta = second.get(f"/api/v1/files/{output['file_id']}", headers={"accept": "application/json"}).json()
+    assert meta["kind"] == "output"
     assert second.get(f"/api/v1/files/{output['file_id']}/content").status_code == 200

@@ -107,7 +107,7 @@ def test_multipart_is_capped_at_the_upload_limit_plus_form_overhead(make_client)
 
 def test_error_body_shapes():
     native = error_body("/api/v1/custom-voice", 413, "payload_too_large", "too big", None)
-    assert native == {"error": {"type": "payload_too_large", "message": "too big", "field": None}}
+    assert native == {"error": {"type": "payload_too_large", "message": "too big", "field": None}, "detail": "too big"}
     assert error_body("/api/v1/x", 422, "invalid_request", "m", "text[1]", errors=[])["error"]["errors"] == []
     openai = error_body("/v1/audio/speech", 413, "payload_too_large", "too big", None, errors=[])
     assert openai == {

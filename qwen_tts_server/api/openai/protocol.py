@@ -29,7 +29,9 @@ class SpeechRequest(SamplingFields):
     model: str = Field(description="tts-1, tts-1-hd, gpt-4o-mini-tts (the configured defaults) or a Qwen3-TTS model.")
     input: SpeechText = Field(description="The text to speak. Long text is spoken as consecutive segments.")
     voice: str | VoiceId | None = Field(
-        None, description="A built-in speaker (vivian, ryan, ...) or an OpenAI voice name (alloy, ash, ...)."
+        None,
+        description="A built-in speaker (vivian, ryan, ...), an OpenAI voice name (alloy, ash, ...), or one of your "
+        "stored voices (name or id; see /v1/audio/voices).",
     )
     instructions: SpeechText | None = Field(
         None, description="Style (CustomVoice 1.7B) or, for a VoiceDesign model, the description of the voice."
@@ -42,7 +44,9 @@ class SpeechRequest(SamplingFields):
     # Qwen extras
     language: SpeechText = Field("auto", description="auto, a name (english) or a code (en, zh, ja, ...).")
     ref_audio: SpeechText | None = Field(
-        None, description="Voice cloning: a file_id, an http(s) URL, base64 audio or an allowed path."
+        None,
+        description="Voice cloning: a file_id, an http(s) URL, base64 audio, an allowed path, or voice:NAME (a "
+        "stored voice).",
     )
     ref_text: SpeechText | None = Field(None, description="Voice cloning: the transcript of ref_audio (ICL mode).")
     x_vector_only: bool = Field(

@@ -14,12 +14,12 @@ from ...audio.encoders import STREAMABLE_FORMATS, encode_audio
 from ...engine.engine import check_items
 from ...engine.registry import PUBLISHED_MODELS, ModelState
 from ...errors import InvalidRequest, ServiceError
-from ..deps import services
+from ..deps import owner, services
 from ..lifecycle import until_disconnect
 from ..speech import Speech
 from ..streaming import audio_stream_response, sse_stream_response
 from .protocol import ModelCard, ModelList, SpeechRequest
-from .serving import OPENAI_MODELS, PARAMS, input_tokens, resolve_mode, speech_item
+from .serving import OPENAI_MODELS, PARAMS, input_tokens, resolve_mode, speech_item, stored_voice
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -50,8 +50,11 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
         )
     sampling = body.sampling(svc.settings)
     try:
-        model, mode = await until_disconnect(request, resolve_mode(svc.engine, body), svc.metrics, body.timeout_s)
-        item = await until_disconnect(request, speech_item(svc, body, model, mode), svc.metrics, body.timeout_s)
+        voice = await stored_voice(svc, body, owner(request))
+        model, mode = await until_disconnect(
+            request, resolve_mode(svc.engine, body, voice), svc.metrics, body.timeout_s
+        )
+        item = await until_disconnect(request, speech_item(svc, body, model, mode, voice), svc.metrics, body.timeout_s)
         check_items(model.info, mode, [item])
     except ServiceError as exc:
         exc.field = PARAMS.get(exc.field or "", exc.field)

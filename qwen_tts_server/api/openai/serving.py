@@ -1,8 +1,10 @@
 """OpenAI speech requests to engine work: which model and mode, which voice, and the item.
 
-The mode follows from the request: `ref_audio` clones a voice (a Base model); otherwise the model's
-kind decides: a CustomVoice model speaks as `voice` (a built-in speaker or an OpenAI voice name),
-a VoiceDesign model speaks in the voice `instructions` describe. OpenAI's model names (tts-1,
+The mode follows from the request: `ref_audio` clones a voice (a Base model), and so does a `voice`
+that names one of the caller's stored voices (with that voice's model; see voices.py for the order
+names are looked up in); otherwise the model's kind decides: a CustomVoice model speaks as `voice`
+(a built-in speaker or an OpenAI voice name), a VoiceDesign model speaks in the voice `instructions`
+describe. OpenAI's model names (tts-1,
 tts-1-hd, gpt-4o-mini-tts) mean the configured default for that mode.
 """
 
@@ -16,9 +18,10 @@ from ...engine.engine import TTSEngine
 from ...engine.registry import LoadedModel
 from ...engine.types import Mode, SynthesisItem
 from ...errors import InvalidRequest, NotFound
+from ...storage.voices import VoiceRecord
 from ..schemas import check_languages, check_texts
 from .protocol import SpeechRequest
-from .voices import VoiceLookup
+from .voices import VoiceLookup, check_model_fits, stored_name
 
 if TYPE_CHECKING:
     from ..app import Services
@@ -44,8 +47,29 @@ def model_name(settings: Settings, requested: str, mode: Mode) -> str:
     return requested
 
 
-async def resolve_mode(engine: TTSEngine, body: SpeechRequest) -> tuple[LoadedModel, Mode]:
+async def stored_voice(svc: Services, body: SpeechRequest, owner: str | None) -> VoiceRecord | None:
+    """The caller's stored voice the request names (`voice`, or `ref_audio: "voice:NAME"`), else None."""
+    lookup = VoiceLookup(store=svc.voices, owner=owner)
+    name = stored_name(body.ref_audio)
+    if name is not None:
+        record = await lookup.stored(name)
+        if record is None:
+            raise NotFound(f"voice '{name}' does not exist: GET /v1/audio/voices lists your voices", field="ref_audio")
+        return record
+    if body.ref_audio is not None or not body.voice_name:
+        return None
+    return await lookup.stored(body.voice_name)
+
+
+async def resolve_mode(
+    engine: TTSEngine, body: SpeechRequest, voice: VoiceRecord | None = None
+) -> tuple[LoadedModel, Mode]:
+    """The model and mode; `voice`, a stored voice the request names, means cloning with its model."""
     settings = engine.settings
+    if voice is not None:
+        if body.model not in OPENAI_MODELS:
+            check_model_fits(voice, body.model)
+        return await engine.model_for(voice.model, Mode.VOICE_CLONE), Mode.VOICE_CLONE
     if body.ref_audio is not None:
         mode = Mode.VOICE_CLONE
     else:
@@ -60,7 +84,9 @@ async def resolve_mode(engine: TTSEngine, body: SpeechRequest) -> tuple[LoadedMo
     return await engine.model_for(model_name(settings, body.model, mode), mode), mode
 
 
-async def speech_item(svc: Services, body: SpeechRequest, model: LoadedModel, mode: Mode) -> SynthesisItem:
+async def speech_item(
+    svc: Services, body: SpeechRequest, model: LoadedModel, mode: Mode, voice: VoiceRecord | None = None
+) -> SynthesisItem:
     """The request as one engine item (validated; errors name OpenAI's fields)."""
     s = svc.settings
     (text,) = check_texts("input", body.input, 1, s.max_text_chars)
@@ -75,6 +101,8 @@ async def speech_item(svc: Services, body: SpeechRequest, model: LoadedModel, mo
                 field="instructions",
             )
         return SynthesisItem(text=text, language=language, instruct=instructions)
+    if mode is Mode.VOICE_CLONE and voice is not None:
+        return await _stored_item(svc, body, model, text, language, voice)
     if mode is Mode.VOICE_CLONE:
         return await _clone_item(svc, body, model, text, language)
     lookup = VoiceLookup(model.info.speakers)
@@ -83,8 +111,8 @@ async def speech_item(svc: Services, body: SpeechRequest, model: LoadedModel, mo
     voice = lookup.resolve(body.voice_name)
     if voice is None:
         raise NotFound(
-            f"voice '{body.voice_name}' is not available in model '{model.name}'; choose one of: "
-            f"{', '.join(lookup.names())}",
+            f"voice '{body.voice_name}' is not available in model '{model.name}' and is none of your stored "
+            f"voices (GET /v1/audio/voices); choose one of: {', '.join(lookup.names())}",
             field="voice",
         )
     return SynthesisItem(text=text, language=language, speaker=voice.speaker, instruct=instructions)
@@ -105,10 +133,27 @@ async def _clone_item(
         raise InvalidRequest(
             "ref_audio is empty: send a file_id, an http(s) URL, base64 audio or an allowed path", field="ref_audio"
         )
-    audio = await svc.resolver.resolve(ref, field="ref_audio")
+    audio = await svc.resolver.resolve(ref, field="ref_audio", decode=False)  # decoded on a cache miss
     prompt = await svc.engine.voice_prompt(model, audio)
     return SynthesisItem(
         text=text, language=language, voice=prompt, ref_text=ref_text, x_vector_only=body.x_vector_only
+    )
+
+
+async def _stored_item(
+    svc: Services, body: SpeechRequest, model: LoadedModel, text: str, language: str, voice: VoiceRecord
+) -> SynthesisItem:
+    if body.instructions:
+        raise InvalidRequest("a stored voice takes no instructions: remove them", field="instructions")
+    if body.ref_text is not None:
+        raise InvalidRequest(f"voice '{voice.name}' carries its own transcript: remove ref_text", field="ref_text")
+    prompt = await VoiceLookup(store=svc.voices).prompt(svc.engine, model, voice)
+    return SynthesisItem(
+        text=text,
+        language=language,
+        voice=prompt,
+        ref_text=voice.ref_text,
+        x_vector_only=voice.x_vector_only or body.x_vector_only,
     )
 
 

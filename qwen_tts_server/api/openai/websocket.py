@@ -13,6 +13,11 @@ Protocol (JSON text messages; audio as binary messages):
 Text is cut into segments at sentence ends as it arrives (text.segment.SentenceBuffer); every segment
 uses the session's one voice, seed and sampling. A client that leaves, cancels or stays silent past
 QTTS_WS_IDLE_TIMEOUT_S ends the session and cancels its work in the engine.
+
+With API keys on, the socket needs one as HTTP routes do (`Authorization: Bearer`, `X-API-Key`), or,
+since browsers cannot set headers on a WebSocket, as an `api_key` query parameter; without it the
+server sends an `unauthorized` error and closes with 1008. The key also decides whose stored voices
+`voice` can name.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from pydantic import ValidationError
 
 from ...engine.engine import check_items
 from ...engine.types import FinishReason, SynthesisItem
-from ...errors import InvalidRequest, ServiceError
+from ...errors import InvalidRequest, ServiceError, Unauthorized
 from ...text.segment import SentenceBuffer
+from ..auth import is_valid, owner_of, presented_key
 from ..error_shapes import error_body
 from ..speech import Speech, StreamEncoder
 from .protocol import SpeechRequest
-from .serving import PARAMS, input_tokens, resolve_mode, speech_item
+from .serving import PARAMS, input_tokens, resolve_mode, speech_item, stored_voice
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -52,13 +58,29 @@ class SessionEnded(Exception):
 @router.websocket("/audio/speech/stream")
 async def speech_stream(websocket: WebSocket) -> None:
     await websocket.accept()
-    session = SpeechSession(websocket)
+    keys = websocket.app.state.services.settings.api_keys
+    owner = None
+    if keys:  # the HTTP middleware does not see WebSockets: the same rule, here
+        key = presented_key(websocket, query=True)
+        if not is_valid(key, keys):
+            error = Unauthorized(
+                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>', "
+                "or ?api_key=<key> in the URL"
+            )
+            body = error_body("/v1/", error.status_code, error.error_type, error.message, None)
+            with contextlib.suppress(Exception):
+                await websocket.send_json({"type": "error", **body})
+                await websocket.close(code=CLOSE_POLICY)
+            return
+        owner = owner_of(key or "")
+    session = SpeechSession(websocket, owner)
     await session.run()
 
 
 class SpeechSession:
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, owner: str | None = None) -> None:
         self.ws = websocket
+        self.owner = owner  # SHA-256 of the session's API key (None without keys): whose voices it sees
         self.svc = websocket.app.state.services
         self.settings = self.svc.settings
         self.texts: asyncio.Queue[str | None] = asyncio.Queue()
@@ -163,8 +185,9 @@ class SpeechSession:
     # ----- speaking -----
     async def _prepare(self, config: SpeechRequest) -> tuple[Speech, SynthesisItem, str, Any]:
         try:
-            model, mode = await resolve_mode(self.svc.engine, config)
-            template = await speech_item(self.svc, config, model, mode)
+            voice = await stored_voice(self.svc, config, self.owner)
+            model, mode = await resolve_mode(self.svc.engine, config, voice)
+            template = await speech_item(self.svc, config, model, mode, voice)
             check_items(model.info, mode, [template])
         except ServiceError as exc:
             exc.field = PARAMS.get(exc.field or "", exc.field)

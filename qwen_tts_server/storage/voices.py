@@ -1,0 +1,341 @@
+"""Voice library: named cloning prompts, computed once and kept until deleted.
+
+Metadata lives in SQLite (the file registry's database, table `voices`); each voice's prompt (speaker
+embedding and reference codes, with its transcript and mode in the header) is a safetensors file,
+`<root>/<id>.safetensors`. As in the file registry, writes go blob-first (temp file + fsync +
+os.replace, then the row) and deletes row-first, so a crash leaves at most an orphan blob, never a
+row without its prompt. Voices never expire.
+
+A voice belongs to its owner: the SHA-256 of the API key that created it, or nobody (`None`) when
+the server runs without keys. Every lookup takes the owner and sees only that owner's voices, so
+another key's voice is "not found", exactly like one that does not exist. Names are unique per
+owner, compared case-insensitively (ASCII), as built-in speaker names are matched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from qwen_tts_server.engine.types import VoicePrompt
+from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
+
+VoiceMode = Literal["icl", "x_vector"]
+VoiceSource = Literal["upload", "file", "url", "path", "design"]
+_MODES = frozenset(get_args(VoiceMode))
+_SOURCES = frozenset(get_args(VoiceSource))
+MAX_NAME_CHARS = 64
+# Letters and digits (any script), then also spaces, '-', '_' and '.'; no space at either end.
+_NAME_RE = re.compile(r"[^\W_](?:[\w .\-]*[\w.\-])?")
+_ID_RE = re.compile(r"voice-[0-9a-f]{32}")
+_TMP_PREFIX = ".tmp-"
+_SUFFIX = ".safetensors"
+FORMAT = "qwen-tts-server.voice/1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS voices (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    ref_text TEXT,
+    source TEXT NOT NULL,
+    description TEXT,
+    sample_text TEXT,
+    language TEXT,
+    audio_sha256 TEXT NOT NULL,
+    duration_s REAL,
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS voices_owner_name ON voices (owner, name COLLATE NOCASE);
+"""
+_COLUMNS = (
+    "id, owner, name, model, mode, ref_text, source, description, sample_text, language, "
+    "audio_sha256, duration_s, created_at"
+)
+_NO_OWNER = ""  # stored for voices made without API keys (NULLs would never collide in UNIQUE)
+
+
+def is_voice_id(s: str) -> bool:
+    return _ID_RE.fullmatch(s) is not None
+
+
+def check_name(name: str) -> str:
+    """The name stripped, or a 422 saying what a name may be."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        raise InvalidRequest("name is empty: name the voice (e.g. 'narrator')", field="name")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidRequest(
+            f"name has {len(name)} characters; a voice name has at most {MAX_NAME_CHARS}", field="name"
+        )
+    if _NAME_RE.fullmatch(name) is None:
+        raise InvalidRequest(
+            f"name {_quote(name)} has characters a voice name cannot have: use letters, digits, spaces, "
+            "'-', '_' and '.', starting with a letter or digit",
+            field="name",
+        )
+    if name.lower().startswith("voice-") and is_voice_id(name.lower()):
+        raise InvalidRequest("name looks like a voice id (voice-<32 hex digits>): choose another name", field="name")
+    return name
+
+
+def _quote(name: str) -> str:
+    return repr(name if len(name) <= 64 else name[:64] + "...")
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class VoiceRecord:
+    id: str
+    owner: str | None  # SHA-256 (hex) of the API key that created it; None without keys
+    name: str
+    model: str  # the Base checkpoint the prompt was computed with: it only fits that model
+    mode: VoiceMode  # icl: reference codes + transcript; x_vector: the speaker embedding alone
+    ref_text: str | None
+    source: VoiceSource
+    description: str | None  # designed voices: the description the VoiceDesign model spoke
+    sample_text: str | None  # designed voices: what it said (also the ICL transcript)
+    language: str | None
+    audio_sha256: str  # of the reference audio's bytes: the voice-prompt cache key
+    duration_s: float | None
+    created_at: float
+
+    @property
+    def x_vector_only(self) -> bool:
+        return self.mode == "x_vector"
+
+    def to_public_dict(self) -> dict[str, object]:
+        """What clients see (the owner hash stays on the server)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "model": self.model,
+            "mode": self.mode,
+            "ref_text": self.ref_text,
+            "source": self.source,
+            "description": self.description,
+            "sample_text": self.sample_text,
+            "language": self.language,
+            "duration_s": self.duration_s,
+            "created_at": self.created_at,
+            "created_at_iso": _iso(self.created_at),
+        }
+
+
+def _record(row: tuple[Any, ...]) -> VoiceRecord:
+    values = list(row)
+    values[1] = values[1] or None
+    return VoiceRecord(*values)
+
+
+class VoiceStore:
+    def __init__(self, root: Path, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self._clock = clock
+        self.root.mkdir(parents=True, exist_ok=True)
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # One connection shared by all threads, serialised by _lock, autocommit (as FileRegistry).
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    # --- writes ---
+
+    def create(
+        self,
+        *,
+        name: str,
+        owner: str | None,
+        model: str,
+        prompt: VoicePrompt,
+        audio_sha256: str,
+        source: VoiceSource,
+        ref_text: str | None = None,
+        x_vector_only: bool = False,
+        description: str | None = None,
+        sample_text: str | None = None,
+        language: str | None = None,
+        duration_s: float | None = None,
+    ) -> VoiceRecord:
+        """Store a voice; Conflict (409) if this owner already has one by that name."""
+        name = check_name(name)
+        if source not in _SOURCES:
+            raise ValueError(f"source must be one of {sorted(_SOURCES)}, not {source!r}")
+        mode: VoiceMode = "x_vector" if x_vector_only or not ref_text else "icl"
+        self.ensure_free(name, owner)  # before the blob is written: the common case, said early
+        record = VoiceRecord(
+            id=f"voice-{uuid.uuid4().hex}",
+            owner=owner or None,
+            name=name,
+            model=model,
+            mode=mode,
+            ref_text=ref_text,
+            source=source,
+            description=description,
+            sample_text=sample_text,
+            language=language,
+            audio_sha256=audio_sha256,
+            duration_s=None if duration_s is None else round(float(duration_s), 6),
+            created_at=self._clock(),
+        )
+        self._write_blob(record.id, _serialize(record, prompt))
+        try:
+            with self._lock:
+                self._db.execute(
+                    f"INSERT INTO voices ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                    (
+                        record.id,
+                        owner or _NO_OWNER,
+                        record.name,
+                        record.model,
+                        record.mode,
+                        record.ref_text,
+                        record.source,
+                        record.description,
+                        record.sample_text,
+                        record.language,
+                        record.audio_sha256,
+                        record.duration_s,
+                        record.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:  # a concurrent create took the name between the check and here
+            self._blob_path(record.id).unlink(missing_ok=True)
+            raise self._taken(name) from None
+        except BaseException:
+            self._blob_path(record.id).unlink(missing_ok=True)
+            raise
+        return record
+
+    def delete(self, name_or_id: str, owner: str | None) -> VoiceRecord:
+        record = self.get(name_or_id, owner)
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM voices WHERE id = ?", (record.id,)).rowcount
+        if not deleted:  # deleted concurrently
+            raise self._not_found(name_or_id)
+        self._blob_path(record.id).unlink(missing_ok=True)
+        return record
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- reads ---
+
+    def find(self, name_or_id: str, owner: str | None) -> VoiceRecord | None:
+        """This owner's voice by name (any case) or id; None if there is none (or it is another's)."""
+        key = name_or_id.strip() if isinstance(name_or_id, str) else ""
+        if not key or len(key) > MAX_NAME_CHARS:
+            return None
+        column = "id = ?" if is_voice_id(key) else "name = ? COLLATE NOCASE"
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM voices WHERE owner = ? AND {column}", (owner or _NO_OWNER, key)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def get(self, name_or_id: str, owner: str | None) -> VoiceRecord:
+        record = self.find(name_or_id, owner)
+        if record is None:
+            raise self._not_found(name_or_id)
+        return record
+
+    def ensure_free(self, name: str, owner: str | None) -> None:
+        if self.find(name, owner) is not None:
+            raise self._taken(name)
+
+    def list(self, owner: str | None) -> list[VoiceRecord]:
+        """This owner's voices, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM voices WHERE owner = ? ORDER BY created_at, id", (owner or _NO_OWNER,)
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def load_prompt(self, voice_id: str, device: str = "cpu") -> VoicePrompt:
+        """The stored prompt, its tensors on `device` (in the dtype they were computed in)."""
+        from safetensors.torch import load_file
+
+        path = self._blob_path(voice_id)
+        try:
+            tensors = load_file(str(path), device=device)
+        except FileNotFoundError:
+            raise NotFound(f"voice {voice_id!r} has no stored prompt; create it again") from None
+        return VoicePrompt(speaker_embedding=tensors["speaker_embedding"], ref_code=tensors.get("ref_code"))
+
+    def path(self, voice_id: str) -> Path:
+        return self._blob_path(voice_id)
+
+    # --- internals ---
+
+    @staticmethod
+    def _not_found(name_or_id: str) -> NotFound:
+        return NotFound(
+            f"voice {_quote(str(name_or_id))} does not exist; GET /api/v1/voices lists yours", field="voice"
+        )
+
+    @staticmethod
+    def _taken(name: str) -> Conflict:
+        return Conflict(
+            f"a voice named {_quote(name)} already exists: choose another name, or delete it first", field="name"
+        )
+
+    def _blob_path(self, voice_id: str) -> Path:
+        if not is_voice_id(voice_id):
+            raise ValueError(f"not a voice id: {voice_id!r}")
+        return self.root / f"{voice_id}{_SUFFIX}"
+
+    def _write_blob(self, voice_id: str, data: bytes) -> None:
+        tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._blob_path(voice_id))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        with contextlib.suppress(OSError):  # make the rename durable (POSIX)
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _serialize(record: VoiceRecord, prompt: VoicePrompt) -> bytes:
+    """safetensors bytes: the prompt's tensors (on the CPU), and in the header what the file is."""
+    from safetensors.torch import save
+
+    tensors = {"speaker_embedding": prompt.speaker_embedding.detach().to("cpu").contiguous()}
+    if prompt.ref_code is not None:
+        tensors["ref_code"] = prompt.ref_code.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT,
+        "id": record.id,
+        "name": record.name,
+        "model": record.model,
+        "mode": record.mode,
+        "x_vector_only": "true" if record.x_vector_only else "false",
+        "ref_text": record.ref_text or "",
+        "audio_sha256": record.audio_sha256,
+    }
+    return save(tensors, metadata=metadata)
