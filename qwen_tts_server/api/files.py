@@ -124,13 +124,13 @@ async def read_reference_upload(
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > s.max_upload_bytes + 64 * 1024:
         raise PayloadTooLarge(_too_large(s.max_upload_bytes), field=field)
-    data = await _read_limited(file, s.max_upload_bytes, field=field)
+    data = await read_limited(file, s.max_upload_bytes, field=field)
     audio = await asyncio.to_thread(decode_audio, data, field=field, max_duration_s=s.max_ref_audio_s)
     check_duration(audio, min_s=s.min_ref_audio_s, max_s=s.max_ref_audio_s, field=field)
     return data, audio
 
 
-async def _read_limited(file: UploadFile, limit: int, *, field: str = "file") -> bytes:
+async def read_limited(file: UploadFile, limit: int, *, field: str = "file") -> bytes:
     """Read at most `limit` bytes; one more means the upload is too large."""
     chunks: list[bytes] = []
     size = 0

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from ..audio.codec_io import FILE_EXTENSIONS, MEDIA_TYPES, available_output_formats, encode_audio
-from ..audio.encoders import STREAMABLE_FORMATS
+from ..audio.codec_io import FILE_EXTENSIONS, MEDIA_TYPES, encode_audio
+from ..audio.encoders import STREAMABLE_FORMATS, check_output_format
 from ..audio.sources import ReferenceAudio
 from ..engine.registry import LoadedModel
 from ..engine.types import Mode, SamplingParams, SynthesisItem, SynthesisResult
@@ -257,12 +257,7 @@ async def _synthesize(
     if inline is None:
         inline = svc.settings.inline_audio_default if inline_default is None else inline_default
     warnings = [*body.ignored_fields(), *(notes or [])]
-    if body.response_format not in available_output_formats():
-        raise InvalidRequest(
-            f"response_format '{body.response_format}' is not available on this server; "
-            f"use one of: {', '.join(available_output_formats())}",
-            field="response_format",
-        )
+    check_output_format(body.response_format)
     if body.stream:
         _check_streamable(body, n)
 

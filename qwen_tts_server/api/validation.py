@@ -26,6 +26,8 @@ import numpy as np
 from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from ..errors import InvalidRequest
+
 __all__ = [
     "REPETITION_PENALTY_RANGE",
     "SEED_RANGE",
@@ -235,6 +237,14 @@ def check_text(text: str) -> str:
             "remove it or send the text as UTF-8"
         )
     raise PydanticCustomError("invalid_text", message)
+
+
+def checked_text(field: str, text: str) -> str:
+    """`check_text` outside a pydantic model (form fields, WebSocket messages): a 422 naming `field`."""
+    try:
+        return check_text(text)
+    except PydanticCustomError as exc:
+        raise InvalidRequest(f"{field} {exc}", field=field) from None
 
 
 SpeechText = Annotated[str, AfterValidator(check_text)]

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..audio.codec_io import MEDIA_TYPES, encode_audio
 from ..audio.sources import ReferenceAudio
 from ..engine.types import FRAME_RATE_HZ, FinishReason, Mode, SamplingParams, SynthesisItem
-from ..errors import Conflict, InvalidRequest, PayloadTooLarge
+from ..errors import Conflict, InvalidRequest
 from ..storage.voices import VoiceRecord, check_name
 from .deps import file_url, owner, services
 from .lifecycle import until_disconnect
@@ -51,7 +51,6 @@ SAMPLE_TEXTS = {
     "spanish": "¡Hola! Esta es mi voz. Leo con gusto cualquier texto, de forma clara y natural.",
     "italian": "Ciao! Questa è la mia voce. Leggo volentieri qualsiasi testo, in modo chiaro e naturale.",
 }
-_CHUNK = 1 << 16
 
 
 class CreateVoiceRequest(BaseModel):
@@ -279,20 +278,3 @@ async def create_designed(
         sample_rate=result.sample_rate,
     )
     return record, {"sample_file_id": sample.id, "sample_url": file_url(request, sample.id)}
-
-
-async def read_upload(file: UploadFile, limit: int, field: str) -> bytes:
-    """An uploaded file's bytes, at most `limit` (413 beyond); an empty one is a 422."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await file.read(_CHUNK):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"{field} is larger than this server's limit of {limit / 1024 / 1024:.1f} MB; send a shorter clip",
-                field=field,
-            )
-        chunks.append(chunk)
-    if not size:
-        raise InvalidRequest(f"{field} is empty: send an audio file (WAV, FLAC, OGG or MP3)", field=field)
-    return b"".join(chunks)

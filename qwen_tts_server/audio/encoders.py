@@ -335,6 +335,17 @@ def available_output_formats() -> tuple[AudioFormat, ...]:
     return tuple(fmt for fmt in AUDIO_FORMATS if _can_write(fmt))
 
 
+def check_output_format(fmt: str) -> None:
+    """InvalidRequest (field `response_format`) for a format this build cannot write: routes call it
+    before any work, so the error comes before the audio is generated."""
+    if fmt not in available_output_formats():
+        raise InvalidRequest(
+            f"response_format '{fmt}' is not available on this server; "
+            f"use one of: {', '.join(available_output_formats())}",
+            field="response_format",
+        )
+
+
 def open_encoder(fmt: str, sample_rate: int, *, streaming: bool = True) -> AudioEncoder:
     """An encoder for `fmt` taking float32 mono at `sample_rate`.
 
@@ -342,12 +353,7 @@ def open_encoder(fmt: str, sample_rate: int, *, streaming: bool = True) -> Audio
     length get it exact (WAV sizes, the MP3 LAME tag). Raises InvalidRequest (field `response_format`)
     for a format this build cannot write.
     """
-    if fmt not in available_output_formats():
-        raise InvalidRequest(
-            f"response_format '{fmt}' is not available on this server; "
-            f"use one of: {', '.join(available_output_formats())}",
-            field="response_format",
-        )
+    check_output_format(fmt)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     if fmt == "pcm":

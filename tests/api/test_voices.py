@@ -289,6 +289,13 @@ def test_duplicate_unknown_and_bad_input(client):
     assert bad_upload.status_code == 422 and error_of(bad_upload)["param"] == "audio_sample"
     no_sample = client.post("/v1/audio/voices", data={"name": "nothing"})
     assert no_sample.status_code == 422 and error_of(no_sample)["param"] == "audio_sample"
+    control = client.post(
+        "/v1/audio/voices",
+        data={"name": "bell", "ref_text": "ring \x07 ring"},
+        files={"audio_sample": ("x.wav", sine_wav(), "audio/wav")},
+    )
+    assert control.status_code == 422 and error_of(control)["param"] == "ref_text", control.text
+    assert "control character" in error_of(control)["message"]
     assert [v["name"] for v in client.get("/api/v1/voices").json()["voices"]] == ["narrator"]
 
 

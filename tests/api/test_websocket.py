@@ -118,6 +118,8 @@ def check_error(texts: list, code: int | None, expected_code: int, param: str | 
         ([{**CONFIG, "input": "text belongs in input.text"}], None),
         ([CONFIG, {"type": "bogus"}], "type"),  # unknown message type
         ([CONFIG, {"type": "input.text", "text": 5}], "text"),
+        ([CONFIG, {"type": "input.text", "text": "Hello \ud800 there."}], "text"),  # a lone surrogate
+        ([CONFIG, {"type": "input.text", "text": "Bell \u0007 here."}], "text"),  # a control character
     ],
 )
 def test_bad_messages_give_an_error_then_a_policy_close(live_server, messages, param):

@@ -7,10 +7,12 @@ Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`, se
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 
-from ...audio.codec_io import MEDIA_TYPES, available_output_formats
-from ...audio.encoders import STREAMABLE_FORMATS, encode_audio
+from ...audio.codec_io import MEDIA_TYPES
+from ...audio.encoders import STREAMABLE_FORMATS, check_output_format, encode_audio
 from ...engine.engine import check_items
 from ...engine.registry import PUBLISHED_MODELS, ModelState
 from ...errors import InvalidRequest, ServiceError
@@ -36,12 +38,7 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
     """OpenAI's speech API: text to audio in one of the three modes (see the fields)."""
     svc = services(request)
     fmt = body.response_format
-    if fmt not in available_output_formats():
-        raise InvalidRequest(
-            f"response_format '{fmt}' is not available on this server; use one of: "
-            f"{', '.join(available_output_formats())}",
-            field="response_format",
-        )
+    check_output_format(fmt)
     if body.stream_format == "sse" and fmt not in STREAMABLE_FORMATS:
         raise InvalidRequest(
             f"response_format '{fmt}' cannot be streamed as events; use one of {', '.join(STREAMABLE_FORMATS)}, "
@@ -67,7 +64,7 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
     if fmt in STREAMABLE_FORMATS:
         return await audio_stream_response(request, speech.stream(item), fmt, rate, body.timeout_s, body.speed)
     (result,) = await until_disconnect(request, speech.whole([item], body.speed), svc.metrics, body.timeout_s)
-    data = encode_audio(result.samples, result.sample_rate, fmt)
+    data = await asyncio.to_thread(encode_audio, result.samples, result.sample_rate, fmt)
     return Response(data, media_type=MEDIA_TYPES[fmt], headers={"x-finish-reason": result.finish_reason.value})
 
 

@@ -21,8 +21,10 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from ...errors import InvalidRequest
 from ...storage.voices import VoiceRecord
 from ..deps import owner, services
+from ..files import read_limited
 from ..lifecycle import until_disconnect
-from ..voices import checked_name, create_designed, create_from_reference, read_upload
+from ..validation import checked_text
+from ..voices import checked_name, create_designed, create_from_reference
 
 router = APIRouter(prefix="/v1/audio/voices", tags=["openai"])
 
@@ -64,6 +66,10 @@ async def create_voice(
     language: str = Form("auto", description="Language of the sample (auto, a name or a code)."),
 ) -> dict[str, object]:
     """Create a voice from an audio sample, or from a text prompt (design, then clone)."""
+    texts = {"name": name, "prompt": prompt, "script_hint": script_hint, "ref_text": ref_text, "model": model}
+    for field, value in {**texts, "language": language, "consent": consent}.items():
+        if value is not None:
+            checked_text(field, value)  # form fields get the same text rules as JSON fields
     svc = services(request)
     who = owner(request)
     if type == "prompt":
@@ -90,7 +96,7 @@ async def create_voice(
             "audio_sample is required: the recording to clone (or send type prompt)", field="audio_sample"
         )
     voice_name = await checked_name(svc, name, who)
-    data = await read_upload(audio_sample, svc.settings.max_upload_bytes, "audio_sample")
+    data = await read_limited(audio_sample, svc.settings.max_upload_bytes, field="audio_sample")
     reference = svc.resolver.from_bytes(data, field="audio_sample", source="upload")
     await reference.decoded()  # bad audio is a 422 before any model work
     work = create_from_reference(

@@ -41,6 +41,7 @@ from ...text.segment import SentenceBuffer
 from ..auth import is_valid, owner_of, presented_key
 from ..error_shapes import error_body
 from ..speech import Speech, StreamEncoder
+from ..validation import checked_text
 from .protocol import SpeechRequest
 from .serving import PARAMS, input_tokens, resolve_mode, speech_item, stored_voice
 
@@ -161,6 +162,7 @@ class SpeechSession:
                     text = data.get("text")
                     if not isinstance(text, str):
                         raise InvalidRequest('input.text needs "text": a string', field="text")
+                    checked_text("text", text)
                     self.characters += len(text)
                     if self.characters > self.settings.max_text_chars:
                         raise InvalidRequest(
