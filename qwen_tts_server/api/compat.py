@@ -59,6 +59,7 @@ async def voice_clone_enhanced(body: VoiceCloneRequest, request: Request, svc=De
 
 
 @router.post("/voice-clone-file", **_ROUTE)
+@router.post("/voice-clone-enhanced-file", **_ROUTE)
 async def voice_clone_file(
     request: Request,
     text: str = Form(..., description="The text to speak."),
@@ -71,26 +72,10 @@ async def voice_clone_file(
 ):
     """Clone a voice from an uploaded clip in one call (the earlier service's clone button). Any native
     option (`model`, `seed`, `response_format`, `return_audio_inline`, ...) may be sent as a form
-    field too; unknown fields are named in `warnings`."""
-    return await _clone_upload(request, svc, text, ref_audio, ref_text, language, custom_id, temperature, [])
-
-
-@router.post("/voice-clone-enhanced-file", **_ROUTE)
-async def voice_clone_enhanced_file(
-    request: Request,
-    text: str = Form(..., description="The text to speak."),
-    ref_audio: UploadFile = File(..., description="The reference clip (WAV, FLAC, OGG or MP3)."),
-    ref_text: str | None = Form(None, description="Transcript of ref_audio; without it: x-vector cloning."),
-    language: str = Form("auto", description="auto, a language name or ISO code."),
-    custom_id: str | None = Form(None, description="Echoed back on the item."),
-    temperature: float | None = Form(None, description="Sampling temperature; default: the model's."),
-    svc=Depends(services),
-):
-    """`/api/v1/voice-clone-file`, under the earlier service's name for its enhanced pipeline (not
-    reproduced here: the clip is cloned as it is)."""
-    return await _clone_upload(
-        request, svc, text, ref_audio, ref_text, language, custom_id, temperature, [NOT_ENHANCED]
-    )
+    field too; unknown fields are named in `warnings`. `-enhanced-file` is the earlier service's name
+    for its enhanced pipeline, not reproduced here: the clip is cloned as it is, and a warning says so."""
+    notes = [NOT_ENHANCED] if request.url.path.endswith("/voice-clone-enhanced-file") else []
+    return await _clone_upload(request, svc, text, ref_audio, ref_text, language, custom_id, temperature, notes)
 
 
 async def _clone_upload(

@@ -187,8 +187,10 @@ async def create_from_reference(
     ref_text: str | None,
     x_vector_only: bool,
     model_name: str | None,
+    **details: str,
 ) -> VoiceRecord:
-    """Compute the prompt of `reference` (decoded already) with the Base model and store it."""
+    """Compute the prompt of `reference` (decoded already) with the Base model and store it, with
+    `details` (a designed voice's description, sample text and language)."""
     (transcript,) = check_texts("ref_text", ref_text, 1, svc.settings.max_text_chars, required=False)
     model = await svc.engine.model_for(model_name or svc.settings.default_voice_clone_model, Mode.VOICE_CLONE)
     prompt = await svc.engine.voice_prompt(model, reference)
@@ -203,6 +205,7 @@ async def create_from_reference(
         ref_text=transcript,
         x_vector_only=x_vector_only or transcript is None,
         duration_s=reference.audio.duration_s,
+        **details,
     )
 
 
@@ -252,21 +255,17 @@ async def create_designed(
     wav = await asyncio.to_thread(encode_audio, result.samples, result.sample_rate, "wav")
     reference = svc.resolver.from_bytes(wav, field="sample_text", source="design")
     await reference.decoded()
-    model = await svc.engine.model_for(model_name or s.default_voice_clone_model, Mode.VOICE_CLONE)
-    prompt = await svc.engine.voice_prompt(model, reference)
-    record = await asyncio.to_thread(
-        svc.voices.create,
+    record = await create_from_reference(
+        svc,
         name=name,
         owner=owner,
-        model=model.name,
-        prompt=prompt,
-        audio_sha256=reference.cache_key.removeprefix("sha256:"),
-        source="design",
+        reference=reference,
         ref_text=text,
+        x_vector_only=False,
+        model_name=model_name,
         description=description,
         sample_text=text,
         language=lang,
-        duration_s=result.duration_s,
     )
     sample = await asyncio.to_thread(
         svc.files.put,

@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import os
 import re
-import sqlite3
 import threading
 import time
 import uuid
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from qwen_tts_server.errors import NotFound
+
+from .database import open_database
 
 FileKind = Literal["upload", "output"]
 _KINDS = frozenset(get_args(FileKind))
@@ -128,14 +129,8 @@ class FileRegistry:
         self.default_ttl_s = default_ttl_s
         self._clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # One connection shared by all threads, serialised by _lock; autocommit mode so every
-        # statement is its own durable transaction.
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()  # serialises the one connection (see open_database)
+        self._db = open_database(db_path, _SCHEMA)
 
     # --- writes ---
 

@@ -30,6 +30,8 @@ from typing import Any, Literal, get_args
 from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
 
+from .database import open_database
+
 VoiceMode = Literal["icl", "x_vector"]
 VoiceSource = Literal["upload", "file", "url", "path", "design"]
 _MODES = frozenset(get_args(VoiceMode))
@@ -148,13 +150,8 @@ class VoiceStore:
         self.root = Path(root)
         self._clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # One connection shared by all threads, serialised by _lock, autocommit (as FileRegistry).
-        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()  # serialises the one connection (see open_database)
+        self._db = open_database(db_path, _SCHEMA)
 
     # --- writes ---
 
