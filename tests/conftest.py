@@ -1,4 +1,5 @@
-"""Session-wide fixtures: the tiny random checkpoints every model test runs on."""
+"""Session-wide fixtures: the tiny random checkpoints every model test runs on; a fresh PostgreSQL database
+and Redis database number for tests that need one (tests/services.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import os
 # The environment variable also reaches server subprocesses started by tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qwen_tts_server.testing.tiny_models import build_all  # noqa: E402
+
+from . import services  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -25,3 +29,20 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models_dir = tmp_path_factory.mktemp("models")
     build_all(models_dir)
     return models_dir
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test (tests/services.py), dropped after; skips without one."""
+    from qwen_tts_server.storage.database import close_databases
+
+    with services.postgres_url() as url:
+        yield url
+        close_databases()  # our pools' connections to it, before it is dropped
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """An empty Redis database number for this test (tests/services.py), flushed after; skips without Redis."""
+    with services.redis_url() as url:
+        yield url

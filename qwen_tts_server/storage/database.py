@@ -1,17 +1,117 @@
-"""The SQLite database the stores share: one connection per store, used by every thread under the
-store's lock, in autocommit mode (every statement is its own durable transaction), WAL journal."""
+"""The metadata database every store shares: SQLite in the data folder by default, PostgreSQL when
+`QTTS_DATABASE_URL` names one (several API replicas and workers then see the same files, voices and
+jobs). Stores talk to it through SQLAlchemy Core, so one set of statements serves both.
+
+How stores use an engine:
+
+* writes (and read-then-write steps) in `with engine.begin() as conn:`, one transaction. On SQLite
+  that transaction starts with BEGIN IMMEDIATE: it takes the write lock up front (waiting up to the
+  busy timeout for another thread or process to finish), so two writers never deadlock upgrading a
+  read lock, and a failed statement rolls the whole block back.
+* plain reads through `autocommit(engine)`: every statement on its own, no transaction. On SQLite
+  (WAL) such a read never waits for a writer; on PostgreSQL it saves the BEGIN/ROLLBACK round trips.
+
+SQLite runs in WAL mode with a busy timeout, so several threads and processes on one host can
+share the file; PostgreSQL is for replicas on several hosts.
+"""
 
 from __future__ import annotations
 
-import sqlite3
+import os
+import threading
+import zlib
 from pathlib import Path
 
+import sqlalchemy as sa
 
-def open_database(db_path: Path, schema: str) -> sqlite3.Connection:
-    """Open (creating the folder) and apply `schema` (CREATE ... IF NOT EXISTS statements)."""
-    Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.executescript(schema)
-    return db
+_engines: dict[str, sa.Engine] = {}
+_lock = threading.Lock()
+_BUSY_TIMEOUT_S = 30
+# PostgreSQL: replicas starting together take this advisory lock to create the tables one at a time.
+_SCHEMA_LOCK_KEY = zlib.crc32(b"qwen-tts-server schema")
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def open_database(url: str, metadata: sa.MetaData | None = None) -> sa.Engine:
+    """The engine for `url` (one per URL in a process; the stores share its pool), with `metadata`'s
+    tables created if they are missing."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create(url)
+    if metadata is not None:
+        _create_tables(engine, metadata)
+    return engine
+
+
+def autocommit(engine: sa.Engine) -> sa.Engine:
+    """`engine` (same pool) with every statement its own transaction: for reads (see the module doc)."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def close_databases() -> None:
+    """Dispose every pool (at shutdown, and in tests that start over)."""
+    with _lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        engine.dispose()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (Celery's prefork pool, a pre-forking server) must not talk over its parent's
+    connections: the engines stay, with new pools; the parent's sockets are left to the parent."""
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _create_tables(engine: sa.Engine, metadata: sa.MetaData) -> None:
+    with engine.begin() as conn:  # on SQLite, BEGIN IMMEDIATE already serialises this
+        if conn.dialect.name == "postgresql":
+            # Without it, two replicas starting at once both see a table missing and one CREATE fails.
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+        metadata.create_all(conn, checkfirst=True)
+
+
+def _create(url: str) -> sa.Engine:
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    pool: dict[str, int] = {}
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        pool = {"pool_size": 10, "max_overflow": 20}  # a file (SQLAlchemy picks the pool of the others)
+    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S}, **pool)
+
+    @sa.event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        # The driver in autocommit: it emits no BEGIN of its own; `_begin` below emits ours.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _driver_autocommit(dbapi_connection, _record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        # SQLAlchemy resets a connection lent as AUTOCOMMIT to the driver's implicit-BEGIN mode
+        # (isolation_level ""); put it back, so every checkout starts the same way.
+        if dbapi_connection.isolation_level is not None:
+            dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            return  # autocommit(engine): each statement alone, no lock held between them
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock up front: no upgrade deadlocks
+
+    return engine

@@ -1,6 +1,7 @@
 """File registry: uploaded reference audio and generated outputs, with a TTL.
 
-Metadata lives in SQLite (WAL), blobs as plain files named by id under `root`. Writes go
+Metadata lives in the shared database (storage.database: SQLite by default, PostgreSQL for several
+replicas, which then also share `root`), blobs as plain files named by id under `root`. Writes go
 blob-first (temp file + fsync + os.replace, then the row) and deletes go row-first, so a crash
 can leave at most an orphan blob, which `cleanup_expired` removes later; it never leaves a row
 whose blob is missing.
@@ -13,17 +14,18 @@ import datetime as dt
 import hashlib
 import os
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+import sqlalchemy as sa
+
 from qwen_tts_server.errors import NotFound
 
-from .database import open_database
+from .database import autocommit, open_database
 
 FileKind = Literal["upload", "output"]
 _KINDS = frozenset(get_args(FileKind))
@@ -33,22 +35,27 @@ _TMP_PREFIX = ".tmp-"
 # another worker process sharing the directory), so cleanup leaves them alone.
 ORPHAN_GRACE_S = 15 * 60.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    media_type TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    duration_s REAL,
-    sample_rate INTEGER,
-    sha256 TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS files_expires_at ON files (expires_at);
-"""
-_COLUMNS = "id, kind, filename, media_type, size_bytes, created_at, expires_at, duration_s, sample_rate, sha256"
+# Epoch seconds and sizes: double precision and 64 bits on PostgreSQL, REAL and INTEGER on SQLite.
+_REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
+_BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+_SQL_BATCH = 500  # ids per IN (...) list: under every backend's bound-parameter limit
+
+metadata = sa.MetaData()
+files_table = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("media_type", sa.Text, nullable=False),
+    sa.Column("size_bytes", _BIGINT, nullable=False),
+    sa.Column("created_at", _REAL, nullable=False),
+    sa.Column("expires_at", _REAL, nullable=False),
+    sa.Column("duration_s", _REAL),
+    sa.Column("sample_rate", sa.Integer),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Index("files_expires_at", "expires_at"),
+)
 
 
 def is_file_id(s: str) -> bool:
@@ -119,18 +126,19 @@ class FileRegistry:
     def __init__(
         self,
         root: Path,
-        db_path: Path,
+        database_url: str,
         default_ttl_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`root`: the blob folder (replicas sharing `database_url` must share it too)."""
         if default_ttl_s <= 0:
             raise ValueError("default_ttl_s must be > 0")
         self.root = Path(root)
         self.default_ttl_s = default_ttl_s
         self._clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # serialises the one connection (see open_database)
-        self._db = open_database(db_path, _SCHEMA)
+        self._engine = open_database(database_url, metadata)  # shared pool: nothing of ours to close
+        self._reads = autocommit(self._engine)
 
     # --- writes ---
 
@@ -166,22 +174,8 @@ class FileRegistry:
             sha256=hashlib.sha256(data).hexdigest(),
         )
         try:
-            with self._lock:
-                self._db.execute(
-                    f"INSERT INTO files ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.kind,
-                        record.filename,
-                        record.media_type,
-                        record.size_bytes,
-                        record.created_at,
-                        record.expires_at,
-                        record.duration_s,
-                        record.sample_rate,
-                        record.sha256,
-                    ),
-                )
+            with self._engine.begin() as conn:
+                conn.execute(files_table.insert().values(**asdict(record)))
         except BaseException:
             self._blob_path(file_id).unlink(missing_ok=True)
             raise
@@ -191,26 +185,25 @@ class FileRegistry:
         """Remove a file, expired or not; NotFound if the id was never stored (or already gone)."""
         if not is_file_id(file_id):
             raise self._not_found(file_id)
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        with self._engine.begin() as conn:
+            deleted = conn.execute(files_table.delete().where(files_table.c.id == file_id)).rowcount
         if not deleted:
             raise self._not_found(file_id)
         self._blob_path(file_id).unlink(missing_ok=True)
 
     def cleanup_expired(self) -> int:
-        """Delete expired files; also sweep stale temp files and row-less blobs. Returns files removed."""
+        """Delete expired files; also sweep stale temp files and row-less blobs. Returns the files this
+        call removed (replicas cleaning up at the same moment do not count a file twice)."""
         now = self._clock()
-        with self._lock:
-            ids = [row[0] for row in self._db.execute("SELECT id FROM files WHERE expires_at <= ?", (now,))]
-            self._db.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
-        for file_id in ids:
+        removed = 0
+        with self._engine.begin() as conn:
+            ids = conn.execute(sa.select(files_table.c.id).where(files_table.c.expires_at <= now)).scalars().all()
+            for batch in _batches(ids):
+                removed += conn.execute(files_table.delete().where(files_table.c.id.in_(batch))).rowcount
+        for file_id in ids:  # every one of these rows is gone now, whoever deleted it
             self._blob_path(file_id).unlink(missing_ok=True)
         self._sweep_orphans()
-        return len(ids)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        return removed
 
     # --- reads ---
 
@@ -238,23 +231,21 @@ class FileRegistry:
 
     def list(self, kind: FileKind | None = None) -> list[FileRecord]:
         """Unexpired files, oldest first."""
-        query = f"SELECT {_COLUMNS} FROM files WHERE expires_at > ?"
-        params: tuple[object, ...] = (self._clock(),)
+        query = sa.select(files_table).where(files_table.c.expires_at > self._clock())
         if kind is not None:
-            query += " AND kind = ?"
-            params += (kind,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at, id", params).fetchall()
-        return [FileRecord(*row) for row in rows]
+            query = query.where(files_table.c.kind == kind)
+        with self._reads.connect() as conn:
+            rows = conn.execute(query.order_by(files_table.c.created_at, files_table.c.id)).all()
+        return [FileRecord(**row._mapping) for row in rows]
 
     # --- internals ---
 
     def _lookup(self, file_id: str) -> FileRecord | None:
         if not is_file_id(file_id):
             return None
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (file_id,)).fetchone()
-        return None if row is None else FileRecord(*row)
+        with self._reads.connect() as conn:
+            row = conn.execute(sa.select(files_table).where(files_table.c.id == file_id)).first()
+        return None if row is None else FileRecord(**row._mapping)
 
     @staticmethod
     def _not_found(file_id: str) -> NotFound:
@@ -287,6 +278,7 @@ class FileRegistry:
 
     def _sweep_orphans(self) -> None:
         cutoff = time.time() - ORPHAN_GRACE_S  # file mtimes are wall-clock, whatever self._clock is
+        stale: list[str] = []
         for entry in os.scandir(self.root):
             name = entry.name
             is_tmp = name.startswith(_TMP_PREFIX)
@@ -297,6 +289,19 @@ class FileRegistry:
                     continue
             except FileNotFoundError:
                 continue
-            if not is_tmp and self._lookup(name) is not None:
-                continue
-            Path(entry.path).unlink(missing_ok=True)
+            if is_tmp:
+                Path(entry.path).unlink(missing_ok=True)
+            else:
+                stale.append(name)
+        # Old blobs: one query a batch (not one per blob) for those that still have a row.
+        for batch in _batches(stale):
+            with self._reads.connect() as conn:
+                kept = set(conn.execute(sa.select(files_table.c.id).where(files_table.c.id.in_(batch))).scalars())
+            for name in batch:
+                if name not in kept:
+                    (self.root / name).unlink(missing_ok=True)
+
+
+def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _SQL_BATCH):
+        yield items[start : start + _SQL_BATCH]

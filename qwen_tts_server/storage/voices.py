@@ -1,6 +1,7 @@
 """Voice library: named cloning prompts, computed once and kept until deleted.
 
-Metadata lives in SQLite (the file registry's database, table `voices`); each voice's prompt (speaker
+Metadata lives in the file registry's database (storage.database, table `voices`: SQLite by default,
+PostgreSQL for several replicas, which then also share `root`); each voice's prompt (speaker
 embedding and reference codes, with its transcript and mode in the header) is a safetensors file,
 `<root>/<id>.safetensors`. As in the file registry, writes go blob-first (temp file + fsync +
 os.replace, then the row) and deletes row-first, so a crash leaves at most an orphan blob, never a
@@ -9,7 +10,8 @@ row without its prompt. Voices never expire.
 A voice belongs to its owner: the SHA-256 of the API key that created it, or nobody (`None`) when
 the server runs without keys. Every lookup takes the owner and sees only that owner's voices, so
 another key's voice is "not found", exactly like one that does not exist. Names are unique per
-owner, compared case-insensitively (ASCII), as built-in speaker names are matched.
+owner, compared case-insensitively (ASCII letters only, on every backend), as built-in speaker names
+are matched.
 """
 
 from __future__ import annotations
@@ -18,19 +20,21 @@ import contextlib
 import datetime as dt
 import os
 import re
-import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
 
-from .database import open_database
+from .database import autocommit, open_database
 
 VoiceMode = Literal["icl", "x_vector"]
 VoiceSource = Literal["upload", "file", "url", "path", "design"]
@@ -44,28 +48,54 @@ _TMP_PREFIX = ".tmp-"
 _SUFFIX = ".safetensors"
 FORMAT = "qwen-tts-server.voice/1"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS voices (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    model TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    ref_text TEXT,
-    source TEXT NOT NULL,
-    description TEXT,
-    sample_text TEXT,
-    language TEXT,
-    audio_sha256 TEXT NOT NULL,
-    duration_s REAL,
-    created_at REAL NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS voices_owner_name ON voices (owner, name COLLATE NOCASE);
-"""
-_COLUMNS = (
-    "id, owner, name, model, mode, ref_text, source, description, sample_text, language, "
-    "audio_sha256, duration_s, created_at"
+
+class _folded(FunctionElement[str]):
+    """A name with its ASCII letters lower-cased, the key names are unique and looked up by. SQLite:
+    `name COLLATE NOCASE` (its NOCASE folds ASCII only); PostgreSQL: lower() under the "C" collation,
+    which also folds ASCII only, whatever the database's locale."""
+
+    type = sa.Text()
+    name = "folded"
+    inherit_cache = True
+
+
+@compiles(_folded)
+def _folded_default(element: _folded, compiler: Any, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_folded, "sqlite")
+def _folded_sqlite(element: _folded, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.clauses, **kw)} COLLATE NOCASE"
+
+
+@compiles(_folded, "postgresql")
+def _folded_postgresql(element: _folded, compiler: Any, **kw: Any) -> str:
+    return f'lower(({compiler.process(element.clauses, **kw)}) COLLATE "C")'
+
+
+_REAL = sa.Double().with_variant(sa.REAL(), "sqlite")  # epoch seconds: double precision on PostgreSQL
+
+metadata = sa.MetaData()
+voices_table = sa.Table(
+    "voices",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("mode", sa.Text, nullable=False),
+    sa.Column("ref_text", sa.Text),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("description", sa.Text),
+    sa.Column("sample_text", sa.Text),
+    sa.Column("language", sa.Text),
+    sa.Column("audio_sha256", sa.Text, nullable=False),
+    sa.Column("duration_s", _REAL),
+    sa.Column("created_at", _REAL, nullable=False),
 )
+_c = voices_table.c
+sa.Index("voices_owner_name", _c.owner, _folded(_c.name), unique=True)
 _NO_OWNER = ""  # stored for voices made without API keys (NULLs would never collide in UNIQUE)
 
 
@@ -139,19 +169,20 @@ class VoiceRecord:
         }
 
 
-def _record(row: tuple[Any, ...]) -> VoiceRecord:
-    values = list(row)
-    values[1] = values[1] or None
-    return VoiceRecord(*values)
+def _record(row: sa.Row[Any]) -> VoiceRecord:
+    values = dict(row._mapping)
+    values["owner"] = values["owner"] or None
+    return VoiceRecord(**values)
 
 
 class VoiceStore:
-    def __init__(self, root: Path, db_path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, database_url: str, clock: Callable[[], float] = time.time) -> None:
+        """`root`: the prompt folder (replicas sharing `database_url` must share it too)."""
         self.root = Path(root)
         self._clock = clock
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # serialises the one connection (see open_database)
-        self._db = open_database(db_path, _SCHEMA)
+        self._engine = open_database(database_url, metadata)  # shared pool: nothing of ours to close
+        self._reads = autocommit(self._engine)
 
     # --- writes ---
 
@@ -194,26 +225,9 @@ class VoiceStore:
         )
         self._write_blob(record.id, _serialize(record, prompt))
         try:
-            with self._lock:
-                self._db.execute(
-                    f"INSERT INTO voices ({_COLUMNS}) VALUES ({', '.join('?' * 13)})",
-                    (
-                        record.id,
-                        owner or _NO_OWNER,
-                        record.name,
-                        record.model,
-                        record.mode,
-                        record.ref_text,
-                        record.source,
-                        record.description,
-                        record.sample_text,
-                        record.language,
-                        record.audio_sha256,
-                        record.duration_s,
-                        record.created_at,
-                    ),
-                )
-        except sqlite3.IntegrityError:  # a concurrent create took the name between the check and here
+            with self._engine.begin() as conn:
+                conn.execute(voices_table.insert().values(**(asdict(record) | {"owner": owner or _NO_OWNER})))
+        except sa.exc.IntegrityError:  # a concurrent create (here or on another replica) took the name
             self._blob_path(record.id).unlink(missing_ok=True)
             raise self._taken(name) from None
         except BaseException:
@@ -223,16 +237,12 @@ class VoiceStore:
 
     def delete(self, name_or_id: str, owner: str | None) -> VoiceRecord:
         record = self.get(name_or_id, owner)
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM voices WHERE id = ?", (record.id,)).rowcount
+        with self._engine.begin() as conn:
+            deleted = conn.execute(voices_table.delete().where(_c.id == record.id)).rowcount
         if not deleted:  # deleted concurrently
             raise self._not_found(name_or_id)
         self._blob_path(record.id).unlink(missing_ok=True)
         return record
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     # --- reads ---
 
@@ -241,11 +251,9 @@ class VoiceStore:
         key = name_or_id.strip() if isinstance(name_or_id, str) else ""
         if not key or len(key) > MAX_NAME_CHARS:
             return None
-        column = "id = ?" if is_voice_id(key) else "name = ? COLLATE NOCASE"
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_COLUMNS} FROM voices WHERE owner = ? AND {column}", (owner or _NO_OWNER, key)
-            ).fetchone()
+        match = _c.id == key if is_voice_id(key) else _folded(_c.name) == _folded(sa.literal(key, sa.Text))
+        with self._reads.connect() as conn:
+            row = conn.execute(sa.select(voices_table).where(_c.owner == (owner or _NO_OWNER), match)).first()
         return None if row is None else _record(row)
 
     def get(self, name_or_id: str, owner: str | None) -> VoiceRecord:
@@ -260,10 +268,9 @@ class VoiceStore:
 
     def list(self, owner: str | None) -> list[VoiceRecord]:
         """This owner's voices, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM voices WHERE owner = ? ORDER BY created_at, id", (owner or _NO_OWNER,)
-            ).fetchall()
+        query = sa.select(voices_table).where(_c.owner == (owner or _NO_OWNER)).order_by(_c.created_at, _c.id)
+        with self._reads.connect() as conn:
+            rows = conn.execute(query).all()
         return [_record(row) for row in rows]
 
     def load_prompt(self, voice_id: str, device: str = "cpu") -> VoicePrompt:

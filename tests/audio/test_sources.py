@@ -17,6 +17,7 @@ import pytest
 from qwen_tts_server.audio.sources import ReferenceAudio, ReferenceAudioResolver, is_blocked_address
 from qwen_tts_server.config import Settings
 from qwen_tts_server.errors import InvalidRequest, NotFound, PayloadTooLarge
+from qwen_tts_server.storage.database import close_databases, sqlite_url
 from qwen_tts_server.storage.files import FileRegistry
 
 WavFn = Callable[..., bytes]
@@ -29,9 +30,8 @@ FIELD = "ref_audio"
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[FileRegistry]:
-    reg = FileRegistry(tmp_path / "files", tmp_path / "registry.sqlite3", default_ttl_s=3600.0)
-    yield reg
-    reg.close()
+    yield FileRegistry(tmp_path / "files", sqlite_url(tmp_path / "registry.sqlite3"), default_ttl_s=3600.0)
+    close_databases()
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

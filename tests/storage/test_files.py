@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qwen_tts_server.errors import NotFound
+from qwen_tts_server.storage.database import close_databases
 from qwen_tts_server.storage.files import ORPHAN_GRACE_S, FileRecord, FileRegistry, is_file_id
 
 
@@ -26,15 +27,14 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> tuple[Path, Path]:
-    return tmp_path / "files", tmp_path / "db" / "registry.sqlite3"
+def paths(tmp_path: Path, database_url: str) -> tuple[Path, str]:
+    """The blob folder and the metadata database (tests/storage/conftest.py: once per backend)."""
+    return tmp_path / "files", database_url
 
 
 @pytest.fixture
-def registry(paths: tuple[Path, Path], clock: FakeClock):
-    reg = FileRegistry(paths[0], paths[1], default_ttl_s=100.0, clock=clock)
-    yield reg
-    reg.close()
+def registry(paths: tuple[Path, str], clock: FakeClock) -> FileRegistry:
+    return FileRegistry(paths[0], paths[1], default_ttl_s=100.0, clock=clock)
 
 
 def _put(reg: FileRegistry, data: bytes = b"RIFF....", **kw: object) -> FileRecord:
@@ -68,17 +68,14 @@ def test_filename_is_reduced_to_a_base_name(registry: FileRegistry) -> None:
     assert _put(registry, filename="").filename == "file"
 
 
-def test_restart_sees_old_files(paths: tuple[Path, Path], clock: FakeClock) -> None:
+def test_restart_sees_old_files(paths: tuple[Path, str], clock: FakeClock) -> None:
     first = FileRegistry(paths[0], paths[1], default_ttl_s=100.0, clock=clock)
     rec = _put(first, b"persist me")
-    first.close()
+    close_databases()  # as at shutdown: the next one opens the database afresh
     second = FileRegistry(paths[0], paths[1], default_ttl_s=100.0, clock=clock)
-    try:
-        assert second.get(rec.id) == rec
-        assert second.read_bytes(rec.id) == b"persist me"
-        assert [r.id for r in second.list()] == [rec.id]
-    finally:
-        second.close()
+    assert second.get(rec.id) == rec
+    assert second.read_bytes(rec.id) == b"persist me"
+    assert [r.id for r in second.list()] == [rec.id]
 
 
 def test_expiry_says_expired_then_cleanup_removes_blob(registry: FileRegistry, clock: FakeClock) -> None:

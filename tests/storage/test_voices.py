@@ -1,4 +1,4 @@
-"""VoiceStore: metadata in SQLite beside the file registry, prompts as safetensors, owners apart."""
+"""VoiceStore: metadata beside the file registry's (SQLite or PostgreSQL), prompts as safetensors, owners apart."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
+from qwen_tts_server.storage.database import close_databases
 from qwen_tts_server.storage.files import FileRegistry
 from qwen_tts_server.storage.voices import VoiceStore, check_name, is_voice_id
 
@@ -18,15 +19,14 @@ ALICE, BOB = "a" * 64, "b" * 64
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> tuple[Path, Path]:
-    return tmp_path / "voices", tmp_path / "db" / "registry.sqlite3"
+def paths(tmp_path: Path, database_url: str) -> tuple[Path, str]:
+    """The prompt folder and the metadata database (tests/storage/conftest.py: once per backend)."""
+    return tmp_path / "voices", database_url
 
 
 @pytest.fixture
-def store(paths: tuple[Path, Path]):
-    s = VoiceStore(paths[0], paths[1], clock=lambda: 1_700_000_000.0)
-    yield s
-    s.close()
+def store(paths: tuple[Path, str]) -> VoiceStore:
+    return VoiceStore(paths[0], paths[1], clock=lambda: 1_700_000_000.0)
 
 
 def prompt(seed: int = 0, frames: int = 7) -> VoicePrompt:
@@ -93,6 +93,15 @@ def test_names_are_unique_per_owner(store: VoiceStore) -> None:
     assert len(list(store.root.glob("*.safetensors"))) == 3  # the refused one left no blob
 
 
+def test_names_fold_ascii_letters_only_on_every_backend(store: VoiceStore) -> None:
+    zoe = create(store, "Zoë")
+    assert store.get("ZOë", None) == zoe  # ASCII letters match in any case
+    assert store.find("ZOË", None) is None  # other letters as written (SQLite's NOCASE; PostgreSQL alike)
+    assert create(store, "ZOË").name == "ZOË"
+    with pytest.raises(Conflict):
+        create(store, "zoë")
+
+
 def test_owners_do_not_see_each_others_voices(store: VoiceStore) -> None:
     mine = create(store, "mine", owner=ALICE)
     create(store, "theirs", owner=BOB)
@@ -147,19 +156,15 @@ def test_names_are_stripped(store: VoiceStore) -> None:
     assert create(store, "  narrator ").name == "narrator"
 
 
-def test_survives_a_restart_beside_the_file_registry(paths: tuple[Path, Path], tmp_path: Path) -> None:
+def test_survives_a_restart_beside_the_file_registry(paths: tuple[Path, str], tmp_path: Path) -> None:
     files = FileRegistry(tmp_path / "files", paths[1], default_ttl_s=100.0)
     first = VoiceStore(*paths)
     rec = create(first, owner=ALICE)
-    first.close()
+    close_databases()  # as at shutdown: the next one opens the database afresh
     second = VoiceStore(*paths)
-    try:
-        assert second.get("narrator", ALICE) == rec
-        assert torch.equal(second.load_prompt(rec.id).ref_code, prompt().ref_code)
-        assert files.list() == []  # one database, two tables, no interference
-    finally:
-        second.close()
-        files.close()
+    assert second.get("narrator", ALICE) == rec
+    assert torch.equal(second.load_prompt(rec.id).ref_code, prompt().ref_code)
+    assert files.list() == []  # one database, two tables, no interference
 
 
 def test_concurrent_creates_of_one_name_give_one_voice(store: VoiceStore) -> None:
