@@ -28,13 +28,14 @@ async def ready(request: Request):
     if svc is None or not svc.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
     engine = svc.engine
-    loaded = [m.name for m in engine.registry.loaded()]
+    loaded = list(dict.fromkeys(m.name for m in engine.registry.loaded()))  # once, if on several devices
     saturated = engine.gate.saturated()
     body = {
         "status": "saturated" if saturated else "ready",
         "loaded_models": loaded,
         "queue_depth": engine.queue_depth,
         "saturated_models": saturated,
+        "devices": engine.device_loads(),  # per device: its models' items in flight against their rows
     }
     return JSONResponse(body, status_code=503 if saturated else 200)
 

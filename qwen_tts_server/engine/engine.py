@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -288,8 +289,9 @@ class TTSEngine:
             except Overloaded:
                 self.metrics.rejected.inc()
                 raise
+            # inc/dec, not set: the engines of a device pool share one gauge, which shows their sum.
             self._in_flight += items
-            self.metrics.queue_depth.set(self._in_flight)
+            self.metrics.queue_depth.inc(items)
             try:
                 yield
             except (asyncio.CancelledError, GeneratorExit):  # client gone, deadline, stream closed early
@@ -297,7 +299,7 @@ class TTSEngine:
                 raise
             finally:
                 self._in_flight -= items
-                self.metrics.queue_depth.set(self._in_flight)
+                self.metrics.queue_depth.dec(items)
 
     def _count(self, model: str, mode: Mode, seconds: float, reason: FinishReason | None) -> None:
         self.metrics.items.labels(model=model, mode=mode.value).inc()
@@ -321,6 +323,24 @@ class TTSEngine:
     @property
     def queue_depth(self) -> int:
         return self._in_flight
+
+    def device_loads(self) -> list[dict[str, Any]]:
+        """Per device (here the one), its work: see `load_report`. A device pool lists each of its engines."""
+        return [self.load_report()]
+
+    def load_report(self) -> dict[str, Any]:
+        """This engine's device, its memory, and per loaded model the items in flight against its rows
+        (rows are 0 until the model's engine has started): for /ready and the model list."""
+        models = {}
+        for model in self.registry.loaded():
+            load = self.gate.load(model.name)
+            models[model.name] = {"in_flight": load.in_flight, "rows": load.rows, "capacity": load.capacity}
+        return {
+            "device": self.registry.options.device,
+            "used_bytes": self.registry.used_bytes(),
+            "queue_depth": self._in_flight,
+            "models": models,
+        }
 
     def batch_sizes(self) -> list[int]:
         """Items decoded together, per fast-engine step or per reference batch, since start."""

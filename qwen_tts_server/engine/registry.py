@@ -148,6 +148,14 @@ def _unavailable(message: str, retry_after_s: int | None = None) -> ModelUnavail
     return exc
 
 
+def gone(name: str) -> ModelUnavailable:
+    """What a request gets for a model that left the registry after the request looked it up."""
+    return _unavailable(
+        f"model '{name}' was unloaded before this request could use it; retry (it loads again on demand)",
+        UNLOAD_RETRY_AFTER_S,
+    )
+
+
 def _size(nbytes: int) -> str:
     if nbytes >= 1024**3:
         return f"{nbytes / 1024**3:.2f} GB"
@@ -231,18 +239,24 @@ def _has_flash_attn() -> bool:
 
 Loader = Callable[[Path, RuntimeOptions], Any]
 
+# `from_pretrained` is not thread-safe: transformers builds the model under process-wide patches (meta
+# device, skipped weight init), so two loads at once (two models, or one model on two devices of a
+# device pool) can leave one with meta tensors. One load at a time, per process.
+_LOAD_LOCK = threading.Lock()
+
 
 def load_upstream(path: Path, options: RuntimeOptions) -> Any:
     """Load a checkpoint directory through upstream `Qwen3TTSModel.from_pretrained`."""
     import torch
     from qwen_tts import Qwen3TTSModel
 
-    return Qwen3TTSModel.from_pretrained(
-        str(path),
-        device_map=options.device,
-        dtype=getattr(torch, options.dtype),
-        attn_implementation=options.attn_implementation,
-    )
+    with _LOAD_LOCK:
+        return Qwen3TTSModel.from_pretrained(
+            str(path),
+            device_map=options.device,
+            dtype=getattr(torch, options.dtype),
+            attn_implementation=options.attn_implementation,
+        )
 
 
 def describe(name: str, tts: Any) -> ModelInfo:
@@ -638,6 +652,20 @@ class ModelRegistry:
     async def load(self, name: str) -> LoadedModel:
         return await self.get(name)
 
+    def holds(self, model: LoadedModel) -> bool:
+        """This registry loaded `model` and still has it (a device pool finds a model's engine by this)."""
+        return self._loaded.get(model.name) is model
+
+    def loaded_model(self, key: str) -> LoadedModel | None:
+        """The model loaded under this key, if any; never loads."""
+        return self._loaded.get(key)
+
+    def is_loading(self, key: str) -> bool:
+        return key in self._loading
+
+    def is_unloading(self, key: str) -> bool:
+        return key in self._unloading
+
     # ----- unloading -----
     async def unload(self, name: str) -> bool:
         """Unload a model: no new work from now on, running work gets up to `unload_timeout_s`, then
@@ -691,10 +719,7 @@ class ModelRegistry:
         A model unloaded (or being unloaded) since the request looked it up takes no new work: a 503
         with Retry-After. Work that an unload stopped after its time-out fails with a 503 too."""
         if not self.is_current(model):
-            raise _unavailable(
-                f"model '{model.name}' was unloaded before this request could use it; retry (it loads again on demand)",
-                UNLOAD_RETRY_AFTER_S,
-            )
+            raise gone(model.name)
         model.active += 1
         model.last_used = time.time()
         try:
