@@ -38,7 +38,7 @@ declare -A FALLBACK=(
   [fastapi]=0.165.0 [starlette]=1.10.0 [pydantic]=2.14.4 [pydantic_core]=2.50.5 [pydantic-settings]=2.16.3
   [python-dotenv]=1.2.4 [python-multipart]=0.0.34 [uvicorn]=0.55.0 [annotated-types]=0.8.0
   [annotated-doc]=0.0.7 [typing-inspection]=0.4.5 [typing_extensions]=4.16.0 [opentelemetry-api]=1.45.2
-  [av]=18.1.0 [websockets]=17.4 [h11]=0.16.0 [httptools]=0.9.0
+  [av]=18.1.0 [websockets]=17.4 [h11]=0.16.0 [httptools]=0.9.0 [sqlalchemy]=2.1.9
 )
 specs=()
 for name in "${!FALLBACK[@]}"; do

@@ -1,4 +1,4 @@
-"""Command line: `serve`, `synth`, `models`, `make-test-models`.
+"""Command line: `serve`, `worker`, `synth`, `models`, `make-test-models`.
 
 Flags override the matching `QTTS_*` environment variables. A failing command prints one line,
 `error: <what went wrong>`, on stderr and exits with status 1 (2 for a usage error), never a traceback.
@@ -30,7 +30,10 @@ def _settings(args: argparse.Namespace) -> Settings:
             "models_dir": getattr(args, "models_dir", None),
             "data_dir": getattr(args, "data_dir", None),
             "device": getattr(args, "device", None),
+            "devices": getattr(args, "devices", None),
             "dtype": getattr(args, "dtype", None),
+            "broker_url": getattr(args, "broker", None),
+            "job_concurrency": getattr(args, "concurrency", None),
         }.items()
         if value is not None
     }
@@ -45,11 +48,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json)
+    if settings.devices:
+        from .engine.pool import check_devices
+
+        check_devices(settings.devices)  # a GPU this host lacks: one line now, not a failed start-up later
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     base = f"http://{host}:{settings.port}"
     everywhere = " (all interfaces)" if settings.host in ("0.0.0.0", "::") else ""
     log.info(f"qwen-tts-server {__version__} listening on {base}{everywhere}; API docs at {base}/docs")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A GPU worker of the job pool: consumes items from the broker until interrupted."""
+    from .jobs.worker import run_worker
+    from .logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_json)
+    if not settings.broker_url:
+        _error("worker needs a broker: set QTTS_BROKER_URL (or --broker), e.g. redis://127.0.0.1:6379/0")
+        return 2
+    run_worker(settings, loglevel=settings.log_level)
     return 0
 
 
@@ -151,8 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--devices",
+        help="several devices of this host, e.g. cuda:0,cuda:1: one engine each, requests to the least-loaded "
+        "(QTTS_DEVICES; overrides --device)",
+    )
     common(serve)
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run job items from the broker on one device (one worker per GPU)")
+    worker.add_argument("--broker", help="Celery broker URL, e.g. redis://127.0.0.1:6379/0 (QTTS_BROKER_URL)")
+    worker.add_argument(
+        "--concurrency", type=int, help="items run at once (QTTS_JOB_CONCURRENCY; default: the engine's rows)"
+    )
+    common(worker)
+    worker.set_defaults(func=cmd_worker)
 
     synth = sub.add_parser("synth", help="synthesize one utterance to a file")
     synth.add_argument("mode", choices=["custom-voice", "voice-design", "voice-clone"])
@@ -193,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"models {args.action} needs a NAME")
         return 2
     try:
-        if args.command in ("serve", "synth", "make-test-models"):
+        if args.command in ("serve", "worker", "synth", "make-test-models"):
             from .logs import import_upstream_quietly
 
             import_upstream_quietly()

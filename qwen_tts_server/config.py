@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     hub_cache_dir: Path | None = None
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Several devices of this host (comma-separated, e.g. cuda:0,cuda:1): one engine per device, "
+        "each request sent to the least-loaded one; empty: the one `device`.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     memory_budget_gb: float | None = Field(
@@ -131,6 +136,31 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("data"), description="Uploaded and generated files, stored voices, and their SQLite index."
     )
+    database_url: str | None = Field(
+        None,
+        repr=False,
+        description="Metadata of files, voices and jobs (SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db): "
+        "shared by API replicas and workers; default: SQLite in data_dir.",
+    )
+    broker_url: str | None = Field(
+        None,
+        repr=False,
+        description="Celery broker for jobs (redis://host:6379/0): the API enqueues, `qwen-tts-server worker` "
+        "processes run them; default: jobs run inside the server.",
+    )
+    job_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Job items an engine runs at once (in-process runner, or a worker's threads); default: "
+        "max_slots when set, else 64 on CUDA and 8 on CPU.",
+    )
+    max_job_items: int = Field(10_000, ge=1, description="Largest job (items per POST /api/v1/jobs).")
+    job_visibility_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="Worker pool: an item whose worker has not finished it after this long is delivered to "
+        "another worker (the first was killed); must exceed the longest item.",
+    )
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
@@ -172,10 +202,18 @@ class Settings(BaseSettings):
         "the API keys.",
     )
 
-    @field_validator("api_keys", "allowed_audio_dirs", "extra_models", "cors_origins", mode="before")
+    @field_validator("api_keys", "allowed_audio_dirs", "extra_models", "cors_origins", "devices", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("devices")
+    @classmethod
+    def _explicit_devices(cls, value: list[str]) -> list[str]:
+        """Two engines both on "auto" would share one device without saying so: several must be named."""
+        if len(value) > 1 and "auto" in value:
+            raise ValueError("list the devices explicitly (e.g. cuda:0,cuda:1); 'auto' is one device")
+        return value
 
     @property
     def files_dir(self) -> Path:
@@ -184,6 +222,11 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def metadata_url(self) -> str:
+        """The database of files, voices and jobs (storage.database)."""
+        return self.database_url or f"sqlite:///{self.db_path.resolve()}"
 
     @property
     def voices_dir(self) -> Path:

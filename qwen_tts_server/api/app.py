@@ -5,40 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 
-from .. import __version__
-from ..audio.sources import ReferenceAudioResolver
+from .. import __version__, web
 from ..config import Settings
 from ..engine.engine import TTSEngine
-from ..metrics import Metrics
-from ..storage.files import FileRegistry
-from ..storage.voices import VoiceStore
+from ..jobs.backends import CeleryBackend, InProcessBackend, JobBackend, job_concurrency
 from . import compat, docs, files, models, system, tts, voices
 from .error_handlers import install_error_handlers
+from .jobs import queue as jobs_queue
+from .jobs import router as jobs_router
 from .limits import BodyLimit
 from .middleware import OPEN_PATHS, install_request_context
 from .openai import router as openai_router
 from .openai import voices_router as openai_voices_router
 from .openai import websocket as openai_websocket
+from .services import Services, close_services, open_services
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Services:
-    """Everything a route needs, built once per app."""
-
-    settings: Settings
-    metrics: Metrics
-    files: FileRegistry
-    resolver: ReferenceAudioResolver
-    engine: TTSEngine
-    voices: VoiceStore | None = None  # the voice library (set at start-up)
-    ready: bool = False
 
 
 def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = None) -> FastAPI:
@@ -46,19 +33,11 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        metrics = engine.metrics if engine is not None else Metrics()
-        registry = await asyncio.to_thread(FileRegistry, settings.files_dir, settings.db_path, settings.file_ttl_s)
-        services = Services(
-            settings=settings,
-            metrics=metrics,
-            files=registry,
-            resolver=ReferenceAudioResolver(registry, settings),
-            engine=engine or TTSEngine(settings, metrics=metrics),
-            voices=VoiceStore(settings.voices_dir, settings.db_path),
-        )
+        services = await open_services(settings, engine)
+        services.job_backend = job_backend(services)
         app.state.services = services
-        cleanup = asyncio.create_task(_cleanup_loop(registry, settings.cleanup_interval_s))
+        cleanup = asyncio.create_task(_cleanup_loop(services, settings.cleanup_interval_s))
+        await services.job_backend.start()
         for line in await asyncio.to_thread(_startup_report, services):
             log.info(line)
         services.ready = True
@@ -69,9 +48,8 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
             cleanup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cleanup
-            await asyncio.to_thread(services.engine.close)  # joins the engines' threads: off the loop
-            await asyncio.to_thread(registry.close)
-            services.voices.close()
+            await services.job_backend.stop()
+            await close_services(services)
 
     app = FastAPI(
         title="Qwen3-TTS server",
@@ -88,14 +66,25 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
     app.include_router(openai_websocket.router)
     app.include_router(openai_voices_router.router)
     app.include_router(voices.router)
+    app.include_router(jobs_router.router)
+    app.include_router(jobs_queue.router)  # the earlier service's queue, on the jobs store
     app.include_router(files.router)
     app.include_router(models.router)
+    app.include_router(models.speakers_router)  # GET /api/v1/speakers: what each model speaks
     app.include_router(system.router)
+    web.install(app)  # the web page at / (qwen_tts_server/web)
     app.add_middleware(BodyLimit, **BodyLimit.limits(settings))  # inside the request context: 413s get its id
     install_request_context(app, settings)
     install_error_handlers(app)
     compat.install_cors(app, settings)  # last: outermost, so preflights never meet the key check
     return app
+
+
+def job_backend(services: Services) -> JobBackend:
+    """Celery workers when a broker is configured, else this server's own runner."""
+    if services.settings.broker_url:
+        return CeleryBackend(services.jobs, services.settings)
+    return InProcessBackend(services.jobs, services, job_concurrency(services.settings))
 
 
 def _startup_report(services: Services) -> list[str]:
@@ -110,12 +99,17 @@ def _startup_report(services: Services) -> list[str]:
     return lines
 
 
-async def _cleanup_loop(registry: FileRegistry, interval_s: float) -> None:
+async def _cleanup_loop(services: Services, interval_s: float) -> None:
+    """Expired files go, and finished jobs once their outputs have expired (QTTS_FILE_TTL_S after)."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            removed = await asyncio.to_thread(registry.cleanup_expired)
+            removed = await asyncio.to_thread(services.files.cleanup_expired)
             if removed:
                 log.info("expired files removed", extra={"count": removed})
+            cutoff = time.time() - services.settings.file_ttl_s
+            jobs = await asyncio.to_thread(services.jobs.delete_before, cutoff)
+            if jobs:
+                log.info("expired jobs removed", extra={"count": jobs})
         except Exception:
-            log.exception("file cleanup failed")
+            log.exception("cleanup failed")

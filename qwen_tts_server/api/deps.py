@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 if TYPE_CHECKING:
-    from .app import Services
+    from .services import Services
 
 
 def services(request: Request) -> Services:

@@ -33,7 +33,7 @@ from .speech import Speech
 from .validation import Seed, SpeechText
 
 if TYPE_CHECKING:
-    from .app import Services
+    from .services import Services
 
 router = APIRouter(prefix="/api/v1/voices", tags=["voices"])
 

@@ -395,13 +395,80 @@ def test_accept_rule(accept, audio):
     assert asks_for_audio(accept) is audio
 
 
-def test_batch_queue_paths_are_left_free(make_client):
-    """The batch tab's queue is the jobs module's: nothing here answers on its paths."""
+# ----- the batch tab (ui-batch.js) -----
+def batch_item(mode, text, *, item_id, file_id=None, ref_text=None, instruct=None, speaker=None, lang="auto"):
+    """One entry of `UI.runBatch`'s `queueItems`, keys in its order, empty fields as it sends them."""
+    operation = {"design": "voice_design", "custom": "custom_voice", "clone": "voice_clone"}[mode]
+    return {
+        "text": text,
+        "operation": operation,
+        "ref_audio": file_id or None,
+        "ref_text": ref_text or None,
+        "instruct": instruct or None,
+        "speaker": speaker or None,
+        "language": lang or "auto",
+        "temperature": 0.3,
+        "return_timestamps": False,
+        "custom_id": item_id,
+    }
+
+
+def submit_batch(client, items, key=None):
+    body = {"items": items, "label": "Web UI Batch 10:42:07 AM "}
+    return client.post("/api/v1/queue/submit", content=stringify(body), headers=json_headers(key))
+
+
+def poll_until_settled(client, batch_id, key=None, timeout_s=120.0) -> dict:
+    """`UI.pollQueueStatus`: GET status until completed, partial or error."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get(f"/api/v1/queue/status/{batch_id}", headers=json_headers(key))
+        assert response.status_code == 200, response.text
+        status = response.json()
+        assert status["status"] in ("queued", "processing", "partial", "completed", "error")
+        assert status["total"] == len(status["items"])
+        for item in status["items"]:  # `UI.updateQueueProgress` finds each row by custom_id
+            assert item["status"] in ("queued", "processing", "done", "error")
+        if status["status"] in ("completed", "partial", "error"):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+def test_batch_tab_runs_a_mixed_batch_through_the_queue(make_client):
+    client = make_client(api_keys=[KEY])
+    file_id = upload_file(client, "ref.wav", sine_wav(1.5), key=KEY).json()["file_id"]
+    items = [
+        batch_item("custom", "Hello from the batch.", item_id="lq1a2b3c", speaker="ryan"),
+        batch_item("design", "Designed in a batch.", item_id="lq1a2b3d", instruct="A bright young voice."),
+        batch_item("clone", "Cloned in a batch.", item_id="lq1a2b3e", file_id=file_id),  # no transcript
+    ]
+    submitted = submit_batch(client, items, key=KEY)
+    assert submitted.status_code == 200, submitted.text
+    body = submitted.json()
+    assert body["total_items"] == 3 and len(body["item_ids"]) == 3 and body["status"] == "queued"
+    status = poll_until_settled(client, body["batch_id"], key=KEY)
+    assert status["status"] == "completed" and status["completed"] == 3 and status["failed"] == 0
+    results = client.get(f"/api/v1/queue/results/{body['batch_id']}", headers=json_headers(KEY)).json()
+    assert [item["custom_id"] for item in results["items"]] == ["lq1a2b3c", "lq1a2b3d", "lq1a2b3e"]
+    assert [item["item_id"] for item in results["items"]] == body["item_ids"]
+    for item in results["items"]:  # `UI.addToHistory(mode, item.url, ...)`: an <audio src>, no key header
+        assert item["status"] == "done" and item["error"] is None
+        audio = client.get(item["url"], headers={"Accept": FIREFOX_AUDIO, "Origin": PAGE})
+        assert audio.status_code == 200 and sf.read(io.BytesIO(audio.content))[1] == 24000
+
+
+def test_batch_tab_sees_failed_items_and_errors_in_detail(make_client):
     client = make_client()
-    items = [{"text": "Hi.", "operation": "custom_voice", "speaker": "ryan", "custom_id": "a"}]
-    response = client.post(
-        "/api/v1/queue/submit", content=stringify({"items": items, "label": "x"}), headers=json_headers()
-    )
-    assert response.status_code in (404, 405)
-    assert client.get("/api/v1/queue/status/b1").status_code == 404
-    assert client.get("/api/v1/queue/results/b1").status_code == 404
+    asr = submit_batch(client, [{**batch_item("custom", "x", item_id="a", speaker="ryan"), "operation": "transcribe"}])
+    assert "speech recognition is not served here" in shown_error(asr, 422)
+    unknown_speaker = [
+        batch_item("custom", "Fine.", item_id="ok", speaker="ryan"),
+        batch_item("custom", "Who?", item_id="bad", speaker="nobody-at-all"),
+    ]
+    body = submit_batch(client, unknown_speaker).json()
+    status = poll_until_settled(client, body["batch_id"])
+    assert status["status"] == "partial" and status["completed"] == 1 and status["failed"] == 1
+    failed = status["items"][1]
+    assert failed["status"] == "error" and failed["url"] is None and "nobody-at-all" in failed["error"]
+    assert "does not exist" in shown_error(client.get("/api/v1/queue/status/b1"), 404)

@@ -24,7 +24,7 @@ from .protocol import SpeechRequest
 from .voices import VoiceLookup, check_model_fits, stored_name
 
 if TYPE_CHECKING:
-    from ..app import Services
+    from ..services import Services
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 _MODES = {"custom_voice": Mode.CUSTOM_VOICE, "voice_design": Mode.VOICE_DESIGN, "base": Mode.VOICE_CLONE}

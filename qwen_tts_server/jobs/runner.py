@@ -1,0 +1,118 @@
+"""Runs job items: the loop of the in-process backend (inside the API server) and of each Celery
+worker's engine process alike. It keeps up to `concurrency` items in the engine at once (the
+engine's rows), so a job of 1,000 items runs at the engine's batched speed; stops an item as soon
+as its job is cancelled; records each result once (store.finish) and sends the job's webhook when
+its last item ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..errors import ServiceError
+from .items import run_item
+from .store import Item, ItemState, JobStore
+from .webhook import send_webhook
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often the runner looks for new items and cancelled ones
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, svc, *, concurrency: int, worker: str) -> None:
+        self.store = store
+        self.svc = svc
+        self.concurrency = concurrency
+        self.worker = worker
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- the in-process backend: claim queued items from the store ---
+
+    async def start(self) -> None:
+        """Take back what this runner left running when it last stopped, then start claiming."""
+        taken_back = await asyncio.to_thread(self.store.requeue_worker, self.worker)
+        if taken_back:
+            log.info("job items taken back after a restart", extra={"count": taken_back})
+        self._loop_task = asyncio.create_task(self._claim_loop())
+
+    def wake(self) -> None:
+        """New items were queued (or a job cancelled): look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming and stop running items; they go back to the queue for the next start."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        running = list(self._running)
+        for task in self._running.values():
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await asyncio.to_thread(self.store.requeue, running)
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                free = self.concurrency - len(self._running)
+                if free > 0:
+                    for item in await asyncio.to_thread(self.store.claim, free, self.worker):
+                        self._spawn(item)
+                await self.stop_cancelled()
+            except Exception:
+                log.exception("job runner step failed")
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    def _spawn(self, item: Item) -> None:
+        task = asyncio.create_task(self.run(item))
+        self._running[item.id] = task
+        task.add_done_callback(lambda _: (self._running.pop(item.id, None), self._wake.set()))
+
+    # --- shared with the Celery worker ---
+
+    async def stop_cancelled(self) -> None:
+        """Cancel the engine work of running items whose job was cancelled."""
+        if not self._running:
+            return
+        states = await asyncio.to_thread(self.store.open_states, list(self._running))
+        for item_id, state in states.items():
+            task = self._running.get(item_id)
+            if task is not None and state is ItemState.CANCELLED:
+                task.cancel()
+
+    async def run(self, item: Item) -> None:
+        """Run one item and record its outcome; a cancelled item records nothing (its state says)."""
+        try:
+            outcome = await run_item(self.svc, item, item.owner)
+        except asyncio.CancelledError:
+            raise
+        except ServiceError as exc:
+            await self._finish(item, error=exc.message)
+            return
+        except Exception as exc:
+            log.exception("job item failed", extra={"job_id": item.job_id, "item": item.idx})
+            await self._finish(item, error=f"internal error ({type(exc).__name__}); see the server log")
+            return
+        recorded = await self._finish(
+            item, file_id=outcome.file_id, duration_s=outcome.duration_s, finish_reason=outcome.finish_reason
+        )
+        if not recorded:  # cancelled meanwhile, or another run of the item got there first
+            with contextlib.suppress(ServiceError):
+                await asyncio.to_thread(self.svc.files.delete, outcome.file_id)
+
+    def track(self, item: Item, task: asyncio.Task[None]) -> None:
+        """Watch a task started by someone else (a Celery delivery) for cancellation."""
+        self._running[item.id] = task
+        task.add_done_callback(lambda _: self._running.pop(item.id, None))
+
+    async def _finish(self, item: Item, **result: object) -> bool:
+        finished = await asyncio.to_thread(self.store.finish, item.id, **result)  # type: ignore[arg-type]
+        if finished.job_over:
+            await send_webhook(self.store, self.svc.settings, item.job_id)
+        return finished.recorded

@@ -1,0 +1,80 @@
+"""A job's webhook: when its last item ends, the finished job (JSON, as GET /api/v1/jobs/{id} shows
+it) is POSTed to the URL the client gave, once per job whichever process ends it (store.claim_webhook),
+to a public address only (net.pinned_request), retried a few times on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+
+from ..api.jobs.protocol import job_view
+from ..api.signing import UrlSigner
+from ..config import Settings
+from ..net import pinned_request
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 3
+TIMEOUT_S = 10.0
+BACKOFF_S = 1.0
+FIELD = "webhook_url"
+
+
+async def check_webhook_url(url: str, settings: Settings) -> None:
+    """At submission: the URL is http(s) and its host a public address (InvalidRequest otherwise)."""
+    async with httpx.AsyncClient(trust_env=False) as client:
+        await pinned_request(client, "POST", url, field=FIELD, allow_private=settings.allow_private_urls)
+
+
+async def send_webhook(store: JobStore, settings: Settings, job_id: str) -> bool:
+    """POST the finished job to its webhook, if it has one and no one sent it yet. True if delivered."""
+    url = await asyncio.to_thread(store.claim_webhook, job_id)
+    if url is None:
+        return False
+    payload = await asyncio.to_thread(webhook_payload, store, settings, job_id)
+    ok = await _post(url, payload, settings)
+    await asyncio.to_thread(store.webhook_done, job_id, ok)
+    return ok
+
+
+def webhook_payload(store: JobStore, settings: Settings, job_id: str) -> dict:
+    job, items = store.get(job_id), store.items(job_id)
+    base = (settings.public_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    view = job_view(job, items, _download_url(settings, base), base)
+    return {"event": "job.finished", "job": view.model_dump(mode="json", exclude_none=True)}
+
+
+def _download_url(settings: Settings, base: str) -> Callable[[str], str]:
+    """Download URLs as a GET gives them: signed (working without a key header) when keys are on."""
+    signer = UrlSigner.for_settings(settings) if settings.api_keys else None
+
+    def url_of(file_id: str) -> str:
+        url = f"{base}/api/v1/files/{file_id}/content"
+        if signer is not None:
+            url += "?" + signer.query(file_id, time.time() + settings.file_ttl_s)
+        return url
+
+    return url_of
+
+
+async def _post(url: str, payload: dict, settings: Settings) -> bool:
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                request = await pinned_request(
+                    client, "POST", url, field=FIELD, allow_private=settings.allow_private_urls, json=payload
+                )
+                response = await client.send(request)
+                if response.is_success:
+                    log.info("webhook delivered", extra={"job_id": payload["job"]["id"]})
+                    return True
+                log.warning("webhook refused", extra={"status": response.status_code, "attempt": attempt})
+            except Exception as exc:  # a failed delivery must never fail the job
+                log.warning("webhook failed", extra={"error": type(exc).__name__, "attempt": attempt})
+            await asyncio.sleep(BACKOFF_S * attempt)
+    return False

@@ -1,0 +1,194 @@
+"""Batch jobs through the API on the in-process backend (the default): submit, progress, events,
+results, the archive, cancellation, ownership, and a restart that resumes unfinished items."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+
+import soundfile as sf
+
+from qwen_tts_server.jobs.store import ItemState
+
+from ..support import error_of, sine_wav, upload, wait_until_idle, words
+
+HEADERS = {"Authorization": "Bearer key-a"}
+
+
+def wait_for_end(client, job_id: str, timeout_s: float = 120.0, headers=None) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
+        if view["status"] not in ("queued", "running"):
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not end within {timeout_s} s: {view['progress']}")
+
+
+def test_a_mixed_job_runs_every_item_and_returns_its_audio(client):
+    ref = upload(client, sine_wav(1.5))
+    items = [
+        {"mode": "custom_voice", "text": "One.", "speaker": "vivian", "custom_id": "a"},
+        {"mode": "voice_design", "text": "Two.", "instruct": "A calm voice.", "custom_id": "b"},
+        {"mode": "voice_clone", "text": "Three.", "ref_audio": ref, "ref_text": "A tone.", "custom_id": "c"},
+        {"text": "Four.", "custom_id": "d", "response_format": "flac"},
+    ]
+    options = {"mode": "custom_voice", "speaker": "ryan", "seed": 7, "max_new_tokens": 20}
+    response = client.post("/api/v1/jobs", json={"items": items, "options": options, "label": "mix"})
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert created["status"] in ("queued", "running") and created["progress"]["total"] == 4
+    view = wait_for_end(client, created["id"])
+    assert view["status"] == "completed", view
+    assert view["progress"]["done"] == 4 and view["progress"]["eta_s"] == 0
+    assert [item["custom_id"] for item in view["items"]] == ["a", "b", "c", "d"]
+    assert [item["mode"] for item in view["items"]] == ["custom_voice", "voice_design", "voice_clone", "custom_voice"]
+    total = 0.0
+    for item in view["items"]:
+        audio = client.get(item["url"])
+        assert audio.status_code == 200
+        samples, rate = sf.read(io.BytesIO(audio.content))
+        assert rate == 24000 and abs(len(samples) / rate - item["duration_s"]) < 1e-3
+        total += item["duration_s"]
+    assert view["items"][3]["url"] and client.get(view["items"][3]["url"]).headers["content-type"] == "audio/flac"
+    assert abs(view["progress"]["audio_s"] - total) < 0.01
+
+
+def test_items_of_a_job_run_together_in_the_engine(make_client):
+    client = make_client(max_slots=8)
+    items = [{"text": words(30), "custom_id": str(i)} for i in range(8)]
+    job = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    view = wait_for_end(client, job["id"])
+    assert view["status"] == "completed"
+    # A job feeds the engine as many items as it has rows, not one request at a time.
+    assert max(client.app.state.services.engine.batch_sizes()) > 1
+
+
+def test_a_bad_item_is_a_422_naming_it_and_nothing_is_queued(client):
+    items = [{"mode": "custom_voice", "text": "Fine.", "speaker": "vivian"}, {"mode": "custom_voice", "text": " "}]
+    response = client.post("/api/v1/jobs", json={"items": items})
+    assert response.status_code == 422
+    assert error_of(response)["field"].startswith("items[1]")
+    bad_mode = client.post("/api/v1/jobs", json={"items": [{"mode": "sing", "text": "x"}]})
+    assert bad_mode.status_code == 422 and "custom_voice" in error_of(bad_mode)["message"]
+    no_mode = client.post("/api/v1/jobs", json={"items": [{"text": "x"}]})
+    assert no_mode.status_code == 422 and error_of(no_mode)["field"] == "items[0].mode"
+    missing_voice = client.post("/api/v1/jobs", json={"items": [{"mode": "voice_clone", "text": "x", "voice": "nope"}]})
+    assert missing_voice.status_code == 404 and error_of(missing_voice)["field"].startswith("items[0]")
+    empty = client.post("/api/v1/jobs", json={"items": []})
+    assert empty.status_code == 422
+    stream = client.post("/api/v1/jobs", json={"items": [{"mode": "custom_voice", "text": "x", "stream": True}]})
+    assert stream.status_code == 422 and error_of(stream)["field"] == "items[0].stream"
+    assert client.get("/api/v1/jobs").json() == []
+
+
+def test_job_limits_and_unknown_jobs(make_client):
+    client = make_client(max_job_items=2)
+    items = [{"mode": "custom_voice", "text": "x", "speaker": "vivian"}] * 3
+    response = client.post("/api/v1/jobs", json={"items": items})
+    assert response.status_code == 422 and "limit of 2" in error_of(response)["message"]
+    assert client.get("/api/v1/jobs/job-nope").status_code == 404
+    assert client.delete("/api/v1/jobs/job-nope").status_code == 404
+    private = client.post("/api/v1/jobs", json={"items": items[:1], "webhook_url": "http://127.0.0.1:9/hook"})
+    assert private.status_code == 422 and error_of(private)["field"] == "webhook_url"
+
+
+def test_events_report_progress_each_item_and_the_end(client):
+    items = [{"text": f"Line {i}.", "custom_id": f"l{i}"} for i in range(3)]
+    job = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    events: list[tuple[str, dict]] = []
+    with client.stream("GET", f"/api/v1/jobs/{job['id']}/events") as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    kinds = [name for name, _ in events]
+    assert kinds[-1] == "end" and kinds.count("item") == 3 and "progress" in kinds
+    assert sorted(data["custom_id"] for name, data in events if name == "item") == ["l0", "l1", "l2"]
+    assert events[-1][1]["status"] == "completed" and len(events[-1][1]["items"]) == 3
+    progress = [data for name, data in events if name == "progress"]
+    assert progress[-1]["done"] == 3 or events[-1][1]["progress"]["done"] == 3
+
+
+def test_the_archive_holds_every_output_and_a_manifest(client):
+    items = [{"text": "One.", "custom_id": "../../evil"}, {"text": "Two."}]
+    job = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    wait_for_end(client, job["id"])
+    response = client.get(f"/api/v1/jobs/{job['id']}/archive")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    names = archive.namelist()
+    assert names == ["00000-______evil.wav", "00001-item.wav", "manifest.json"]
+    manifest = json.loads(archive.read("manifest.json"))
+    assert [entry["archive_name"] for entry in manifest["items"]] == names[:2]
+    assert sf.read(io.BytesIO(archive.read(names[1])))[1] == 24000
+
+
+def test_cancel_stops_queued_and_running_items(make_client):
+    client = make_client(max_slots=1, job_concurrency=1)
+    items = [{"text": words(200), "custom_id": str(i)} for i in range(4)]
+    job = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/v1/jobs/{job['id']}").json()["progress"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    response = client.delete(f"/api/v1/jobs/{job['id']}")
+    assert response.status_code == 200
+    view = response.json()
+    assert view["status"] == "cancelled"
+    assert {item["status"] for item in view["items"]} <= {"cancelled", "done"}
+    assert view["progress"]["cancelled"] >= 3
+    # The engine stops the running item within a few steps, and nothing else starts.
+    assert wait_until_idle(client.app, timeout_s=10) == {}, "the cancelled item kept running in the engine"
+    time.sleep(1.0)
+    assert wait_until_idle(client.app, timeout_s=0) == {}
+    assert client.get(f"/api/v1/jobs/{job['id']}").json()["progress"]["done"] == view["progress"]["done"]
+
+
+def test_jobs_belong_to_their_api_key(make_client):
+    client = make_client(api_keys=["key-a", "key-b"])
+    other = {"Authorization": "Bearer key-b"}
+    items = [{"mode": "custom_voice", "text": "Mine.", "speaker": "vivian"}]
+    job = client.post("/api/v1/jobs", json={"items": items}, headers=HEADERS).json()
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert client.delete(f"/api/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert client.get("/api/v1/jobs", headers=other).json() == []
+    assert [j["id"] for j in client.get("/api/v1/jobs", headers=HEADERS).json()] == [job["id"]]
+    view = wait_for_end(client, job["id"], headers=HEADERS)
+    # Results are signed download links: they open without a key header.
+    assert client.get(view["items"][0]["url"]).status_code == 200
+
+
+def test_a_restart_resumes_unfinished_items(make_client, tmp_path):
+    data_dir = tmp_path / "shared-data"
+    first = make_client(data_dir=data_dir, max_slots=1, job_concurrency=1)
+    items = [{"text": words(40), "custom_id": str(i)} for i in range(4)]
+    job = first.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    deadline = time.monotonic() + 60
+    while first.get(f"/api/v1/jobs/{job['id']}").json()["progress"]["done"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.__exit__(None, None, None)  # the server stops mid-job
+    store = first.app.state.services.jobs
+    states = [item.state for item in store.items(job["id"])]
+    assert ItemState.DONE in states and ItemState.QUEUED in states and ItemState.RUNNING not in states
+    second = make_client(data_dir=data_dir, max_slots=1, job_concurrency=1)
+    view = wait_for_end(second, job["id"])
+    assert view["status"] == "completed"
+    assert [item["custom_id"] for item in view["items"]] == ["0", "1", "2", "3"]
+    assert all(item["attempts"] >= 1 for item in view["items"])

@@ -1,0 +1,3 @@
+"""The job store's tests run on every metadata backend (tests/storage/conftest.py)."""
+
+from tests.storage.conftest import database_url  # noqa: F401

@@ -1,0 +1,108 @@
+"""The job store on SQLite and PostgreSQL: claims never overlap, a result is recorded once, cancel
+and progress say what happened, and two stores on one database (two replicas) agree."""
+
+from __future__ import annotations
+
+import threading
+
+from qwen_tts_server.jobs.store import ItemState, JobState, JobStore, NewItem
+
+
+def new_items(n: int) -> list[NewItem]:
+    return [
+        NewItem(mode="custom_voice", spec={"text": f"t{i}", "speaker": "vivian"}, custom_id=f"c{i}") for i in range(n)
+    ]
+
+
+def test_a_job_moves_from_queued_to_completed(database_url):
+    clock = [100.0]
+    store = JobStore(database_url, clock=lambda: clock[0])
+    job = store.create(new_items(3), owner=None, label="x", webhook_url=None)
+    assert job.state is JobState.QUEUED and job.progress.queued == 3 and job.progress.eta_s is None
+    claimed = store.claim(2, "w1")
+    assert [item.idx for item in claimed] == [0, 1] and all(i.state is ItemState.RUNNING for i in claimed)
+    assert store.get(job.id).state is JobState.RUNNING
+    clock[0] = 110.0
+    assert store.finish(claimed[0].id, file_id="file-a", duration_s=2.0, finish_reason="eos").recorded
+    progress = store.get(job.id).progress
+    assert progress.done == 1 and progress.audio_s == 2.0 and progress.eta_s == 20.0  # 10 s an item, 2 left
+    assert store.finish(claimed[1].id, error="boom").recorded
+    [last] = store.claim(5, "w1")
+    finished = store.finish(last.id, file_id="file-c", duration_s=1.0, finish_reason="length")
+    assert finished.recorded and finished.job_over
+    job = store.get(job.id)
+    assert job.state is JobState.PARTIAL and job.finished_at == 110.0 and job.progress.eta_s == 0.0
+    assert [i.state for i in store.items(job.id)] == [ItemState.DONE, ItemState.FAILED, ItemState.DONE]
+
+
+def test_a_result_is_recorded_once(database_url):
+    store = JobStore(database_url)
+    job = store.create(new_items(1), owner=None, label=None, webhook_url=None)
+    [item] = store.claim(1, "w1")
+    again = store.start(item.id, "w2")  # redelivered to another worker: taken over
+    assert again is not None and again.attempts == 2
+    assert store.finish(item.id, file_id="file-1", duration_s=1.0, finish_reason="eos").recorded
+    late = store.finish(item.id, file_id="file-2", duration_s=1.0, finish_reason="eos")
+    assert not late.recorded and not late.job_over
+    assert store.items(job.id)[0].file_id == "file-1"
+    assert store.start(item.id, "w3") is None  # nothing left to run
+
+
+def test_concurrent_claims_never_overlap(database_url):
+    stores = [JobStore(database_url), JobStore(database_url)]  # two processes' stores, in effect
+    stores[0].create(new_items(60), owner=None, label=None, webhook_url=None)
+    taken: list[list[str]] = [[] for _ in range(4)]
+
+    def claim(k: int) -> None:
+        store = stores[k % 2]
+        while batch := store.claim(3, f"w{k}"):
+            taken[k] += [item.id for item in batch]
+
+    threads = [threading.Thread(target=claim, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [item_id for ids in taken for item_id in ids]
+    assert len(every) == 60 and len(set(every)) == 60
+
+
+def test_cancel_stops_open_items_and_keeps_done_ones(database_url):
+    store = JobStore(database_url)
+    job = store.create(new_items(4), owner="o", label=None, webhook_url="http://example.com/hook")
+    first, second = store.claim(2, "w1")
+    store.finish(first.id, file_id="file-1", duration_s=1.0, finish_reason="eos")
+    assert store.cancel(job.id) == [second.id]  # the one still running, for its runner to stop
+    job = store.get(job.id)
+    assert job.state is JobState.CANCELLED and job.over
+    assert (job.progress.done, job.progress.cancelled) == (1, 3)
+    assert store.open_states([second.id]) == {second.id: ItemState.CANCELLED}
+    assert not store.finish(second.id, file_id="file-2", duration_s=1.0, finish_reason="eos").recorded
+    assert store.claim(10, "w1") == [] and not store.has_queued()
+    assert store.claim_webhook(job.id) == "http://example.com/hook"
+    assert store.claim_webhook(job.id) is None  # one sender per job
+
+
+def test_owners_and_restart_requeue(database_url):
+    store = JobStore(database_url)
+    mine = store.create(new_items(2), owner="a", label=None, webhook_url=None)
+    store.create(new_items(1), owner="b", label=None, webhook_url=None)
+    assert [j.id for j in store.list("a")] == [mine.id]
+    assert store.get(mine.id, owner="a", check_owner=True).id == mine.id
+    claimed = store.claim(2, "api:host:8000")
+    assert claimed[0].owner == "a"
+    assert store.requeue_worker("api:host:800") == 0  # another runner's name, however alike
+    assert store.requeue_worker("api:host:8000") == 2
+    assert store.get(mine.id).progress.queued == 2
+
+
+def test_finished_jobs_are_forgotten_after_the_cutoff(database_url):
+    clock = [10.0]
+    store = JobStore(database_url, clock=lambda: clock[0])
+    old = store.create(new_items(1), owner=None, label=None, webhook_url=None)
+    [item] = store.claim(1, "w")
+    store.finish(item.id, error="x")
+    running = store.create(new_items(1), owner=None, label=None, webhook_url=None)
+    assert store.delete_before(11.0) == 1
+    assert [j.id for j in store.list(None)] == [running.id]
+    assert store.items(old.id) == []
