@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 
+from .. import web
 from ..config import Settings
 from ..errors import Forbidden, ServiceError, Unauthorized
 from ..logs import request_id_var
@@ -37,7 +38,8 @@ def install_request_context(app: FastAPI, settings: Settings) -> None:
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         try:
-            if keys and request.url.path not in OPEN_PATHS and not docs.is_open_path(request.url.path):
+            open_path = request.url.path in OPEN_PATHS or docs.is_open_path(request.url.path)
+            if keys and not open_path and not web.is_open_path(request.url.path):
                 presented = presented_key(request) or ""
                 error: ServiceError | None = None
                 valid_key = is_valid(presented, keys)
