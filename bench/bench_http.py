@@ -677,6 +677,9 @@ def dist_version(name: str) -> str | None:
 
 
 class Report:
+    MODULE = "bench.bench_http"  # the command recorded
+    SUFFIX = "http"  # <out>/<date>-<card>-<SUFFIX>.json
+
     def __init__(self, args: argparse.Namespace, card: str, model: str) -> None:
         started = datetime.datetime.now(datetime.timezone.utc)
         self.data: dict[str, Any] = {
@@ -684,7 +687,7 @@ class Report:
             "date": started.strftime("%Y-%m-%d"),
             "started_at": started.isoformat(timespec="seconds"),
             "commit": args.commit or git_commit() or "unknown",
-            "command": shlex.join(["python", "-m", "bench.bench_http", *(args.argv or [])]),
+            "command": shlex.join(["python", "-m", self.MODULE, *(args.argv or [])]),
             "versions": {
                 "python": platform.python_version(),
                 **{
@@ -738,7 +741,7 @@ class Report:
         self.path: Path | None = None
         if args.out:
             name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{self.data['date']}-{card}").strip("-")
-            self.path = Path(args.out) / f"{name}-http.json"
+            self.path = Path(args.out) / f"{name}-{self.SUFFIX}.json"
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -858,13 +861,20 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def update_docs(docs: Path, data: dict[str, Any]) -> None:
-    """Replace the marked section of `docs` (markers added under the title if absent)."""
+def update_docs(
+    docs: Path,
+    data: dict[str, Any],
+    render: Callable[[dict[str, Any]], str] | None = None,
+    markers: tuple[str, str] = (DOCS_START, DOCS_END),
+) -> None:
+    """Replace the section of `docs` between `markers` with `render(data)` (default: this benchmark's
+    markdown); the markers are added under the title if absent."""
+    start, end = markers
     text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    block = f"{DOCS_START}\n{markdown(data).rstrip()}\n{DOCS_END}"
-    if DOCS_START in text and DOCS_END in text:
-        head, rest = text.split(DOCS_START, 1)
-        _, tail = rest.split(DOCS_END, 1)
+    block = f"{start}\n{(render or markdown)(data).rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         lines = text.splitlines(keepends=True)
@@ -1037,34 +1047,59 @@ async def probe(api: Api, report: Report, modes: list[str], first_timeout_s: flo
     return usable
 
 
-async def bench_main(args: argparse.Namespace, report: Report, server: Server, budget: Budget) -> None:
-    limits = httpx.Limits(max_connections=4 * args.max_clients + 16, max_keepalive_connections=4 * args.max_clients)
-    timeout = httpx.Timeout(args.timeout_s, connect=30.0)
-    api = Api(
+def make_api(args: argparse.Namespace, server: Server, model: str) -> Api:
+    return Api(
         base_url=server.url,
         ws_url=server.url.replace("http://", "ws://"),
-        model=report.data["settings"]["model"],
+        model=model,
         frames=args.frames,
         text=args.text,
         timeout_s=args.timeout_s,
     )
-    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as client:
+
+
+def make_client(args: argparse.Namespace, server: Server) -> httpx.AsyncClient:
+    """One client for all requests, with room for `args.max_clients` at once."""
+    limits = httpx.Limits(max_connections=4 * args.max_clients + 16, max_keepalive_connections=4 * args.max_clients)
+    timeout = httpx.Timeout(args.timeout_s, connect=30.0)
+    return httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout)
+
+
+async def start_server(
+    args: argparse.Namespace, report: Report, server: Server, client: httpx.AsyncClient, budget: Budget
+) -> None:
+    """Start the server process and wait for /health; `start_s` and its QTTS_ settings go to the report."""
+    t0 = now()
+    server.start()
+    await server.wait_healthy(client, min(args.start_timeout_s, budget.left_s))
+    report.data["server"]["start_s"] = round(now() - t0, 1)
+    report.data["server"]["settings"] = server.settings()
+    log(f"server healthy after {now() - t0:.1f} s")
+
+
+async def load_model(
+    client: httpx.AsyncClient, model: str, report: Report, budget: Budget, key: str = "load_s"
+) -> dict[str, Any]:
+    """`POST /api/v1/models/<model>/load`; its time (metric `key`) and the model list go to the report.
+    Returns the answer."""
+    t0 = now()
+    r = await client.post(f"/api/v1/models/{model}/load", timeout=max(30.0, budget.left_s))
+    if r.status_code != 200:
+        raise RuntimeError(f"load: HTTP {r.status_code}: {r.text[:500]}")
+    report.metrics[key] = round(now() - t0, 1)
+    log(f"model loaded in {now() - t0:.1f} s: {r.json()}")
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        report.data["server"]["models"] = (await client.get("/api/v1/models")).json()
+    report.save()
+    return r.json()
+
+
+async def bench_main(args: argparse.Namespace, report: Report, server: Server, budget: Budget) -> None:
+    api = make_api(args, server, report.data["settings"]["model"])
+    async with make_client(args, server) as client:
         api.client = client
-        t0 = now()
-        server.start()
-        await server.wait_healthy(client, min(args.start_timeout_s, budget.left_s))
-        report.data["server"]["start_s"] = round(now() - t0, 1)
-        report.data["server"]["settings"] = server.settings()
-        log(f"server healthy after {now() - t0:.1f} s")
-        t0 = now()
-        r = await client.post(f"/api/v1/models/{api.model}/load", timeout=max(30.0, budget.left_s))
-        if r.status_code != 200:
-            raise RuntimeError(f"load: HTTP {r.status_code}: {r.text[:500]}")
-        report.metrics["load_s"] = round(now() - t0, 1)
-        log(f"model loaded in {now() - t0:.1f} s: {r.json()}")
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            report.data["server"]["models"] = (await client.get("/api/v1/models")).json()
-        report.save()
+        await start_server(args, report, server, client, budget)
+        await load_model(client, api.model, report, budget)
         modes = await probe(api, report, args.modes, max(30.0, budget.left_s - args.reserve_s))
         log(f"first request {report.data['server']['first_request_s']} s; routes {report.data['api']}")
         bench = Bench(args, api, report, budget)
@@ -1075,8 +1110,8 @@ async def bench_main(args: argparse.Namespace, report: Report, server: Server, b
         report.data["server"]["gpu_memory"] = gpu_memory()
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every benchmark through the real server: checkpoint, server, requests, budget, output."""
     p.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"], help="checkpoint size (CustomVoice)")
     p.add_argument("--model", default=None, help="model name (default: the published name of --size)")
     p.add_argument("--models-dir", default=None, help="checkpoints folder (default: a temporary one)")
@@ -1086,11 +1121,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--frames", type=int, default=100, help="codec frames per request (0.08 s each)")
     p.add_argument("--text", default=DEFAULT_TEXT)
-    p.add_argument("--concurrency", default="1,64", help="comma list; 1 = one request at a time (always run)")
-    p.add_argument("--ws-concurrency", default=None, help="comma list for the WebSocket runs (default: headline)")
-    p.add_argument("--ws-burst", action="store_true", help="also a WebSocket burst per concurrency")
-    p.add_argument("--headline", type=int, default=None, help="concurrency of the targets (default 64 if run)")
-    p.add_argument("--modes", default="stream,whole,ws", help="comma list of stream,whole,ws")
+    p.add_argument("--max-seconds", type=float, default=540.0, help="overall budget from start")
+    p.add_argument("--reserve-s", type=float, default=15.0, help="budget kept for stopping and saving")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
+    p.add_argument("--start-timeout-s", type=float, default=180.0, help="server start to /health")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder ('' to write none)")
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file to update")
+    p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--server-log", default=None, help="server output (default: in the temporary data folder)")
+    p.add_argument("--targets", action="store_true", help="print met/missed against the targets")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
+    p.add_argument("--update-docs", default=None, metavar="RESULT_JSON", help="only re-render --docs from a JSON")
+
+
+def add_loop_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the warm-up and of the closed loops (`Bench`)."""
     p.add_argument("--single-requests", type=int, default=5, help="sequential requests of the single runs")
     p.add_argument("--loop-rounds", type=int, default=4, help="requests per client in a closed loop")
     p.add_argument(
@@ -1101,19 +1146,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--loop-seconds", type=float, default=60.0, help="a closed loop sends nothing new after this")
     p.add_argument("--warmup-rounds", type=int, default=2, help="warm-up bursts per concurrency and mode")
-    p.add_argument("--max-seconds", type=float, default=540.0, help="overall budget from start")
-    p.add_argument("--reserve-s", type=float, default=15.0, help="budget kept for stopping and saving")
-    p.add_argument("--timeout-s", type=float, default=300.0, help="per request")
-    p.add_argument("--start-timeout-s", type=float, default=180.0, help="server start to /health")
     p.add_argument("--starve-ms", type=float, default=0.0, help="a stream starved if its worst gap exceeds this")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="results folder ('' to write none)")
-    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"), help="markdown file to update")
-    p.add_argument("--no-docs", action="store_true")
-    p.add_argument("--server-log", default=None, help="server output (default: in the temporary data folder)")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--concurrency", default="1,64", help="comma list; 1 = one request at a time (always run)")
+    p.add_argument("--ws-concurrency", default=None, help="comma list for the WebSocket runs (default: headline)")
+    p.add_argument("--ws-burst", action="store_true", help="also a WebSocket burst per concurrency")
+    p.add_argument("--headline", type=int, default=None, help="concurrency of the targets (default 64 if run)")
+    p.add_argument("--modes", default="stream,whole,ws", help="comma list of stream,whole,ws")
+    add_loop_args(p)
     p.add_argument("--engine-c64", default=None, help="engine-only c64 audio-s/s, or a bench_engines JSON")
-    p.add_argument("--targets", action="store_true", help="print met/missed against the targets")
-    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse here)")
-    p.add_argument("--update-docs", default=None, metavar="RESULT_JSON", help="only re-render --docs from a JSON")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()} - {1})
@@ -1128,6 +1173,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown modes {sorted(unknown)}")
     args.max_clients = max([1, *args.concurrency, *args.ws_concurrency])
     return args
+
+
+def ensure_checkpoint(args: argparse.Namespace, models_dir: Path, model: str, report: Report, budget: Budget) -> None:
+    """Write a random checkpoint of `args.size` with `bench.checkpoint` unless `models_dir` has the model."""
+    if (models_dir / model / "config.json").exists():
+        return
+    command = [sys.executable, "-m", "bench.checkpoint", "--size", args.size, "--out", str(models_dir)]
+    if args.tokenizer_dir:
+        command += ["--tokenizer-dir", args.tokenizer_dir]
+    if args.device:
+        command += ["--device", args.device]
+    t0 = now()
+    log(f"writing the checkpoint: {shlex.join(command)}")
+    subprocess.run(command, cwd=REPO, check=True, timeout=max(60.0, budget.left_s))
+    report.data["server"]["checkpoint_write_s"] = round(now() - t0, 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1149,16 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"{report.data['card']}, model {model}, commit {report.data['commit']}, budget {args.max_seconds:.0f} s")
     status = 0
     try:
-        if not (models_dir / model / "config.json").exists():
-            command = [sys.executable, "-m", "bench.checkpoint", "--size", args.size, "--out", str(models_dir)]
-            if args.tokenizer_dir:
-                command += ["--tokenizer-dir", args.tokenizer_dir]
-            if args.device:
-                command += ["--device", args.device]
-            t0 = now()
-            log(f"writing the checkpoint: {shlex.join(command)}")
-            subprocess.run(command, cwd=REPO, check=True, timeout=max(60.0, budget.left_s))
-            report.data["server"]["checkpoint_write_s"] = round(now() - t0, 1)
+        ensure_checkpoint(args, models_dir, model, report, budget)
         asyncio.run(bench_main(args, report, server, budget))
     except Exception as exc:
         status = 1

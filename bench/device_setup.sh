@@ -9,6 +9,9 @@
 # Then, for example:
 #     python3 -m bench.checkpoint --size 1.7B --out /tmp/models
 #     python3 -m bench.bench_http --models-dir /tmp/models --max-seconds 480 --out "$OUT"
+# Batch jobs (a 1,000-item job against the synchronous c64 loop, event gaps, memory at unload), in one call:
+#     python3 -m bench.bench_jobs --models-dir /tmp/models --max-seconds 540 --targets --no-docs \
+#         --out "$OUT" --server-log "$OUT/jobs-server.log"
 # Sourced (it sets PYTHONPATH in your shell): it never exits your shell, it returns non-zero on failure.
 
 _qtts_setup() {

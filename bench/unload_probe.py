@@ -1,0 +1,150 @@
+"""Where GPU memory goes at unload: load a model through the server's engine (TTSEngine, as `serve` does),
+warm it the way traffic does (compile, frame graphs, a batch, a stream), unload it, and report CUDA memory
+(allocated: live tensors; reserved: the caching allocator's pool; nvidia-smi's used: everything the process
+holds, CUDA context and library workspaces included) at each step, then which live CUDA tensors remain and
+what holds them, and what `gc.collect()` and `torch._dynamo.reset()` give back. A diagnostic: prints a table
+and writes JSON; it asserts nothing.
+
+    python3 -m bench.unload_probe --models-dir /tmp/models --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_tts_server.config import Settings
+from qwen_tts_server.engine.engine import TTSEngine
+from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
+
+MIB = 1024**2
+
+
+def smi_used() -> float | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        return float(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def snapshot(stage: str) -> dict[str, Any]:
+    torch.cuda.synchronize()
+    row = {
+        "stage": stage,
+        "allocated_mib": round(torch.cuda.memory_allocated() / MIB, 1),
+        "reserved_mib": round(torch.cuda.memory_reserved() / MIB, 1),
+        "smi_used_mib": smi_used(),
+    }
+    print(f"[probe] {row}", flush=True)
+    return row
+
+
+def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
+    """The largest live CUDA tensors and the types of what refers to them."""
+    found = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+                found.append(obj)
+        except Exception:
+            continue
+    found.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
+    total = sum(t.untyped_storage().nbytes() for t in found)
+    print(f"[probe] live CUDA tensors: {len(found)}, {total / MIB:.1f} MiB (storages may be shared)", flush=True)
+    out = []
+    for tensor in found[:limit]:
+        referrers = collections.Counter(type(r).__name__ for r in gc.get_referrers(tensor))
+        owners = []
+        for ref in gc.get_referrers(tensor):
+            if isinstance(ref, dict):
+                owners += [type(o).__name__ for o in gc.get_referrers(ref) if hasattr(o, "__dict__")][:3]
+        out.append(
+            {
+                "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype),
+                "mib": round(tensor.untyped_storage().nbytes() / MIB, 1),
+                "referrers": dict(referrers),
+                "owners": owners[:5],
+            }
+        )
+    for row in out:
+        print(f"[probe]   {row}", flush=True)
+    return out
+
+
+async def warm(engine: TTSEngine, name: str) -> None:
+    model = await engine.model_for(name, Mode.CUSTOM_VOICE)
+    texts = ["A first sentence to warm up.", "Another one, a little longer than the first one."]
+    for batch in (1, 8, 32):
+        items = [SynthesisItem(text=texts[i % 2], language="english", speaker="vivian") for i in range(batch)]
+        await engine.synthesize(model, Mode.CUSTOM_VOICE, items, SamplingParams(max_new_tokens=24, seed=batch))
+    stream_item = SynthesisItem(text=texts[1], language="english", speaker="vivian")
+    async for _chunk in engine.stream(model, Mode.CUSTOM_VOICE, stream_item, SamplingParams(max_new_tokens=24)):
+        pass
+
+
+async def probe(args: argparse.Namespace) -> dict[str, Any]:
+    settings = Settings(models_dir=Path(args.models_dir), download_source="none", device="cuda", log_json=False)
+    engine = TTSEngine(settings)
+    rows = [snapshot("before load")]
+    report: dict[str, Any] = {"model": args.model, "torch": torch.__version__, "rows": rows}
+    for cycle in (1, 2):
+        started = time.perf_counter()
+        await warm(engine, args.model)
+        rows.append(snapshot(f"cycle {cycle}: loaded and warmed ({time.perf_counter() - started:.1f} s)"))
+        await engine.unload(args.model)
+        rows.append(snapshot(f"cycle {cycle}: after unload"))
+    report["live_after_unload"] = live_cuda_tensors()
+    gc.collect()
+    rows.append(snapshot("after gc.collect()"))
+    torch.cuda.empty_cache()
+    rows.append(snapshot("after gc.collect() + empty_cache()"))
+    report["live_after_gc"] = live_cuda_tensors()
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    rows.append(snapshot("after torch._dynamo.reset() + gc + empty_cache()"))
+    report["live_after_dynamo_reset"] = live_cuda_tensors()
+    engine.close()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models-dir", required=True)
+    p.add_argument("--model", default="Qwen3-TTS-12Hz-1.7B-CustomVoice")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("unload_probe needs CUDA", file=sys.stderr)
+        return 2
+    report = asyncio.run(probe(args))
+    print("\n| stage | allocated MiB | reserved MiB | nvidia-smi used MiB |\n|---|---|---|---|")
+    for row in report["rows"]:
+        print(f"| {row['stage']} | {row['allocated_mib']} | {row['reserved_mib']} | {row['smi_used_mib']} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{time.strftime('%Y-%m-%d')}-{torch.cuda.get_device_name().replace(' ', '-')}-unload-probe.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
