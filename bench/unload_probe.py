@@ -55,17 +55,22 @@ def snapshot(stage: str) -> dict[str, Any]:
     return row
 
 
+def _nbytes(obj: object) -> int | None:
+    """A real CUDA tensor's storage size; None for anything else (compile's fake and symbolic tensors)."""
+    try:
+        if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            return int(obj.untyped_storage().nbytes())
+    except Exception:
+        return None
+    return None
+
+
 def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
     """The largest live CUDA tensors and the types of what refers to them."""
-    found = []
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.is_cuda:
-                found.append(obj)
-        except Exception:
-            continue
-    found.sort(key=lambda t: t.untyped_storage().nbytes(), reverse=True)
-    total = sum(t.untyped_storage().nbytes() for t in found)
+    sized = [(n, obj) for obj in gc.get_objects() if (n := _nbytes(obj))]
+    sized.sort(key=lambda pair: pair[0], reverse=True)
+    found = [obj for _, obj in sized]
+    total = sum(n for n, _ in sized)
     print(f"[probe] live CUDA tensors: {len(found)}, {total / MIB:.1f} MiB (storages may be shared)", flush=True)
     out = []
     for tensor in found[:limit]:
@@ -78,7 +83,7 @@ def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
             {
                 "shape": list(tensor.shape),
                 "dtype": str(tensor.dtype),
-                "mib": round(tensor.untyped_storage().nbytes() / MIB, 1),
+                "mib": round((_nbytes(tensor) or 0) / MIB, 1),
                 "referrers": dict(referrers),
                 "owners": owners[:5],
             }
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y-%m-%d')}-{torch.cuda.get_device_name().replace(' ', '-')}-unload-probe.json"
-    path.write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(report, indent=1, default=str))  # shapes of compile-time tensors are SymInts
     print(f"wrote {path}")
     return 0
 
