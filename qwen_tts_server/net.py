@@ -61,6 +61,7 @@ async def pinned_request(
     allow_private: bool,
     resolve: ResolveHost = system_resolve,
     headers: Mapping[str, str] | None = None,
+    advice: str = "use a public URL",
     **kwargs: object,
 ) -> httpx.Request:
     """Check the URL's host and build a request that connects to one checked address; InvalidRequest
@@ -88,7 +89,7 @@ async def pinned_request(
             raise InvalidRequest(f"{field} URL host {host!r} could not be resolved", field=field)
     if not allow_private and any(is_blocked_address(ip) for ip in addresses):
         raise InvalidRequest(
-            f"{field} URL points to a private, loopback or otherwise non-public address; use a public URL",
+            f"{field} URL points to a private, loopback or otherwise non-public address; {advice}",
             field=field,
         )
     host_header = f"[{host}]" if ":" in host else host

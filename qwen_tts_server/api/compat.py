@@ -31,10 +31,11 @@ from ..audio.sources import ReferenceAudio, content_key
 from ..config import Settings
 from .deps import services
 from .files import read_reference_upload
+from .json_body import OffLoopJSONRoute
 from .schemas import SynthesisResponse, VoiceCloneRequest
 from .tts import STREAM_RESPONSES, clone
 
-router = APIRouter(prefix="/api/v1", tags=["compatibility"])
+router = APIRouter(prefix="/api/v1", tags=["compatibility"], route_class=OffLoopJSONRoute)
 
 # The name of the uploaded clip in the clone request built from the form (never a client's string:
 # the form's `ref_audio` is the file itself).

@@ -14,7 +14,7 @@ from ..config import Settings
 from ..engine.languages import KNOWN_LANGUAGES, LANGUAGE_ALIASES, normalize_language
 from ..engine.types import FRAME_RATE_HZ, SamplingParams
 from ..errors import InvalidRequest
-from .validation import RepetitionPenalty, Seed, SpeechText, Temperature, TopK, TopP
+from .validation import ReferenceText, RepetitionPenalty, Seed, SpeechText, Temperature, TopK, TopP
 
 OptionalText = SpeechText | None
 
@@ -141,7 +141,8 @@ class VoiceDesignRequest(SynthesisOptions):
 
 class VoiceCloneRequest(SynthesisOptions):
     text: SpeechText | list[SpeechText]
-    ref_audio: SpeechText | list[OptionalText] | None = Field(
+    # ReferenceText: a 27 M character base64 value is checked by the resolver, off the event loop.
+    ref_audio: ReferenceText | list[ReferenceText | None] | None = Field(
         None,
         description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, an allowed path, or "
         "voice:NAME (a stored voice). Required unless voice is sent.",

@@ -19,6 +19,7 @@ from ..engine.registry import LoadedModel
 from ..engine.types import SamplingParams, SynthesisItem, SynthesisResult
 from ..errors import InvalidRequest
 from .deps import file_url, owner, services
+from .json_body import OffLoopJSONRoute
 from .lifecycle import until_disconnect
 from .plans import Plan, plan_clone, plan_custom_voice, plan_voice_design, store_output
 from .schemas import (
@@ -34,7 +35,7 @@ from .schemas import (
 from .speech import Speech
 from .streaming import audio_stream_response
 
-router = APIRouter(prefix="/api/v1", tags=["synthesis"])
+router = APIRouter(prefix="/api/v1", tags=["synthesis"], route_class=OffLoopJSONRoute)
 
 
 STREAM_RESPONSES = {200: {"content": {"application/json": {}, "audio/*": {}}, "description": "JSON, or audio"}}

@@ -26,16 +26,17 @@ from ..engine.types import FRAME_RATE_HZ, FinishReason, Mode, SamplingParams, Sy
 from ..errors import Conflict, InvalidRequest
 from ..storage.voices import VoiceRecord, check_name
 from .deps import file_url, owner, services
+from .json_body import OffLoopJSONRoute
 from .lifecycle import until_disconnect
 from .openai.voices import is_reserved
 from .schemas import check_languages, check_texts
 from .speech import Speech
-from .validation import Seed, SpeechText
+from .validation import ReferenceText, Seed, SpeechText
 
 if TYPE_CHECKING:
     from .services import Services
 
-router = APIRouter(prefix="/api/v1/voices", tags=["voices"])
+router = APIRouter(prefix="/api/v1/voices", tags=["voices"], route_class=OffLoopJSONRoute)
 
 # What a designed voice says when the request gives no sample_text: a few calm sentences in the
 # voice's language (a reference of a few seconds; the Base model clones best from natural speech).
@@ -72,7 +73,7 @@ class CreateVoiceRequest(BaseModel):
     model: SpeechText | None = Field(
         None, description="The Base model the voice is made for (it only works with that one); default: the server's."
     )
-    ref_audio: SpeechText | None = Field(
+    ref_audio: ReferenceText | None = Field(
         None, description="A file_id from /api/v1/files/upload, an http(s) URL, base64 audio, or an allowed path."
     )
     ref_text: SpeechText | None = Field(

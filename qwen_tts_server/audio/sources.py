@@ -10,33 +10,36 @@ again the same way.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
-import ipaddress
 import os
 import re
-import socket
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 
+from qwen_tts_server.api.validation import checked_text, checked_text_in_slices, pause_for_other_threads
 from qwen_tts_server.audio.codec_io import DecodedAudio, check_duration, decode_audio
 from qwen_tts_server.config import Settings
 from qwen_tts_server.errors import InvalidRequest, NotFound, PayloadTooLarge
+from qwen_tts_server.net import ResolveHost, pinned_request, system_resolve
 from qwen_tts_server.storage.files import FileRegistry, is_file_id
 
 MAX_REDIRECTS = 3
 MIN_BASE64_CHARS = 64
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_B64_STD_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
-_B64_URLSAFE_RE = re.compile(r"[A-Za-z0-9\-_\s]+={0,2}\s*")
-_WHITESPACE_RE = re.compile(r"\s+")
+# Base64 references run to 27 M characters. One C call over all of them (a regex, str.split, base64
+# decoding) holds the GIL for 30-120 ms, and so stalls the event loop even when it runs in a worker
+# thread; a slice of 256 K characters is under a millisecond of any step, after which the loop may run.
+SLICE = 1 << 18
+_B64_COMMON = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_B64_STD_PART_RE = re.compile(r"[A-Za-z0-9+/\s]*")
+_B64_URLSAFE_PART_RE = re.compile(r"[A-Za-z0-9\-_\s]*")
+_ASCII_WHITESPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"  # what str.split() splits at, below 128
+_URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 _FORMS = "a file_id, an http(s) URL, base64 audio, or a path inside an allowed directory"
-
-ResolveHost = Callable[[str, int], list[str]]
 
 
 class ReferenceAudio:
@@ -79,41 +82,6 @@ def content_key(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def _system_resolve(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(info[4][0]) for info in infos]
-
-
-def is_blocked_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """True for anything that is not a plain public unicast address, IPv4 embedded in IPv6 included."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is just a.b.c.d on a dual-stack socket
-            return is_blocked_address(ip.ipv4_mapped)
-        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in ipaddress.IPv6Network("64:ff9b::/96"):  # NAT64
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None and is_blocked_address(embedded):
-            return True
-        if ip.is_site_local:
-            return True
-    return (
-        not ip.is_global
-        or ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
-
-
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return None
-
-
 class ReferenceAudioResolver:
     def __init__(
         self,
@@ -126,7 +94,7 @@ class ReferenceAudioResolver:
         """`resolve_host` and `transport` exist for tests: fake DNS, and a transport that never connects."""
         self._files = files
         self._settings = settings
-        self._resolve_host = resolve_host or _system_resolve
+        self._resolve_host = resolve_host or system_resolve
         self._transport = transport
 
     async def resolve(self, ref: str, *, field: str, decode: bool = True) -> ReferenceAudio:
@@ -136,6 +104,10 @@ class ReferenceAudioResolver:
         ref = ref.strip()
         if not ref:
             raise InvalidRequest(f"{field} is empty; send {_FORMS}", field=field)
+        if len(ref) > SLICE:  # request models leave long references unchecked (validation.ReferenceText)
+            await asyncio.to_thread(checked_text_in_slices, field, ref)
+        else:
+            checked_text(field, ref)
         if is_file_id(ref) or (ref.startswith("file-") and not re.search(r"[./\\]", ref)):
             reference = await self._from_file_id(ref, field)
         else:
@@ -146,14 +118,10 @@ class ReferenceAudioResolver:
                         f"{field} URL must be http or https, not {scheme.group(1).lower()!r}", field=field
                     )
                 data, source = await self._fetch_url(ref, field), "url"
-            elif ref[:5].lower() == "data:":
-                # Base64 references run to 27 M characters: checking and decoding them takes the
-                # better part of a second, which must not stall the event loop (every other request).
-                data, source = await asyncio.to_thread(self._from_data_uri, ref, field), "upload"
-            elif await asyncio.to_thread(_looks_like_base64, ref):
-                data, source = await asyncio.to_thread(self._from_base64, ref, field), "upload"
             else:
-                data, source = await asyncio.to_thread(self._read_path, ref, field), "path"
+                # Base64 references run to 27 M characters: checking and decoding them takes the better
+                # part of a second, which must not stall the event loop (every other request).
+                data, source = await asyncio.to_thread(self._from_inline_or_path, ref, field)
             reference = self.from_bytes(
                 data, field=field, source=source, key=await asyncio.to_thread(content_key, data)
             )
@@ -186,30 +154,40 @@ class ReferenceAudioResolver:
 
         return ReferenceAudio(f"sha256:{record.sha256}", load=load, source="file")
 
-    def _from_data_uri(self, ref: str, field: str) -> bytes:
-        header, sep, payload = ref.partition(",")
-        if not sep or not header.lower().endswith(";base64"):
-            raise InvalidRequest(f"{field} data URI must look like 'data:audio/wav;base64,<base64 data>'", field=field)
-        return self._from_base64(payload, field)
+    def _from_inline_or_path(self, ref: str, field: str) -> tuple[bytes, str]:
+        """The bytes of a data: URI, base64 or an allowed path, and which it was. Run in a worker thread."""
+        if ref[:5].lower() == "data:":
+            return self._from_data_uri(ref, field), "upload"
+        if _looks_like_base64(ref):
+            return self._from_base64(ref, field), "upload"
+        return self._read_path(ref, field), "path"
 
-    def _from_base64(self, text: str, field: str) -> bytes:
-        # The same as _WHITESPACE_RE.sub("", text) (str.split splits at exactly the characters `\s`
-        # matches), 20x faster: the regex held the GIL, so every thread and the event loop, for ~0.4 s.
-        compact = "".join(text.split())
-        limit = self._settings.max_upload_bytes
-        if len(compact) // 4 * 3 > limit + 3:
-            raise PayloadTooLarge(self._too_large(field), field=field)
-        altchars = b"-_" if ("-" in compact or "_" in compact) else None
-        if len(compact) % 4 in (2, 3) and not compact.endswith("="):
-            compact += "=" * (-len(compact) % 4)  # unpadded base64 is common; a remainder of 1 never is
+    def _from_data_uri(self, ref: str, field: str) -> bytes:
+        comma = ref.find(",")
+        if comma < 0 or not ref[:comma].lower().endswith(";base64"):
+            raise InvalidRequest(f"{field} data URI must look like 'data:audio/wav;base64,<base64 data>'", field=field)
+        return self._from_base64(ref, field, start=comma + 1)  # no copy of the payload
+
+    def _from_base64(self, text: str, field: str, *, start: int = 0) -> bytes:
+        """`base64.b64decode` of `text[start:]` without whitespace, strictly (`validate=True`), with the
+        URL-safe alphabet when `-` or `_` occurs and unpadded input padded; a slice at a time, so no
+        step holds the GIL for more than about a millisecond (decoding all 27 M characters in one call
+        held it for ~120 ms, and stripping whitespace with str.split for ~30 ms)."""
         try:
-            data = base64.b64decode(compact, altchars=altchars, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(
-                f"{field} is not valid base64 (bad characters or padding); "
-                f"send standard base64 of the audio file's bytes, optionally as a data: URI",
-                field=field,
-            ) from None
+            compact = [piece for piece in map(_ascii_without_whitespace, _slices(text, start)) if piece]
+        except UnicodeEncodeError:  # b64decode's ValueError for a str with other characters
+            raise InvalidRequest(self._not_base64(field), field=field) from None
+        size = sum(map(len, compact))
+        limit = self._settings.max_upload_bytes
+        if size // 4 * 3 > limit + 3:
+            raise PayloadTooLarge(self._too_large(field), field=field)
+        urlsafe = any(b"-" in piece or b"_" in piece for piece in compact)
+        if size % 4 in (2, 3) and not compact[-1].endswith(b"="):
+            compact[-1] += b"=" * (-size % 4)  # unpadded base64 is common; a remainder of 1 never is
+        try:
+            data = _decode_quads(compact, urlsafe)
+        except binascii.Error:
+            raise InvalidRequest(self._not_base64(field), field=field) from None
         if len(data) > limit:
             raise PayloadTooLarge(self._too_large(field), field=field)
         return data
@@ -292,47 +270,19 @@ class ReferenceAudioResolver:
         raise InvalidRequest(f"{field} URL redirected more than {MAX_REDIRECTS} times", field=field)
 
     async def _pinned_request(self, client: httpx.AsyncClient, url: str, field: str) -> httpx.Request:
-        """Check the URL's host and build a request that connects to one checked address."""
-        try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL:
-            raise InvalidRequest(f"{field} is not a valid URL", field=field) from None
-        host = parsed.raw_host.decode("ascii")  # IDNA-encoded; IPv6 without brackets
-        if not host:
-            raise InvalidRequest(f"{field} URL has no host", field=field)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        literal = _parse_ip(host)
-        if literal is not None:
-            addresses = [literal]
-        else:
-            try:
-                resolved = await asyncio.to_thread(self._resolve_host, host, port)
-            except (OSError, UnicodeError):
-                resolved = []
-            addresses = [ip for ip in map(_parse_ip, resolved) if ip is not None]
-            if not addresses:
-                raise InvalidRequest(f"{field} URL host {host!r} could not be resolved", field=field)
-        if not self._settings.allow_private_urls and any(is_blocked_address(ip) for ip in addresses):
-            raise InvalidRequest(
-                f"{field} URL points to a private, loopback or otherwise non-public address; "
-                f"use a public URL or upload the file",
-                field=field,
-            )
-        target = addresses[0]
-        host_header = f"[{host}]" if ":" in host else host
-        if parsed.port is not None:
-            host_header += f":{parsed.port}"
-        pinned = parsed.copy_with(host=str(target))
-        extensions = {"sni_hostname": host} if parsed.scheme == "https" and literal is None else {}
-        return client.build_request(
+        """Check the URL's host and build a GET that connects to one checked address (net.py)."""
+        return await pinned_request(
+            client,
             "GET",
-            pinned,
+            url,
+            field=field,
+            allow_private=self._settings.allow_private_urls,
+            resolve=self._resolve_host,
             headers={
-                "Host": host_header,
                 "Accept": "audio/*, */*;q=0.5",
                 "Accept-Encoding": "identity",  # the byte limit then bounds what we hold in memory
             },
-            extensions=extensions,
+            advice="use a public URL or upload the file",
         )
 
     async def _read_body(self, response: httpx.Response, field: str) -> bytes:
@@ -360,9 +310,103 @@ class ReferenceAudioResolver:
     def _too_large(self, field: str) -> str:
         return f"{field} is larger than the {self._settings.max_upload_bytes} byte limit; send a shorter clip"
 
+    @staticmethod
+    def _not_base64(field: str) -> str:
+        return (
+            f"{field} is not valid base64 (bad characters or padding); "
+            f"send standard base64 of the audio file's bytes, optionally as a data: URI"
+        )
+
 
 def _looks_like_base64(ref: str) -> bool:
-    """Long, and only one base64 alphabet; paths almost always have a '.', '_' and '/' mix, or are short."""
+    """Long, and only one base64 alphabet; paths almost always have a '.', '_' and '/' mix, or are short.
+
+    The same test as `[A-Za-z0-9+/\\s]+={0,2}\\s*` or its URL-safe twin matching all of `ref`, a slice
+    at a time: one regex over 27 M characters held the GIL for ~90 ms."""
     if len(ref) < MIN_BASE64_CHARS:
         return False
-    return _B64_STD_RE.fullmatch(ref) is not None or _B64_URLSAFE_RE.fullmatch(ref) is not None
+    end = len(ref)
+    while end and ref[end - 1].isspace():
+        end -= 1
+    for _ in range(2):
+        if end and ref[end - 1] == "=":
+            end -= 1
+    if end == 0:  # nothing before the padding: a match only if it was all whitespace
+        return ref.isspace()
+    std = urlsafe = True
+    for part in _slices(ref, 0, end):
+        part_std, part_urlsafe = _alphabets(part)
+        std, urlsafe = std and part_std, urlsafe and part_urlsafe
+        if not (std or urlsafe):
+            return False
+    return True
+
+
+def _slices(text: str, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """`text[start:end]` in slices of SLICE characters (each a copy of at most 256 K characters);
+    between two, other threads get the GIL."""
+    end = len(text) if end is None else end
+    for at in range(start, end, SLICE):
+        if at > start:
+            pause_for_other_threads()
+        yield text[at : min(at + SLICE, end)]
+
+
+def _alphabets(part: str) -> tuple[bool, bool]:
+    """Whether `part` is only whitespace and standard base64 characters, and whether only whitespace
+    and URL-safe ones ('=' is in neither)."""
+    if not part.isascii():  # rare: Unicode whitespace in base64; re takes it
+        return _B64_STD_PART_RE.fullmatch(part) is not None, _B64_URLSAFE_PART_RE.fullmatch(part) is not None
+    rest = part.encode("ascii").translate(None, _B64_COMMON)  # what is not a letter or a digit
+    return _only_whitespace(rest.translate(None, b"+/")), _only_whitespace(rest.translate(None, b"-_"))
+
+
+def _only_whitespace(ascii_bytes: bytes) -> bool:
+    return ascii_bytes.decode("ascii").isspace() or not ascii_bytes  # str's whitespace, as `\\s` and split()
+
+
+def _ascii_without_whitespace(part: str) -> bytes:
+    """`"".join(part.split())` as ASCII bytes; UnicodeEncodeError when anything else is left."""
+    if part.isascii():
+        return part.encode("ascii").translate(None, _ASCII_WHITESPACE)
+    return "".join(part.split()).encode("ascii")
+
+
+def _decode_quads(pieces: list[bytes], urlsafe: bool) -> bytes:
+    """`binascii.a2b_base64(b"".join(pieces), strict_mode=True)` (with `-_` read as `+/` when
+    `urlsafe`), decoded in runs of whole 4-character quads up to the first `=`; from there on, what
+    is left (the padding, in valid input a few characters) in one call, as the whole would be."""
+    out: list[bytes] = []
+    carry = b""  # a partial quad: every run before it was whole quads
+    for i, piece in enumerate(pieces):
+        if i:
+            pause_for_other_threads()
+        if b"=" in piece or i == len(pieces) - 1:
+            _decode_tail(carry + b"".join(pieces[i:]), urlsafe, out)
+            break
+        run = carry + piece
+        whole = len(run) - len(run) % 4
+        run, carry = run[:whole], run[whole:]
+        out.append(binascii.a2b_base64(run.translate(_URLSAFE_TO_STD) if urlsafe else run, strict_mode=True))
+    return b"".join(out)
+
+
+def _decode_tail(tail: bytes, urlsafe: bool, out: list[bytes]) -> None:
+    """Decode `tail`, which starts on a quad boundary after the runs in `out`, as the whole input's
+    decoding would go on. Strict decoding refuses `=` first in its input ("leading padding"), but
+    after whole quads it skips a `=` and refuses any data after one: the only difference."""
+    if urlsafe:
+        tail = tail.translate(_URLSAFE_TO_STD)
+    pad = tail.find(b"=")
+    if pad < 0:
+        out.append(binascii.a2b_base64(tail, strict_mode=True))
+        return
+    quads = pad - pad % 4
+    if quads:
+        out.append(binascii.a2b_base64(tail[:quads], strict_mode=True))
+    rest = tail[quads:]
+    if rest[:1] == b"=" and out:  # padding right after whole quads, not at the very start
+        if rest.strip(b"="):
+            raise binascii.Error("Discontinuous padding not allowed")
+        return
+    out.append(binascii.a2b_base64(rest, strict_mode=True))

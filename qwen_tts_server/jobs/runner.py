@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 
-from ..errors import ServiceError
-from .items import run_item
+from ..errors import Overloaded, ServiceError
+from .items import Outcome, run_item
 from .store import Item, ItemState, JobStore
 from .webhook import send_webhook
 
@@ -89,7 +89,7 @@ class JobRunner:
     async def run(self, item: Item) -> None:
         """Run one item and record its outcome; a cancelled item records nothing (its state says)."""
         try:
-            outcome = await run_item(self.svc, item, item.owner)
+            outcome = await self._run_when_admitted(item)
         except asyncio.CancelledError:
             raise
         except ServiceError as exc:
@@ -105,6 +105,15 @@ class JobRunner:
         if not recorded:  # cancelled meanwhile, or another run of the item got there first
             with contextlib.suppress(ServiceError):
                 await asyncio.to_thread(self.svc.files.delete, outcome.file_id)
+
+    async def _run_when_admitted(self, item: Item) -> Outcome:
+        """Run the item; while the engine's queue is full (synchronous traffic has it), wait as it says
+        and try again: a busy server delays a job, it does not fail its items."""
+        while True:
+            try:
+                return await run_item(self.svc, item, item.owner)
+            except Overloaded as exc:
+                await asyncio.sleep(exc.retry_after_s)
 
     def track(self, item: Item, task: asyncio.Task[None]) -> None:
         """Watch a task started by someone else (a Celery delivery) for cancellation."""

@@ -14,9 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
-from qwen_tts_server.audio.sources import ReferenceAudio, ReferenceAudioResolver, is_blocked_address
+from qwen_tts_server.audio.sources import ReferenceAudio, ReferenceAudioResolver
 from qwen_tts_server.config import Settings
 from qwen_tts_server.errors import InvalidRequest, NotFound, PayloadTooLarge
+from qwen_tts_server.net import is_blocked_address
 from qwen_tts_server.storage.database import close_databases, sqlite_url
 from qwen_tts_server.storage.files import FileRegistry
 

@@ -20,9 +20,10 @@ from ...jobs.items import check_items
 from ...jobs.store import Item, Job
 from ...jobs.webhook import check_webhook_url, send_webhook
 from ..deps import file_url, owner, services
+from ..json_body import OffLoopJSONRoute
 from .protocol import JobCreate, JobView, item_view, job_view
 
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], route_class=OffLoopJSONRoute)
 
 EVENT_POLL_S = 0.25  # how often an event stream looks at the store
 EVENT_HEARTBEAT_S = 0.5  # a progress event at least this often, changed or not (gaps stay under 1 s)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..schemas import SamplingFields
-from ..validation import SpeechText
+from ..validation import ReferenceText, SpeechText
 
 SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
 
@@ -43,7 +43,7 @@ class SpeechRequest(SamplingFields):
     )
     # Qwen extras
     language: SpeechText = Field("auto", description="auto, a name (english) or a code (en, zh, ja, ...).")
-    ref_audio: SpeechText | None = Field(
+    ref_audio: ReferenceText | None = Field(
         None,
         description="Voice cloning: a file_id, an http(s) URL, base64 audio, an allowed path, or voice:NAME (a "
         "stored voice).",

@@ -17,13 +17,14 @@ from ...engine.engine import check_items
 from ...engine.registry import PUBLISHED_MODELS, ModelState
 from ...errors import InvalidRequest, ServiceError
 from ..deps import owner, services
+from ..json_body import OffLoopJSONRoute
 from ..lifecycle import until_disconnect
 from ..speech import Speech
 from ..streaming import audio_stream_response, sse_stream_response
 from .protocol import ModelCard, ModelList, SpeechRequest
 from .serving import OPENAI_MODELS, PARAMS, input_tokens, resolve_mode, speech_item, stored_voice
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OffLoopJSONRoute)
 
 AUDIO_RESPONSES = {
     200: {

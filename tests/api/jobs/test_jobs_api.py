@@ -192,3 +192,15 @@ def test_a_restart_resumes_unfinished_items(make_client, tmp_path):
     assert view["status"] == "completed"
     assert [item["custom_id"] for item in view["items"]] == ["0", "1", "2", "3"]
     assert all(item["attempts"] >= 1 for item in view["items"])
+
+
+def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_client):
+    # One row and no queue: of two items started at once, the second is refused by admission (429 for
+    # a request) and must wait its turn rather than fail.
+    client = make_client(max_slots=1, max_queue=0, job_concurrency=2)
+    items = [{"text": words(20), "custom_id": str(i)} for i in range(3)]
+    job = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    ).json()
+    view = wait_for_end(client, job["id"])
+    assert view["status"] == "completed", [item.get("error") for item in view["items"]]
