@@ -239,6 +239,7 @@ class JobStore:
         whoever runs them, who sees the state). Returns the ids of the items that were running."""
         now = self._clock()
         with self._db.begin() as conn:
+            self._lock_job(conn, job_id)
             running = [
                 r[0]
                 for r in conn.execute(
@@ -308,7 +309,7 @@ class JobStore:
                     attempts=items_table.c.attempts + 1,
                 )
             )
-            self._mark_started(conn, {row["job_id"] for row in rows}, now)
+        self._mark_started({row["job_id"] for row in rows}, now)
         return [_item({**row, "state": ItemState.RUNNING.value, "started_at": now}) for row in rows]
 
     def start(self, item_id: str, worker: str) -> Item | None:
@@ -329,7 +330,7 @@ class JobStore:
             if not updated:
                 return None
             row = conn.execute(_with_owner().where(items_table.c.id == item_id)).mappings().one()
-            self._mark_started(conn, {row["job_id"]}, now)
+        self._mark_started({row["job_id"]}, now)
         return _item(row)
 
     def requeue(self, item_ids: Sequence[str]) -> None:
@@ -365,7 +366,11 @@ class JobStore:
         already finished or cancelled is not recorded (`recorded` False: delete its output)."""
         now = self._clock()
         state = ItemState.FAILED if error is not None else ItemState.DONE
+        job_id = self._job_of(item_id)
+        if job_id is None:
+            return Finished(recorded=False, job_over=False)
         with self._db.begin() as conn:
+            self._lock_job(conn, job_id)
             updated = conn.execute(
                 items_table.update()
                 .where(items_table.c.id == item_id, items_table.c.state.in_(OPEN_ITEM_STATES))
@@ -380,9 +385,12 @@ class JobStore:
             ).rowcount
             if not updated:
                 return Finished(recorded=False, job_over=False)
-            job_id = conn.execute(sa.select(items_table.c.job_id).where(items_table.c.id == item_id)).scalar_one()
             over = self._close_if_over(conn, job_id, now)
         return Finished(recorded=True, job_over=over)
+
+    def _job_of(self, item_id: str) -> str | None:
+        with self._reads.connect() as conn:
+            return conn.execute(sa.select(items_table.c.job_id).where(items_table.c.id == item_id)).scalar()
 
     def open_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         """The current state of each of these items (runners poll it to stop cancelled work)."""
@@ -466,13 +474,22 @@ class JobStore:
         per_item = (self._clock() - started) / p.finished
         return _with_eta(p, round(per_item * left, 1))
 
+    def _mark_started(self, job_ids: set[str], now: float) -> None:
+        """Stamp when the jobs started, in a transaction of its own: item locks are never held while
+        waiting for a job row (finish and cancel take the job row first, then items)."""
+        with self._db.begin() as conn:
+            conn.execute(
+                jobs_table.update()
+                .where(jobs_table.c.id.in_(list(job_ids)), jobs_table.c.started_at.is_(None))
+                .values(started_at=now)
+            )
+
     @staticmethod
-    def _mark_started(conn: sa.Connection, job_ids: set[str], now: float) -> None:
-        conn.execute(
-            jobs_table.update()
-            .where(jobs_table.c.id.in_(list(job_ids)), jobs_table.c.started_at.is_(None))
-            .values(started_at=now)
-        )
+    def _lock_job(conn: sa.Connection, job_id: str) -> None:
+        """Serialise the state changes of one job (finish, cancel) on PostgreSQL: without it two workers
+        finishing the last two items each see the other's item still open, and neither ends the job.
+        (SQLite's writers are serialised already: FOR UPDATE is left out there.)"""
+        conn.execute(sa.select(jobs_table.c.id).where(jobs_table.c.id == job_id).with_for_update())
 
     @staticmethod
     def _close_if_over(conn: sa.Connection, job_id: str, now: float) -> bool:

@@ -106,3 +106,32 @@ def test_finished_jobs_are_forgotten_after_the_cutoff(database_url):
     assert store.delete_before(11.0) == 1
     assert [j.id for j in store.list(None)] == [running.id]
     assert store.items(old.id) == []
+
+
+def finish_all_at_once(stores: list[JobStore], items: list) -> list[bool]:
+    """Finish every item from its own thread, all released at the same moment; each call's job_over."""
+    barrier = threading.Barrier(len(items))
+    ended: list[bool] = []
+
+    def finish(k: int) -> None:
+        barrier.wait()
+        ended.append(stores[k % len(stores)].finish(items[k].id, file_id=f"f{k}", duration_s=1.0).job_over)
+
+    threads = [threading.Thread(target=finish, args=(k,)) for k in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ended
+
+
+def test_exactly_one_of_many_concurrent_finishes_ends_the_job(database_url):
+    # Workers finishing a job's last items at the same moment: one of them, and only one, ends the job
+    # (and sends its webhook). Without the job's row lock, on PostgreSQL each saw the others' items still
+    # open and none ended it.
+    for _ in range(5):
+        stores = [JobStore(database_url) for _ in range(2)]
+        job = stores[0].create(new_items(8), owner=None, label=None, webhook_url=None)
+        ended = finish_all_at_once(stores, stores[0].claim(8, "w"))
+        assert sorted(ended) == [False] * 7 + [True]
+        assert stores[1].get(job.id).finished_at is not None
