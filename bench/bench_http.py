@@ -852,13 +852,19 @@ def markdown(data: dict[str, Any]) -> str:
         "Worst gap: how long a real-time player started at the first byte starved, worst stream.",
         "",
     ]
+    return "\n".join(out + report_footer(data))
+
+
+def report_footer(data: dict[str, Any]) -> list[str]:
+    """The lines that end every benchmark's docs section: its targets, then what was skipped or failed."""
+    out: list[str] = []
     if data.get("targets"):
         out += [targets_table(data["targets"]), ""]
     if data.get("skipped") or data.get("errors"):
         out += [f"- skipped: {x}" for x in data.get("skipped", [])]
         out += [f"- error: {x}" for x in data.get("errors", [])]
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 def update_docs(

@@ -84,6 +84,7 @@ from bench.bench_http import (
     now,
     pct,
     probe,
+    report_footer,
     run_burst,
     run_loop,
     sections_table,
@@ -275,17 +276,24 @@ def summarize_job(run: JobRun, frames: int, sync_rate: float | None) -> dict[str
 # ---------------------------------------------------------------- memory
 
 
-def gpu_used_mib() -> list[dict[str, int]] | None:
-    """memory.used and memory.total of every GPU (nvidia-smi), MiB; None without nvidia-smi."""
+def nvidia_smi(*query: str) -> str | None:
+    """nvidia-smi's CSV answer (no header, no units) to `query`; None without nvidia-smi or on failure."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,memory.used,memory.total", "--format=csv,noheader,nounits"],
+        return subprocess.run(
+            ["nvidia-smi", *query, "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_used_mib() -> list[dict[str, int]] | None:
+    """memory.used and memory.total of every GPU (nvidia-smi), MiB; None without nvidia-smi."""
+    out = nvidia_smi("--query-gpu=index,memory.used,memory.total")
+    if out is None:
         return None
     rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
     with contextlib.suppress(ValueError):
@@ -322,15 +330,8 @@ def server_gpu_mib(server: Server) -> int | None:
     another PID namespace)."""
     if server.proc is None:
         return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    out = nvidia_smi("--query-compute-apps=pid,used_memory")
+    if out is None:
         return None
     mine = process_group(server.proc.pid)
     used = [int(m) for pid, m in (line.split(",") for line in out.splitlines() if line.strip()) if int(pid) in mine]
@@ -538,13 +539,7 @@ def markdown(data: dict[str, Any]) -> str:
         ),
         "",
     ]
-    if data.get("targets"):
-        out += [targets_table(data["targets"]), ""]
-    if data.get("skipped") or data.get("errors"):
-        out += [f"- skipped: {x}" for x in data.get("skipped", [])]
-        out += [f"- error: {x}" for x in data.get("errors", [])]
-        out.append("")
-    return "\n".join(out)
+    return "\n".join(out + report_footer(data))
 
 
 # ---------------------------------------------------------------- the benchmark

@@ -15,7 +15,6 @@ import asyncio
 import collections
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bench.bench_jobs import gpu_used_mib
 from qwen_tts_server.config import Settings
 from qwen_tts_server.engine.engine import TTSEngine
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
@@ -31,16 +31,9 @@ MIB = 1024**2
 
 
 def smi_used() -> float | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout
-        return float(out.split()[0])
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
+    """memory.used of the first GPU as nvidia-smi shows it (everything the process holds), MiB."""
+    gpus = gpu_used_mib()
+    return float(gpus[0]["used_mib"]) if gpus else None
 
 
 def snapshot(stage: str) -> dict[str, Any]:

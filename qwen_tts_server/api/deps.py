@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from ..config import Settings
+from .signing import UrlSigner
+
 if TYPE_CHECKING:
     from .services import Services
 
@@ -16,13 +19,20 @@ def services(request: Request) -> Services:
 
 
 def file_url(request: Request, file_id: str, *, expires_at: float | None = None) -> str:
-    """The download URL of a file. With API keys on it is signed (api/signing.py): it works without a
-    key header (for `<audio src>` and links) until `expires_at`, the file's own expiry (default: a
-    file's lifetime from now)."""
+    """The download URL of a file, on the base the client used (or QTTS_PUBLIC_BASE_URL)."""
     settings = request.app.state.services.settings
     base = settings.public_base_url or str(request.base_url)
-    url = f"{base.rstrip('/')}/api/v1/files/{file_id}/content"
     signer = getattr(request.app.state, "url_signer", None)
+    return download_url(settings, base, signer, file_id, expires_at=expires_at)
+
+
+def download_url(
+    settings: Settings, base: str, signer: UrlSigner | None, file_id: str, *, expires_at: float | None = None
+) -> str:
+    """A file's download URL under `base`. With API keys on it is signed (api/signing.py): it works
+    without a key header (for `<audio src>` and links) until `expires_at`, the file's own expiry
+    (default: a file's lifetime from now). Also for URLs made without a request (job webhooks)."""
+    url = f"{base.rstrip('/')}/api/v1/files/{file_id}/content"
     if settings.api_keys and signer is not None:
         url += "?" + signer.query(file_id, expires_at if expires_at is not None else time.time() + settings.file_ttl_s)
     return url

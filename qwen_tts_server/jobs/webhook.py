@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 import httpx
 
+from ..api.deps import download_url
 from ..api.jobs.protocol import job_view
 from ..api.signing import UrlSigner
 from ..config import Settings
@@ -45,21 +44,9 @@ async def send_webhook(store: JobStore, settings: Settings, job_id: str) -> bool
 def webhook_payload(store: JobStore, settings: Settings, job_id: str) -> dict:
     job, items = store.get(job_id), store.items(job_id)
     base = (settings.public_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
-    view = job_view(job, items, _download_url(settings, base), base)
-    return {"event": "job.finished", "job": view.model_dump(mode="json", exclude_none=True)}
-
-
-def _download_url(settings: Settings, base: str) -> Callable[[str], str]:
-    """Download URLs as a GET gives them: signed (working without a key header) when keys are on."""
     signer = UrlSigner.for_settings(settings) if settings.api_keys else None
-
-    def url_of(file_id: str) -> str:
-        url = f"{base}/api/v1/files/{file_id}/content"
-        if signer is not None:
-            url += "?" + signer.query(file_id, time.time() + settings.file_ttl_s)
-        return url
-
-    return url_of
+    view = job_view(job, items, lambda file_id: download_url(settings, base, signer, file_id), base)
+    return {"event": "job.finished", "job": view.model_dump(mode="json", exclude_none=True)}
 
 
 async def _post(url: str, payload: dict, settings: Settings) -> bool:

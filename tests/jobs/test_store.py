@@ -78,7 +78,7 @@ def test_cancel_stops_open_items_and_keeps_done_ones(database_url):
     assert (job.progress.done, job.progress.cancelled) == (1, 3)
     assert store.open_states([second.id]) == {second.id: ItemState.CANCELLED}
     assert not store.finish(second.id, file_id="file-2", duration_s=1.0, finish_reason="eos").recorded
-    assert store.claim(10, "w1") == [] and not store.has_queued()
+    assert store.claim(10, "w1") == [] and store.get(job.id).progress.queued == 0
     assert store.claim_webhook(job.id) == "http://example.com/hook"
     assert store.claim_webhook(job.id) is None  # one sender per job
 

@@ -120,15 +120,6 @@ def job_view(job: Job, items: list[Item] | None, url_of: UrlOf, base: str) -> Jo
 
 
 # ----- the earlier service's queue -----
-class QueueItem(BaseModel):
-    """One item as the earlier service's queue takes it: `operation` is the mode."""
-
-    model_config = ConfigDict(extra="allow")
-
-    text: Any = None
-    operation: Any = None
-
-
 class QueueSubmit(BaseModel):
     model_config = ConfigDict(extra="allow")
 
