@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         "max_slots when set, else 64 on CUDA and 8 on CPU.",
     )
     max_job_items: int = Field(10_000, ge=1, description="Largest job (items per POST /api/v1/jobs).")
+    max_open_job_items: int = Field(
+        100_000,
+        ge=1,
+        description="Job items queued or running, all jobs together; a job that would pass it gets 429 with "
+        "Retry-After instead of waiting without bound.",
+    )
     job_visibility_timeout_s: float = Field(
         900.0,
         gt=0,

@@ -12,6 +12,7 @@ changes are single conditional UPDATEs, so they hold across processes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -392,6 +393,12 @@ class JobStore:
         with self._reads.connect() as conn:
             return conn.execute(sa.select(items_table.c.job_id).where(items_table.c.id == item_id)).scalar()
 
+    def open_items(self) -> int:
+        """Items queued or running, over all jobs (what admission of a new job weighs)."""
+        query = sa.select(sa.func.count()).where(items_table.c.state.in_(OPEN_ITEM_STATES))
+        with self._reads.connect() as conn:
+            return conn.execute(query).scalar_one()
+
     def open_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         """The current state of each of these items (runners poll it to stop cancelled work)."""
         if not item_ids:
@@ -399,11 +406,6 @@ class JobStore:
         query = sa.select(items_table.c.id, items_table.c.state).where(items_table.c.id.in_(list(item_ids)))
         with self._reads.connect() as conn:
             return {row[0]: ItemState(row[1]) for row in conn.execute(query)}
-
-    def has_queued(self) -> bool:
-        query = sa.select(items_table.c.id).where(items_table.c.state == ItemState.QUEUED.value).limit(1)
-        with self._reads.connect() as conn:
-            return conn.execute(query).first() is not None
 
     def claim_webhook(self, job_id: str) -> str | None:
         """The job's webhook URL if this caller is the one to send it (at most one sender per job)."""
@@ -470,9 +472,9 @@ class JobStore:
         left = p.total - p.finished
         started = row["started_at"]
         if left == 0 or started is None or p.finished == 0 or row["cancelled"]:
-            return p if left else _with_eta(p, 0.0)
+            return p if left else dataclasses.replace(p, eta_s=0.0)
         per_item = (self._clock() - started) / p.finished
-        return _with_eta(p, round(per_item * left, 1))
+        return dataclasses.replace(p, eta_s=round(per_item * left, 1))
 
     def _mark_started(self, job_ids: set[str], now: float) -> None:
         """Stamp when the jobs started, in a transaction of its own: item locks are never held while
@@ -506,10 +508,6 @@ class JobStore:
                 .values(finished_at=now)
             ).rowcount
         )
-
-
-def _with_eta(p: Progress, eta: float) -> Progress:
-    return Progress(p.total, p.queued, p.running, p.done, p.failed, p.cancelled, p.audio_s, eta)
 
 
 def _with_owner() -> sa.Select:

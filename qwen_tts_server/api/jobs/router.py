@@ -15,7 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ...errors import InvalidRequest, NotFound
+from ...errors import InvalidRequest, NotFound, Overloaded
 from ...jobs.items import check_items
 from ...jobs.store import Item, Job
 from ...jobs.webhook import check_webhook_url, send_webhook
@@ -49,6 +49,7 @@ async def submit(request: Request, raw_items: list, options: dict, label: str | 
             "split it into several jobs",
             field="items",
         )
+    await _admit(svc, len(raw_items))
     for i, raw in enumerate(raw_items):
         if not isinstance(raw, dict):
             raise InvalidRequest(f"items[{i}] must be an object with mode and text", field=f"items[{i}]")
@@ -58,6 +59,19 @@ async def submit(request: Request, raw_items: list, options: dict, label: str | 
     job = await asyncio.to_thread(svc.jobs.create, new_items, owner=owner(request), label=label, webhook_url=webhook)
     await svc.job_backend.submitted(job.id)
     return job
+
+
+async def _admit(svc, items: int) -> None:
+    """429 rather than an unbounded backlog: the items of all jobs still open, plus these, must fit
+    QTTS_MAX_OPEN_JOB_ITEMS."""
+    limit = svc.settings.max_open_job_items
+    open_items = await asyncio.to_thread(svc.jobs.open_items)
+    if open_items + items > limit:
+        raise Overloaded(
+            f"the job queue is full ({open_items} items queued or running, limit {limit}); submit again once "
+            "earlier jobs have progressed",
+            retry_after_s=30,
+        )
 
 
 async def load(request: Request, job_id: str) -> Job:

@@ -204,3 +204,16 @@ def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_cli
     ).json()
     view = wait_for_end(client, job["id"])
     assert view["status"] == "completed", [item.get("error") for item in view["items"]]
+
+
+def test_a_job_past_the_open_items_limit_is_a_429(make_client):
+    client = make_client(max_slots=1, job_concurrency=1, max_open_job_items=3)
+    options = {"mode": "custom_voice", "speaker": "vivian"}
+    first = client.post("/api/v1/jobs", json={"items": [{"text": words(200)}] * 3, "options": options})
+    assert first.status_code == 202
+    second = client.post("/api/v1/jobs", json={"items": [{"text": "One more."}], "options": options})
+    assert second.status_code == 429 and "job queue is full" in error_of(second)["message"]
+    assert int(second.headers["retry-after"]) >= 1
+    client.delete(f"/api/v1/jobs/{first.json()['id']}")
+    third = client.post("/api/v1/jobs", json={"items": [{"text": "One more."}], "options": options})
+    assert third.status_code == 202  # cancelled items no longer count
