@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 T_START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
@@ -384,6 +385,49 @@ def pct(values: Sequence[float], q: float) -> float | None:
 
 def ms(value: float | None) -> float | None:
     return None if value is None else round(1000 * value, 1)
+
+
+async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
+    """The server's fast-engine counters from /metrics (summed over models and devices): steps, seconds per
+    part of the loop, and the batch-size histogram's sum and count. Empty if /metrics cannot be read."""
+    if client is None:
+        return {}
+    try:
+        text = (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qtts_engine_steps_total":
+                key = "steps"
+            elif sample.name == "qtts_engine_seconds_total":
+                key = sample.labels["part"]
+            elif sample.name in ("qtts_batch_size_sum", "qtts_batch_size_count"):
+                key = sample.name.removeprefix("qtts_")
+            else:
+                continue
+            counters[key] = counters.get(key, 0.0) + sample.value
+    return counters
+
+
+def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """Where the server's step time went during a run: steps, mean batch, and milliseconds per step in each
+    part of the engine loop (host time of the step thread, the frame's GPU time, the codec thread's host time)."""
+    steps = after.get("steps", 0.0) - before.get("steps", 0.0)
+    if steps <= 0:
+        return None
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    batches = delta.get("batch_size_count", 0.0)
+    parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", *BATCH_KEYS)}
+    return {
+        "steps": int(steps),
+        "mean_batch": round(delta.get("batch_size_sum", 0.0) / batches, 1) if batches else None,
+        "ms_per_step": parts,
+    }
+
+
+BATCH_KEYS = ("batch_size_sum", "batch_size_count")
 
 
 def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
@@ -784,6 +828,25 @@ def sections_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROFILE_PARTS = ("admit", "prefill", "launch", "gpu_wait", "deliver", "gpu_frame", "codec")
+
+
+def profile_table(data: dict[str, Any]) -> str:
+    """Per run, the server's engine step in milliseconds per part (see `step_profile`); empty when no run
+    has a profile."""
+    rows = [(key, s["step_profile"]) for key, s in data["sections"].items() if s.get("step_profile")]
+    if not rows:
+        return ""
+    head = ["run", "steps", "mean batch", "step ms", *PROFILE_PARTS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, p in rows:
+        ms = p["ms_per_step"]
+        step = sum(ms.get(part, 0.0) for part in PROFILE_PARTS[:5])  # the step thread's parts
+        cells = [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, Any]]:
     m = data["metrics"]
     c = data["settings"]["headline_concurrency"]
@@ -852,6 +915,17 @@ def markdown(data: dict[str, Any]) -> str:
         "Worst gap: how long a real-time player started at the first byte starved, worst stream.",
         "",
     ]
+    profile = profile_table(data)
+    if profile:
+        out += [
+            "Where the server's engine step goes (from its `/metrics` counters over each run; milliseconds per "
+            "step): the step thread's host time in admit, prefill, launch (graph replay), gpu_wait (the one host "
+            "read, waiting for the frame) and deliver (callbacks, chunks, hand-off to the codec thread), which "
+            "sum to the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time.",
+            "",
+            profile,
+            "",
+        ]
     return "\n".join(out + report_footer(data))
 
 
@@ -1007,6 +1081,7 @@ class Bench:
             if not self.fits(name, estimate):
                 continue
             limit = self.budget.left_s - args.reserve_s
+            counters = await engine_counters(self.api.client)
             if kind == "single":
                 run = await run_single(self.api, mode, args.single_requests, limit)
             elif kind == "burst":
@@ -1015,7 +1090,12 @@ class Bench:
                 # Spread the clients' starts over one request's lifetime at this concurrency.
                 stagger = self.wall.get((mode, c), 0.0) / c if args.stagger else 0.0
                 run = await run_loop(self.api, mode, c, args.loop_rounds, args.loop_seconds, limit, stagger)
-            self.record(name, mode, run)
+            summary = self.record(name, mode, run)
+            profile = step_profile(counters, await engine_counters(self.api.client))
+            if profile is not None:
+                summary["step_profile"] = profile
+                log(f"{name}: step profile {profile}")
+                self.report.save()
 
 
 async def probe(api: Api, report: Report, modes: list[str], first_timeout_s: float) -> list[str]:

@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# One fast engine's counters: (model, device, steps, seconds per part of its loop).
+EngineReport = tuple[str, str, int, dict[str, float]]
+
+
+class EngineCollector(Collector):
+    """The fast engines' step counts and loop seconds per part, read from the engines at scrape time
+    (they count on their own threads; nothing is pushed per step)."""
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], list[EngineReport]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        steps = CounterMetricFamily(
+            "qtts_engine_steps", "Fast-engine steps (one frame for every running request)", labels=["model", "device"]
+        )
+        seconds = CounterMetricFamily(
+            "qtts_engine_seconds",
+            "Fast-engine loop seconds by part: the step thread's host time (admit, prefill, launch, gpu_wait, "
+            "deliver), the frames' GPU time (gpu_frame), the codec thread's host time (codec)",
+            labels=["model", "device", "part"],
+        )
+        for source in self.sources:
+            for model, device, count, parts in source():
+                steps.add_metric([model, device], count)
+                for part, value in parts.items():
+                    seconds.add_metric([model, device, part], value)
+        yield steps
+        yield seconds
 
 
 class Metrics:
@@ -41,6 +74,8 @@ class Metrics:
         )
         self.deadlines = Counter("qtts_deadline_exceeded_total", "Requests cancelled at their timeout_s", registry=r)
         self.streams = Gauge("qtts_streams", "Audio streams in progress (HTTP and WebSocket)", registry=r)
+        self.engines = EngineCollector()
+        r.register(self.engines)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ import torch
 from ..audio.sources import ReferenceAudio
 from ..config import Settings
 from ..errors import InvalidRequest, ModelUnavailable, Overloaded
-from ..metrics import Metrics
+from ..metrics import EngineReport, Metrics
 from .admission import AdmissionGate
 from .batcher import Batcher
 from .fast.memory import WORKSPACE_BYTES, auto_slots, device_budget, row_bytes
@@ -83,6 +83,12 @@ class TTSEngine:
         self._fast_locks: dict[str, asyncio.Lock] = {}
         self.gate = AdmissionGate(settings.max_queue)
         self._in_flight = 0
+        self.metrics.engines.sources.append(self._engine_reports)
+
+    def _engine_reports(self) -> list[EngineReport]:
+        """Each started fast engine's steps and loop seconds (for /metrics)."""
+        device = self.registry.options.device
+        return [(name, device, rt.engine.steps, rt.engine.seconds) for name, rt in list(self._fast.items())]
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
         self.metrics.model_loads.labels(model=name, result="ok" if ok else "error").inc()

@@ -43,6 +43,7 @@ from .sampler import RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceSampling, SequenceStatus
 from .stream_codec import StreamingDecoder
+from .timing import STEP_PARTS, PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +185,18 @@ class FastEngine:
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
-        # Host seconds spent in the step's parts; the codec's are `codec_worker.seconds`.
-        self._seconds = {"prefill": 0.0, "frame": 0.0}
+        # Host seconds in the step's parts (see timing); the codec's are `codec_worker.seconds`.
+        self.timer = PhaseTimer(STEP_PARTS)
+        self.gpu_frame_seconds = 0.0
+        self._frame_events = (
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        )
 
     @property
     def seconds(self) -> dict[str, float]:
-        """Host seconds in each part of the loop; "codec" runs on its own thread."""
-        return {**self._seconds, "codec": self.codec_worker.seconds}
+        """Seconds in each part of the loop (see timing): the step thread's host time per part, the
+        frames' GPU time, and the codec thread's host time."""
+        return {**self.timer.seconds, "gpu_frame": self.gpu_frame_seconds, "codec": self.codec_worker.seconds}
 
     @property
     def codec_frames(self) -> int:
@@ -382,15 +388,17 @@ class FastEngine:
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
+        timer = self.timer
+        timer.start()
         finished = self._take_inbox()
         chunks: list[CodecJob] = []
-        t0 = time.perf_counter()
         try:
             self._compact()
             admitted = self.scheduler.admit()
+            timer.lap("admit")
             if admitted:
                 self._prefill(admitted)
-            t1 = time.perf_counter()
+            timer.lap("prefill")
             running = list(self.scheduler.running)
             if running:
                 self._decode_frame(running, finished)
@@ -403,10 +411,8 @@ class FastEngine:
                 seq.error = seq.error or exc
             self._deliver(finished)
             raise
-        t2 = time.perf_counter()
         self._deliver(finished, chunks)
-        self._seconds["prefill"] += t1 - t0
-        self._seconds["frame"] += t2 - t1
+        timer.lap("deliver")
         return finished
 
     def _take_inbox(self) -> list[Sequence]:
@@ -494,9 +500,18 @@ class FastEngine:
                 [o.subtalker_top_p for o in opts],
             ),
         )
+        events = self._frame_events
+        if events is not None:
+            events[0].record()
         out = self._run_frame(size, kv_len, plans)
+        if events is not None:
+            events[1].record()
+        self.timer.lap("launch")
         # The one host read of the step: frames and EOS flags together.
         out_host = out[:n].cpu()
+        self.timer.lap("gpu_wait")
+        if events is not None:
+            self.gpu_frame_seconds += events[0].elapsed_time(events[1]) / 1000
         frames_host, eos_host = out_host[:, :-1], out_host[:, -1].tolist()
         now = time.perf_counter()
         for i, seq in enumerate(running):
