@@ -122,17 +122,13 @@ def prefill_parity(tts: Any) -> dict[str, float]:
     }
 
 
-def default_sampling(tts: Any) -> Any:
-    return resolve_sampling(SamplingParams(seed=0), tts.generate_defaults)
-
-
 def graph_parity(tts: Any, batch: int, frames: int, compile: bool) -> dict[str, Any]:
     """The same seeded requests through CUDA-graph replay and eager: codes must be identical."""
     codes = {}
     timing = {}
     for graphs in (False, True):
         engine = FastEngine(tts, max_slots=batch, max_len=256, cuda_graphs=graphs, compile=compile)
-        engine.warm_up(default_sampling(tts))
+        engine.warm_up()
         seqs = fill(engine, tts, batch, frames)
         sync_device(engine.runner.device)
         t0 = time.perf_counter()
@@ -149,7 +145,7 @@ def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int
     """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs)."""
     engine = FastEngine(tts, max_slots=batch, max_len=max_len, compile=compile)
     t0 = time.perf_counter()
-    engine.warm_up(default_sampling(tts))
+    engine.warm_up()
     warm_s = time.perf_counter() - t0
     fill(engine, tts, batch, steps + 20)
     for _ in range(3):

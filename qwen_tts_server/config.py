@@ -44,6 +44,16 @@ class Settings(BaseSettings):
         description="Model names beyond the published five that may be downloaded from hub_org (comma-separated).",
     )
     hub_cache_dir: Path | None = None
+    preload_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to load at start-up, each with its engine's whole warm-up (compile, graphs), "
+        "comma-separated; /ready is 503 until they are up. Others load on first use.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR, unless that is set), so a restart "
+        "reuses the compiled kernels; default: compile-cache in data_dir.",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     devices: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -208,7 +218,9 @@ class Settings(BaseSettings):
         "the API keys.",
     )
 
-    @field_validator("api_keys", "allowed_audio_dirs", "extra_models", "cors_origins", "devices", mode="before")
+    @field_validator(
+        "api_keys", "allowed_audio_dirs", "extra_models", "cors_origins", "devices", "preload_models", mode="before"
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
@@ -220,6 +232,10 @@ class Settings(BaseSettings):
         if len(value) > 1 and "auto" in value:
             raise ValueError("list the devices explicitly (e.g. cuda:0,cuda:1); 'auto' is one device")
         return value
+
+    @property
+    def compile_cache(self) -> Path:
+        return self.compile_cache_dir or self.data_dir / "compile-cache"
 
     @property
     def files_dir(self) -> Path:

@@ -23,7 +23,7 @@ from .middleware import OPEN_PATHS, install_request_context
 from .openai import router as openai_router
 from .openai import voices_router as openai_voices_router
 from .openai import websocket as openai_websocket
-from .services import Services, close_services, open_services
+from .services import Services, close_services, open_services, preload_models
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,15 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
         for line in await asyncio.to_thread(_startup_report, services):
             log.info(line)
         services.ready = True
+        preload = asyncio.create_task(preload_models(services))  # /ready stays 503 until it is done
         try:
             yield
         finally:
             services.ready = False
-            cleanup.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await cleanup
+            for task in (cleanup, preload):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.job_backend.stop()
             await close_services(services)
 

@@ -83,11 +83,12 @@ async def describe_model(name: str, svc=Depends(services)):
 
 @router.post("/{name:path}/load")
 async def load_model(name: str, svc=Depends(services)):
-    """Load a model now. One that is not on disk starts downloading: 202 with the download's
-    progress (poll this or GET /api/v1/models), and POST again once it is `available`."""
+    """Load a model now, with its engine's whole warm-up: when this answers, requests for it wait for
+    nothing. One that is not on disk starts downloading: 202 with the download's progress (poll this or
+    GET /api/v1/models), and POST again once it is `available`."""
     registry = svc.engine.registry
     try:
-        model = await registry.load(name)
+        model = await svc.engine.load(name)
     except ModelDownloading as exc:
         body = dataclasses.asdict(registry.status(exc.progress.name))
         body["message"] = exc.message

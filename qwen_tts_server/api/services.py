@@ -4,13 +4,17 @@ each `qwen-tts-server worker` (jobs/worker.py), so both run items with the same 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..audio.sources import ReferenceAudioResolver
 from ..config import Settings
 from ..engine.engine import TTSEngine
 from ..engine.pool import DevicePool, build_engine
+from ..engine.registry import ModelDownloading
+from ..errors import ServiceError
 from ..jobs.store import JobStore
 from ..metrics import Metrics
 from ..storage.database import close_databases
@@ -19,6 +23,8 @@ from ..storage.voices import VoiceStore
 
 if TYPE_CHECKING:
     from ..jobs.backends import JobBackend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +38,8 @@ class Services:
     jobs: JobStore
     job_backend: JobBackend | None = None  # the API server's (set at start-up)
     ready: bool = False
+    preloading: list[str] = field(default_factory=list)  # QTTS_PRELOAD_MODELS not up yet
+    preload_errors: dict[str, str] = field(default_factory=dict)  # those that failed, and why
 
 
 async def open_services(settings: Settings, engine: TTSEngine | DevicePool | None = None) -> Services:
@@ -51,6 +59,35 @@ async def open_services(settings: Settings, engine: TTSEngine | DevicePool | Non
         voices=voices,
         jobs=jobs,
     )
+
+
+async def preload_models(svc: Services) -> None:
+    """Load QTTS_PRELOAD_MODELS one after another, each with its engine's warm-up (a model still
+    downloading is waited for). Until this ends `preloading` names what is left; a failure goes to
+    `preload_errors` (the server keeps serving; /ready says which model failed and why)."""
+    svc.preloading = list(svc.settings.preload_models)
+    while svc.preloading:
+        name, t0 = svc.preloading[0], time.perf_counter()
+        log.info(f"preloading model {name}", extra={"model": name})
+        try:
+            await _load_when_downloaded(svc, name)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            svc.preload_errors[name] = message
+            log.error(f"preloading model {name} failed: {message}", extra={"model": name})
+        else:
+            seconds = time.perf_counter() - t0
+            log.info(f"model {name} loaded and warmed up in {seconds:.1f} s", extra={"model": name})
+        svc.preloading.pop(0)
+
+
+async def _load_when_downloaded(svc: Services, name: str) -> None:
+    while True:
+        try:
+            await svc.engine.load(name)
+            return
+        except ModelDownloading as exc:
+            await asyncio.sleep(exc.retry_after_s)
 
 
 async def close_services(svc: Services) -> None:

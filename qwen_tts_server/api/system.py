@@ -20,13 +20,19 @@ async def health():
 
 @router.get("/ready")
 async def ready(request: Request):
-    """Ready to take requests: storage is open and the engine started (models load lazily).
+    """Ready to take requests: storage is open, the engine started, and the models of
+    QTTS_PRELOAD_MODELS loaded and warmed up (others load on first use).
 
-    503 `saturated` while a model's queue is full (new requests for it get 429): a load balancer
-    sends traffic to another replica meanwhile."""
+    503 `starting`, then `loading` while preloading (with the models left), `failed` if a preload
+    failed (with why), and `saturated` while a model's queue is full (new requests for it get 429):
+    a load balancer sends traffic to another replica meanwhile."""
     svc = getattr(request.app.state, "services", None)
     if svc is None or not svc.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
+    if svc.preloading:
+        return JSONResponse({"status": "loading", "loading_models": svc.preloading}, status_code=503)
+    if svc.preload_errors:
+        return JSONResponse({"status": "failed", "preload_errors": svc.preload_errors}, status_code=503)
     engine = svc.engine
     loaded = list(dict.fromkeys(m.name for m in engine.registry.loaded()))  # once, if on several devices
     saturated = engine.gate.saturated()

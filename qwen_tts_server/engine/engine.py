@@ -108,6 +108,14 @@ class TTSEngine:
             )
         return model
 
+    async def load(self, name: str) -> LoadedModel:
+        """Load the named model and start its engine with the whole warm-up (compile, graphs), so that
+        its first request waits for nothing. One not on disk starts downloading (ModelDownloading)."""
+        model = await self.registry.get(name)
+        if self.settings.engine == "fast":
+            await self.fast_runtime(model)
+        return model
+
     async def unload(self, name: str) -> bool:
         """Unload a model (see `ModelRegistry.unload`); returns once its engine's memory is released."""
         return await self.registry.unload(name)

@@ -649,9 +649,6 @@ class ModelRegistry:
         """The model is loaded (this load of it, not an earlier one) and not being unloaded."""
         return not model.unloaded and self._loaded.get(model.name) is model and model.name not in self._unloading
 
-    async def load(self, name: str) -> LoadedModel:
-        return await self.get(name)
-
     def holds(self, model: LoadedModel) -> bool:
         """This registry loaded `model` and still has it (a device pool finds a model's engine by this)."""
         return self._loaded.get(model.name) is model

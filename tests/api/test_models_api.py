@@ -10,6 +10,8 @@ import threading
 import time
 import weakref
 
+from qwen_tts_server.engine.registry import memory_of
+
 from .support import BASE_06, CUSTOM_06, CUSTOM_17, error_of, metric
 
 
@@ -107,11 +109,10 @@ def test_the_fast_engine_cache_counts_against_the_memory_budget(client):
         (model,) = [m for m in client.get("/api/v1/models").json()["models"] if m["name"] == CUSTOM_06]
         return model["memory_bytes"]
 
-    client.post(f"/api/v1/models/{CUSTOM_06}/load")
-    weights = memory()
-    ok = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": CUSTOM_06})
-    assert ok.status_code == 200
-    runtime = client.app.state.services.engine._fast[CUSTOM_06]
+    client.post(f"/api/v1/models/{CUSTOM_06}/load")  # the engine starts with the load
+    engine = client.app.state.services.engine
+    runtime = engine._fast[CUSTOM_06]
+    weights = memory_of(engine.registry.loaded_model(CUSTOM_06).tts)
     assert memory() == weights + runtime.engine.cache_bytes
     assert runtime.engine.scheduler.max_slots == 8  # unset QTTS_MAX_SLOTS on CPU
 
@@ -372,3 +373,43 @@ def test_start_up_says_what_it_found_and_what_it_will_do(make_client, tiny_model
     assert f"models found there: {CUSTOM_06}" in text
     assert "each is downloaded from huggingface (Qwen/<name>) on first use" in text and CUSTOM_17 in text
     assert "downloads are off (QTTS_DOWNLOAD_SOURCE=none)" in text
+
+
+def engine_rows(client, name: str) -> int:
+    """The rows of the model's started engine as /ready reports them (0: loaded, engine not started)."""
+    body = client.get("/ready").json()
+    return sum(d["models"].get(name, {}).get("rows", 0) for d in body.get("devices", []))
+
+
+def wait_ready(client, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        ready = client.get("/ready")
+        seen.append(ready.json()["status"])
+        if ready.json()["status"] not in ("starting", "loading"):
+            return ready, seen
+        time.sleep(0.05)
+    raise AssertionError(f"/ready never settled: {seen[-5:]}")
+
+
+def test_an_explicit_load_starts_the_engine_before_it_answers(client):
+    assert client.post(f"/api/v1/models/{CUSTOM_06}/load").status_code == 200
+    assert engine_rows(client, CUSTOM_06) > 0  # warm-up done: the first request waits for nothing
+
+
+def test_preloaded_models_are_up_before_ready(make_client):
+    client = make_client(preload_models=[CUSTOM_06])
+    ready, seen = wait_ready(client)
+    assert ready.status_code == 200 and ready.json()["loaded_models"] == [CUSTOM_06], seen
+    assert engine_rows(client, CUSTOM_06) > 0
+    ok = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": CUSTOM_06})
+    assert ok.status_code == 200 and client.app.state.services.engine.registry.load_count == 1
+
+
+def test_a_failed_preload_keeps_ready_red_and_says_why(make_client):
+    client = make_client(preload_models=[CUSTOM_06, "Qwen3-TTS-nope"])
+    ready, _ = wait_ready(client)
+    assert ready.status_code == 503 and ready.json()["status"] == "failed"
+    assert "Qwen3-TTS-nope" in ready.json()["preload_errors"]["Qwen3-TTS-nope"]
+    assert states(client)[CUSTOM_06] == "loaded"  # the others are served

@@ -5,6 +5,7 @@ bar the device string)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from qwen_tts_server.audio.codec_io import DecodedAudio
 from qwen_tts_server.audio.sources import ReferenceAudio
 from qwen_tts_server.engine.engine import TTSEngine
-from qwen_tts_server.engine.pool import DevicePool, build_engine, check_devices
+from qwen_tts_server.engine.pool import DevicePool, build_engine, check_devices, use_compile_cache
 from qwen_tts_server.engine.registry import ModelState
 from qwen_tts_server.engine.types import FinishReason, Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.errors import ModelUnavailable, Overloaded, ServiceError
@@ -81,7 +82,7 @@ def test_devices_this_host_lacks_fail_at_start() -> None:
 
 def test_concurrent_requests_spread_over_both_devices(tiny_models_dir: Path, tmp_path: Path) -> None:
     async def test(pool: DevicePool) -> None:
-        model = await pool.registry.load(CUSTOM_06)  # up on both devices, engines started
+        model = await pool.load(CUSTOM_06)  # up on both devices, engines started
         assert all(e.registry.loaded_model(CUSTOM_06) is not None for e in pool.engines)
         assert model.info.model_type == "custom_voice"
         owners = await asyncio.gather(*(synth(pool) for _ in range(4)))
@@ -167,7 +168,7 @@ def test_voice_prompts_are_computed_on_the_models_device(tiny_models_dir: Path, 
     audio = DecodedAudio(samples=(0.1 * rng.standard_normal(24000)).astype(np.float32), sample_rate=24000)
 
     async def test(pool: DevicePool) -> None:
-        await pool.registry.load(BASE_06)
+        await pool.load(BASE_06)
         model = pool.engines[1].registry.loaded_model(BASE_06)
         prompt = await pool.voice_prompt(model, ReferenceAudio("sha256:test", audio=audio))
         assert prompt.ref_code is not None
@@ -178,7 +179,7 @@ def test_voice_prompts_are_computed_on_the_models_device(tiny_models_dir: Path, 
 
 def test_unload_frees_every_device(tiny_models_dir: Path, tmp_path: Path) -> None:
     async def test(pool: DevicePool) -> None:
-        await pool.registry.load(CUSTOM_06)
+        await pool.load(CUSTOM_06)
         stale = pool.engines[1].registry.loaded_model(CUSTOM_06)
         assert await pool.unload(f"Qwen/{CUSTOM_06}") is True
         for engine in pool.engines:
@@ -190,3 +191,16 @@ def test_unload_frees_every_device(tiny_models_dir: Path, tmp_path: Path) -> Non
         assert await synth(pool) is pool.engines[0]  # loads again on demand
 
     run_pool(tiny_models_dir, tmp_path, test)
+
+
+def test_the_compile_cache_lives_under_the_data_dir_unless_the_operator_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset")  # so that the test's own setting is undone after it
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    use_compile_cache(settings_for(models_dir=tmp_path, data_dir=tmp_path / "data", compile=False))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # nothing compiles: nothing to set
+    use_compile_cache(settings_for(models_dir=tmp_path, data_dir=tmp_path / "data"))
+    cache = tmp_path / "data" / "compile-cache"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache.resolve()) and cache.is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/mine")
+    use_compile_cache(settings_for(models_dir=tmp_path, data_dir=tmp_path / "other", compile_cache_dir=tmp_path / "c"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/srv/mine"

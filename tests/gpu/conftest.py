@@ -125,11 +125,10 @@ class SharedEngine:
             compile=tier.compile,
             codec_batch_frames=256,  # fewer codec graphs to capture than the server's 1024: faster warm-up
         )
-        self.engine.warm_up(support.sampling(tts, seed=0))
+        self.engine.warm_up()
         if tier.cuda:
             torch.cuda.synchronize(tier.device)
         self.compiles_after_warm_up = support.compiles()
-        self.warm_frame_keys = set(self.engine.graphs._graphs) if self.engine.graphs is not None else set()
         self.started = False
         results.record(
             "setup",

@@ -20,7 +20,7 @@ The host reads one small tensor per step: the new frames and which rows hit EOS.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import itertools
 import logging
 import queue
 import sys
@@ -39,7 +39,7 @@ from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .model_runner import ModelRunner
 from .prompt import special_text_hiddens
-from .sampler import RowSampling, Sampler, SamplingPlan
+from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceSampling, SequenceStatus
 from .stream_codec import StreamingDecoder
@@ -74,10 +74,6 @@ def kv_buckets(max_len: int) -> list[int]:
         sizes.add(k)
         k *= 2
     return sorted(sizes)
-
-
-def _with_top_p(plan: SamplingPlan) -> SamplingPlan:
-    return dataclasses.replace(plan, any_top_p=True) if plan.any_sample else plan
 
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
@@ -211,25 +207,18 @@ class FastEngine:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def warm_up(self, sampling: SequenceSampling) -> None:
-        """Compile (if asked) and capture the frame graphs of every bucket for these options up front.
-
-        Call before `start()`: the compile warm-up writes into rows that no request holds yet.
+    def warm_up(self) -> None:
+        """Do now everything a request would otherwise wait for: compile every sampling plan, capture
+        the codec and streaming-decoder graphs, and the frame graph of every (batch bucket, KV bucket,
+        plan pair). With plans a closed set (`PLANS`), no client's options can make a step compile or
+        capture later. Logs its progress. Call before `start()`: the compile warm-up writes into rows
+        that no request holds yet.
         """
-        s = sampling
-        plans = (
-            SamplingPlan.of([s.do_sample], [s.top_k], [s.top_p]),
-            SamplingPlan.of([s.subtalker_do_sample], [s.subtalker_top_k], [s.subtalker_top_p]),
-        )
+        t0 = time.perf_counter()
         if self.runner.compiled:
-            # Greedy requests and top_p < 1 take other sampling paths: compile them now as well, or
-            # the first such request would stall every stream for the seconds a compile takes. Other
-            # top_k sizes (plans round them to powers of two) still compile on first use. Graphs
-            # for other plans are captured when first needed: a fraction of a second.
-            greedy = SamplingPlan.of([False], [0], [1.0])
-            top_p = (_with_top_p(plans[0]), _with_top_p(plans[1]))
+            log.info("fast engine warm-up: compiling the frame, prefill and sampling plans")
             try:
-                self._compile_warm_up([plans, (greedy, greedy), top_p])
+                self._compile_warm_up([(plan, plan) for plan in PLANS])
             except Exception:
                 log.exception("torch.compile failed; the fast engine continues without it")
                 self.runner.disable_compile()
@@ -240,12 +229,15 @@ class FastEngine:
             log.exception("codec graph capture failed; codec decode continues without graphs")
             self.codec.use_graphs = False
         self._capture_stream_decoder()
-        if self.graphs is None:
-            return
-        try:
-            self.graphs.capture_all(plans)
-        except RuntimeError:
-            self._drop_graphs()
+        if self.graphs is not None:
+            try:
+                self.graphs.capture_all()
+            except RuntimeError:
+                self._drop_graphs()
+        log.info(
+            f"fast engine warm-up done in {time.perf_counter() - t0:.1f} s",
+            extra={"frame_graphs": len(self.graphs or ()), "compiled": self.runner.compiled},
+        )
 
     def _capture_stream_decoder(self) -> None:
         """On CUDA, graph the streaming decoder for the chunk sizes every stream produces (its first
@@ -470,7 +462,7 @@ class FastEngine:
         self.trailing_len[idx] = torch.tensor(lengths, device=self.device)
         self.min_frames[idx] = torch.tensor([o.min_frames for o in options], device=self.device)
         self.seen[idx] = False
-        plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options], [o.top_p for o in options])
+        plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
         zero = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         code0 = self.sampler.talker(
             logits, self.talker_params.select(idx), self.seen[idx], zero, plan, self.min_frames[idx]
@@ -493,12 +485,8 @@ class FastEngine:
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
         plans = (
-            SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts], [o.top_p for o in opts]),
-            SamplingPlan.of(
-                [o.subtalker_do_sample for o in opts],
-                [o.subtalker_top_k for o in opts],
-                [o.subtalker_top_p for o in opts],
-            ),
+            SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts]),
+            SamplingPlan.of([o.subtalker_do_sample for o in opts], [o.subtalker_top_k for o in opts]),
         )
         events = self._frame_events
         if events is not None:
@@ -529,12 +517,11 @@ class FastEngine:
                 finished.append(seq)
 
     def _run_frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
-        """The frame through its CUDA graph (captured on first use) or eagerly. A sampling plan not
-        compiled at warm-up compiles here; if compiling fails, compile is turned off and the frame
-        retried; if capture fails, graphs are."""
+        """The frame through its CUDA graph, or eagerly. If a compiled frame fails, compile is turned
+        off and the frame retried; if capture fails, graphs are."""
         if self.graphs is not None:
             try:
-                out = self.graphs.run(size, kv_len, plans)
+                return self.graphs.run(size, kv_len, plans)
             except Exception:
                 if not self.runner.compiled:
                     self._drop_graphs()
@@ -543,8 +530,6 @@ class FastEngine:
                 self.runner.disable_compile()
                 self.sampler.disable_compile()
                 return self._run_frame(size, kv_len, plans)
-            if out is not None:
-                return out
         return self.frame(size, kv_len, plans)
 
     def frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
@@ -659,37 +644,40 @@ class FrameGraphs:
 
     A replay launches the whole frame (thousands of small kernels when eager) at once, with no
     inputs to copy: the batch is rows 0..size-1 of the engine's state. Outputs live in the graph's
-    memory and are read before the next replay. Graphs for the default sampling are captured at
-    warm-up; others lazily, with the running requests' rows preserved around the warm-up frame.
+    memory and are read before the next replay. Every graph is captured at warm-up (`capture_all`);
+    one missing then (warm-up skipped) is captured on first use, with the running requests' rows
+    preserved around its warm-up frame.
     """
 
     def __init__(self, engine: FastEngine) -> None:
         self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
-        # Sampling plans come from clients' options (top_k, top_p): beyond this many graphs, an
-        # unusual plan runs eagerly instead of capturing yet another graph.
-        self.max_graphs = 2 * len(engine.buckets) * len(engine.kv_buckets)
         self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
         self._pool: Any = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def capture_all(self, plans: tuple[SamplingPlan, SamplingPlan]) -> None:
-        """Capture every bucket pair for these plans now, not on a request's first step."""
-        for size in self.engine.buckets:
-            for kv_len in self.engine.kv_buckets:
-                key = (size, kv_len, *plans)
-                if key not in self._graphs:
-                    self._graphs[key] = self._capture(size, kv_len, plans)
+    def keys(self) -> list[tuple[int, int, SamplingPlan, SamplingPlan]]:
+        """Every graph a step can ask for."""
+        e = self.engine
+        return [(b, k, *p) for p in itertools.product(PLANS, PLANS) for b in e.buckets for k in e.kv_buckets]
 
-    def run(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor | None:
-        """Replay the frame graph for this batch (its output, see `FastEngine.frame`); None when it
-        should run eagerly instead."""
+    def capture_all(self) -> None:
+        """Capture every graph now, not on a request's step; logs progress (hundreds of graphs)."""
+        keys = [key for key in self.keys() if key not in self._graphs]
+        t0 = time.perf_counter()
+        for i, key in enumerate(keys, 1):
+            size, kv_len, talker, sub = key
+            self._graphs[key] = self._capture(size, kv_len, (talker, sub))
+            if i % 50 == 0 or i == len(keys):
+                seconds = time.perf_counter() - t0
+                log.info(f"fast engine warm-up: {i}/{len(keys)} frame graphs captured in {seconds:.1f} s")
+
+    def run(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
+        """Replay the frame graph for this batch (its output, see `FastEngine.frame`)."""
         key = (size, kv_len, *plans)
         entry = self._graphs.get(key)
         if entry is None:
-            if len(self._graphs) >= self.max_graphs:
-                return None
             entry = self._graphs[key] = self._capture(size, kv_len, plans)
         graph, out = entry
         graph.replay()

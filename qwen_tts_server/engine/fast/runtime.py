@@ -87,8 +87,8 @@ class FastRuntime:
             stream_decoder=stream_decoder,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
         )
-        # On CUDA: capture the frame graphs for the checkpoint's default sampling before serving.
-        self.engine.warm_up(resolve_sampling(SamplingParams(), tts.generate_defaults or {}))
+        # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
+        self.engine.warm_up()
         self.engine.start()
 
     async def generate(self, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams) -> list[SynthesisResult]:

@@ -93,42 +93,28 @@ class RowSampling:
 
 @dataclass(frozen=True)
 class SamplingPlan:
-    """Host-side facts about a batch's options that let `choose` skip work, without reading tensors.
+    """The one host-side fact about a batch's options that changes the code: how many candidates the
+    top-k/top-p filter sorts. Everything else (greedy or sampling, temperature, top_k, top_p per row) is
+    data, so a batch's plan is one of `PLANS`: each is compiled and graphed at warm-up, and no client's
+    options can make the engine compile or capture at request time.
 
-    Each distinct plan is its own static code path (its own CUDA graph). `any_sample` False: every
-    row is greedy, skip sampling. `candidates`: the largest top_k among sampling rows (0: some row
-    has no top-k, use the whole vocabulary). `any_top_p` False: no sampling row uses top-p, skip
-    that sort. The default plan is always correct; a plan narrower than the rows is wrong, so
-    build it from the same values as the tensors (`SamplingPlan.of`).
+    `candidates` 64: every sampling row keeps at most 64 tokens (upstream's default top_k is 50), so only
+    the top 64 are sorted. 0: some row keeps more (top_k 0 or over 64), so the whole vocabulary is. Both
+    give every row exactly its own top-k, top-p and draw (a token's noise does not depend on the
+    candidate set); the narrow plan is only faster.
     """
 
-    any_sample: bool = True
     candidates: int = 0
-    any_top_p: bool = True
 
     @classmethod
-    def of(cls, do_sample: Sequence[bool], top_k: Sequence[int], top_p: Sequence[float]) -> SamplingPlan:
-        """`candidates` is rounded up to a power of two (at least 64): each row still keeps exactly
-        its own top-k, and a client's odd top_k does not make a new compiled variant and graphs."""
-        rows = [(k, p) for d, k, p in zip(do_sample, top_k, top_p, strict=True) if d]
-        largest = max((k for k, _ in rows), default=0)
-        return cls(
-            any_sample=bool(rows),
-            candidates=0 if not rows or any(k <= 0 for k, _ in rows) else max(64, 1 << (largest - 1).bit_length()),
-            any_top_p=any(p < 1.0 for _, p in rows),
-        )
-
-    def merge(self, other: SamplingPlan) -> SamplingPlan:
-        """A plan covering both batches' rows."""
-        if not self.any_sample or not other.any_sample:
-            return other if not self.any_sample else self
-        return SamplingPlan(
-            any_sample=True,
-            candidates=0 if 0 in (self.candidates, other.candidates) else max(self.candidates, other.candidates),
-            any_top_p=self.any_top_p or other.any_top_p,
-        )
+    def of(cls, do_sample: Sequence[bool], top_k: Sequence[int]) -> SamplingPlan:
+        """The narrowest plan of `PLANS` that serves every sampling row."""
+        wide = any(d and not 0 < k <= NARROW_CANDIDATES for d, k in zip(do_sample, top_k, strict=True))
+        return cls(0 if wide else NARROW_CANDIDATES)
 
 
+NARROW_CANDIDATES = 64
+PLANS = (SamplingPlan(NARROW_CANDIDATES), SamplingPlan(0))
 GENERIC_PLAN = SamplingPlan()
 
 
@@ -181,25 +167,22 @@ def top_k_top_p(scores: Tensor, params: RowSampling, plan: SamplingPlan = GENERI
     filtered entries at -inf. Rows with k=0 or p>=1.0 are not filtered by that warper, as HF adds
     none for them.
     """
-    return _top_k_top_p(scores, params.top_k, params.top_p, plan.candidates, plan.any_top_p)
+    return _top_k_top_p(scores, params.top_k, params.top_p, plan.candidates)
 
 
-def _top_k_top_p(
-    scores: Tensor, top_k: Tensor, top_p: Tensor, candidates: int, any_top_p: bool
-) -> tuple[Tensor, Tensor]:
+def _top_k_top_p(scores: Tensor, top_k: Tensor, top_p: Tensor, candidates: int) -> tuple[Tensor, Tensor]:
     vocab = scores.shape[-1]
     n = vocab if candidates <= 0 else min(candidates, vocab)
     values, ids = scores.topk(n, dim=-1)  # descending
     k = torch.where(top_k > 0, top_k.clamp(max=n), n)
     values = values.masked_fill(values < values.gather(1, (k - 1)[:, None]), _NEG_INF)
-    if any_top_p:
-        # HF sorts ascending and drops the low tail whose cumulative mass is <= 1 - top_p.
-        ascending = values.flip(-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        remove = (cumulative <= (1 - top_p).to(cumulative.dtype)[:, None]) & (top_p < 1.0)[:, None]
-        remove[:, -1] = False
-        values = values.masked_fill(remove.flip(-1), _NEG_INF)
-    return values, ids
+    # Top-p for every row (rows with p >= 1 remove nothing): HF sorts ascending and drops the low tail
+    # whose cumulative mass is <= 1 - top_p.
+    ascending = values.flip(-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = (cumulative <= (1 - top_p).to(cumulative.dtype)[:, None]) & (top_p < 1.0)[:, None]
+    remove[:, -1] = False
+    return values.masked_fill(remove.flip(-1), _NEG_INF), ids
 
 
 def choose(
@@ -218,15 +201,11 @@ def _choose(
     seed: Tensor,
     step: Tensor,
     codebook: int | Tensor,
-    any_sample: bool,
     candidates: int,
-    any_top_p: bool,
 ) -> Tensor:
     greedy = scores.argmax(dim=-1)
-    if not any_sample:
-        return greedy
     temperature = torch.where(do_sample, temperature, torch.ones_like(temperature))
-    values, ids = _top_k_top_p(scores / temperature[:, None], top_k, top_p, candidates, any_top_p)
+    values, ids = _top_k_top_p(scores / temperature[:, None], top_k, top_p, candidates)
     gumbel = -torch.log(-torch.log(uniform_noise(row_keys(seed, step, codebook), ids)))
     sampled = ids.gather(1, (values + gumbel).argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(do_sample, sampled, greedy)
@@ -253,8 +232,8 @@ def _columns(params: RowSampling) -> tuple[Tensor, ...]:
     return params.do_sample, params.temperature, params.top_k, params.top_p, params.seed
 
 
-def _flags(plan: SamplingPlan) -> tuple[bool, int, bool]:
-    return plan.any_sample, plan.candidates, plan.any_top_p
+def _flags(plan: SamplingPlan) -> tuple[int]:
+    return (plan.candidates,)
 
 
 class Sampler:

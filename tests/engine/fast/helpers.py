@@ -43,7 +43,7 @@ class Row:
 def batch_options(options: Sequence[dict[str, Any]], *, use_plan: bool = True) -> tuple[RowSampling, SamplingPlan]:
     """Per-row option dicts -> the batch's tensors and (from the same host values) its plan."""
     columns = {name: [o[name] for o in options] for name in options[0]}
-    plan = SamplingPlan.of(columns["do_sample"], columns["top_k"], columns["top_p"]) if use_plan else GENERIC_PLAN
+    plan = SamplingPlan.of(columns["do_sample"], columns["top_k"]) if use_plan else GENERIC_PLAN
     return RowSampling.make(len(options), **columns), plan
 
 

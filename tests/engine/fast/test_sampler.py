@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -19,6 +20,7 @@ from qwen_tts_server.engine.fast import sampler as sampler_module
 from qwen_tts_server.engine.fast.model_runner import ModelRunner
 from qwen_tts_server.engine.fast.prompt import build_prompt
 from qwen_tts_server.engine.fast.sampler import (
+    PLANS,
     RowSampling,
     Sampler,
     SamplingPlan,
@@ -97,8 +99,10 @@ def test_repetition_penalty_matches_hf() -> None:
     [
         # a row without top-k: the candidate set is the whole vocabulary; top_p 0 keeps only the best
         [(0.9, 50, 1.0), (1.3, 0, 0.8), (0.7, 5, 0.5), (1.0, 300, 0.95), (0.9, 1, 1.0), (2.0, 20, 0.3), (1.0, 0, 0.0)],
-        # every row has top-k: top-p runs on the top-300 candidates only
+        # a top-k over the narrow plan's 64: the whole vocabulary too
         [(0.9, 50, 0.9), (1.3, 300, 0.8), (0.7, 5, 0.5), (1.0, 120, 0.99), (0.5, 2, 0.6)],
+        # every row keeps at most 64: top-k and top-p run on the top 64 candidates only
+        [(0.9, 50, 0.9), (1.3, 64, 0.8), (0.7, 5, 0.5), (1.0, 12, 1.0), (0.5, 2, 0.6), (1.0, 1, 0.3)],
     ],
 )
 def test_warpers_match_hf(settings: list[tuple[float, int, float]]) -> None:
@@ -108,12 +112,12 @@ def test_warpers_match_hf(settings: list[tuple[float, int, float]]) -> None:
     scores[:, :10] = float("-inf")  # suppressed ids, as the talker has
     temperature, top_k, top_p = ([s[i] for s in settings] for i in range(3))
     params = RowSampling.make(len(settings), temperature=temperature, top_k=top_k, top_p=top_p)
-    plan = SamplingPlan.of([True] * len(settings), top_k, top_p)
+    plan = SamplingPlan.of([True] * len(settings), top_k)
     values, ids = top_k_top_p(scores / params.temperature[:, None], params, plan)
-    if 0 in top_k:  # a row without top-k: the whole vocabulary
+    if 0 in top_k or max(top_k) > 64:  # some row keeps more than 64: the whole vocabulary
         assert plan.candidates == 0 and values.shape[1] == 400
-    else:  # the largest top-k rounded up to a power of two, within the vocabulary
-        assert plan.candidates >= max(top_k) and values.shape[1] == min(400, plan.candidates)
+    else:
+        assert plan.candidates == 64 and values.shape[1] == 64
     ours = torch.full_like(scores, float("-inf")).scatter(1, ids, values)
     for i, (t, k, p) in enumerate(settings):
         row = scores[i : i + 1].clone()
@@ -156,15 +160,17 @@ def test_talker_rules() -> None:
 
 
 def test_sampling_plan() -> None:
-    """Plans summarise only the sampling rows, and merging never narrows."""
-    greedy_only = SamplingPlan.of([False, False], [0, 7], [0.5, 1.0])
-    assert greedy_only == SamplingPlan(any_sample=False, candidates=0, any_top_p=False)
-    top50 = SamplingPlan.of([True, False], [50, 0], [1.0, 0.5])
-    assert top50 == SamplingPlan(any_sample=True, candidates=64, any_top_p=False)  # rounded up: fewer variants
-    assert SamplingPlan.of([True], [300], [1.0]).candidates == 512
-    assert greedy_only.merge(top50) == top50 == top50.merge(greedy_only)
-    wide = top50.merge(SamplingPlan.of([True], [0], [0.9]))
-    assert wide == SamplingPlan(any_sample=True, candidates=0, any_top_p=True)
+    """A batch's plan is one of the closed set PLANS, whatever its rows ask: narrow only when every
+    sampling row keeps at most 64 candidates (greedy rows ask for nothing)."""
+    narrow, wide = SamplingPlan(64), SamplingPlan(0)
+    assert PLANS == (narrow, wide)
+    assert SamplingPlan.of([False, False], [0, 7]) == narrow  # greedy rows: no sort is needed
+    assert SamplingPlan.of([True, False], [50, 0]) == narrow
+    assert SamplingPlan.of([True, True], [64, 1]) == narrow
+    assert SamplingPlan.of([True, False], [65, 50]) == wide
+    assert SamplingPlan.of([False, True], [50, 0]) == wide  # a sampling row without top-k
+    for do_sample, top_k in itertools.product(itertools.product([False, True], repeat=2), [(0, 3), (50, 300)]):
+        assert SamplingPlan.of(list(do_sample), list(top_k)) in PLANS
 
 
 def test_a_draw_of_the_largest_hash_stays_below_one() -> None:
