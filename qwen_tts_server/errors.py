@@ -67,6 +67,13 @@ class ModelUnavailable(ServiceError):
     error_type = "model_unavailable"
 
 
+class EngineFailed(ModelUnavailable):
+    """A device fault (a CUDA error) stopped the model's engine; it is being rebuilt: retry shortly."""
+
+    error_type = "engine_failed"
+    retry_after_s = 30  # sent as Retry-After: an engine's warm-up takes about that long or more
+
+
 class Overloaded(ServiceError):
     """The model's queue is full: try again after `retry_after_s` (sent as Retry-After)."""
 

@@ -24,8 +24,9 @@ async def ready(request: Request):
     QTTS_PRELOAD_MODELS loaded and warmed up (others load on first use).
 
     503 `starting`, then `loading` while preloading (with the models left), `failed` if a preload
-    failed (with why), and `saturated` while a model's queue is full (new requests for it get 429):
-    a load balancer sends traffic to another replica meanwhile."""
+    failed (with why), `engine_failed` while a model's engine is being rebuilt after a device fault
+    (or could not be: then the process needs a restart), and `saturated` while a model's queue is
+    full (new requests for it get 429): a load balancer sends traffic to another replica meanwhile."""
     svc = getattr(request.app.state, "services", None)
     if svc is None or not svc.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
@@ -34,6 +35,8 @@ async def ready(request: Request):
     if svc.preload_errors:
         return JSONResponse({"status": "failed", "preload_errors": svc.preload_errors}, status_code=503)
     engine = svc.engine
+    if engine.engine_failures:
+        return JSONResponse({"status": "engine_failed", "engine_failures": engine.engine_failures}, status_code=503)
     loaded = list(dict.fromkeys(m.name for m in engine.registry.loaded()))  # once, if on several devices
     saturated = engine.gate.saturated()
     body = {

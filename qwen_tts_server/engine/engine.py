@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 
 from ..audio.sources import ReferenceAudio
 from ..config import Settings
-from ..errors import InvalidRequest, ModelUnavailable, Overloaded
+from ..errors import InvalidRequest, ModelUnavailable, Overloaded, ServiceError
 from ..metrics import EngineReport, Metrics
 from .admission import AdmissionGate
 from .batcher import Batcher
@@ -84,6 +85,8 @@ class TTSEngine:
         self.gate = AdmissionGate(settings.max_queue)
         self._in_flight = 0
         self.metrics.engines.sources.append(self._engine_reports)
+        self.engine_failures: dict[str, str] = {}  # models whose engine a device fault stopped, until rebuilt
+        self._restarts: set[asyncio.Task[None]] = set()
 
     def _engine_reports(self) -> list[EngineReport]:
         """Each started fast engine's steps and loop seconds (for /metrics)."""
@@ -133,13 +136,15 @@ class TTSEngine:
         """The model's fast engine, started once on first use, off the event loop: it allocates the
         KV cache and, on CUDA, captures the frame graphs."""
         runtime = self._fast.get(model.name)
-        if runtime is not None and runtime.tts is model.tts:
+        if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
             return runtime
         async with self._fast_locks.setdefault(model.name, asyncio.Lock()):
             runtime = self._fast.get(model.name)
-            if runtime is not None and runtime.tts is model.tts:
+            if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
                 return runtime
-            if runtime is not None:  # built for an earlier load of this name, since unloaded
+            if runtime is not None:  # built for an earlier load of this name, since unloaded, or failed
+                if runtime.tts is model.tts:  # failed: the new engine's memory replaces its
+                    self.registry.add_memory(model.name, -self._engine_bytes(runtime))
                 await self._close(self._fast.pop(model.name))
             self._check_current(model)  # never build an engine for a model that has left the registry
             s = self.settings
@@ -167,13 +172,38 @@ class TTSEngine:
                 await self._close(runtime)
                 self._check_current(model)
             runtime.engine.on_step = self.metrics.batch_size.observe
+            runtime.engine.on_failure = _restart_on_failure(self, model.name)
             # Its KV cache, and on CUDA the workspace its graphs and codec batches take, count
             # against the memory budget like weights do.
-            workspace = WORKSPACE_BYTES if runtime.engine.device.type == "cuda" else 0
-            self.registry.add_memory(model.name, runtime.engine.cache_bytes + workspace)
+            self.registry.add_memory(model.name, self._engine_bytes(runtime))
+            self.engine_failures.pop(model.name, None)
             self._fast[model.name] = runtime
             self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
             return runtime
+
+    @staticmethod
+    def _engine_bytes(runtime: FastRuntime) -> int:
+        workspace = WORKSPACE_BYTES if runtime.engine.device.type == "cuda" else 0
+        return runtime.engine.cache_bytes + workspace
+
+    async def restart(self, name: str) -> None:
+        """Build a new engine for a model whose engine a device fault stopped (its requests got 503s).
+        Until it is up `engine_failures` names the model (/ready is 503); if it cannot be built (the
+        GPU is gone for good) it stays there, with why, for the orchestrator to restart the process."""
+        model = self.registry.loaded_model(name)
+        runtime = self._fast.get(name)
+        if model is None or runtime is None or runtime.engine.failure is None:
+            self.engine_failures.pop(name, None)
+            return
+        log.warning(f"restarting the engine of model {name} after a device fault", extra={"model": name})
+        try:
+            await self.fast_runtime(model)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            self.engine_failures[name] = f"its engine failed and could not be restarted: {message}"
+            log.error(f"the engine of model {name} could not be restarted: {message}", extra={"model": name})
+        else:
+            log.info(f"the engine of model {name} is back", extra={"model": name})
 
     def _auto_slots(self, model: LoadedModel) -> int:
         """Rows for this model from the VRAM budget (see `auto_slots`)."""
@@ -367,6 +397,23 @@ class TTSEngine:
             runtime.close()
         self._fast.clear()
         self._gpu.shutdown(wait=True, cancel_futures=True)
+
+
+def _restart_on_failure(engine: TTSEngine, name: str) -> Callable[[BaseException], None]:
+    """The fast engine's `on_failure` (called on its step thread): mark the model failed and restart its
+    engine on the event loop. Holds the TTSEngine weakly: a fast engine never keeps its owner alive."""
+    loop = asyncio.get_running_loop()
+    owner = weakref.ref(engine)
+
+    def start_restart() -> None:
+        me = owner()
+        if me is not None:
+            me.engine_failures.setdefault(name, "its engine hit a device fault and is restarting")
+            task = asyncio.ensure_future(me.restart(name))
+            me._restarts.add(task)
+            task.add_done_callback(me._restarts.discard)
+
+    return lambda _exc: loop.call_soon_threadsafe(start_restart)
 
 
 def _close_boxed(box: list[FastRuntime]) -> None:

@@ -295,6 +295,15 @@ class DevicePool:
     def queue_depth(self) -> int:
         return sum(engine.queue_depth for engine in self.engines)
 
+    @property
+    def engine_failures(self) -> dict[str, str]:
+        """Every device's models whose engine a device fault stopped (see TTSEngine.restart)."""
+        return {
+            f"{name} on {engine.registry.options.device}": message
+            for engine in self.engines
+            for name, message in engine.engine_failures.items()
+        }
+
     def device_loads(self) -> list[dict[str, Any]]:
         return [engine.load_report() for engine in self.engines]
 

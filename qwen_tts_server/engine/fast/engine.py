@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...errors import EngineFailed
 from ..types import FinishReason
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, to_device
 from .prompt import special_text_hiddens
 from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
@@ -78,6 +79,28 @@ def kv_buckets(max_len: int) -> list[int]:
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+# What a CUDA error says (torch raises them as RuntimeError, or AcceleratorError in recent versions).
+# Out of memory is not one: it fails the step's requests and the engine goes on.
+_DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "illegal memory access")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A fault of the device rather than of a request: after one the engine must be rebuilt."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return any(marker in str(exc) for marker in _DEVICE_FAULT_MARKERS)
+
+
+def engine_failed(exc: BaseException) -> EngineFailed:
+    return EngineFailed(
+        f"the GPU failed while running this model ({type(exc).__name__}: {str(exc)[:200]}); "
+        "its engine is restarting: retry shortly"
+    )
 
 
 def finish_sequence(seq: Sequence, reason: FinishReason) -> None:
@@ -159,6 +182,8 @@ class FastEngine:
         self._loop_exited = False
         self._abandoned = False
         self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None  # the device fault that stopped this engine for good
+        self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
         chunks: ChunkDecoder = (
             StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunk_sizes))
@@ -276,7 +301,8 @@ class FastEngine:
 
     # ----- other threads -----
     def submit(self, seq: Sequence) -> Sequence:
-        """Queue a request; it is admitted at the start of a coming step.
+        """Queue a request; it is admitted at the start of a coming step. Raises EngineFailed once a
+        device fault has stopped this engine.
 
         On CUDA an event marks the point of the caller's stream where the prompt's tensors are
         ready; the engine's streams wait on it instead of the host waiting.
@@ -291,7 +317,10 @@ class FastEngine:
         if self.device.type == "cuda":
             seq.ready = torch.cuda.Event()
             seq.ready.record(torch.cuda.current_stream(self.device))  # the model's device, not the caller's
-        self._inbox.put(("submit", seq))
+        with self._shutdown:
+            if self.failure is not None:
+                raise engine_failed(self.failure)
+            self._inbox.put(("submit", seq))
         self._wake.set()
         return seq
 
@@ -360,14 +389,29 @@ class FastEngine:
                     continue
                 try:
                     self.step()
-                except Exception as exc:  # fail the requests in flight, keep the engine alive
+                except Exception as exc:
                     log.exception("fast engine step failed")
-                    self._fail_all(exc)
+                    if is_device_fault(exc):
+                        self._fail_for_good(exc)
+                        return
+                    self._fail_all(exc)  # fail the requests in flight, keep the engine alive
             with self._shutdown:
                 self._loop_exited = True
                 if self._abandoned:  # stop() gave up waiting for this thread
                     self._fail_remaining()
                     self._release()
+
+    def _fail_for_good(self, exc: BaseException) -> None:
+        """A device fault (a CUDA error) can leave the GPU's state corrupt: this engine takes no more work.
+        Everything queued or running fails with a 503 to retry, and `on_failure` tells the owner, which
+        builds a new engine. Under the lock, so that no submit slips in after the inbox is drained."""
+        with self._shutdown:
+            self.failure = exc
+            self._loop_exited = True
+            self._take_inbox()
+            self._fail_all(engine_failed(exc))
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows."""
@@ -430,8 +474,8 @@ class FastEngine:
         moves = self.scheduler.compact()
         if not moves:
             return
-        src = torch.tensor([m[1] for m in moves], device=self.device)
-        dst = torch.tensor([m[2] for m in moves], device=self.device)
+        src = to_device([m[1] for m in moves], self.device)
+        dst = to_device([m[2] for m in moves], self.device)
         for tensor in self._row_state():
             tensor[dst] = tensor[src]  # the right side is gathered first: overlapping rows are safe
         text = max(seq.prompt.trailing.reshape(-1, self.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
@@ -450,7 +494,7 @@ class FastEngine:
             seq.admitted_at = now
         slots = [seq.slot for seq in seqs]
         hidden, logits = self.runner.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
-        idx = torch.tensor(slots, device=self.device)
+        idx = to_device(slots, self.device)
         options = [seq.sampling for seq in seqs]
         self._set_sampling(idx, options)
         width = self.trailing.shape[-1]
@@ -459,8 +503,8 @@ class FastEngine:
             trailing = seq.prompt.trailing.reshape(-1, width)
             self.trailing[seq.slot, : trailing.shape[0]] = trailing
             lengths.append(trailing.shape[0])
-        self.trailing_len[idx] = torch.tensor(lengths, device=self.device)
-        self.min_frames[idx] = torch.tensor([o.min_frames for o in options], device=self.device)
+        self.trailing_len[idx] = to_device(lengths, self.device)
+        self.min_frames[idx] = to_device([o.min_frames for o in options], self.device)
         self.seen[idx] = False
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
         zero = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
@@ -470,7 +514,7 @@ class FastEngine:
         self.seen[idx, code0] = True
         self.hidden[idx] = hidden
         self.code0[idx] = code0
-        self.position[idx] = torch.tensor([seq.prompt_len for seq in seqs], device=self.device)
+        self.position[idx] = to_device([seq.prompt_len for seq in seqs], self.device)
         self.frame_index[idx] = 0
 
     def _decode_frame(self, running: list[Sequence], finished: list[Sequence]) -> None:
@@ -602,7 +646,7 @@ class FastEngine:
         }
         for params, values in ((self.talker_params, talker), (self.sub_params, sub)):
             for name, column in params.columns().items():
-                column[idx] = torch.tensor(values[name], dtype=column.dtype, device=self.device)
+                column[idx] = to_device(values[name], self.device, column.dtype)
 
     # ----- results -----
     def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:

@@ -40,6 +40,14 @@ CP_CACHE_LEN = NUM_CODE_GROUPS
 SampleFn = Callable[[int, Tensor], Tensor]  # (codebook 1..15, logits [B, V]) -> codes [B]
 
 
+def to_device(values: Sequence[int | float | bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host values as a tensor on `device` without waiting for the GPU: `torch.tensor(..., device=cuda)`
+    copies from pageable memory and synchronizes the stream, stalling the step on every kernel queued
+    so far; staged in pinned memory, the copy is queued like a kernel instead."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def rope_tables(rotary_emb: Any, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin [length, head_dim] for positions 0..length-1 from an upstream rotary module.
 
@@ -283,7 +291,7 @@ class ModelRunner:
         # The head runs over every position, as upstream's does: a one-row matmul may round
         # differently (gemv vs gemm), and this keeps prefill logits bit-identical on CPU.
         hidden = self._talker_norm(x[0])
-        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        last = to_device(lengths, self.device).cumsum(0) - 1
         return hidden[last], F.linear(hidden, self.talker.codec_head.weight)[last]
 
     @torch.inference_mode()
