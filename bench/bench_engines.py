@@ -352,6 +352,7 @@ class RunResult:
     codes: list[Tensor] | None = None  # [frames, 16] per request, when asked for
     seconds: dict[str, float] | None = None  # fast engine: host seconds per loop part during the run
     ttff_parts_ms: dict[str, float] | None = None  # fast engine: p95 of each part of the first-frame wait
+    batch_sizes: list[int] | None = None  # fast engine: running requests at each step of the run, in order
 
     @property
     def audio_s(self) -> float:
@@ -408,16 +409,28 @@ class FastBench:
         )
         # Compile, and capture the frame graphs of every bucket for the benchmark's sampling, up front.
         t0 = time.perf_counter()
-        self.engine.warm_up(resolve_sampling(SamplingParams(seed=0), tts.generate_defaults or {}))
+        self.engine.warm_up()
         self.warm_up_s = time.perf_counter() - t0
         self.engine.start()
 
     eos_method = "fast: SequenceSampling.min_frames = max_frames = target"
 
     def run(
-        self, requests: Sequence[Request], *, greedy: bool = False, graphs: bool = True, timeout_s: float = 600.0
+        self,
+        requests: Sequence[Request],
+        *,
+        greedy: bool = False,
+        graphs: bool = True,
+        together: bool = False,
+        timeout_s: float = 600.0,
     ) -> RunResult:
-        """`graphs=False` runs the same engine (same buckets, same state) without replaying graphs."""
+        """`graphs=False` runs the same engine (same buckets, same state) without replaying graphs.
+
+        Requests arrive one by one, each after its prompt is built, as a server's would: a running engine
+        often admits the first alone and the rest when its admission wait says, so the step-by-step
+        batches depend on timing. `together=True` holds the engine until all are submitted: one batch from
+        the first step on, the same batches in every run (needed wherever runs' codes are compared:
+        in bf16 a request's numbers depend on the batch it runs in)."""
         device = self.engine.runner.device
         trackers = [_Tracker() for _ in requests]
         options = SamplingParams(do_sample=False, subtalker_do_sample=False) if greedy else None
@@ -425,17 +438,22 @@ class FastBench:
         before = dict(self.engine.seconds)
         codec_frames = self.engine.codec_frames
         saved_graphs = self.engine.graphs
+        batch_sizes: list[int] = []
+        # Both read by the engine thread at each step; it is idle now (no requests).
+        self.engine.on_step = batch_sizes.append
         if not graphs:
-            self.engine.graphs = None  # read by the engine thread at each step; it is idle now
+            self.engine.graphs = None
         t0 = time.perf_counter()
-        for i, (request, tracker) in enumerate(zip(requests, trackers, strict=True)):
-            self._submit(i, request, tracker, options)
         try:
+            with self._held() if together else contextlib.nullcontext():
+                for i, (request, tracker) in enumerate(zip(requests, trackers, strict=True)):
+                    self._submit(i, request, tracker, options)
             for tracker in trackers:
                 if not tracker.done.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0))):
                     raise TimeoutError(f"fast engine: requests unfinished after {timeout_s:.0f} s")
         finally:
             self.engine.graphs = saved_graphs
+            self.engine.on_step = None
         seqs = [t.seq for t in trackers]
         for seq in seqs:
             if seq is not None and seq.error is not None:
@@ -456,11 +474,33 @@ class FastBench:
             samples=[0 if s.audio is None else int(np.asarray(s.audio).size) for s in seqs],
             ttff_s=[(t.first_frame or t.finished) - t.submitted for t in trackers],
             codes=[torch.stack(s.frames) for s in seqs],
+            batch_sizes=batch_sizes,
             seconds={
                 **{k: round(v - before[k], 2) for k, v in self.engine.seconds.items()},
                 "codec_audio_s": round((self.engine.codec_frames - codec_frames) * FRAME_S, 1),
             },
         )
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """The engine thread takes no step inside this block (a step that starts waits at its top, before
+        it empties the inbox), so everything submitted here reaches the scheduler in one step; with
+        nothing running, the scheduler admits it all at once (within `max_slots` and the prefill budget).
+        Only for an idle engine: a step already past its inbox would not wait."""
+        engine = self.engine
+        released = threading.Event()
+        step = engine.step
+
+        def held_step() -> list[FastSequence]:
+            released.wait()
+            return step()
+
+        engine.step = held_step  # type: ignore[method-assign]  # the loop looks `step` up at each call
+        try:
+            yield
+        finally:
+            del engine.step
+            released.set()
 
     def _submit(self, i: int, request: Request, tracker: _Tracker, options: SamplingParams | None) -> None:
         tracker.submitted = time.perf_counter()
@@ -829,6 +869,17 @@ class Plan:
     check_rows: int
     check_frames: int
 
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        return cls(
+            frames_single=args.frames_single,
+            frames_min=args.frames_min,
+            frames_max=args.frames_max,
+            concurrency=args.concurrency,
+            check_rows=args.check_rows,
+            check_frames=args.check_frames,
+        )
+
     @property
     def check_requests(self) -> list[Request]:
         return [make_request(100 + i, self.check_frames) for i in range(self.check_rows)]
@@ -1047,14 +1098,25 @@ def sustained(fast: FastBench, label: str, plan: Plan, report: Report, budget: B
 
 def graph_check(fast: FastBench, plan: Plan, label: str, report: Report) -> None:
     """Graph replay equals eager: the same seeded (sampling) requests through the same engine, with
-    and without its CUDA graphs, must give identical codes."""
+    and without its CUDA graphs, must give identical codes.
+
+    Only if both runs step the same batches: in bf16 a request's numbers depend on the batch size it
+    runs at, and eager steps are slower than replayed ones, so requests admitted one by one would
+    join at different steps. Both runs therefore admit every row in their first step (`together`),
+    and the result keeps each run's batch size per step; `same_batches` false voids `identical`."""
     requests = plan.check_requests
-    eager = fast.run(requests, graphs=False)
-    replayed = fast.run(requests, graphs=True)
-    result = {"rows": len(requests), "frames": plan.check_frames, "sampling": "seeded"}
+    eager = fast.run(requests, graphs=False, together=True)
+    replayed = fast.run(requests, graphs=True, together=True)
+    result: dict[str, Any] = {"rows": len(requests), "frames": plan.check_frames, "sampling": "seeded"}
     result |= compare_codes(replayed.codes or [], eager.codes or [])
+    sizes = {"eager": eager.batch_sizes or [], "graphs": replayed.batch_sizes or []}
+    result["same_batches"] = sizes["eager"] == sizes["graphs"]
+    result["batch_sizes"] = sizes
     report.data.setdefault("graph_checks", {})[label] = result
-    report.log(f"graph replay vs eager {label}: identical={result['identical']}")
+    report.log(
+        f"graph replay vs eager {label}: identical={result['identical']}, same_batches={result['same_batches']} "
+        f"(first step rows {sizes['eager'][:1]} / {sizes['graphs'][:1]} of {len(requests)})"
+    )
     report.save()
 
 
@@ -1280,14 +1342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     args.device = str(device)
-    plan = Plan(
-        frames_single=args.frames_single,
-        frames_min=args.frames_min,
-        frames_max=args.frames_max,
-        concurrency=args.concurrency,
-        check_rows=args.check_rows,
-        check_frames=args.check_frames,
-    )
+    plan = Plan.from_args(args)
     report = Report(args, device, args.dtype)
     budget = Budget(args.budget_s)
     report.log(f"{report.card}, torch {torch.__version__}, {args.dtype}, sizes {args.sizes}, engines {args.engines}")
