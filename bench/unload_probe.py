@@ -2,8 +2,13 @@
 warm it the way traffic does (compile, frame graphs, a batch, a stream), unload it, and report CUDA memory
 (allocated: live tensors; reserved: the caching allocator's pool; nvidia-smi's used: everything the process
 holds, CUDA context and library workspaces included) at each step, then which live CUDA tensors remain and
-what holds them, and what `gc.collect()` and `torch._dynamo.reset()` give back. A diagnostic: prints a table
-and writes JSON; it asserts nothing.
+what holds them, which allocator blocks remain and where they were allocated, and what freeing cuBLAS's
+workspaces, `gc.collect()` and `torch._dynamo.reset()` give back. A diagnostic: prints a table and writes
+JSON; it asserts nothing.
+
+Fake tensors (what torch.compile traces with, kept in its graphs' node metadata) report a CUDA device and a
+storage size but hold no device memory: they are counted apart, never as live CUDA tensors. An earlier
+version counted them, and so blamed weight-shaped compile artifacts for memory they do not hold.
 
     python3 -m bench.unload_probe --models-dir /tmp/models --out "$OUT"
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from bench.bench_jobs import gpu_used_mib
 from qwen_tts_server.config import Settings
@@ -48,14 +54,29 @@ def snapshot(stage: str) -> dict[str, Any]:
     return row
 
 
-def _nbytes(obj: object) -> int | None:
-    """A real CUDA tensor's storage size; None for anything else (compile's fake and symbolic tensors)."""
+def _tensor(obj: object) -> torch.Tensor | None:
+    """`obj` if it is a tensor; a dead weak proxy among the collector's objects raises on isinstance."""
     try:
-        if isinstance(obj, torch.Tensor) and obj.is_cuda:
-            return int(obj.untyped_storage().nbytes())
+        return obj if isinstance(obj, torch.Tensor) else None
+    except ReferenceError:
+        return None
+
+
+def _nbytes(obj: object) -> int | None:
+    """A real CUDA tensor's storage size; None for anything else: compile's fake tensors (a CUDA device, a
+    storage size, no memory) and anything that is not a tensor."""
+    tensor = _tensor(obj)
+    try:
+        if tensor is not None and tensor.is_cuda and not is_fake(tensor):
+            return int(tensor.untyped_storage().nbytes())
     except Exception:
         return None
     return None
+
+
+def fake_tensor_count() -> int:
+    """Fake tensors alive (torch.compile's graphs keep them): reported so they are not taken for memory."""
+    return sum(1 for obj in gc.get_objects() if (tensor := _tensor(obj)) is not None and is_fake(tensor))
 
 
 def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
@@ -63,8 +84,12 @@ def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
     sized = [(n, obj) for obj in gc.get_objects() if (n := _nbytes(obj))]
     sized.sort(key=lambda pair: pair[0], reverse=True)
     found = [obj for _, obj in sized]
-    total = sum(n for n, _ in sized)
-    print(f"[probe] live CUDA tensors: {len(found)}, {total / MIB:.1f} MiB (storages may be shared)", flush=True)
+    storages = {obj.untyped_storage().data_ptr(): n for n, obj in sized}
+    print(
+        f"[probe] live CUDA tensors: {len(found)} over {len(storages)} storages, "
+        f"{sum(storages.values()) / MIB:.1f} MiB; fake tensors alive: {fake_tensor_count()}",
+        flush=True,
+    )
     out = []
     for tensor in found[:limit]:
         referrers = collections.Counter(type(r).__name__ for r in gc.get_referrers(tensor))
@@ -84,6 +109,37 @@ def live_cuda_tensors(limit: int = 15) -> list[dict[str, Any]]:
     for row in out:
         print(f"[probe]   {row}", flush=True)
     return out
+
+
+def _frame_text(frame: dict[str, Any]) -> str:
+    return f"{Path(str(frame.get('filename', '?'))).name}:{frame.get('line', '?')} {frame.get('name', '?')}"
+
+
+def live_blocks(limit: int = 12) -> list[dict[str, Any]]:
+    """The allocator's live blocks grouped by where they were allocated (needs the memory history that
+    `main` records): memory nothing in Python refers to (cuBLAS workspaces, graph pools) shows up here
+    while `live_cuda_tensors` cannot see it."""
+    groups: dict[tuple[str, ...], list[int]] = collections.defaultdict(list)
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                frames = [_frame_text(f) for f in block.get("frames", []) if "/torch/" not in str(f.get("filename"))]
+                groups[tuple(frames[:4])].append(int(block["size"]))
+    rows = sorted(groups.items(), key=lambda kv: sum(kv[1]), reverse=True)
+    out = [{"mib": round(sum(sizes) / MIB, 1), "blocks": len(sizes), "where": list(where)} for where, sizes in rows]
+    for row in out[:limit]:
+        print(f"[probe]   block group {row}", flush=True)
+    return out[:limit]
+
+
+def clear_cublas_workspaces() -> bool:
+    """Free the workspaces cuBLAS keeps per (thread's handle, stream) pair for the process's life (a
+    private PyTorch call: there is no public one). Returns whether this PyTorch has it."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        return False
+    clear()
+    return True
 
 
 async def warm(engine: TTSEngine, name: str) -> None:
@@ -109,6 +165,10 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
         await engine.unload(args.model)
         rows.append(snapshot(f"cycle {cycle}: after unload"))
     report["live_after_unload"] = live_cuda_tensors()
+    report["blocks_after_unload"] = live_blocks()
+    if clear_cublas_workspaces():
+        rows.append(snapshot("after clearing cuBLAS workspaces"))
+        report["blocks_after_clearing_cublas"] = live_blocks()
     gc.collect()
     rows.append(snapshot("after gc.collect()"))
     torch.cuda.empty_cache()
@@ -132,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("unload_probe needs CUDA", file=sys.stderr)
         return 2
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")  # live_blocks' sites
     report = asyncio.run(probe(args))
     print("\n| stage | allocated MiB | reserved MiB | nvidia-smi used MiB |\n|---|---|---|---|")
     for row in report["rows"]:
