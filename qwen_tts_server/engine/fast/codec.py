@@ -7,7 +7,8 @@ sliding-window transformer), so padding a row on the right changes none of its s
 therefore padded to a fixed (batch, length) bucket, and on CUDA each bucket is one captured graph:
 a decode is one launch instead of thousands of small kernels, each a Python call that would
 compete with the step thread for the GIL. Without graphs (CPU) the same padded batches run
-eagerly. Utterances longer than one chunk take upstream's own chunked path.
+eagerly. Utterances longer than one chunk take upstream's own chunked path. The graphs are captured on
+a stream of their own (`capture_stream`), so that they never share memory with the frame graphs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream to capture one decoder's CUDA graphs on: never the one `torch.cuda.graph` uses by default.
+
+    PyTorch keeps one cuBLAS (and cuBLASLt) workspace per (thread's handle, stream), and a captured
+    matrix product keeps the address of the workspace of the stream it was captured on. Every
+    `torch.cuda.graph` call without `stream=` captures on one process-wide stream, so all graphs
+    captured that way on one thread share one workspace: the engine's frame graphs and, captured on
+    the same thread at warm-up, the codec's. The codec thread replays its graphs while the step thread
+    replays a frame graph, and two matrix products that keep split-K partial sums in the same memory at
+    the same time corrupt each other: a streamed chunk (and any state it carries on) goes wrong now and
+    then, only on the GPU. The default capture stream has priority 0, and PyTorch hands out streams
+    from one pool per priority, so a stream of priority -1 is never that one.
+    """
+    return torch.cuda.Stream(device, priority=-1)
+
+
 class CodecDecoder:
     """Decodes lists of [T, 16] code tensors to float32 audio, in bounded, bucketed batches.
 
@@ -59,6 +76,7 @@ class CodecDecoder:
         self.use_graphs = graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple[Any, Tensor, Tensor]] = {}
         self._pool: Any = None
+        self._capture_stream: Any = None  # created at the first capture (needs CUDA)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, length) bucket within the frame bound."""
@@ -70,6 +88,8 @@ class CodecDecoder:
         """Capture every bucket's graph now (at model start), never while serving."""
         if not self.use_graphs:
             return
+        if self._capture_stream is None:
+            self._capture_stream = capture_stream(self.device)
         for rows, frames in self.shapes():
             if (rows, frames) not in self._graphs:
                 self._graphs[rows, frames] = self._capture(rows, frames)
@@ -116,7 +136,7 @@ class CodecDecoder:
             self.decoder(static_codes)  # warm-up: kernel choices, workspaces
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
             static_wav = self.decoder(static_codes)
         self._pool = graph.pool()
         return graph, static_codes, static_wav

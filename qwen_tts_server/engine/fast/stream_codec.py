@@ -22,7 +22,8 @@ its own position (its own RoPE angles and window mask). A stream's state is one 
 decoder's device, so a batch gathers all of its streams' states with one `stack`, and the rows of the
 batch's new state become the streams' states without a copy. Nothing in `decode` waits for the
 device except the final copy of the audio to the host, and on CUDA a (batch, chunk length) bucket
-can be captured as one graph (`capture`), because every input and output of the step is a tensor.
+can be captured as one graph (`capture`), because every input and output of the step is a tensor. The
+graphs are captured on a stream of their own (`codec.capture_stream` says why).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
     repeat_kv,
 )
 from torch import Tensor, nn
+
+from .codec import capture_stream
 
 
 @dataclass
@@ -152,6 +155,7 @@ class StreamingDecoder:
         self.slots, self.state_size = _layout(decoder)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
+        self._capture_stream: Any = None  # created at the first capture (needs CUDA)
 
     # ------------------------------------------------------------------ public API
 
@@ -194,6 +198,8 @@ class StreamingDecoder:
         chunks of `frames` frames as one CUDA graph; `decode` then replays it for such groups."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA decoder")
+        if self._capture_stream is None:
+            self._capture_stream = capture_stream(self.device)
         if (rows, frames) not in self._graphs:
             self._graphs[rows, frames] = _Graph(self, rows, frames)
             self._pool = self._graphs[rows, frames].graph.pool()
@@ -378,7 +384,9 @@ class _Graph:
             owner.step(self.flat, self.position, self.codes)  # warm-up: kernel choices, workspaces
         current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=owner._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            self.graph, pool=owner._pool, stream=owner._capture_stream, capture_error_mode="thread_local"
+        ):
             self.wav, self.new_flat, self.new_position = owner.step(self.flat, self.position, self.codes)
 
     def run(self, states: list[DecoderState], codes: Tensor) -> Tensor:

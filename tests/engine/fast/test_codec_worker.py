@@ -13,6 +13,7 @@ import torch
 from qwen_tts_server.engine.fast.codec_worker import CodecJob
 from qwen_tts_server.engine.fast.engine import FastEngine, stream_chunk_sizes
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
+from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 from qwen_tts_server.engine.types import Mode, SamplingParams
 
 from .test_engine import CUSTOM, GREEDY, custom_items, make_seq, run_to_end
@@ -147,3 +148,36 @@ def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):
     engine.step()
     assert finished == [seq] and seq.finish_reason is FinishReason.CANCELLED
     assert not engine.scheduler.has_work and len(chunks) == heard
+
+
+def test_streams_that_end_at_different_times_keep_their_own_audio(load_tts):
+    """The GPU tier's case (docs/notes.md: three streams of different lengths), on the CPU: as the shorter
+    streams end, the others decode in smaller groups, and a stream's last chunk, padded to a chunk size,
+    shares a batch with the others' full chunks. Each stream's audio must still be its own whole decode,
+    and the audio its chunks give when decoded without partners."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=4, max_len=256, stream_chunk_frames=4)
+    counter = CountingDecoder(engine.codec_worker.chunks)
+    engine.codec_worker.chunks = counter
+    lengths = (40, 13, 23)  # last chunks: 2 (a full first-size chunk), 3 and 1 (both padded)
+    outputs: list[list[np.ndarray]] = [[] for _ in lengths]
+    finished: list = []
+    seqs = [
+        engine.submit(streaming_seq(tts, item, n, outputs[i], finished))
+        for i, (item, n) in enumerate(zip(custom_items(), lengths, strict=False))
+    ]
+    run_to_end(engine, seqs)
+    assert sorted(set(counter.calls)) == [1, 2, 3]  # the group shrank as streams ended
+    alone = StreamingDecoder(engine.codec.decoder)
+    for seq, chunks in zip(seqs, outputs, strict=True):
+        codes = torch.stack(seq.frames)
+        streamed = np.concatenate(chunks)
+        whole = engine.codec.decode([codes])[0]
+        assert streamed.shape == whole.shape == (seq.num_frames * 1920,)
+        assert np.abs(streamed - whole).max() < STATEFUL_TOLERANCE
+        state, start, solo = alone.new_state(), 0, []
+        for chunk in chunks:
+            frames = len(chunk) // 1920
+            solo.append(alone.decode([state], [codes[start : start + frames]])[0])
+            start += frames
+        assert np.abs(streamed - np.concatenate(solo)).max() < STATEFUL_TOLERANCE
