@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ...errors import EngineFailed
 from ..types import FinishReason
-from .codec import CodecDecoder
+from .codec import CodecDecoder, capture_stream, warm_up_on
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .model_runner import ModelRunner, to_device
 from .prompt import special_text_hiddens
@@ -227,9 +227,8 @@ class FastEngine:
     @property
     def cache_bytes(self) -> int:
         """GPU memory this engine allocated for its caches and per-row state."""
-        tensors = [*self.runner.k_cache, *self.runner.v_cache, *self.runner.cp_k_cache, *self.runner.cp_v_cache]
-        tensors += [self.hidden, self.seen, self.trailing]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.hidden, self.seen, self.trailing]
+        return self.runner.cache_bytes + sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -371,8 +370,7 @@ class FastEngine:
             if owner is not None:
                 owner._graphs.clear()
                 owner._pool = None
-        runner = self.runner
-        runner.k_cache, runner.v_cache, runner.cp_k_cache, runner.cp_v_cache = [], [], [], []
+        self.runner.release()
         empty = self.hidden.new_empty(0)
         self.hidden = self.seen = self.trailing = empty
 
@@ -411,7 +409,10 @@ class FastEngine:
             self._take_inbox()
             self._fail_all(engine_failed(exc))
         if self.on_failure is not None:
-            self.on_failure(exc)
+            try:
+                self.on_failure(exc)
+            except Exception:  # e.g. the owner's event loop already closed at shutdown
+                log.exception("on_failure callback failed")
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows."""
@@ -697,6 +698,7 @@ class FrameGraphs:
         self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
         self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
         self._pool: Any = None
+        self._capture_stream: Any = None  # created at the first capture (see codec.capture_stream)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -729,17 +731,16 @@ class FrameGraphs:
 
     def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
-        current = torch.cuda.current_stream(engine.device)
-        # Warm up on a side stream (allocator, kernel choices, compilation); capture itself only
+        if self._capture_stream is None:
+            self._capture_stream = capture_stream(engine.device)
+        # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
         # records kernels, so only the warm-up's writes need undoing.
-        side = torch.cuda.Stream(engine.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side), engine.preserved_rows(size):
+        with warm_up_on(self._capture_stream, engine.device), engine.preserved_rows(size):
             engine.frame(size, kv_len, plans)
-        current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile. A capture
+        # stream of this engine's own: another engine's frame graphs never share its cuBLAS workspace.
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
             out = engine.frame(size, kv_len, plans)
         self._pool = graph.pool()
         log.debug("captured a frame graph", extra={"batch": size, "kv_len": kv_len})

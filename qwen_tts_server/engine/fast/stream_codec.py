@@ -48,7 +48,7 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
 )
 from torch import Tensor, nn
 
-from .codec import capture_stream
+from .codec import capture_stream, warm_up_on
 
 
 @dataclass
@@ -377,12 +377,8 @@ class _Graph:
         self.flat = torch.zeros(rows, owner.state_size, dtype=owner.dtype, device=device)
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        with warm_up_on(owner._capture_stream, device):
             owner.step(self.flat, self.position, self.codes)  # warm-up: kernel choices, workspaces
-        current.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             self.graph, pool=owner._pool, stream=owner._capture_stream, capture_error_mode="thread_local"
