@@ -205,9 +205,11 @@ class ModelRunner:
         self.layers = [LayerWeights(layer) for layer in talker.model.layers]
         self.head_dim = self.layers[0].head_dim
         self.scaling = talker.model.layers[0].self_attn.scaling
-        shape = (max_slots, cfg.num_key_value_heads, max_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        # One tensor [K/V, layer, row, head, position, dim] with a view per layer: moving a request's row
+        # (compaction) is one copy, not one per layer and K/V (56 for 1.7B, on the step thread).
+        shape = (2, len(self.layers), max_slots, cfg.num_key_value_heads, max_len, self.head_dim)
+        self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.k_cache, self.v_cache = list(self.kv[0]), list(self.kv[1])
         self.cos, self.sin = rope_tables(talker.model.rotary_emb, max_len, self.dtype)
         self.key_positions = torch.arange(max_len, device=self.device)
         self.rows = torch.arange(max_slots, device=self.device)
@@ -327,9 +329,20 @@ class ModelRunner:
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
 
     def move_rows(self, src: Tensor, dst: Tensor, length: int) -> None:
-        """Copy cache rows `src` to rows `dst` (positions 0..length-1): a request changed rows."""
-        for cache in (*self.k_cache, *self.v_cache):
-            cache[dst, :, :length] = cache[src, :, :length]
+        """Copy cache rows `src` to rows `dst` (positions 0..length-1) of every layer: a request changed rows.
+        The right side is gathered first, so overlapping moves are safe."""
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory of the talker's KV cache and the code predictor's."""
+        tensors = [self.kv, *self.cp_k_cache, *self.cp_v_cache]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def release(self) -> None:
+        """Let go of the caches (the engine stopped): their memory is free once no graph holds it."""
+        self.kv = self.kv.new_empty(0)
+        self.k_cache, self.v_cache, self.cp_k_cache, self.cp_v_cache = [], [], [], []
 
     def read_positions(self, positions: Tensor) -> list[Tensor]:
         """Rows 0..B-1's K/V at `positions` [B] (what one decode step would overwrite)."""

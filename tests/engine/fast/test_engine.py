@@ -246,9 +246,11 @@ def test_runtime_streams_the_same_frames_it_returns_whole(load_tts):
                 await asyncio.sleep(0.01)
             free = runtime.engine.scheduler.free
             assert finished == [seq] and seq.finish_reason is FinishReason.CANCELLED and seq.num_frames < 400
-            # And the asyncio path: cancelling the awaiting task cancels its request.
+            # And the asyncio path: cancelling the awaiting task cancels its request. Cancelled as soon as it
+            # runs (its seed ends it by EOS after some tens of frames, which a fixed sleep could outlast).
             task = asyncio.ensure_future(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[3]], long))
-            await asyncio.sleep(0.2)
+            while not runtime.engine.scheduler.running:
+                await asyncio.sleep(0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
