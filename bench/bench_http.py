@@ -828,7 +828,7 @@ def sections_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PROFILE_PARTS = ("admit", "prefill", "launch", "gpu_wait", "deliver", "gpu_frame", "codec")
+PROFILE_PARTS = ("admit", "launch", "prefill", "gpu_wait", "deliver", "gpu_frame", "codec")
 
 
 def profile_table(data: dict[str, Any]) -> str:
@@ -919,9 +919,10 @@ def markdown(data: dict[str, Any]) -> str:
     if profile:
         out += [
             "Where the server's engine step goes (from its `/metrics` counters over each run; milliseconds per "
-            "step): the step thread's host time in admit, prefill, launch (graph replay), gpu_wait (the one host "
-            "read, waiting for the frame) and deliver (callbacks, chunks, hand-off to the codec thread), which "
-            "sum to the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time.",
+            "step): the step thread's host time in admit (inbox, compaction), launch (graph replay), prefill "
+            "(since 2026-12-04 while the GPU runs the frame; before, ahead of it), gpu_wait (the one host read, "
+            "waiting for the frame) and deliver (callbacks, chunks, hand-off to the codec thread), which sum to "
+            "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time.",
             "",
             profile,
             "",

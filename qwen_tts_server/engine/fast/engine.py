@@ -38,7 +38,7 @@ from ...errors import EngineFailed
 from ..types import FinishReason
 from .codec import CodecDecoder, capture_stream, warm_up_on
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
-from .model_runner import ModelRunner, to_device
+from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prompt import special_text_hiddens
 from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
 from .scheduler import Scheduler
@@ -212,6 +212,9 @@ class FastEngine:
         self._frame_events = (
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
         )
+        # The frame's output lands here (pinned, so the copy is queued behind the frame, not waited for).
+        width = NUM_CODE_GROUPS + 1  # a frame's codes and the EOS flag
+        self._out_host = torch.empty(rows, width, dtype=torch.long, pin_memory=True) if cuda else None
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -424,21 +427,25 @@ class FastEngine:
     # ----- the step -----
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Admit, prefill, and decode one frame for every running request. Returns finished ones."""
+        """Decode one frame for every running request; while the GPU runs it, admit and prefill newcomers
+        (they join from the next step), so a prefill's host work no longer stalls the running streams.
+        Returns the requests that finished."""
         timer = self.timer
         timer.start()
         finished = self._take_inbox()
         chunks: list[CodecJob] = []
         try:
             self._compact()
-            admitted = self.scheduler.admit()
+            running = list(self.scheduler.running)
             timer.lap("admit")
+            out = self._launch_frame(running) if running else None
+            timer.lap("launch")
+            admitted = self.scheduler.admit()  # into rows n.., after the frame's (padding) writes to them
             if admitted:
                 self._prefill(admitted)
             timer.lap("prefill")
-            running = list(self.scheduler.running)
-            if running:
-                self._decode_frame(running, finished)
+            if out is not None:
+                self._collect_frame(running, out, finished)
                 chunks = self._stream_chunks(running)
                 self.steps += 1
         except BaseException as exc:
@@ -518,8 +525,9 @@ class FastEngine:
         self.position[idx] = to_device([seq.prompt_len for seq in seqs], self.device)
         self.frame_index[idx] = 0
 
-    def _decode_frame(self, running: list[Sequence], finished: list[Sequence]) -> None:
-        """One frame for every running request; those that end are released and added to `finished`."""
+    def _launch_frame(self, running: list[Sequence]) -> Tensor:
+        """Queue one frame for every running request (rows 0..n-1) and, on CUDA, the copy of its output to
+        the host right behind it; returns the output without waiting for it (see `_collect_frame`)."""
         n = len(running)
         self.batch_sizes.append(n)
         if self.on_step is not None:
@@ -538,13 +546,22 @@ class FastEngine:
             events[0].record()
         out = self._run_frame(size, kv_len, plans)
         if events is not None:
-            events[1].record()
-        self.timer.lap("launch")
-        # The one host read of the step: frames and EOS flags together.
-        out_host = out[:n].cpu()
-        self.timer.lap("gpu_wait")
+            self._out_host[:n].copy_(out[:n], non_blocking=True)
+            events[1].record()  # the frame and its copy: what `_collect_frame` waits for, nothing queued later
+        return out
+
+    def _collect_frame(self, running: list[Sequence], out: Tensor, finished: list[Sequence]) -> None:
+        """The one host read of the step (frames and EOS flags together); requests that end are released
+        and added to `finished`."""
+        n = len(running)
+        events = self._frame_events
         if events is not None:
+            events[1].synchronize()
+            out_host = self._out_host[:n].clone()  # the next step's copy reuses the buffer
             self.gpu_frame_seconds += events[0].elapsed_time(events[1]) / 1000
+        else:
+            out_host = out[:n].cpu()
+        self.timer.lap("gpu_wait")
         frames_host, eos_host = out_host[:, :-1], out_host[:, -1].tolist()
         now = time.perf_counter()
         for i, seq in enumerate(running):

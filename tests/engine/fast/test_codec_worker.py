@@ -102,7 +102,8 @@ def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_
     engine = FastEngine(tts, max_slots=4, max_len=256, stream_chunk_frames=4, stream_decoder=decoder)
     chunks, finished = [], []
     seq = engine.submit(streaming_seq(tts, custom_items()[0], 23, chunks, finished))
-    engine.step()  # prefill + frame 1
+    engine.step()  # prefill (a newcomer joins from the next step)
+    engine.step()  # frame 1
     assert chunks == []
     engine.step()  # frame 2: the first chunk goes out at once
     assert [len(c) for c in chunks] == [2 * 1920]

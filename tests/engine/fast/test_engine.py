@@ -326,6 +326,29 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts):
         assert seq.num_frames == min(len(codes), seq.max_frames)
 
 
+def test_a_newcomer_is_prefilled_while_the_running_frame_is_decoded(load_tts):
+    """A step decodes the running rows' frame first and prefills arrivals behind it (on the GPU the
+    prefill's host work overlaps the frame): the newcomer gets its first frame at the next step, and
+    every request still produces upstream's codes."""
+    tts = load_tts(CUSTOM)
+    items = custom_items()[:2]
+    expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items]
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    first = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[0], GREEDY))
+    engine.step()  # prefill only: nothing was running
+    assert first.status is SequenceStatus.RUNNING and first.num_frames == 0
+    engine.step()
+    second = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[1], GREEDY))
+    engine.step()  # the first one's frame 2, and the second one's prefill
+    assert (first.num_frames, second.num_frames) == (2, 0) and second.status is SequenceStatus.RUNNING
+    engine.step()
+    assert (first.num_frames, second.num_frames) == (3, 1)
+    assert list(engine.batch_sizes) == [1, 1, 2]
+    run_to_end(engine, [first, second])
+    for seq, codes in zip((first, second), expected, strict=True):
+        assert torch.equal(codes_of(seq), codes)
+
+
 def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
     tts = load_tts(CUSTOM)
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, custom_items()[:1], GREEDY)[0]
