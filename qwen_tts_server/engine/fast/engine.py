@@ -442,7 +442,7 @@ class FastEngine:
             timer.lap("launch")
             admitted = self.scheduler.admit()  # into rows n.., after the frame's (padding) writes to them
             if admitted:
-                self._prefill(admitted)
+                self._admit(admitted, finished)
             timer.lap("prefill")
             if out is not None:
                 self._collect_frame(running, out, finished)
@@ -490,6 +490,21 @@ class FastEngine:
         self.trailing[dst, :text] = self.trailing[src, :text]
         written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves)
         self.runner.move_rows(src, dst, min(written + 1, self.max_len))
+
+    def _admit(self, admitted: list[Sequence], finished: list[Sequence]) -> None:
+        """Prefill newcomers. If that fails (short of a device fault), only they fail: the prefill writes
+        nothing but their rows, so the running requests go on."""
+        try:
+            self._prefill(admitted)
+        except Exception as exc:
+            if is_device_fault(exc):
+                raise
+            log.exception("prefill failed; its requests fail, the running ones go on")
+            for seq in admitted:
+                seq.error = exc
+                self.scheduler.release(seq)
+                seq.finish_reason = FinishReason.CANCELLED
+                finished.append(seq)
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prompts of newly admitted requests, packed into one forward, and their first codebook 0."""

@@ -349,6 +349,31 @@ def test_a_newcomer_is_prefilled_while_the_running_frame_is_decoded(load_tts):
         assert torch.equal(codes_of(seq), codes)
 
 
+def test_a_failed_prefill_fails_only_its_own_requests(load_tts):
+    """A step's prefill that raises (here: injected into the real engine's runner) fails the requests it was
+    admitting; the one already running keeps its row and produces upstream's codes."""
+    tts = load_tts(CUSTOM)
+    items = custom_items()[:2]
+    expected = reference_codes(tts, Mode.CUSTOM_VOICE, [items[0]], GREEDY)[0]
+    engine = FastEngine(tts, max_slots=4, max_len=512)
+    running = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[0], GREEDY))
+    engine.step()
+    engine.step()
+    real_prefill = engine.runner.prefill_many
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a prompt the model cannot take")
+
+    engine.runner.prefill_many = broken
+    newcomer = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[1], GREEDY))
+    finished = engine.step()
+    engine.runner.prefill_many = real_prefill
+    assert finished == [newcomer] and "cannot take" in str(newcomer.error)
+    assert newcomer.finish_reason is FinishReason.CANCELLED and newcomer.status is SequenceStatus.FINISHED
+    run_to_end(engine, [running])
+    assert running.error is None and torch.equal(codes_of(running), expected)
+
+
 def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
     tts = load_tts(CUSTOM)
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, custom_items()[:1], GREEDY)[0]
