@@ -20,13 +20,11 @@ The host reads one small tensor per step: the new frames and which rows hit EOS.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import queue
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...errors import EngineFailed
 from ..types import FinishReason
-from .codec import CodecDecoder, capture_stream, warm_up_on
+from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
+from .faults import engine_failed, is_device_fault
+from .frame_graphs import FrameGraphs
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prompt import special_text_hiddens
 from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
@@ -79,28 +78,6 @@ def kv_buckets(max_len: int) -> list[int]:
 
 def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-# What a CUDA error says (torch raises them as RuntimeError, or AcceleratorError in recent versions).
-# Out of memory is not one: it fails the step's requests and the engine goes on.
-_DEVICE_FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "illegal memory access")
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A fault of the device rather than of a request: after one the engine must be rebuilt."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return True
-    return any(marker in str(exc) for marker in _DEVICE_FAULT_MARKERS)
-
-
-def engine_failed(exc: BaseException) -> EngineFailed:
-    return EngineFailed(
-        f"the GPU failed while running this model ({type(exc).__name__}: {str(exc)[:200]}); "
-        "its engine is restarting: retry shortly"
-    )
 
 
 def finish_sequence(seq: Sequence, reason: FinishReason) -> None:
@@ -714,66 +691,3 @@ class FastEngine:
         self.codec_worker.put(jobs)
 
     _finish = staticmethod(finish_sequence)
-
-
-class FrameGraphs:
-    """CUDA graphs of `FastEngine.frame`, one per (batch bucket, KV bucket, sampling plans).
-
-    A replay launches the whole frame (thousands of small kernels when eager) at once, with no
-    inputs to copy: the batch is rows 0..size-1 of the engine's state. Outputs live in the graph's
-    memory and are read before the next replay. Every graph is captured at warm-up (`capture_all`);
-    one missing then (warm-up skipped) is captured on first use, with the running requests' rows
-    preserved around its warm-up frame.
-    """
-
-    def __init__(self, engine: FastEngine) -> None:
-        self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
-        self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None  # created at the first capture (see codec.capture_stream)
-
-    def __len__(self) -> int:
-        return len(self._graphs)
-
-    def keys(self) -> list[tuple[int, int, SamplingPlan, SamplingPlan]]:
-        """Every graph a step can ask for."""
-        e = self.engine
-        return [(b, k, *p) for p in itertools.product(PLANS, PLANS) for b in e.buckets for k in e.kv_buckets]
-
-    def capture_all(self) -> None:
-        """Capture every graph now, not on a request's step; logs progress (hundreds of graphs)."""
-        keys = [key for key in self.keys() if key not in self._graphs]
-        t0 = time.perf_counter()
-        for i, key in enumerate(keys, 1):
-            size, kv_len, talker, sub = key
-            self._graphs[key] = self._capture(size, kv_len, (talker, sub))
-            if i % 50 == 0 or i == len(keys):
-                seconds = time.perf_counter() - t0
-                log.info(f"fast engine warm-up: {i}/{len(keys)} frame graphs captured in {seconds:.1f} s")
-
-    def run(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
-        """Replay the frame graph for this batch (its output, see `FastEngine.frame`)."""
-        key = (size, kv_len, *plans)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture(size, kv_len, plans)
-        graph, out = entry
-        graph.replay()
-        return out
-
-    def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
-        engine = self.engine
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(engine.device)
-        # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
-        # records kernels, so only the warm-up's writes need undoing.
-        with warm_up_on(self._capture_stream, engine.device), engine.preserved_rows(size):
-            engine.frame(size, kv_len, plans)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile. A capture
-        # stream of this engine's own: another engine's frame graphs never share its cuBLAS workspace.
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
-            out = engine.frame(size, kv_len, plans)
-        self._pool = graph.pool()
-        log.debug("captured a frame graph", extra={"batch": size, "kv_len": kv_len})
-        return graph, out

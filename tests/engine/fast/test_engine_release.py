@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from qwen_tts_server.engine.fast.engine import FastEngine, FrameGraphs
+from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.frame_graphs import FrameGraphs
 from qwen_tts_server.engine.fast.model_runner import ModelRunner, layer_out
 from qwen_tts_server.engine.fast.runtime import FastRuntime
 from qwen_tts_server.engine.fast.sampler import RowSampling, Sampler, _talker_choose
