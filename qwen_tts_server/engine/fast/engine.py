@@ -37,6 +37,7 @@ from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .faults import engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
+from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prompt import special_text_hiddens
 from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
@@ -111,6 +112,8 @@ class FastEngine:
     ) -> None:
         self.tts = tts
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
+        if self.runner.device.type == "cuda":
+            CUDA_ENGINES.add(self)  # before any capture (see CudaEngines)
         self.sampler = Sampler.for_model(tts)
         if compile:
             self.sampler.enable_compile()
@@ -353,6 +356,8 @@ class FastEngine:
         self.runner.release()
         empty = self.hidden.new_empty(0)
         self.hidden = self.seen = self.trailing = empty
+        if self.device.type == "cuda":
+            CUDA_ENGINES.release(self)
 
     def _fail_remaining(self) -> None:
         self._take_inbox()

@@ -7,6 +7,8 @@ trailing-text buffer and its small per-row state. Weights are counted by the mod
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -61,3 +63,33 @@ def device_budget(device: torch.device, budget_gb: float | None) -> int:
 
 def _head_dim(cfg: Any) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+class CudaEngines:
+    """The fast engines alive in this process on CUDA, so that the last one to go can hand back cuBLAS's
+    workspaces: PyTorch keeps one (32 MiB) per (thread's cuBLAS handle, stream) for the life of the
+    process, and a captured graph holds the address of the one it was captured with, so they may be
+    freed only when no engine's graphs are left. Engines register before they capture anything."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, engine: Any) -> None:
+        with self._lock:
+            self._live.add(engine)
+
+    def release(self, engine: Any) -> bool:
+        """`engine` is gone; if it was the last, free the workspaces (True when they were)."""
+        with self._lock:
+            self._live.discard(engine)
+            if self._live:
+                return False
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # no public API for it
+            if clear is None:
+                return False
+            clear()
+            return True
+
+
+CUDA_ENGINES = CudaEngines()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from qwen_tts_server.engine.fast.engine import FastEngine
-from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, GiB, auto_slots, row_bytes, slots_for_budget
+from qwen_tts_server.engine.fast.memory import (
+    WORKSPACE_BYTES,
+    CudaEngines,
+    GiB,
+    auto_slots,
+    row_bytes,
+    slots_for_budget,
+)
 
 CUSTOM = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
 
@@ -36,3 +43,21 @@ def test_auto_slots_leave_room_for_a_second_model() -> None:
     assert second >= 1
     with pytest.raises(ValueError):
         auto_slots(per_row=GiB // 2, budget=budget, used=budget)
+
+
+def test_cublas_workspaces_are_freed_only_when_the_last_cuda_engine_goes():
+    """A captured graph holds its cuBLAS workspace's address: while any engine lives, none is freed."""
+
+    class Engine:  # what CudaEngines holds: any object, weakly
+        pass
+
+    engines = CudaEngines()
+    first, second = Engine(), Engine()
+    engines.add(first)
+    engines.add(second)
+    assert engines.release(first) is False  # the second one's graphs may still replay
+    assert engines.release(second) is True
+    third = Engine()
+    engines.add(third)
+    del third  # an engine that failed to start and was dropped does not hold the workspaces forever
+    assert engines.release(Engine()) is True
