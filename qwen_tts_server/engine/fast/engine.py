@@ -1,9 +1,10 @@
 """The fast engine's loop: continuous batching of codec frames over a static KV cache.
 
-Each `step()` admits waiting requests into free rows (one packed prefill for all of them), then
-decodes one frame for every running request at once: code predictor (codebooks 1-15), talker step,
-codebook-0 sampling. A request that samples EOS, reaches its frame limit or is cancelled leaves at
-once; the last running request moves into its row, so running requests always hold rows 0..n-1
+Each `step()` queues one frame for every running request at once (code predictor for codebooks 1-15,
+talker step, codebook-0 sampling), then, while the GPU runs it, admits waiting requests into free rows
+(one packed prefill for all of them; they join from the next step), then reads the frame. A request
+that samples EOS, reaches its frame limit or is cancelled leaves at once; the last running request
+moves into its row, so running requests always hold rows 0..n-1
 and a batch is the first rows of every tensor. Finished requests go to a codec thread, which
 decodes everything that finished since its last decode in bounded batches, on its own
 low-priority CUDA stream, so decoding never stalls the running streams' steps (see codec_worker).
@@ -13,8 +14,10 @@ batched codec call decodes the chunks of all streams.
 
 Per-row state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
 text, sampling options) lives in static tensors, so the frame's tensor work takes no values back to
-the host and has fixed shapes for a fixed (batch bucket, KV length bucket): one CUDA graph each.
-The host reads one small tensor per step: the new frames and which rows hit EOS.
+the host and has fixed shapes for a fixed (batch bucket, KV length bucket, sampling plans): one CUDA
+graph each (frame_graphs), all captured at warm-up. The host reads one small tensor per step: the new
+frames and which rows hit EOS. A device fault stops the engine for good (faults): its owner builds a
+new one.
 """
 
 from __future__ import annotations
