@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,7 +18,7 @@ class EngineCollector(Collector):
     (they count on their own threads; nothing is pushed per step)."""
 
     def __init__(self) -> None:
-        self.sources: list[Callable[[], list[EngineReport]]] = []
+        self.sources: list[weakref.WeakMethod[Callable[[], list[EngineReport]]]] = []  # engines' report methods
 
     def collect(self) -> Iterator[Metric]:
         steps = CounterMetricFamily(
@@ -29,7 +30,10 @@ class EngineCollector(Collector):
             "deliver), the frames' GPU time (gpu_frame), the codec thread's host time (codec)",
             labels=["model", "device", "part"],
         )
-        for source in self.sources:
+        for ref in self.sources:
+            source = ref()
+            if source is None:  # that engine is gone
+                continue
             for model, device, count, parts in source():
                 steps.add_metric([model, device], count)
                 for part, value in parts.items():

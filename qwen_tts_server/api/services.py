@@ -63,31 +63,38 @@ async def open_services(settings: Settings, engine: TTSEngine | DevicePool | Non
 
 async def preload_models(svc: Services) -> None:
     """Load QTTS_PRELOAD_MODELS one after another, each with its engine's warm-up (a model still
-    downloading is waited for). Until this ends `preloading` names what is left; a failure goes to
-    `preload_errors` (the server keeps serving; /ready says which model failed and why)."""
+    downloading is waited for). Until this ends `preloading` names what is left. A failure goes to
+    `preload_errors` (the server keeps serving; /ready says which model failed and why); one that says
+    when to retry (a failed download) is retried then, and its error goes when the model is up."""
     svc.preloading = list(svc.settings.preload_models)
     while svc.preloading:
         name, t0 = svc.preloading[0], time.perf_counter()
         log.info(f"preloading model {name}", extra={"model": name})
-        try:
-            await _load_when_downloaded(svc, name)
-        except Exception as exc:
-            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
-            svc.preload_errors[name] = message
-            log.error(f"preloading model {name} failed: {message}", extra={"model": name})
-        else:
+        if await _preload(svc, name):
             seconds = time.perf_counter() - t0
             log.info(f"model {name} loaded and warmed up in {seconds:.1f} s", extra={"model": name})
         svc.preloading.pop(0)
 
 
-async def _load_when_downloaded(svc: Services, name: str) -> None:
+async def _preload(svc: Services, name: str) -> bool:
     while True:
         try:
             await svc.engine.load(name)
-            return
         except ModelDownloading as exc:
             await asyncio.sleep(exc.retry_after_s)
+            continue
+        except Exception as exc:
+            message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            svc.preload_errors[name] = message
+            retry_after = getattr(exc, "retry_after_s", None)
+            again = f"; retrying in {retry_after} s" if retry_after else ""
+            log.error(f"preloading model {name} failed: {message}{again}", extra={"model": name})
+            if retry_after is None:
+                return False
+            await asyncio.sleep(retry_after)
+            continue
+        svc.preload_errors.pop(name, None)
+        return True
 
 
 async def close_services(svc: Services) -> None:

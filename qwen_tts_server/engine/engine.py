@@ -81,10 +81,10 @@ class TTSEngine:
         self.registry.on_load = self._on_load
         self.registry.on_unload = self._on_unload
         self._fast: dict[str, FastRuntime] = {}
-        self._fast_locks: dict[str, asyncio.Lock] = {}
+        self._builds: dict[str, asyncio.Task[FastRuntime]] = {}  # engines being built, one per model
         self.gate = AdmissionGate(settings.max_queue)
         self._in_flight = 0
-        self.metrics.engines.sources.append(self._engine_reports)
+        self.metrics.engines.sources.append(weakref.WeakMethod(self._engine_reports))  # no cycle via metrics
         self.engine_failures: dict[str, str] = {}  # models whose engine a device fault stopped, until rebuilt
         self._restarts: set[asyncio.Task[None]] = set()
 
@@ -127,6 +127,7 @@ class TTSEngine:
         """The registry dropped the model: stop its fast engine and let go of everything built on it
         (engine, KV cache, graphs, cached voice prompts), so its memory is free when unload returns."""
         self.gate.forget(name)
+        self.engine_failures.pop(name, None)
         runtime = self._fast.pop(name, None)
         self.voice_cache.drop_model(name)
         if runtime is not None:
@@ -134,52 +135,65 @@ class TTSEngine:
 
     async def fast_runtime(self, model: LoadedModel) -> FastRuntime:
         """The model's fast engine, started once on first use, off the event loop: it allocates the
-        KV cache and, on CUDA, captures the frame graphs."""
-        runtime = self._fast.get(model.name)
-        if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
-            return runtime
-        async with self._fast_locks.setdefault(model.name, asyncio.Lock()):
+        KV cache and runs the warm-up (compile, graphs; a minute or more on a GPU). The build is one
+        task per model that callers await shielded: a caller that goes away (client gone, time-out)
+        neither cancels it nor leaves an engine nobody owns, and the next caller awaits the same build."""
+        while True:
             runtime = self._fast.get(model.name)
             if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
                 return runtime
-            if runtime is not None:  # built for an earlier load of this name, since unloaded, or failed
-                if runtime.tts is model.tts:  # failed: the new engine's memory replaces its
-                    self.registry.add_memory(model.name, -self._engine_bytes(runtime))
-                await self._close(self._fast.pop(model.name))
-            self._check_current(model)  # never build an engine for a model that has left the registry
-            s = self.settings
-            try:
-                runtime = await asyncio.to_thread(
-                    FastRuntime,
-                    model.tts,
-                    max_slots=s.max_slots or self._auto_slots(model),
-                    max_len=s.max_context,
-                    max_prefill_tokens=s.max_prefill_tokens,
-                    admit_wait_s=s.admit_wait_ms / 1000,
-                    codec_wait_s=s.codec_wait_ms / 1000,
-                    compile=s.compile,
-                    stream_first_frames=s.stream_first_chunk_frames,
-                    stream_chunk_frames=s.stream_chunk_frames,
-                    stream_decoder=s.stream_decoder,
-                )
-            except Exception as exc:  # e.g. out of memory for the KV cache
-                raise ModelUnavailable(
-                    f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
-                    "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
-                    field="model",
-                ) from exc
-            if not self.registry.is_current(model):  # unloaded while the engine started: not ours to keep
-                await self._close(runtime)
-                self._check_current(model)
-            runtime.engine.on_step = self.metrics.batch_size.observe
-            runtime.engine.on_failure = _restart_on_failure(self, model.name)
-            # Its KV cache, and on CUDA the workspace its graphs and codec batches take, count
-            # against the memory budget like weights do.
-            self.registry.add_memory(model.name, self._engine_bytes(runtime))
-            self.engine_failures.pop(model.name, None)
-            self._fast[model.name] = runtime
-            self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
+            task = self._builds.get(model.name)
+            if task is None:
+                task = asyncio.ensure_future(self._build(model))
+                self._builds[model.name] = task
+                task.add_done_callback(lambda _t, name=model.name: self._builds.pop(name, None))
+            runtime = await asyncio.shield(task)
+            if runtime.tts is model.tts:
+                return runtime
+            # A build for an earlier load of this name: build again for this one (it checks it is current).
+
+    async def _build(self, model: LoadedModel) -> FastRuntime:
+        runtime = self._fast.get(model.name)
+        if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
             return runtime
+        if runtime is not None:  # built for an earlier load of this name, since unloaded, or failed
+            if runtime.tts is model.tts:  # failed: the new engine's memory replaces its
+                self.registry.add_memory(model.name, -self._engine_bytes(runtime))
+            await self._close(self._fast.pop(model.name))
+        self._check_current(model)  # never build an engine for a model that has left the registry
+        s = self.settings
+        try:
+            runtime = await asyncio.to_thread(
+                FastRuntime,
+                model.tts,
+                max_slots=s.max_slots or self._auto_slots(model),
+                max_len=s.max_context,
+                max_prefill_tokens=s.max_prefill_tokens,
+                admit_wait_s=s.admit_wait_ms / 1000,
+                codec_wait_s=s.codec_wait_ms / 1000,
+                compile=s.compile,
+                stream_first_frames=s.stream_first_chunk_frames,
+                stream_chunk_frames=s.stream_chunk_frames,
+                stream_decoder=s.stream_decoder,
+            )
+        except Exception as exc:  # e.g. out of memory for the KV cache
+            raise ModelUnavailable(
+                f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
+                "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
+                field="model",
+            ) from exc
+        if not self.registry.is_current(model):  # unloaded while the engine started: not ours to keep
+            await self._close(runtime)
+            self._check_current(model)
+        runtime.engine.on_step = self.metrics.batch_size.observe
+        runtime.engine.on_failure = _restart_on_failure(self, model.name)
+        # Its KV cache, and on CUDA the workspace its graphs and codec batches take, count
+        # against the memory budget like weights do.
+        self.registry.add_memory(model.name, self._engine_bytes(runtime))
+        self.engine_failures.pop(model.name, None)
+        self._fast[model.name] = runtime
+        self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
+        return runtime
 
     @staticmethod
     def _engine_bytes(runtime: FastRuntime) -> int:
@@ -191,14 +205,16 @@ class TTSEngine:
         Until it is up `engine_failures` names the model (/ready is 503); if it cannot be built (the
         GPU is gone for good) it stays there, with why, for the orchestrator to restart the process."""
         model = self.registry.loaded_model(name)
-        runtime = self._fast.get(name)
-        if model is None or runtime is None or runtime.engine.failure is None:
+        if model is None:  # unloaded meanwhile: nothing to restart
             self.engine_failures.pop(name, None)
             return
         log.warning(f"restarting the engine of model {name} after a device fault", extra={"model": name})
         try:
-            await self.fast_runtime(model)
+            await self.fast_runtime(model)  # the build a request may have started already, or a new one
         except Exception as exc:
+            if not self.registry.is_current(model):
+                self.engine_failures.pop(name, None)
+                return
             message = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
             self.engine_failures[name] = f"its engine failed and could not be restarted: {message}"
             log.error(f"the engine of model {name} could not be restarted: {message}", extra={"model": name})

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 
-from ..errors import Overloaded, ServiceError
+from ..errors import EngineFailed, Overloaded, ServiceError
 from .items import Outcome, run_item
 from .store import Item, ItemState, JobStore
 from .webhook import send_webhook
@@ -18,6 +18,7 @@ from .webhook import send_webhook
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often the runner looks for new items and cancelled ones
+ENGINE_FAULT_RETRIES = 3  # an item waits for this many engine rebuilds after device faults, then fails
 
 
 class JobRunner:
@@ -108,11 +109,18 @@ class JobRunner:
 
     async def _run_when_admitted(self, item: Item) -> Outcome:
         """Run the item; while the engine's queue is full (synchronous traffic has it), wait as it says
-        and try again: a busy server delays a job, it does not fail its items."""
+        and try again: a busy server delays a job, it does not fail its items. An engine rebuilt after a
+        device fault is waited for too, a few times: one CUDA error must not fail a whole job."""
+        faults = 0
         while True:
             try:
                 return await run_item(self.svc, item, item.owner)
             except Overloaded as exc:
+                await asyncio.sleep(exc.retry_after_s)
+            except EngineFailed as exc:
+                faults += 1
+                if faults > ENGINE_FAULT_RETRIES:
+                    raise
                 await asyncio.sleep(exc.retry_after_s)
 
     def track(self, item: Item, task: asyncio.Task[None]) -> None:

@@ -66,6 +66,9 @@ def test_a_device_fault_fails_its_requests_with_503_and_the_engine_comes_back(cl
     assert runtime.engine is not failed_engine and failed_engine.failure is not None
     assert client.post("/api/v1/custom-voice", json=body()).status_code == 200
     assert seen[-1] == "ready"
+    # What the failed engine keeps of the fault holds no traceback, so no frame of its loop (which would
+    # keep the engine, its KV cache and graphs, alive beside the new one until the cycle collector ran).
+    assert failed_engine.failure.__traceback__ is None
 
 
 def test_ready_is_red_while_an_engine_cannot_be_rebuilt(client, monkeypatch):

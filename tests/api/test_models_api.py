@@ -10,6 +10,7 @@ import threading
 import time
 import weakref
 
+from qwen_tts_server.engine import engine as engine_module
 from qwen_tts_server.engine.registry import memory_of
 
 from .support import BASE_06, CUSTOM_06, CUSTOM_17, error_of, metric
@@ -413,3 +414,28 @@ def test_a_failed_preload_keeps_ready_red_and_says_why(make_client):
     assert ready.status_code == 503 and ready.json()["status"] == "failed"
     assert "Qwen3-TTS-nope" in ready.json()["preload_errors"]["Qwen3-TTS-nope"]
     assert states(client)[CUSTOM_06] == "loaded"  # the others are served
+
+
+def test_a_request_that_gives_up_during_the_first_load_leaves_one_engine(client, monkeypatch):
+    """The engine's build (minutes on a GPU) outlives a caller that leaves: it is finished, kept and counted
+    once, and the next request uses it instead of building a second one beside it."""
+    body = {"text": "hi", "speaker": "ryan", "model": CUSTOM_06}
+    engine = client.app.state.services.engine
+    real = engine_module.FastRuntime
+
+    def slow_build(*args, **kwargs):  # as long as a GPU's warm-up, relative to the request's time-out
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "FastRuntime", slow_build)
+    client.portal.call(engine.registry.get, CUSTOM_06)  # the weights, not the engine: it is built on first use
+    assert client.post("/api/v1/custom-voice", json=body | {"timeout_s": 0.2}).status_code == 504
+    assert engine._builds, "the request should have given up while the engine was being built"
+    deadline = time.monotonic() + 60
+    while (CUSTOM_06 not in engine._fast or engine._builds) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runtime = engine._fast[CUSTOM_06]
+    (listed,) = [m for m in client.get("/api/v1/models").json()["models"] if m["name"] == CUSTOM_06]
+    assert listed["memory_bytes"] == memory_of(runtime.tts) + runtime.engine.cache_bytes
+    assert client.post("/api/v1/custom-voice", json=body).status_code == 200
+    assert engine._fast[CUSTOM_06] is runtime

@@ -70,9 +70,11 @@ def warm_up_on(stream: torch.cuda.Stream, device: torch.device) -> Iterator[None
     process, about 1 GB over an engine's captures (bench/unload_probe.py)."""
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:  # also when the warm-up fails: what the current stream does next must not overtake it
+        current.wait_stream(stream)
 
 
 class CodecDecoder:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...errors import EngineFailed, ModelUnavailable
 from ..types import FinishReason
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
@@ -165,7 +166,7 @@ class FastEngine:
         self._loop_exited = False
         self._abandoned = False
         self._thread: threading.Thread | None = None
-        self.failure: BaseException | None = None  # the device fault that stopped this engine for good
+        self.failure: EngineFailed | None = None  # what a device fault that stopped this engine for good says
         self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
         chunks: ChunkDecoder = (
@@ -304,7 +305,9 @@ class FastEngine:
             seq.ready.record(torch.cuda.current_stream(self.device))  # the model's device, not the caller's
         with self._shutdown:
             if self.failure is not None:
-                raise engine_failed(self.failure)
+                raise EngineFailed(self.failure.message)
+            if self._stop.is_set():  # stopped (unloaded): nobody would ever take it from the inbox
+                raise ModelUnavailable("the model was unloaded while this request was being prepared; retry")
             self._inbox.put(("submit", seq))
         self._wake.set()
         return seq
@@ -379,7 +382,7 @@ class FastEngine:
                     log.exception("fast engine step failed")
                     if is_device_fault(exc):
                         self._fail_for_good(exc)
-                        return
+                        break
                     self._fail_all(exc)  # fail the requests in flight, keep the engine alive
             with self._shutdown:
                 self._loop_exited = True
@@ -391,11 +394,11 @@ class FastEngine:
         """A device fault (a CUDA error) can leave the GPU's state corrupt: this engine takes no more work.
         Everything queued or running fails with a 503 to retry, and `on_failure` tells the owner, which
         builds a new engine. Under the lock, so that no submit slips in after the inbox is drained."""
+        failure = engine_failed(exc)  # never raised here, so it holds no traceback (and no frame of ours)
         with self._shutdown:
-            self.failure = exc
-            self._loop_exited = True
+            self.failure = failure
             self._take_inbox()
-            self._fail_all(engine_failed(exc))
+            self._fail_all(failure)
         if self.on_failure is not None:
             try:
                 self.on_failure(exc)
@@ -584,7 +587,9 @@ class FastEngine:
         if self.graphs is not None:
             try:
                 return self.graphs.run(size, kv_len, plans)
-            except Exception:
+            except Exception as exc:
+                if is_device_fault(exc):  # the GPU failed, not the graphs or compile: no fallback helps
+                    raise
                 if not self.runner.compiled:
                     self._drop_graphs()
                     return self.frame(size, kv_len, plans)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # the 15th predicted code is never fed back, so a frame spans 2 + 14 = 16 positions.
 NUM_CODE_GROUPS = 16
 CP_CACHE_LEN = NUM_CODE_GROUPS
+MOVE_BYTES = 256 * 1024**2  # the most a compaction copy gathers at once (see ModelRunner.move_rows)
 
 SampleFn = Callable[[int, Tensor], Tensor]  # (codebook 1..15, logits [B, V]) -> codes [B]
 
@@ -330,8 +331,14 @@ class ModelRunner:
 
     def move_rows(self, src: Tensor, dst: Tensor, length: int) -> None:
         """Copy cache rows `src` to rows `dst` (positions 0..length-1) of every layer: a request changed rows.
-        The right side is gathered first, so overlapping moves are safe."""
-        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+        The right side is gathered first, so overlapping moves are safe. Layers go in groups whose gathered
+        copy stays under MOVE_BYTES (all layers of many long rows at once would need gigabytes): one copy
+        for the usual move, a few when many long rows move at once."""
+        per_layer = 2 * src.numel() * self.kv[0, 0, 0, :, :length].numel() * self.kv.element_size()
+        group = max(1, MOVE_BYTES // max(per_layer, 1))
+        for first in range(0, self.kv.shape[1], group):
+            layers = slice(first, first + group)
+            self.kv[:, layers, dst, :, :length] = self.kv[:, layers, src, :, :length]
 
     @property
     def cache_bytes(self) -> int:

@@ -217,3 +217,25 @@ def test_a_job_past_the_open_items_limit_is_a_429(make_client):
     client.delete(f"/api/v1/jobs/{first.json()['id']}")
     third = client.post("/api/v1/jobs", json={"items": [{"text": "One more."}], "options": options})
     assert third.status_code == 202  # cancelled items no longer count
+
+
+def test_a_device_fault_delays_a_jobs_items_instead_of_failing_them(client, monkeypatch):
+    """The engine fails its running items with 503 engine_failed and is rebuilt; the job's items wait for
+    it and run again (the fault is injected into the real engine's talker step, once)."""
+    from qwen_tts_server.errors import EngineFailed
+
+    monkeypatch.setattr(EngineFailed, "retry_after_s", 0.2)  # the 30 s a client is told, shortened
+    model = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
+    assert client.post(f"/api/v1/models/{model}/load").status_code == 200
+    engine = client.app.state.services.engine._fast[model].engine
+
+    def fault(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.decode = fault
+    items = [{"text": f"Item {i}.", "custom_id": str(i)} for i in range(3)]
+    options = {"mode": "custom_voice", "speaker": "ryan", "seed": 7, "max_new_tokens": 12, "model": model}
+    created = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
+    view = wait_for_end(client, created["id"])
+    assert view["status"] == "completed" and view["progress"]["done"] == 3, view
+    assert client.app.state.services.engine._fast[model].engine is not engine  # it was rebuilt

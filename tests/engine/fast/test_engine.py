@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen_tts_server.engine.fast import model_runner
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import FastRuntime, resolve_sampling
@@ -25,6 +26,7 @@ from qwen_tts_server.engine.reference import ReferenceRunner
 from qwen_tts_server.engine.registry import LoadedModel, describe
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.engine.voice_prompt import compute_voice_prompt
+from qwen_tts_server.errors import ModelUnavailable
 
 from .helpers import synthetic_voice
 
@@ -304,9 +306,12 @@ def test_a_throwaway_frame_under_preserved_rows_changes_nothing(load_tts):
         assert torch.equal(codes_of(seq), codes)
 
 
-def test_requests_leaving_in_any_order_keep_their_codes(load_tts):
+@pytest.mark.parametrize("move_bytes", [model_runner.MOVE_BYTES, 1], ids=["one copy", "a copy per layer"])
+def test_requests_leaving_in_any_order_keep_their_codes(load_tts, monkeypatch, move_bytes):
     """Rows are compacted whenever a request leaves; four requests of different lengths, one joining
-    late, each still produce upstream's codes."""
+    late, each still produce upstream's codes (rows moved in one copy, or layer by layer as when
+    many long rows move at once)."""
+    monkeypatch.setattr(model_runner, "MOVE_BYTES", move_bytes)
     tts = load_tts(CUSTOM)
     items = custom_items()
     lengths = (5, 12, 3, 9)
@@ -418,3 +423,14 @@ def test_a_step_thread_that_outlives_stop_fails_its_requests_itself(load_tts):
     assert not finished.is_set()
     assert finished.wait(5)  # the step thread failed it once its step ended
     assert "unloaded" in str(seq.error) and seq.finish_reason is FinishReason.CANCELLED
+
+
+def test_a_request_submitted_after_stop_is_refused_not_left_queued(load_tts):
+    """An unload stops the engine while another request is still building its prompt: its submit must
+    fail (503, retry) rather than wait in an inbox no thread reads any more."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    engine.start()
+    engine.stop()
+    with pytest.raises(ModelUnavailable, match="unloaded"):
+        engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY))
