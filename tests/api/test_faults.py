@@ -87,3 +87,26 @@ def test_ready_is_red_while_an_engine_cannot_be_rebuilt(client, monkeypatch):
     ready = client.get("/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "engine_failed"
     assert ILLEGAL_ACCESS in ready.json()["engine_failures"][CUSTOM_06]
+
+
+def test_a_device_fault_in_the_codec_thread_also_rebuilds_the_engine(client):
+    assert client.post(f"/api/v1/models/{CUSTOM_06}/load").status_code == 200
+    failed_engine = client.app.state.services.engine._fast[CUSTOM_06].engine
+
+    def fault(*_args, **_kwargs):
+        raise RuntimeError(ILLEGAL_ACCESS)
+
+    failed_engine.codec.decode = fault  # decoding whole utterances to audio, on the codec thread
+    answer = client.post("/api/v1/custom-voice", json=body())
+    assert answer.status_code == 503 and error_of(answer)["type"] == "engine_failed"
+    deadline = time.monotonic() + 30
+    while failed_engine.failure is None and time.monotonic() < deadline:  # its step loop stops it next
+        time.sleep(0.01)
+    assert failed_engine.failure is not None
+    engines = client.app.state.services.engine
+    while CUSTOM_06 in engines._fast and engines._fast[CUSTOM_06].engine is failed_engine:
+        assert time.monotonic() < deadline, "the engine was not rebuilt"
+        time.sleep(0.01)
+    wait_for_ready(client)
+    assert client.post("/api/v1/custom-voice", json=body()).status_code == 200
+    assert engines._fast[CUSTOM_06].engine is not failed_engine

@@ -8,19 +8,19 @@ therefore padded to a fixed (batch, length) bucket, and on CUDA each bucket is o
 a decode is one launch instead of thousands of small kernels, each a Python call that would
 compete with the step thread for the GIL. Without graphs (CPU) the same padded batches run
 eagerly. Utterances longer than one chunk take upstream's own chunked path. The graphs are captured on
-a stream of their own (`capture_stream`), so that they never share memory with the frame graphs.
+a stream of their own (`capture.capture_stream`), so that they never share memory with the frame graphs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .capture import capture_stream, warm_up_on
 
 log = logging.getLogger(__name__)
 
@@ -44,37 +44,6 @@ def codec_batches(lengths: list[int], max_frames: int) -> list[list[int]]:
 
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
-
-
-def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """A stream to capture one decoder's CUDA graphs on: never the one `torch.cuda.graph` uses by default.
-
-    PyTorch keeps one cuBLAS (and cuBLASLt) workspace per (thread's handle, stream), and a captured
-    matrix product keeps the address of the workspace of the stream it was captured on. Every
-    `torch.cuda.graph` call without `stream=` captures on one process-wide stream, so all graphs
-    captured that way on one thread share one workspace: the engine's frame graphs and, captured on
-    the same thread at warm-up, the codec's. The codec thread replays its graphs while the step thread
-    replays a frame graph, and two matrix products that keep split-K partial sums in the same memory at
-    the same time corrupt each other: a streamed chunk (and any state it carries on) goes wrong now and
-    then, only on the GPU. The default capture stream has priority 0, and PyTorch hands out streams
-    from one pool per priority, so a stream of priority -1 is never that one.
-    """
-    return torch.cuda.Stream(device, priority=-1)
-
-
-@contextlib.contextmanager
-def warm_up_on(stream: torch.cuda.Stream, device: torch.device) -> Iterator[None]:
-    """Run a capture's warm-up on its capture stream, ordered after the current stream's work and before
-    what follows. Warming up on that stream (not on a new side stream per capture) keeps the cuBLAS
-    workspaces to one per capture stream: each new stream costs a 32 MiB workspace for the life of the
-    process, about 1 GB over an engine's captures (bench/unload_probe.py)."""
-    current = torch.cuda.current_stream(device)
-    stream.wait_stream(current)
-    try:
-        with torch.cuda.stream(stream):
-            yield
-    finally:  # also when the warm-up fails: what the current stream does next must not overtake it
-        current.wait_stream(stream)
 
 
 class CodecDecoder:
@@ -106,7 +75,7 @@ class CodecDecoder:
         if not self.use_graphs:
             return
         if self._capture_stream is None:
-            self._capture_stream = capture_stream(self.device)
+            self._capture_stream = capture_stream(self.device, self)
         for rows, frames in self.shapes():
             if (rows, frames) not in self._graphs:
                 self._graphs[rows, frames] = self._capture(rows, frames)

@@ -129,6 +129,7 @@ class CodecWorker:
         wait_s: float,
         busy: Callable[[], bool],
         finish: Callable[[Sequence, FinishReason], None],
+        device_fault: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.whole = whole
         self.chunks = chunks
@@ -137,6 +138,7 @@ class CodecWorker:
         self.wait_s = wait_s
         self._busy = busy  # other requests are running (read across threads: a hint)
         self._finish = finish
+        self._device_fault = device_fault  # told of a CUDA error here, so the engine stops and is rebuilt
         self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.seconds = 0.0  # host seconds spent decoding
@@ -213,6 +215,8 @@ class CodecWorker:
             return
         except Exception as exc:
             log.exception("codec decode failed" + ("; retrying its requests one by one" if len(jobs) > 1 else ""))
+            if is_device_fault(exc) and self._device_fault is not None:
+                self._device_fault(exc)
             if len(jobs) == 1 or is_device_fault(exc):  # the GPU failed: one by one would fail the same way
                 for job in jobs:
                     job.seq.error = _as_seen_by_client(exc)

@@ -178,6 +178,14 @@ class FastEngine:
         # a weak proxy): with no reference cycle, dropping the last reference frees it, KV cache and
         # graphs included, without waiting for the cycle collector.
         scheduler = self.scheduler
+        # A device fault on the codec thread stops the step loop too (its next step raises it).
+        self._codec_faults: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
+        codec_faults, wake = self._codec_faults, self._wake
+
+        def device_fault(exc: BaseException) -> None:
+            codec_faults.put(exc)
+            wake.set()
+
         self.codec_worker = CodecWorker(
             self.codec,
             chunks,
@@ -186,6 +194,7 @@ class FastEngine:
             wait_s=codec_wait_s,
             busy=lambda: bool(scheduler.running),
             finish=finish_sequence,
+            device_fault=device_fault,
         )
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # recent steps' batch sizes; tests read it
@@ -372,7 +381,7 @@ class FastEngine:
     def _loop(self) -> None:
         with _on_stream(self.step_stream):
             while not self._stop.is_set():
-                if not self.scheduler.has_work and self._inbox.empty():
+                if not self.scheduler.has_work and self._inbox.empty() and self._codec_faults.empty():
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     continue
@@ -418,6 +427,8 @@ class FastEngine:
         """Decode one frame for every running request; while the GPU runs it, admit and prefill newcomers
         (they join from the next step), so a prefill's host work no longer stalls the running streams.
         Returns the requests that finished."""
+        if not self._codec_faults.empty():
+            raise self._codec_faults.get_nowait()  # the loop stops the engine for good (see _fail_for_good)
         timer = self.timer
         timer.start()
         finished = self._take_inbox()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .codec import capture_stream, warm_up_on
+from .capture import capture_stream, warm_up_on
 from .sampler import PLANS, SamplingPlan
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class FrameGraphs:
         self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
         self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
         self._pool: Any = None
-        self._capture_stream: Any = None  # created at the first capture (see codec.capture_stream)
+        self._capture_stream: Any = None  # created at the first capture (see capture)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -69,7 +69,7 @@ class FrameGraphs:
     def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
         if self._capture_stream is None:
-            self._capture_stream = capture_stream(engine.device)
+            self._capture_stream = capture_stream(engine.device, self)
         # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
         # records kernels, so only the warm-up's writes need undoing.
         with warm_up_on(self._capture_stream, engine.device), engine.preserved_rows(size):

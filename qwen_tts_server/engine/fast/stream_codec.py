@@ -23,7 +23,7 @@ decoder's device, so a batch gathers all of its streams' states with one `stack`
 batch's new state become the streams' states without a copy. Nothing in `decode` waits for the
 device except the final copy of the audio to the host, and on CUDA a (batch, chunk length) bucket
 can be captured as one graph (`capture`), because every input and output of the step is a tensor. The
-graphs are captured on a stream of their own (`codec.capture_stream` says why).
+graphs are captured on a stream of their own (`capture` says why).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
 )
 from torch import Tensor, nn
 
-from .codec import capture_stream, warm_up_on
+from .capture import capture_stream, warm_up_on
 
 
 @dataclass
@@ -199,7 +199,7 @@ class StreamingDecoder:
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA decoder")
         if self._capture_stream is None:
-            self._capture_stream = capture_stream(self.device)
+            self._capture_stream = capture_stream(self.device, self)
         if (rows, frames) not in self._graphs:
             self._graphs[rows, frames] = _Graph(self, rows, frames)
             self._pool = self._graphs[rows, frames].graph.pool()
