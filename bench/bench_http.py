@@ -77,6 +77,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from qwen_tts_server.engine.fast.timing import STEP_PARTS
+
 T_START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 BYTES_PER_S = 48000  # pcm s16le, 24 kHz, mono
@@ -828,7 +830,7 @@ def sections_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PROFILE_PARTS = ("admit", "launch", "prefill", "gpu_wait", "deliver", "gpu_frame", "codec")
+PROFILE_PARTS = (*STEP_PARTS, "gpu_frame", "codec")  # the step thread's parts, then the GPU's and codec's
 
 
 def profile_table(data: dict[str, Any]) -> str:
@@ -841,7 +843,7 @@ def profile_table(data: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, p in rows:
         ms = p["ms_per_step"]
-        step = sum(ms.get(part, 0.0) for part in PROFILE_PARTS[:5])  # the step thread's parts
+        step = sum(ms.get(part, 0.0) for part in STEP_PARTS)
         cells = [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -139,8 +139,8 @@ class TTSEngine:
         task per model that callers await shielded: a caller that goes away (client gone, time-out)
         neither cancels it nor leaves an engine nobody owns, and the next caller awaits the same build."""
         while True:
-            runtime = self._fast.get(model.name)
-            if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
+            runtime = self._usable_runtime(model)
+            if runtime is not None:
                 return runtime
             task = self._builds.get(model.name)
             if task is None:
@@ -152,10 +152,17 @@ class TTSEngine:
                 return runtime
             # A build for an earlier load of this name: build again for this one (it checks it is current).
 
-    async def _build(self, model: LoadedModel) -> FastRuntime:
+    def _usable_runtime(self, model: LoadedModel) -> FastRuntime | None:
+        """The model's engine if it was built for this load of it and no device fault stopped it."""
         runtime = self._fast.get(model.name)
         if runtime is not None and runtime.tts is model.tts and runtime.engine.failure is None:
             return runtime
+        return None
+
+    async def _build(self, model: LoadedModel) -> FastRuntime:
+        if (usable := self._usable_runtime(model)) is not None:
+            return usable
+        runtime = self._fast.get(model.name)
         if runtime is not None:  # built for an earlier load of this name, since unloaded, or failed
             if runtime.tts is model.tts:  # failed: the new engine's memory replaces its
                 self.registry.add_memory(model.name, -self._engine_bytes(runtime))

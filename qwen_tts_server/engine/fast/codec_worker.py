@@ -215,9 +215,10 @@ class CodecWorker:
             return
         except Exception as exc:
             log.exception("codec decode failed" + ("; retrying its requests one by one" if len(jobs) > 1 else ""))
-            if is_device_fault(exc) and self._device_fault is not None:
+            fault = is_device_fault(exc)
+            if fault and self._device_fault is not None:
                 self._device_fault(exc)
-            if len(jobs) == 1 or is_device_fault(exc):  # the GPU failed: one by one would fail the same way
+            if len(jobs) == 1 or fault:  # the GPU failed: one by one would fail the same way
                 for job in jobs:
                     job.seq.error = _as_seen_by_client(exc)
                 return

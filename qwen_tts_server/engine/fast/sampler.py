@@ -189,7 +189,7 @@ def choose(
     scores: Tensor, params: RowSampling, step: Tensor, codebook: int | Tensor, plan: SamplingPlan = GENERIC_PLAN
 ) -> Tensor:
     """Greedy argmax for rows without sampling; Gumbel-max over the warped candidates otherwise."""
-    return _choose(scores, *_columns(params), step, codebook, *_flags(plan))
+    return _choose(scores, *_columns(params), step, codebook, plan.candidates)
 
 
 def _choose(
@@ -230,10 +230,6 @@ def _talker_choose(
 
 def _columns(params: RowSampling) -> tuple[Tensor, ...]:
     return params.do_sample, params.temperature, params.top_k, params.top_p, params.seed
-
-
-def _flags(plan: SamplingPlan) -> tuple[int]:
-    return (plan.candidates,)
 
 
 class Sampler:
@@ -286,14 +282,14 @@ class Sampler:
         if min_frames is not None:
             floor = torch.maximum(floor, min_frames)
         penalty = params.repetition_penalty
-        choice = (*_columns(params), self.codebooks[0], *_flags(plan))
+        choice = (*_columns(params), self.codebooks[0], plan.candidates)
         return self._talker_choose(logits, seen, penalty, step, floor, self.suppress, self.is_eos, *choice)
 
     def code_predictor(
         self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
     ) -> Tensor:
         """Codebook `codebook` (1..15) for B rows with the subtalker options."""
-        return self._choose(logits.float(), *_columns(params), step, self.codebooks[codebook], *_flags(plan))
+        return self._choose(logits.float(), *_columns(params), step, self.codebooks[codebook], plan.candidates)
 
 
 def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
