@@ -101,6 +101,39 @@ def profile(engine: FastEngine, steps: int, rows: int) -> str:
     return f"--- by {key}\n{by_device}\n--- by self_cpu_time_total\n{by_cpu}"
 
 
+def kernel_profile(tts: Any, batch: int, steps: int, *, compile: bool, rows: int) -> dict[str, Any]:
+    """Device kernels per step of a warmed-up engine run eagerly (a CUDA graph replays the same kernels):
+    how many, how much device time, and the kernels that take most of it. A frame's cost at small batch
+    is the number of kernels, so this is the count to bring down."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine = FastEngine(tts, max_slots=batch, max_len=512, cuda_graphs=False, compile=compile)
+    engine.warm_up()
+    fill(engine, tts, batch, steps + 10)
+    for _ in range(3):
+        engine.step()
+    sync_device(engine.runner.device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync_device(engine.runner.device)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in kernels)
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    return {
+        "batch": batch,
+        "compile": engine.runner.compiled,
+        "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+        "kernel_ms_per_step": round(total_us / steps / 1000, 3),
+        "top": [
+            {"name": e.key[:90], "per_step": e.count / steps, "us_per_step": round(e.self_device_time_total / steps, 1)}
+            for e in top
+        ],
+    }
+
+
 def prefill_parity(tts: Any) -> dict[str, float]:
     """Our prefill logits vs upstream's talker forward on the same prompt embeddings."""
     engine = FastEngine(tts, max_slots=1, max_len=512)
@@ -176,12 +209,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile for graphs")
     parser.add_argument("--max-len", type=int, default=1024, help="KV length of the graph-timing engines")
+    parser.add_argument("--kernels-only", action="store_true", help="only the kernel count per step (CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tts = build_model(args.size, device=device, dtype=dtype)
-    print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.kernels_only:
+        for batch in batches:
+            result = kernel_profile(tts, batch, args.steps, compile=args.compile != "off", rows=args.rows)
+            print(json.dumps({"kernel_profile": result}), flush=True)
+        return
+    print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
     if device.type == "cuda":
         compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         for compile in compiles:
