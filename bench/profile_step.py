@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile for graphs")
     parser.add_argument("--max-len", type=int, default=1024, help="KV length of the graph-timing engines")
     parser.add_argument("--kernels-only", action="store_true", help="only the kernel count per step (CUDA)")
+    parser.add_argument("--graphs-only", action="store_true", help="only ms per step with CUDA graphs (CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -219,6 +220,11 @@ def main() -> None:
         for batch in batches:
             result = kernel_profile(tts, batch, args.steps, compile=args.compile != "off", rows=args.rows)
             print(json.dumps({"kernel_profile": result}), flush=True)
+        return
+    if args.graphs_only:
+        for batch in batches:
+            steps = graph_steps(tts, batch, 3 * args.steps, compile=args.compile != "off", max_len=args.max_len)
+            print(json.dumps({"graph_steps": steps}), flush=True)
         return
     print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
     if device.type == "cuda":

@@ -171,17 +171,54 @@ def layer_out(
     return x + F.linear(F.silu(gate) * up, down)
 
 
-def grouped_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
     """One query position per row against `keys` [B, kv_heads, L, hd], for grouped-query heads.
 
-    The q heads that share a kv head become that head's query "positions", so no kernel needs GQA
-    support and keys are never repeated. `q` [B, heads, 1, hd]; `mask` [B, 1, 1, L] or None.
+    The q heads that share a kv head become that head's query "positions", so keys are never
+    repeated. Written as two matmuls around a masked fp32 softmax, not SDPA: SDPA's CUDA kernels
+    (cuDNN flash, memory-efficient) tile for many query rows and took 2-4x longer for these shapes
+    on an H200 (bench.micro_kernels); compiled, this is two matmuls and one fused softmax kernel.
+    `q` [B, heads, 1, hd]; `mask` [B or 1, 1, 1, L] bool, True where a key is visible.
     """
     B, heads, _, hd = q.shape
     kv_heads = keys.shape[1]
     grouped = q.reshape(B, kv_heads, heads // kv_heads, hd)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(B, heads, 1, hd)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, values).reshape(B, heads, 1, hd)
+
+
+def decode_layer(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kv_len: int,
+    scale: float,
+    attn_args: tuple[Any, ...],
+    out_args: tuple[Any, ...],
+    slots: Tensor | None = None,
+) -> Tensor:
+    """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write at
+    `positions` ([B], or [1] for all rows), attention over the first `kv_len` cache positions, MLP.
+
+    Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
+    function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
+    softmax: a layer is a dozen kernels, not the ~16 of separate calls.
+    """
+    B = x.shape[0]
+    q, k, v = attn_in(x, cos, sin, *attn_args)
+    rows = torch.arange(B, device=x.device) if slots is None else slots
+    k_cache[rows, :, positions] = k[:, :, 0]
+    v_cache[rows, :, positions] = v[:, :, 0]
+    if slots is None:
+        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
+    else:
+        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
+    return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
 
 
 class ModelRunner:
@@ -226,8 +263,15 @@ class ModelRunner:
         self.cp_cos, self.cp_sin = rope_tables(cp.model.rotary_emb, CP_CACHE_LEN, self.dtype)
         self.cp_norm = cp.model.norm
 
+        # The code predictor's positions: cache index and the keys each position sees.
+        cp_keys = torch.arange(CP_CACHE_LEN, device=self.device)
+        self.cp_positions = list(cp_keys[:, None])
+        self.cp_masks = [(cp_keys <= p)[None, None, None, :] for p in range(CP_CACHE_LEN)]
+
         self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
         self.layer_out: Callable[..., Tensor] = layer_out
+        self.decode_layer: Callable[..., Tensor] = decode_layer
+        self.cp_decode_layer: Callable[..., Tensor] = decode_layer
         if compile:
             self.enable_compile()
 
@@ -235,7 +279,9 @@ class ModelRunner:
         """Fuse the elementwise work around the matmuls with `torch.compile` (CUDA; compiles on first use).
 
         Shapes differ between talker and code predictor, prefill and decode, and batch buckets; the
-        first recompile marks the batch dimension dynamic, so a handful of compiles serve them all.
+        first recompile marks the batch dimension (and the talker's KV length) dynamic, so a handful of
+        compiles serve them all. The talker's and the code predictor's decode layers are compiled
+        apart: their weights differ in shape, and one compiled function would make those dynamic too.
         """
         import torch._dynamo
 
@@ -245,9 +291,12 @@ class ModelRunner:
                 setattr(config, name, max(getattr(config, name), 64))
         self.attn_in = torch.compile(attn_in)
         self.layer_out = torch.compile(layer_out)
+        self.decode_layer = torch.compile(decode_layer)
+        self.cp_decode_layer = torch.compile(decode_layer)
 
     def disable_compile(self) -> None:
         self.attn_in, self.layer_out = attn_in, layer_out
+        self.decode_layer = self.cp_decode_layer = decode_layer
 
     @property
     def compiled(self) -> bool:
@@ -309,23 +358,14 @@ class ModelRunner:
         row's position, e.g. a CUDA-graph bucket) limits how much of the cache is read; default all
         of it. Returns hidden [B, H] and logits [B, V].
         """
-        B = inputs.shape[0]
         kv_len = self.max_len if kv_len is None else kv_len
-        rows = self.rows[:B] if slots is None else slots
         x = inputs[:, None, :]
         cos = self.cos[positions][:, None, None, :]
         sin = self.sin[positions][:, None, None, :]
         mask = (self.key_positions[None, :kv_len] <= positions[:, None])[:, None, None, :]
-        for i, w in enumerate(self.layers):
-            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[rows, :, positions] = k[:, :, 0]
-            v_cache[rows, :, positions] = v[:, :, 0]
-            if slots is None:
-                keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
-            else:
-                keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
-            x = self.layer_out(x, grouped_attention(q, keys, values, mask, self.scaling), *w.out_args)
+        for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            args = (positions, k_cache, v_cache, kv_len, self.scaling, w.attn_args, w.out_args, slots)
+            x = self.decode_layer(x, cos, sin, mask, *args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
 
@@ -396,21 +436,23 @@ class ModelRunner:
 
         Rows are batch rows, not slots: the cache holds one frame and every frame overwrites it.
         Returns the final-normed hidden states [B, S, h] (the head runs over all of them, as
-        upstream's does, so prefill logits round exactly like upstream's).
+        upstream's does, so prefill logits round exactly like upstream's). One position (every
+        codebook after the first) goes through `decode_layer`; a later position's stale keys from
+        the previous frame are masked out.
         """
         B, S, _ = x.shape
         end = start + S
         cos, sin = self.cp_cos[start:end], self.cp_sin[start:end]
         for i, w in enumerate(self.cp_layers):
-            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            self.cp_k_cache[i][:B, :, start:end] = k
-            self.cp_v_cache[i][:B, :, start:end] = v
-            keys, values = self.cp_k_cache[i][:B, :, :end], self.cp_v_cache[i][:B, :, :end]
+            k_cache, v_cache = self.cp_k_cache[i], self.cp_v_cache[i]
             if S == 1:
-                o = grouped_attention(q, keys, values, None, self.cp_scaling)
-            else:
-                o = F.scaled_dot_product_attention(
-                    q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True
-                )
+                args = (self.cp_positions[start], k_cache, v_cache, CP_CACHE_LEN, self.cp_scaling)
+                x = self.cp_decode_layer(x, cos, sin, self.cp_masks[start], *args, w.attn_args, w.out_args)
+                continue
+            q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
+            k_cache[:B, :, start:end] = k
+            v_cache[:B, :, start:end] = v
+            keys, values = k_cache[:B, :, :end], v_cache[:B, :, :end]
+            o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True)
             x = self.layer_out(x, o, *w.out_args)
         return F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)

@@ -23,7 +23,7 @@ import torch
 
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.frame_graphs import FrameGraphs
-from qwen_tts_server.engine.fast.model_runner import ModelRunner, layer_out
+from qwen_tts_server.engine.fast.model_runner import ModelRunner, decode_layer
 from qwen_tts_server.engine.fast.runtime import FastRuntime
 from qwen_tts_server.engine.fast.sampler import RowSampling, Sampler, _talker_choose
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
@@ -99,7 +99,7 @@ def test_compiled_functions_keep_no_tensor_of_a_dropped_model(tiny_models_dir, n
     sampler = Sampler.for_model(tts)
     sampler.enable_compile()
     # torch.compile raises when it cannot compile, so with the wrappers in place the calls below ran compiled.
-    assert runner.layer_out is not layer_out and sampler._talker_choose is not _talker_choose
+    assert runner.decode_layer is not decode_layer and sampler._talker_choose is not _talker_choose
     _, logits = runner.decode(torch.zeros(1, tts.model.talker.config.hidden_size), torch.tensor([3]))
     seen = torch.zeros(1, runner.vocab_size, dtype=torch.bool)
     sampler.talker(logits, RowSampling.make(1), seen, torch.zeros(1, dtype=torch.long))

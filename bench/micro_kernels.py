@@ -1,0 +1,182 @@
+"""Microbenchmarks of the three kernel choices the step profile points at (CUDA), at the 1.7B shapes.
+
+`bench.profile_step --kernels-only` shows where a frame's kernels go: decode attention through cuDNN's
+flash kernel (one query row, 6 us a call at one row, 20 us at 64), split-K matmuls that add a memset
+and a reduce kernel to every down projection at one row, and top-k for the narrow sampling plan (19 us
+a codebook). This times alternatives for each, every variant replayed in a CUDA graph of `--calls`
+calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math.
+
+    python -m bench.micro_kernels --out "$OUT"       # on the GPU; prints JSON lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
+TALKER = {"hidden": 2048, "inter": 6144, "vocab": 3072}
+PREDICTOR = {"hidden": 1024, "inter": 3072, "vocab": 2048}
+
+
+def graph_us(fn: Callable[[], Any], calls: int) -> float:
+    """Mean device microseconds per call of `fn`, replayed `calls` times in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(1000 * start.elapsed_time(end) / (5 * calls), 2)
+
+
+def attention_variants() -> dict[str, Callable[..., Tensor]]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=HEAD_DIM**-0.5)
+
+    def efficient(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return sdpa(q, k, v, mask)
+
+    def manual(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * HEAD_DIM**-0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, v)
+
+    def broadcast(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        scores = (q[:, :, :, None, :].float() * k[:, :, None, :, :].float()).sum(-1) * HEAD_DIM**-0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (probs[..., None] * v[:, :, None, :, :].float()).sum(-2).to(q.dtype)
+
+    return {
+        "sdpa_default": sdpa,
+        "sdpa_efficient": efficient,
+        "manual_compiled": torch.compile(manual, dynamic=False),
+        "broadcast_compiled": torch.compile(broadcast, dynamic=False),
+    }
+
+
+def bench_attention(calls: int) -> list[dict[str, Any]]:
+    """Decode attention, grouped as the engine does: q [B, kv_heads, heads/kv_heads, hd] against one cache slice."""
+    rows = []
+    variants = attention_variants()
+    for name, batch, length in [
+        ("predictor", 1, 16),
+        ("predictor", 64, 16),
+        ("talker", 1, 512),
+        ("talker", 64, 512),
+        ("talker", 1, 2048),
+        ("talker", 64, 2048),
+    ]:
+        g = HEADS // KV_HEADS
+        q = torch.randn(batch, KV_HEADS, g, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, KV_HEADS, length, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        used = torch.randint(1, length + 1, (batch,), device="cuda")
+        mask = (torch.arange(length, device="cuda")[None, :] < used[:, None])[:, None, None, :]
+        reference = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, scale=HEAD_DIM**-0.5
+        )
+        row: dict[str, Any] = {"shape": name, "batch": batch, "kv_len": length}
+        for variant, fn in variants.items():
+            try:
+                error = float((fn(q, k, v, mask).float() - reference).abs().max())
+                us = graph_us(lambda fn=fn, args=(q, k, v, mask): fn(*args), calls)
+                row[variant] = {"us": us, "max_abs_err": round(error, 4)}
+            except Exception as exc:  # a backend that refuses the shape says so in the table
+                row[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        rows.append(row)
+    return rows
+
+
+def bench_linear(calls: int) -> list[dict[str, Any]]:
+    """One-row and 64-row projections of both models under cuBLAS settings that change split-K."""
+    rows = []
+    shapes = []
+    for model, dims in (("talker", TALKER), ("predictor", PREDICTOR)):
+        h, inter = dims["hidden"], dims["inter"]
+        qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
+        shapes += [(model, "qkv", h, qkv), (model, "o", HEADS * HEAD_DIM, h)]
+        shapes += [(model, "gate_up", h, 2 * inter), (model, "down", inter, h)]
+    settings = {
+        "default": {},
+        "no_reduced_precision_reduction": {"reduced": False},
+        "cublas_not_lt": {"library": "cublas"},
+    }
+    for model, proj, k_in, n_out in shapes:
+        for batch in (1, 2, 64):
+            x = torch.randn(batch, k_in, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02
+            row: dict[str, Any] = {"model": model, "proj": proj, "batch": batch}
+            for name, setting in settings.items():
+                matmul = torch.backends.cuda.matmul
+                before = (matmul.allow_bf16_reduced_precision_reduction, torch.backends.cuda.preferred_blas_library())
+                try:
+                    if "reduced" in setting:
+                        matmul.allow_bf16_reduced_precision_reduction = setting["reduced"]
+                    if "library" in setting:
+                        torch.backends.cuda.preferred_blas_library(setting["library"])
+                    row[name] = graph_us(lambda x=x, w=w: F.linear(x, w), calls)
+                finally:
+                    matmul.allow_bf16_reduced_precision_reduction = before[0]
+                    torch.backends.cuda.preferred_blas_library(before[1])
+            rows.append(row)
+    return rows
+
+
+def bench_top_k(calls: int) -> list[dict[str, Any]]:
+    """The narrow plan's top-64 of a row's logits, and full sorts that could replace it."""
+    rows = []
+    for vocab in (PREDICTOR["vocab"], TALKER["vocab"]):
+        for batch in (1, 64):
+            x = torch.randn(batch, vocab, device="cuda")
+            row: dict[str, Any] = {"vocab": vocab, "batch": batch}
+            row["topk_64"] = graph_us(lambda x=x: x.topk(64, dim=-1), calls)
+            row["sort_full"] = graph_us(lambda x=x: x.sort(dim=-1, descending=True), calls)
+            row["topk_64_compiled"] = graph_us(torch.compile(lambda x=x: x.topk(64, dim=-1)), calls)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--parts", default="attention,linear,top_k", help="which of attention, linear, top_k")
+    parser.add_argument("--out", type=Path, default=None, help="folder for micro-kernels.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {}
+    parts = {"attention": bench_attention, "linear": bench_linear, "top_k": bench_top_k}
+    for name in args.parts.split(","):
+        fn = parts[name]
+        results[name] = fn(args.calls)
+        for row in results[name]:
+            print(json.dumps({name: row}), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "micro-kernels.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
