@@ -23,6 +23,7 @@ new one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import sys
@@ -273,15 +274,15 @@ class FastEngine:
             log.exception("streaming decoder graph capture failed; streaming chunks decode eagerly")
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
-        """Run every compiled path once per sampling variant, at two batch sizes (the first
-        recompile makes the batch dimension dynamic) and for packed prefill (the sequence length
-        too), so no request ever waits for a compile. Prefill writes KV into rows 0-1: warm_up runs
-        before any request is admitted."""
+        """Run every compiled path once per sampling variant, at two batch sizes and two KV lengths
+        (the first recompile makes those dimensions dynamic) and for packed prefill (the sequence
+        length too), so no request ever waits for a compile, and graph capture never compiles.
+        Prefill writes KV into rows 0-1: warm_up runs before any request is admitted."""
         width = self.hidden.shape[-1]
         for plans in variants:
             with self.preserved_rows(self.buckets[-1]):
-                for size in self.buckets[:2]:
-                    self.frame(size, self.kv_buckets[0], plans)
+                for size, kv_len in itertools.product(self.buckets[:2], self.kv_buckets[:2]):
+                    self.frame(size, kv_len, plans)
             for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
                 prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
                 _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
