@@ -54,6 +54,13 @@ class Settings(BaseSettings):
         description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR, unless that is set), so a restart "
         "reuses the compiled kernels; default: compile-cache in data_dir.",
     )
+    trace_dir: Path | None = Field(
+        None,
+        description="Diagnostics: write a torch.profiler trace of 30 steps of each fast engine here (Chrome "
+        "trace and kernel table; summarise with `python -m bench.trace_summary`). Off by default: tracing "
+        "slows the traced steps.",
+    )
+    trace_after_steps: int = Field(300, ge=1, description="Diagnostics: the trace starts after this many steps.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     devices: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

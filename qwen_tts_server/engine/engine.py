@@ -28,6 +28,7 @@ from .admission import AdmissionGate
 from .batcher import Batcher
 from .fast.memory import WORKSPACE_BYTES, auto_slots, device_budget, row_bytes
 from .fast.runtime import FastRuntime
+from .fast.trace import StepTrace
 from .reference import ReferenceRunner
 from .registry import LoadedModel, ModelRegistry
 from .types import (
@@ -182,6 +183,7 @@ class TTSEngine:
                 stream_first_frames=s.stream_first_chunk_frames,
                 stream_chunk_frames=s.stream_chunk_frames,
                 stream_decoder=s.stream_decoder,
+                trace=StepTrace(s.trace_dir, s.trace_after_steps) if s.trace_dir else None,
             )
         except Exception as exc:  # e.g. out of memory for the KV cache
             raise ModelUnavailable(

@@ -50,6 +50,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceSampling, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer
+from .trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,10 @@ class FastEngine:
         stream_chunk_frames: int = 12,
         stream_first_frames: int = 2,
         stream_decoder: str = "stateful",
+        trace: StepTrace | None = None,
     ) -> None:
         self.tts = tts
+        self.trace = trace
         self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
         if self.runner.device.type == "cuda":
             CUDA_ENGINES.add(self)  # before any capture (see CudaEngines)
@@ -388,6 +391,8 @@ class FastEngine:
                     continue
                 try:
                     self.step()
+                    if self.trace is not None:
+                        self.trace.after_step()
                 except Exception as exc:
                     log.exception("fast engine step failed")
                     if is_device_fault(exc):

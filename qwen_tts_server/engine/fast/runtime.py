@@ -20,6 +20,7 @@ from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisRe
 from .engine import FastEngine
 from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
+from .trace import StepTrace
 
 # Upstream's hard defaults, used where the checkpoint's generation_config says nothing.
 _DEFAULTS = {
@@ -71,6 +72,7 @@ class FastRuntime:
         stream_first_frames: int = 2,
         stream_chunk_frames: int = 12,
         stream_decoder: str = "stateful",
+        trace: StepTrace | None = None,
     ) -> None:
         self.tts = tts
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
@@ -85,6 +87,7 @@ class FastRuntime:
             stream_chunk_frames=stream_chunk_frames,
             stream_first_frames=stream_first_frames,
             stream_decoder=stream_decoder,
+            trace=trace,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
         )
         # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
