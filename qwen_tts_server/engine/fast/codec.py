@@ -60,6 +60,12 @@ class CodecDecoder:
         self.device = next(self.decoder.parameters()).device
         self.max_batch_frames = max_batch_frames
         self.use_graphs = graphs and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            # cuDNN's heuristics gave the decoder's bf16 convolutions slow generic kernels (implicit_convolve_sgemm,
+            # 3.7 ms a call in a traced stream). Timing the candidates once per shape, at the graph warm-up,
+            # took 16 lockstep streams from 719 to 996 audio-s/s (bench.bench_stream_codec, H200). Process-wide;
+            # shapes outside the graphs pay the timing at their first use.
+            torch.backends.cudnn.benchmark = True
         self._graphs: dict[tuple[int, int], tuple[Any, Tensor, Tensor]] = {}
         self._pool: Any = None
         self._capture_stream: Any = None  # created at the first capture (needs CUDA)
