@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class StepTrace:
         self.folder, self.after_steps, self.steps = folder, after_steps, steps
         self.count = 0
         self._profiler: Any = None
+        self.written = threading.Event()  # set once the files are out
 
     def after_step(self) -> None:
         """Called by the step thread after every step."""
@@ -45,11 +47,17 @@ class StepTrace:
         log.info("tracing the next %d steps", self.steps)
 
     def _finish(self) -> None:
+        """Stop recording here; write the files from a thread of their own (tens of MB: writing them on
+        the step thread stalled every stream for seconds)."""
         profiler, self._profiler = self._profiler, None
         profiler.__exit__(None, None, None)
+        threading.Thread(target=self._write, args=(profiler,), name="qtts-trace-writer", daemon=True).start()
+
+    def _write(self, profiler: Any) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         stem = self.folder / f"steps-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
         profiler.export_chrome_trace(f"{stem}.json")
         table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=60)
         Path(f"{stem}.txt").write_text(table)
         log.info("wrote a trace of %d steps to %s.json", self.steps, stem)
+        self.written.set()

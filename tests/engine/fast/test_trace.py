@@ -24,6 +24,7 @@ def test_the_step_thread_traces_its_window_of_steps(load_tts, tmp_path):
         assert done.wait(60)
     finally:
         engine.stop()
+    assert trace.written.wait(60)
     traces = list((tmp_path / "trace").glob("steps-*.json"))
     assert len(traces) == 1 and trace.count >= 5
     events = json.loads(traces[0].read_text())["traceEvents"]
