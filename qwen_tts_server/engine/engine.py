@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator
@@ -75,6 +76,9 @@ class TTSEngine:
         self.runner = runner or ReferenceRunner()
         self.voice_cache = VoicePromptCache(settings.voice_cache_entries)
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtts-gpu")
+        # Engines are built (compiled, warmed up, graphs captured) on one thread: its cuBLAS handle with the
+        # same capture streams (capture.StreamRegistry) reuses the same workspaces, engine after engine.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtts-engine-build")
         self.batcher: Batcher[SynthesisItem, SynthesisResult] = Batcher(
             self._run_batch, max_batch=settings.max_batch_size, window_s=settings.batch_window_ms / 1000
         )
@@ -171,7 +175,7 @@ class TTSEngine:
         self._check_current(model)  # never build an engine for a model that has left the registry
         s = self.settings
         try:
-            runtime = await asyncio.to_thread(
+            build = functools.partial(
                 FastRuntime,
                 model.tts,
                 max_slots=s.max_slots or self._auto_slots(model),
@@ -185,6 +189,7 @@ class TTSEngine:
                 stream_decoder=s.stream_decoder,
                 trace=StepTrace(s.trace_dir, s.trace_after_steps) if s.trace_dir else None,
             )
+            runtime = await asyncio.get_running_loop().run_in_executor(self._builder, build)
         except Exception as exc:  # e.g. out of memory for the KV cache
             raise ModelUnavailable(
                 f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
@@ -422,6 +427,7 @@ class TTSEngine:
             runtime.close()
         self._fast.clear()
         self._gpu.shutdown(wait=True, cancel_futures=True)
+        self._builder.shutdown(wait=True, cancel_futures=True)
 
 
 def _restart_on_failure(engine: TTSEngine, name: str) -> Callable[[BaseException], None]:

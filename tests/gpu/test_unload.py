@@ -12,11 +12,14 @@ keeps hold of would then keep the model alive); the second engine reuses what th
 torch.cuda.memory_allocated() is read before the load, after it, after each engine's warm-up and request,
 after each close, and after the model is gone.
 
-Tolerance: 128 MiB per engine, 256 MiB in all. What PyTorch may keep for the process's life is cuBLAS
-workspaces, one per (thread's cuBLAS handle, stream) pair, up to 32 MiB each on Hopper: an engine brings new
-threads and a step stream and a codec stream from PyTorch's stream pools. Anything that scales with the
-engine (its KV cache: about 0.5 GiB for the full-size model here; graph pools: hundreds of MiB) or the model
-(GBs) is far beyond it.
+Tolerance: 192 MiB for the first engine, 32 MiB more for each later one, 256 MiB in all. What PyTorch
+keeps for the process's life (until the last engine goes, `memory.CudaEngines`; the tier's shared engine
+stays) is cuBLAS workspaces, one per (thread's cuBLAS handle, stream) pair, 32 MiB each on Hopper: the first
+engine brings five streams (step, codec and three capture streams). A later engine takes the same streams
+back (`capture.StreamRegistry`) and its threads the same handles, so it adds none: growth per engine is the
+leak to catch (it was 164 MiB per engine on the H200 before streams were reused). Anything that scales
+with the engine (its KV cache: about 0.5 GiB for the full-size model here; graph pools: hundreds of MiB) or
+the model (GBs) is far beyond it.
 The blocks left over are listed by size in the results, so a failure says what is left.
 """
 
@@ -42,7 +45,8 @@ from .support import MAX_LEN, Results, Tier
 pytestmark = pytest.mark.gpu
 
 MiB = 2**20
-PER_ENGINE = 128 * MiB
+FIRST_ENGINE = 192 * MiB
+LATER_ENGINE = 32 * MiB
 IN_ALL = 256 * MiB
 
 
@@ -162,7 +166,7 @@ def test_memory_returned_at_unload(
     if tier.cuda:
         assert loaded is not None and closed is not None and unloaded is not None and base is not None
         for i, cycle in enumerate(cycles, start=1):  # cumulative: engine i's leftovers add to those before
-            assert cycle["left_after_close_mib"] <= i * PER_ENGINE / MiB, (
+            assert cycle["left_after_close_mib"] <= (FIRST_ENGINE + (i - 1) * LATER_ENGINE) / MiB, (
                 f"{i} engines left {cycle['left_after_close_mib']} MiB after close: {engine_left_blocks}"
             )
         assert unloaded - base <= IN_ALL, f"{(unloaded - base) / MiB:.0f} MiB left after unload (see the results)"

@@ -20,43 +20,79 @@ from typing import Any
 import torch
 
 POOL_SIZE = 32  # streams PyTorch keeps per device and priority, handed out in turn
+CAPTURE_PRIORITY = -1  # never the priority-0 stream `torch.cuda.graph` captures on by default
 
 
-def _pool_stream(device: torch.device) -> torch.cuda.Stream:
-    # Priority -1: never the priority-0 stream `torch.cuda.graph` captures on by default.
-    return torch.cuda.Stream(device, priority=-1)
+def _pool_stream(device: torch.device, priority: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device, priority=priority)
 
 
-class CaptureStreams:
-    """The capture streams held by live graph owners, so that no two owners ever share one. PyTorch hands
-    out streams from a pool of 32 in turn, so after enough engines came and went a new stream can be one a
-    live owner holds: drawn again until it is not."""
+class StreamRegistry:
+    """The CUDA streams of live owners (graph owners, an engine's step and codec streams), so that no two
+    owners ever share one, and so that an owner's streams go to the next owner once it is gone.
 
-    def __init__(self, new_stream: Callable[[torch.device], Any] = _pool_stream, pool_size: int = POOL_SIZE) -> None:
+    Sharing: PyTorch hands out streams from a pool of 32 per priority in turn, so after enough engines came
+    and went a new stream can be one a live owner holds: drawn again until it is not. Reuse: every new
+    (thread's cuBLAS handle, stream) pair gets a 32 MiB cuBLAS workspace for the life of the process (or
+    until the last engine goes, `memory.CudaEngines`), so an engine built on fresh streams while another
+    model stays loaded left ~160 MiB behind at every unload (GPU test tier, 2026-12-04). A freed stream is
+    handed out again first; the next engine's threads reuse the old ones' handles from PyTorch's pool, so
+    the same workspaces serve it."""
+
+    def __init__(
+        self, new_stream: Callable[[torch.device, int], Any] = _pool_stream, pool_size: int = POOL_SIZE
+    ) -> None:
         self._new_stream, self._pool_size = new_stream, pool_size
-        self._owners: dict[tuple[int, int], weakref.ref[Any]] = {}
+        self._owners: dict[tuple[int, int], tuple[weakref.ref[Any], Any, int]] = {}
+        self._free: dict[tuple[int, int], list[Any]] = {}  # (device index, priority) -> streams
         self._lock = threading.Lock()
 
-    def take(self, device: torch.device, owner: Any) -> torch.cuda.Stream:
-        """A stream for `owner`'s captures, held until `owner` is gone. Raises RuntimeError when every
-        stream of the pool is held (the caller's graph capture then fails and it runs eagerly)."""
+    def take(self, device: torch.device, owner: Any, priority: int = CAPTURE_PRIORITY) -> torch.cuda.Stream:
+        """A stream for `owner`, held until `owner` is gone. Raises RuntimeError when every stream of the
+        pool is held (a graph capture then fails and its owner runs eagerly)."""
         with self._lock:
-            self._owners = {key: ref for key, ref in self._owners.items() if ref() is not None}
+            self._collect()
+            free = self._free.get((_index(device), priority))
+            if free:
+                return self._hold(free.pop(), owner, priority)
+            free_keys = {_key(stream) for streams in self._free.values() for stream in streams}
             for _ in range(self._pool_size):
-                stream = self._new_stream(device)
-                key = (stream.device_index, stream.cuda_stream)
-                if key not in self._owners:
-                    self._owners[key] = weakref.ref(owner)
-                    return stream
-        raise RuntimeError(f"all {self._pool_size} capture streams of {device} are held by live graph owners")
+                stream = self._new_stream(device, priority)
+                if _key(stream) not in self._owners and _key(stream) not in free_keys:
+                    return self._hold(stream, owner, priority)
+        raise RuntimeError(f"all {self._pool_size} streams of {device} at priority {priority} are held by live owners")
+
+    def _hold(self, stream: Any, owner: Any, priority: int) -> Any:
+        self._owners[_key(stream)] = (weakref.ref(owner), stream, priority)
+        return stream
+
+    def _collect(self) -> None:
+        """Streams whose owner is gone become free."""
+        for key, (ref, stream, priority) in list(self._owners.items()):
+            if ref() is None:
+                del self._owners[key]
+                self._free.setdefault((stream.device_index, priority), []).append(stream)
 
 
-CAPTURE_STREAMS = CaptureStreams()
+def _key(stream: Any) -> tuple[int, int]:
+    return stream.device_index, stream.cuda_stream
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+STREAMS = StreamRegistry()
 
 
 def capture_stream(device: torch.device, owner: Any) -> torch.cuda.Stream:
     """A stream for `owner` (frame graphs, codec, streaming decoder) to capture its graphs on; see above."""
-    return CAPTURE_STREAMS.take(device, owner)
+    return STREAMS.take(device, owner)
+
+
+def engine_stream(device: torch.device, owner: Any, priority: int) -> torch.cuda.Stream:
+    """A stream for an engine's own work (its step loop, its codec thread), reused by later engines."""
+    return STREAMS.take(device, owner, priority)
 
 
 @contextlib.contextmanager

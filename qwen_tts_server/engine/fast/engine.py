@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ...errors import EngineFailed, ModelUnavailable
 from ..types import FinishReason
+from .capture import engine_stream
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .faults import engine_failed, is_device_fault
@@ -159,8 +160,8 @@ class FastEngine:
         self.graphs = FrameGraphs(self) if use_graphs else None
         # Steps run on a high-priority stream, codec decode on a low-priority one: a burst of
         # decoding yields the GPU to the next frame instead of queueing ahead of it.
-        self.step_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
-        self.codec_stream = torch.cuda.Stream(device, priority=0) if cuda else None
+        self.step_stream = engine_stream(device, self, priority=-1) if cuda else None
+        self.codec_stream = engine_stream(device, self, priority=0) if cuda else None
         # Work handed in by other threads.
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()

@@ -1,7 +1,8 @@
-"""Capture streams (qwen_tts_server/engine/fast/capture.py): no two live graph owners ever share one.
+"""Owned streams (qwen_tts_server/engine/fast/capture.py): no two live owners ever share one, and a gone
+owner's stream goes to the next owner (so cuBLAS workspaces, one per handle and stream, stop growing).
 
-PyTorch's stream pool (32 per priority, handed out in turn) needs CUDA; here a pool of three stream-like
-objects handed out in turn stands in for it, which is all `CaptureStreams` sees of it."""
+PyTorch's stream pool (32 per priority, handed out in turn) needs CUDA; here a pool of stream-like objects
+handed out in turn stands in for it, which is all `StreamRegistry` sees of it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from qwen_tts_server.engine.fast.capture import CaptureStreams
+from qwen_tts_server.engine.fast.capture import StreamRegistry
 
 
 @dataclass(frozen=True)
@@ -25,30 +26,40 @@ class Owner:  # a graph owner: frame graphs, codec or streaming decoder
 
 
 def cycling_pool(size: int):
-    handles = itertools.cycle(range(size))
-    return lambda device: PoolStream(0, next(handles))
+    handles = {priority: itertools.cycle(range(size)) for priority in (-1, 0)}
+    return lambda device, priority: PoolStream(0, 100 * priority + next(handles[priority]))
 
 
 def test_a_stream_a_live_owner_holds_is_never_handed_out_again():
-    streams = CaptureStreams(cycling_pool(3), pool_size=3)
+    streams = StreamRegistry(cycling_pool(3), pool_size=3)
     device = torch.device("cuda", 0)
-    first, second = Owner(), Owner()
+    first, second, third = Owner(), Owner(), Owner()
     a = streams.take(device, first)
     b = streams.take(device, second)
-    assert a != b
-    third = Owner()
-    c = streams.take(device, third)  # the pool's next is free
-    assert c not in (a, b)
-    del second  # its stream is free again; the pool comes round to `a` first, which `first` holds
-    d = streams.take(device, Owner())
-    assert d == b
+    c = streams.take(device, third)
+    assert len({a, b, c}) == 3
+    del second  # the pool comes round to `a` first, which `first` holds; `b` is free again
+    assert streams.take(device, Owner()) == b
+
+
+def test_a_gone_owners_stream_is_handed_out_again_before_a_new_one():
+    """An engine built after another was unloaded gets the same streams (and so the same workspaces)."""
+    streams = StreamRegistry(cycling_pool(8), pool_size=8)
+    device = torch.device("cuda", 0)
+    engine = Owner()
+    step, codec = streams.take(device, engine, priority=-1), streams.take(device, engine, priority=0)
+    del engine
+    rebuilt = Owner()
+    assert streams.take(device, rebuilt, priority=-1) == step
+    assert streams.take(device, rebuilt, priority=0) == codec  # each priority keeps its own streams
+    assert streams.take(device, rebuilt, priority=-1) != step  # held again: a new one
 
 
 def test_when_every_stream_is_held_capture_fails_instead_of_sharing():
-    streams = CaptureStreams(cycling_pool(2), pool_size=2)
+    streams = StreamRegistry(cycling_pool(2), pool_size=2)
     device = torch.device("cuda", 0)
     owners = [Owner(), Owner()]
     for owner in owners:
         streams.take(device, owner)
-    with pytest.raises(RuntimeError, match="held by live graph owners"):
+    with pytest.raises(RuntimeError, match="held by live owners"):
         streams.take(device, Owner())
