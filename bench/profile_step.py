@@ -7,6 +7,7 @@ replay gives the same codes as eager, and compares our prefill logits with upstr
 forward on the same prompt (teacher-forced, so the difference is numerics only).
 
     python -m bench.profile_step --size 1.7B --batches 1,8,64 --compile both   # on the GPU
+    python -m bench.profile_step --size 1.7B --batches 1,64 --compile on --kernels-only  # kernels per frame
     python -m bench.profile_step --size tiny --batches 1,2 --device cpu          # smoke test
 """
 
