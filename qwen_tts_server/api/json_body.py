@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .validation import pause_for_other_threads
+from ..text.checks import pause_for_other_threads
 
 __all__ = ["LONG_STRING", "SLICE", "THRESHOLD", "OffLoopJSONRoute", "loads_in_slices", "parse_large_json"]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import httpx
 
-from qwen_tts_server.api.validation import checked_text, checked_text_in_slices, pause_for_other_threads
 from qwen_tts_server.audio.codec_io import DecodedAudio, check_duration, decode_audio
 from qwen_tts_server.config import Settings
 from qwen_tts_server.errors import InvalidRequest, NotFound, PayloadTooLarge
 from qwen_tts_server.net import ResolveHost, pinned_request, system_resolve
 from qwen_tts_server.storage.files import FileRegistry, is_file_id
+from qwen_tts_server.text.checks import checked_text, checked_text_in_slices, pause_for_other_threads
 
 MAX_REDIRECTS = 3
 MIN_BASE64_CHARS = 64

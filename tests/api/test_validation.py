@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwen_tts_server.api.app import create_app
-from qwen_tts_server.api.validation import TEMPERATURE_RANGE, check_text
+from qwen_tts_server.api.validation import TEMPERATURE_RANGE
 from qwen_tts_server.engine.fast.sampler import RowSampling, choose
 from qwen_tts_server.errors import InvalidRequest
 
@@ -160,16 +160,6 @@ def test_text_with_tabs_newlines_and_astral_characters_is_served(client):
     raw = '{"text": "Tab\\there,\\r\\nnew \\ud83d\\ude00 \\u00e9t\\u00e9.", "speaker": "ryan", "max_new_tokens": 4}'
     response = post_raw(client, "custom-voice", raw)
     assert response.status_code == 200, response.text
-
-
-def test_long_base64_text_is_checked_quickly():
-    text = "QUJD" * 7_000_000  # 28 M characters, the size of a 20 MB clip in base64
-    started = time.perf_counter()
-    assert check_text(text) is text
-    assert time.perf_counter() - started < 1.0
-    with pytest.raises(Exception, match="control character U\\+0000 at index 27999999"):
-        check_text(text[:-1] + "\0")
-    assert check_text("QUJD\nQUJD\r\n" * 10_000)  # MIME line breaks are fine
 
 
 # ----- the error path itself never fails -----

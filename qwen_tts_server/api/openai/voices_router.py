@@ -20,10 +20,10 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from ...errors import InvalidRequest
 from ...storage.voices import VoiceRecord
+from ...text.checks import checked_text
 from ..deps import owner, services
 from ..files import read_limited
 from ..lifecycle import until_disconnect
-from ..validation import checked_text
 from ..voices import checked_name, create_designed, create_from_reference
 
 router = APIRouter(prefix="/v1/audio/voices", tags=["openai"])

@@ -37,11 +37,11 @@ from pydantic import ValidationError
 from ...engine.engine import check_items
 from ...engine.types import FinishReason, SynthesisItem
 from ...errors import InvalidRequest, ServiceError, Unauthorized
+from ...text.checks import checked_text
 from ...text.segment import SentenceBuffer
 from ..auth import is_valid, owner_of, presented_key
 from ..error_shapes import error_body
 from ..speech import Speech, StreamEncoder
-from ..validation import checked_text
 from .protocol import SpeechRequest
 from .serving import PARAMS, input_tokens, resolve_mode, speech_item, stored_voice
 
