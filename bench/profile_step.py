@@ -56,23 +56,23 @@ def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
     n = len(engine.scheduler.running)  # running requests hold rows 0..n-1
     with torch.inference_mode():
         for _ in range(steps):
-            step = engine.frame_index[:n].clone()
-            sub = engine.sub_params.head(n)
+            step = engine.rows.frame_index[:n].clone()
+            sub = engine.rows.sub_params.head(n)
             sync_device(device)
             t0 = time.perf_counter()
             codes, embedded = runner.predict_codes(
-                engine.hidden[:n].clone(),
-                engine.code0[:n].clone(),
+                engine.rows.hidden[:n].clone(),
+                engine.rows.code0[:n].clone(),
                 lambda cb, lg, sub=sub, step=step: sampler.code_predictor(lg, sub, step, cb),
             )
             sync_device(device)
             t1 = time.perf_counter()
-            kv_len = next(k for k in engine.kv_buckets if k > int(engine.position[:n].max()))
+            kv_len = next(k for k in engine.kv_buckets if k > int(engine.rows.position[:n].max()))
             with engine.preserved_rows(n):  # the real step below writes the same positions
-                hidden, logits = runner.decode(embedded, engine.position[:n].clone(), kv_len=kv_len)
+                hidden, logits = runner.decode(embedded, engine.rows.position[:n].clone(), kv_len=kv_len)
             sync_device(device)
             t2 = time.perf_counter()
-            sampler.talker(logits, engine.talker_params.head(n), engine.seen[:n], step + 1)
+            sampler.talker(logits, engine.rows.talker_params.head(n), engine.rows.seen[:n], step + 1)
             sync_device(device)
             t3 = time.perf_counter()
             engine.step()

@@ -320,7 +320,7 @@ def recording(engine: FastEngine) -> Iterator[list[StepLog]]:
 
     Wraps the instance's `_run_frame` (graph replay or eager): after the frame, the talker logits of the
     running rows are recomputed eagerly from the hidden state the frame wrote (`codec_head` over
-    `engine.hidden`), one and the same op after graph and eager frames alike, so any difference between two
+    `engine.rows.hidden`), one and the same op after graph and eager frames alike, so any difference between two
     runs comes from the frames. The hidden states are kept too. Adds a host sync per step: for tests only.
     """
     steps: list[StepLog] = []
@@ -330,7 +330,7 @@ def recording(engine: FastEngine) -> Iterator[list[StepLog]]:
     def run_frame(size: int, kv_len: int, plans: Any) -> Tensor:
         out = original(size, kv_len, plans)
         rows = len(engine.scheduler.running)
-        hidden = engine.hidden[:rows]
+        hidden = engine.rows.hidden[:rows]
         logits = F.linear(hidden, head).float().cpu()
         steps.append(StepLog(rows, size, kv_len, logits, hidden.float().cpu(), out[:rows].cpu()))
         return out

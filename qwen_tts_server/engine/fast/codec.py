@@ -86,6 +86,12 @@ class CodecDecoder:
             if (rows, frames) not in self._graphs:
                 self._graphs[rows, frames] = self._capture(rows, frames)
 
+    def release_graphs(self) -> None:
+        """Drop every captured graph and its memory pool (the engine stopped); decodes after this run eagerly."""
+        self._graphs.clear()
+        self._pool = None
+        self.use_graphs = False
+
     def decode(self, codes: list[Tensor]) -> list[np.ndarray]:
         """Audio of each [T_i, 16] code tensor: T_i x samples_per_frame float32 samples, in order."""
         out: list[np.ndarray | None] = [None] * len(codes)

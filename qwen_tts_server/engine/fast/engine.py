@@ -46,9 +46,10 @@ from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prompt import special_text_hiddens
-from .sampler import PLANS, RowSampling, Sampler, SamplingPlan
+from .rows import RowState
+from .sampler import PLANS, Sampler, SamplingPlan
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceSampling, SequenceStatus
+from .sequence import Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer
 from .trace import StepTrace
@@ -137,20 +138,10 @@ class FastEngine:
         hidden_size = tts.model.talker.config.hidden_size
         vocab = self.runner.vocab_size
         self.eos_id = int(tts.model.config.talker_config.codec_eos_token_id)
-        # Per-row state, allocated once.
-        rows = max_slots
-        self.hidden = torch.zeros(rows, hidden_size, device=device, dtype=dtype)
-        self.code0 = torch.zeros(rows, dtype=torch.long, device=device)
-        self.position = torch.zeros(rows, dtype=torch.long, device=device)
-        self.frame_index = torch.zeros(rows, dtype=torch.long, device=device)
-        self.min_frames = torch.zeros(rows, dtype=torch.long, device=device)
-        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        self.trailing = torch.zeros(rows, max_len, hidden_size, device=device, dtype=dtype)
-        self.trailing_len = torch.zeros(rows, dtype=torch.long, device=device)
-        self.row_ids = torch.arange(rows, device=device)
+        self.rows = RowState(
+            max_slots, max_len=max_len, hidden_size=hidden_size, vocab=vocab, device=device, dtype=dtype
+        )
         self.tts_pad = special_text_hiddens(tts)[2].reshape(-1)  # talker input text once the text ran out
-        self.talker_params = RowSampling.make(rows, device=device)
-        self.sub_params = RowSampling.make(rows, device=device)
         # Batches are padded to a few fixed sizes (padding rows are free rows, computed and
         # ignored), and KV reads to a few fixed lengths: each pair is one CUDA graph.
         self.buckets = sorted({b for b in BATCH_BUCKETS if b < max_slots} | {max_slots})
@@ -212,7 +203,7 @@ class FastEngine:
         )
         # The frame's output lands here (pinned, so the copy is queued behind the frame, not waited for).
         width = NUM_CODE_GROUPS + 1  # a frame's codes and the EOS flag
-        self._out_host = torch.empty(rows, width, dtype=torch.long, pin_memory=True) if cuda else None
+        self._out_host = torch.empty(max_slots, width, dtype=torch.long, pin_memory=True) if cuda else None
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -228,8 +219,7 @@ class FastEngine:
     @property
     def cache_bytes(self) -> int:
         """GPU memory this engine allocated for its caches and per-row state."""
-        tensors = [self.hidden, self.seen, self.trailing]
-        return self.runner.cache_bytes + sum(t.numel() * t.element_size() for t in tensors)
+        return self.runner.cache_bytes + self.rows.bytes
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -282,16 +272,20 @@ class FastEngine:
         (the first recompile makes those dimensions dynamic) and for packed prefill (the sequence
         length too), so no request ever waits for a compile, and graph capture never compiles.
         Prefill writes KV into rows 0-1: warm_up runs before any request is admitted."""
-        width = self.hidden.shape[-1]
+        width = self.rows.hidden.shape[-1]
         for plans in variants:
             with self.preserved_rows(self.buckets[-1]):
                 for size, kv_len in itertools.product(self.buckets[:2], self.kv_buckets[:2]):
                     self.frame(size, kv_len, plans)
             for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
-                prompts = [torch.zeros(n, width, device=self.device, dtype=self.hidden.dtype) for n in lengths]
+                prompts = [torch.zeros(n, width, device=self.device, dtype=self.rows.hidden.dtype) for n in lengths]
                 _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
                 idx = torch.arange(len(prompts), device=self.device)  # as `_prefill` samples: gathered rows
-                params, seen, floor = self.talker_params.select(idx), self.seen[idx], self.min_frames[idx]
+                params, seen, floor = (
+                    self.rows.talker_params.select(idx),
+                    self.rows.seen[idx],
+                    self.rows.min_frames[idx],
+                )
                 self.sampler.talker(logits, params, seen, torch.zeros_like(idx), plans[0], floor)
 
     def _drop_graphs(self) -> None:
@@ -371,11 +365,9 @@ class FastEngine:
         self.on_step = None
         for owner in (self.codec, self.streaming_decoder):
             if owner is not None:
-                owner._graphs.clear()
-                owner._pool = None
+                owner.release_graphs()
         self.runner.release()
-        empty = self.hidden.new_empty(0)
-        self.hidden = self.seen = self.trailing = empty
+        self.rows.release()
         if self.device.type == "cuda":
             CUDA_ENGINES.release(self)
 
@@ -477,12 +469,6 @@ class FastEngine:
                 cancelled.append(seq)
         return cancelled
 
-    def _row_state(self) -> list[Tensor]:
-        """Every per-row tensor a running request owns, except the trailing text and KV cache."""
-        state = [self.hidden, self.code0, self.position, self.frame_index, self.min_frames, self.seen]
-        state += [self.trailing_len, *self.talker_params.columns().values(), *self.sub_params.columns().values()]
-        return state
-
     def _compact(self) -> None:
         """Move requests whose rows changed (someone left) into their new rows: state, text and KV."""
         moves = self.scheduler.compact()
@@ -490,10 +476,8 @@ class FastEngine:
             return
         src = to_device([m[1] for m in moves], self.device)
         dst = to_device([m[2] for m in moves], self.device)
-        for tensor in self._row_state():
-            tensor[dst] = tensor[src]  # the right side is gathered first: overlapping rows are safe
-        text = max(seq.prompt.trailing.reshape(-1, self.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
-        self.trailing[dst, :text] = self.trailing[src, :text]
+        text = max(seq.prompt.trailing.reshape(-1, self.rows.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
+        self.rows.move(src, dst, text)
         written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves)
         self.runner.move_rows(src, dst, min(written + 1, self.max_len))
 
@@ -525,26 +509,21 @@ class FastEngine:
         hidden, logits = self.runner.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
         idx = to_device(slots, self.device)
         options = [seq.sampling for seq in seqs]
-        self._set_sampling(idx, options)
-        width = self.trailing.shape[-1]
-        lengths = []
-        for seq in seqs:
-            trailing = seq.prompt.trailing.reshape(-1, width)
-            self.trailing[seq.slot, : trailing.shape[0]] = trailing
-            lengths.append(trailing.shape[0])
-        self.trailing_len[idx] = to_device(lengths, self.device)
-        self.min_frames[idx] = to_device([o.min_frames for o in options], self.device)
-        self.seen[idx] = False
+        rows = self.rows
+        rows.set_sampling(idx, options)
+        rows.set_text(slots, [seq.prompt.trailing.reshape(-1, rows.trailing.shape[-1]) for seq in seqs])
+        rows.min_frames[idx] = to_device([o.min_frames for o in options], self.device)
+        rows.seen[idx] = False
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
         zero = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
         code0 = self.sampler.talker(
-            logits, self.talker_params.select(idx), self.seen[idx], zero, plan, self.min_frames[idx]
+            logits, rows.talker_params.select(idx), rows.seen[idx], zero, plan, rows.min_frames[idx]
         )
-        self.seen[idx, code0] = True
-        self.hidden[idx] = hidden
-        self.code0[idx] = code0
-        self.position[idx] = to_device([seq.prompt_len for seq in seqs], self.device)
-        self.frame_index[idx] = 0
+        rows.seen[idx, code0] = True
+        rows.hidden[idx] = hidden
+        rows.code0[idx] = code0
+        rows.position[idx] = to_device([seq.prompt_len for seq in seqs], self.device)
+        rows.frame_index[idx] = 0
 
     def _launch_frame(self, running: list[Sequence]) -> Tensor:
         """Queue one frame for every running request (rows 0..n-1) and, on CUDA, the copy of its output to
@@ -628,66 +607,44 @@ class FastEngine:
         This is what a CUDA graph captures per bucket.
         """
         talker_plan, sub_plan = plans
-        step = self.frame_index[:size]
-        sub = self.sub_params.head(size)
+        rows = self.rows
+        step = rows.frame_index[:size]
+        sub = rows.sub_params.head(size)
 
         def sample(codebook: int, logits: Tensor) -> Tensor:
             return self.sampler.code_predictor(logits, sub, step, codebook, plan=sub_plan)
 
-        code0 = self.code0[:size]
-        codes, embedded = self.runner.predict_codes(self.hidden[:size], code0, sample)
+        code0 = rows.code0[:size]
+        codes, embedded = self.runner.predict_codes(rows.hidden[:size], code0, sample)
         frames = torch.cat((code0[:, None], codes), dim=1)
         # Frame k's talker input carries trailing text token k while there is any, then tts_pad.
-        text = self.trailing[self.row_ids[:size], step.clamp(max=self.max_len - 1)]
-        has_text = (step < self.trailing_len[:size])[:, None]
+        text = rows.trailing[rows.ids[:size], step.clamp(max=self.max_len - 1)]
+        has_text = (step < rows.trailing_len[:size])[:, None]
         inputs = embedded + torch.where(has_text, text, self.tts_pad)
-        position = self.position[:size]
+        position = rows.position[:size]
         hidden, logits = self.runner.decode(inputs, position, kv_len=kv_len)
         next_step = step + 1
-        next_code0 = self.sampler.talker(
-            logits, self.talker_params.head(size), self.seen[:size], next_step, talker_plan, self.min_frames[:size]
-        )
-        self.seen[:size].scatter_(1, next_code0[:, None], True)
-        self.hidden[:size].copy_(hidden)
-        self.code0[:size].copy_(next_code0)
+        params, seen, floor = rows.talker_params.head(size), rows.seen[:size], rows.min_frames[:size]
+        next_code0 = self.sampler.talker(logits, params, seen, next_step, talker_plan, floor)
+        rows.seen[:size].scatter_(1, next_code0[:, None], True)
+        rows.hidden[:size].copy_(hidden)
+        rows.code0[:size].copy_(next_code0)
         position.add_(1).clamp_(max=self.max_len - 1)  # only free rows ever reach the clamp
-        self.frame_index[:size].copy_(next_step)
+        rows.frame_index[:size].copy_(next_step)
         return torch.cat((frames, (next_code0 == self.eos_id)[:, None].long()), dim=1)
 
     @contextlib.contextmanager
     def preserved_rows(self, size: int) -> Iterator[None]:
         """Run a throwaway frame (graph warm-up, compile) over rows 0..size-1 and undo its writes,
         so running requests are untouched: their state and the KV entries at their positions."""
-        state = [t[:size].clone() for t in self._row_state()]
-        positions = self.position[:size].clone()
+        state = self.rows.snapshot(size)
+        positions = self.rows.position[:size].clone()
         kv = self.runner.read_positions(positions)
         try:
             yield
         finally:
-            for tensor, saved in zip(self._row_state(), state, strict=True):
-                tensor[:size] = saved
+            self.rows.restore(size, state)
             self.runner.write_positions(positions, kv)
-
-    def _set_sampling(self, idx: Tensor, options: list[SequenceSampling]) -> None:
-        talker = {
-            "do_sample": [o.do_sample for o in options],
-            "temperature": [o.temperature for o in options],
-            "top_k": [o.top_k for o in options],
-            "top_p": [o.top_p for o in options],
-            "repetition_penalty": [o.repetition_penalty for o in options],
-            "seed": [o.seed for o in options],
-        }
-        sub = {
-            "do_sample": [o.subtalker_do_sample for o in options],
-            "temperature": [o.subtalker_temperature for o in options],
-            "top_k": [o.subtalker_top_k for o in options],
-            "top_p": [o.subtalker_top_p for o in options],
-            "repetition_penalty": [1.0] * len(options),
-            "seed": [o.seed for o in options],
-        }
-        for params, values in ((self.talker_params, talker), (self.sub_params, sub)):
-            for name, column in params.columns().items():
-                column[idx] = to_device(values[name], self.device, column.dtype)
 
     # ----- results -----
     def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:

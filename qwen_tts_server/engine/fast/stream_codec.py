@@ -192,6 +192,11 @@ class StreamingDecoder:
                 out[i] = audio[row]
         return out
 
+    def release_graphs(self) -> None:
+        """Drop every captured graph and its memory pool (the engine stopped)."""
+        self._graphs.clear()
+        self._pool = None
+
     @torch.inference_mode()
     def capture(self, rows: int, frames: int) -> None:
         """Capture the step for `rows` streams (or fewer: spare rows are computed and ignored) with
