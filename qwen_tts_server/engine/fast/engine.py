@@ -45,6 +45,7 @@ from .faults import engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
+from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
 from .rows import RowState
 from .sampler import PLANS, Sampler, SamplingPlan
@@ -149,6 +150,8 @@ class FastEngine:
         cuda = device.type == "cuda"
         use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.graphs = FrameGraphs(self) if use_graphs else None
+        # On CUDA prefill is padded to token buckets, graphed when frames are (see prefill.py).
+        self.prefill = BucketedPrefill(self.runner, max_prefill_tokens) if cuda else None
         # Steps run on a high-priority stream, codec decode on a low-priority one: a burst of
         # decoding yields the GPU to the next frame instead of queueing ahead of it.
         self.step_stream = engine_stream(device, self, priority=-1) if cuda else None
@@ -249,9 +252,19 @@ class FastEngine:
                 self.graphs.capture_all()
             except RuntimeError:
                 self._drop_graphs()
+        if self.prefill is not None and self.graphs is not None:
+            try:
+                self.prefill.capture_all()  # writes into row 0: no request holds it yet
+            except RuntimeError:
+                log.exception("prefill graph capture failed; prefill runs eagerly")
+                self.prefill.release_graphs()
         log.info(
             f"fast engine warm-up done in {time.perf_counter() - t0:.1f} s",
-            extra={"frame_graphs": len(self.graphs or ()), "compiled": self.runner.compiled},
+            extra={
+                "frame_graphs": len(self.graphs or ()),
+                "prefill_graphs": len(self.prefill or ()),
+                "compiled": self.runner.compiled,
+            },
         )
 
     def _capture_stream_decoder(self) -> None:
@@ -363,7 +376,7 @@ class FastEngine:
         caller that still holds the engine (a request in flight at an unload) holds a husk."""
         self.graphs = None
         self.on_step = None
-        for owner in (self.codec, self.streaming_decoder):
+        for owner in (self.codec, self.streaming_decoder, self.prefill):
             if owner is not None:
                 owner.release_graphs()
         self.runner.release()
@@ -506,7 +519,8 @@ class FastEngine:
         for seq in seqs:
             seq.admitted_at = now
         slots = [seq.slot for seq in seqs]
-        hidden, logits = self.runner.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
+        prefill = self.runner if self.prefill is None else self.prefill
+        hidden, logits = prefill.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
         idx = to_device(slots, self.device)
         options = [seq.sampling for seq in seqs]
         rows = self.rows

@@ -21,9 +21,11 @@ elementwise work around the matmuls is fused further by `torch.compile`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +41,17 @@ CP_CACHE_LEN = NUM_CODE_GROUPS
 MOVE_BYTES = 256 * 1024**2  # the most a compaction copy gathers at once (see ModelRunner.move_rows)
 
 SampleFn = Callable[[int, Tensor], Tensor]  # (codebook 1..15, logits [B, V]) -> codes [B]
+
+
+@dataclass
+class Packed:
+    """Prompts packed for one prefill: tokens `x` [T, H], each token's `positions` and `owner` (cache row)
+    [T], and the index of each prompt's last token `last` [n]."""
+
+    x: Tensor
+    positions: Tensor
+    owner: Tensor
+    last: Tensor
 
 
 def to_device(values: Sequence[int | float | bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
@@ -319,19 +332,49 @@ class ModelRunner:
         of one per request). Returns each prompt's last hidden state [n, H] (the code predictor's
         `past_hidden` for frame 0) and its codec_head logits [n, V] (codebook 0 of frame 0).
         """
+        packed = self.pack(slots, prompts)
+        hidden, logits = self.prefill_packed(packed.x, packed.positions, packed.owner, single=len(prompts) == 1)
+        return hidden[packed.last], logits[packed.last]
+
+    def pack(self, slots: Sequence[int], prompts: Sequence[Tensor], pad_to: int | None = None) -> Packed:
+        """Prompts end to end as one sequence, with each token's cache row and position. `pad_to` adds
+        padding tokens after the last prompt, in its row at the positions after it (written there and
+        never read: a row's decode writes each position before it attends to it)."""
         lengths = [int(p.shape[0]) for p in prompts]
         if max(lengths) > self.max_len:
             raise ValueError(f"prompt of {max(lengths)} positions exceeds max_len {self.max_len}")
-        x = torch.cat(list(prompts))[None]
-        T = x.shape[1]
-        positions = torch.cat([self.key_positions[:n] for n in lengths])
+        pad = 0 if pad_to is None else pad_to - sum(lengths)
+        if not self.padding_fits(lengths, pad):
+            raise ValueError(f"cannot pad {sum(lengths)} prompt tokens to {pad_to} within max_len {self.max_len}")
+        x = torch.cat([*prompts, prompts[-1].new_zeros(pad, prompts[-1].shape[-1])])
+        positions = [p for n in lengths[:-1] for p in range(n)] + list(range(lengths[-1] + pad))
+        owner = [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)] + [slots[-1]] * pad
+        ends = list(itertools.accumulate(lengths))
+        return Packed(
+            x=x,
+            positions=to_device(positions, self.device),
+            owner=to_device(owner, self.device),
+            last=to_device([e - 1 for e in ends], self.device),
+        )
+
+    def padding_fits(self, lengths: Sequence[int], pad: int) -> bool:
+        """Whether `pad` padding tokens fit after the last prompt, in its row (see `pack`)."""
+        return pad >= 0 and lengths[-1] + pad <= self.max_len
+
+    @torch.inference_mode()
+    def prefill_packed(self, x: Tensor, positions: Tensor, owner: Tensor, *, single: bool) -> tuple[Tensor, Tensor]:
+        """The talker over packed prompts `x` [T, H] (see `pack`): writes every token's K/V at (owner,
+        position) and returns the final-normed hidden states [T, H] and codec_head logits [T, V] of every
+        token. `single`: one prompt (padding after it included), so plain causal attention; otherwise
+        each token attends to the earlier tokens of its own row only."""
+        T = x.shape[0]
         cos, sin = self.cos[positions], self.sin[positions]
-        owner = torch.cat([torch.full((n,), s, device=self.device) for s, n in zip(slots, lengths, strict=True)])
-        if len(prompts) == 1:
+        if single:
             mask, causal = None, True
         else:
             index = torch.arange(T, device=self.device)
             mask, causal = (owner[:, None] == owner[None, :]) & (index[None, :] <= index[:, None]), False
+        x = x[None]
         for i, w in enumerate(self.layers):
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
             self.k_cache[i][owner, :, positions] = k[0].transpose(0, 1)
@@ -343,8 +386,7 @@ class ModelRunner:
         # The head runs over every position, as upstream's does: a one-row matmul may round
         # differently (gemv vs gemm), and this keeps prefill logits bit-identical on CPU.
         hidden = self._talker_norm(x[0])
-        last = to_device(lengths, self.device).cumsum(0) - 1
-        return hidden[last], F.linear(hidden, self.talker.codec_head.weight)[last]
+        return hidden, F.linear(hidden, self.talker.codec_head.weight)
 
     @torch.inference_mode()
     def decode(
