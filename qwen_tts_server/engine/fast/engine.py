@@ -255,7 +255,9 @@ class FastEngine:
         if self.prefill is not None and self.graphs is not None:
             try:
                 self.prefill.capture_all()  # writes into row 0: no request holds it yet
-            except RuntimeError:
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
                 log.exception("prefill graph capture failed; prefill runs eagerly")
                 self.prefill.release_graphs()
         log.info(
