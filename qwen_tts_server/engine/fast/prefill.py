@@ -2,7 +2,7 @@
 admitting requests costs the step thread one launch instead of ~28 layers of Python, compiled-function
 guards and eager kernels.
 
-Measured before this existed (H200, 1.7B, `bench_http`): the step thread spent ~17 ms of host time on one
+Measured before this existed (H200, 1.7B, `bench_http`): the step thread spent ~17 ms on one
 prompt's prefill, 4-7 ms a step on average at 64 clients, while the frame it overlaps takes 6.5-15 ms.
 Prompts are packed as `ModelRunner.pack` does and padded to the bucket: the padding tokens sit in the last
 prompt's row after it (written there, never read). Without graphs the same padded shapes run eagerly, so
