@@ -79,6 +79,7 @@ class TTSEngine:
         # Engines are built (compiled, warmed up, graphs captured) on one thread: its cuBLAS handle with the
         # same capture streams (capture.StreamRegistry) reuses the same workspaces, engine after engine.
         self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtts-engine-build")
+        self._closed = False
         self.batcher: Batcher[SynthesisItem, SynthesisResult] = Batcher(
             self._run_batch, max_batch=settings.max_batch_size, window_s=settings.batch_window_ms / 1000
         )
@@ -190,6 +191,11 @@ class TTSEngine:
                 trace=StepTrace(s.trace_dir, s.trace_after_steps) if s.trace_dir else None,
             )
             runtime = await asyncio.get_running_loop().run_in_executor(self._builder, build)
+            if self._closed:  # the server shut down while this engine was built: nobody else would stop it
+                runtime.close()
+                raise ModelUnavailable(f"model '{model.name}': the server is shutting down", field="model")
+        except ModelUnavailable:
+            raise
         except Exception as exc:  # e.g. out of memory for the KV cache
             raise ModelUnavailable(
                 f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
@@ -423,11 +429,12 @@ class TTSEngine:
         return list(self.batcher.batch_sizes)
 
     def close(self) -> None:
+        self._closed = True
         for runtime in self._fast.values():
             runtime.close()
         self._fast.clear()
         self._gpu.shutdown(wait=True, cancel_futures=True)
-        self._builder.shutdown(wait=True, cancel_futures=True)
+        self._builder.shutdown(wait=False, cancel_futures=True)  # a build under way closes its engine when done
 
 
 def _restart_on_failure(engine: TTSEngine, name: str) -> Callable[[BaseException], None]:

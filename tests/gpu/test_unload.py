@@ -15,7 +15,8 @@ after each close, and after the model is gone.
 Tolerance: 192 MiB for the first engine, 32 MiB more for each later one, 256 MiB in all. What PyTorch
 keeps for the process's life (until the last engine goes, `memory.CudaEngines`; the tier's shared engine
 stays) is cuBLAS workspaces, one per (thread's cuBLAS handle, stream) pair, 32 MiB each on Hopper: the first
-engine brings five streams (step, codec and three capture streams). A later engine takes the same streams
+engine brings five streams (step, codec, and the capture streams of the frame and prefill graphs, the codec
+and the streaming decoder). A later engine takes the same streams
 back (`capture.StreamRegistry`) and its threads the same handles, so it adds none: growth per engine is the
 leak to catch (it was 164 MiB per engine on the H200 before streams were reused). Anything that scales
 with the engine (its KV cache: about 0.5 GiB for the full-size model here; graph pools: hundreds of MiB) or

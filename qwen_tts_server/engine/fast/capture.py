@@ -43,35 +43,39 @@ class StreamRegistry:
         self, new_stream: Callable[[torch.device, int], Any] = _pool_stream, pool_size: int = POOL_SIZE
     ) -> None:
         self._new_stream, self._pool_size = new_stream, pool_size
-        self._owners: dict[tuple[int, int], tuple[weakref.ref[Any], Any, int]] = {}
-        self._free: dict[tuple[int, int], list[Any]] = {}  # (device index, priority) -> streams
+        self._owners: dict[tuple[int, int], tuple[weakref.ref[Any], Any, int, str]] = {}
+        self._free: dict[tuple[int, int, str], list[Any]] = {}  # (device index, priority, role) -> streams
         self._lock = threading.Lock()
 
-    def take(self, device: torch.device, owner: Any, priority: int = CAPTURE_PRIORITY) -> torch.cuda.Stream:
-        """A stream for `owner`, held until `owner` is gone. Raises RuntimeError when every stream of the
-        pool is held (a graph capture then fails and its owner runs eagerly)."""
+    def take(
+        self, device: torch.device, owner: Any, priority: int = CAPTURE_PRIORITY, role: str = "capture"
+    ) -> torch.cuda.Stream:
+        """A stream for `owner`, held until `owner` is gone. A gone owner's stream goes to the next owner in
+        the same `role` (a step stream becomes the next engine's step stream), so each role's thread meets
+        the same streams again. Raises RuntimeError when every stream of the pool is held (a graph capture
+        then fails and its owner runs eagerly)."""
         with self._lock:
             self._collect()
-            free = self._free.get((_index(device), priority))
+            free = self._free.get((_index(device), priority, role))
             if free:
-                return self._hold(free.pop(), owner, priority)
+                return self._hold(free.pop(), owner, priority, role)
             free_keys = {_key(stream) for streams in self._free.values() for stream in streams}
             for _ in range(self._pool_size):
                 stream = self._new_stream(device, priority)
                 if _key(stream) not in self._owners and _key(stream) not in free_keys:
-                    return self._hold(stream, owner, priority)
+                    return self._hold(stream, owner, priority, role)
         raise RuntimeError(f"all {self._pool_size} streams of {device} at priority {priority} are held by live owners")
 
-    def _hold(self, stream: Any, owner: Any, priority: int) -> Any:
-        self._owners[_key(stream)] = (weakref.ref(owner), stream, priority)
+    def _hold(self, stream: Any, owner: Any, priority: int, role: str) -> Any:
+        self._owners[_key(stream)] = (weakref.ref(owner), stream, priority, role)
         return stream
 
     def _collect(self) -> None:
         """Streams whose owner is gone become free."""
-        for key, (ref, stream, priority) in list(self._owners.items()):
+        for key, (ref, stream, priority, role) in list(self._owners.items()):
             if ref() is None:
                 del self._owners[key]
-                self._free.setdefault((stream.device_index, priority), []).append(stream)
+                self._free.setdefault((stream.device_index, priority, role), []).append(stream)
 
 
 def _key(stream: Any) -> tuple[int, int]:
@@ -87,12 +91,12 @@ STREAMS = StreamRegistry()
 
 def capture_stream(device: torch.device, owner: Any) -> torch.cuda.Stream:
     """A stream for `owner` (frame graphs, codec, streaming decoder) to capture its graphs on; see above."""
-    return STREAMS.take(device, owner)
+    return STREAMS.take(device, owner, role=f"capture:{type(owner).__name__}")
 
 
-def engine_stream(device: torch.device, owner: Any, priority: int) -> torch.cuda.Stream:
-    """A stream for an engine's own work (its step loop, its codec thread), reused by later engines."""
-    return STREAMS.take(device, owner, priority)
+def engine_stream(device: torch.device, owner: Any, priority: int, role: str) -> torch.cuda.Stream:
+    """A stream for an engine's own work (`role` "step" or "codec"), reused by later engines in that role."""
+    return STREAMS.take(device, owner, priority, role)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from ..types import FinishReason
 from .capture import engine_stream
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
-from .faults import engine_failed, is_device_fault
+from .faults import device_works, engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
@@ -154,8 +154,8 @@ class FastEngine:
         self.prefill = BucketedPrefill(self.runner, max_prefill_tokens) if cuda else None
         # Steps run on a high-priority stream, codec decode on a low-priority one: a burst of
         # decoding yields the GPU to the next frame instead of queueing ahead of it.
-        self.step_stream = engine_stream(device, self, priority=-1) if cuda else None
-        self.codec_stream = engine_stream(device, self, priority=0) if cuda else None
+        self.step_stream = engine_stream(device, self, priority=-1, role="step") if cuda else None
+        self.codec_stream = engine_stream(device, self, priority=0, role="codec") if cuda else None
         # Work handed in by other threads.
         self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -254,9 +254,11 @@ class FastEngine:
                 self._drop_graphs()
         if self.prefill is not None and self.graphs is not None:
             try:
-                self.prefill.capture_all()  # writes into row 0: no request holds it yet
+                # Writes into row 0 (no request holds it yet). On the frame graphs' capture stream: both are
+                # replayed one after the other on the step stream, so they may share its cuBLAS workspace.
+                self.prefill.capture_all(self.graphs.stream())
             except Exception as exc:
-                if is_device_fault(exc):
+                if is_device_fault(exc) and not device_works(self.device):
                     raise
                 log.exception("prefill graph capture failed; prefill runs eagerly")
                 self.prefill.release_graphs()
@@ -399,19 +401,36 @@ class FastEngine:
                     continue
                 try:
                     self.step()
-                    if self.trace is not None:
-                        self.trace.after_step()
                 except Exception as exc:
                     log.exception("fast engine step failed")
                     if is_device_fault(exc):
                         self._fail_for_good(exc)
                         break
                     self._fail_all(exc)  # fail the requests in flight, keep the engine alive
+                self._trace_step()
+            self._stop_trace()
             with self._shutdown:
                 self._loop_exited = True
                 if self._abandoned:  # stop() gave up waiting for this thread
                     self._fail_remaining()
                     self._release()
+
+    def _trace_step(self) -> None:
+        """Diagnostics never fail requests: a trace that breaks is logged and switched off."""
+        if self.trace is None:
+            return
+        try:
+            self.trace.after_step()
+        except Exception:
+            log.exception("step trace failed; tracing is off for this engine")
+            self.trace = None
+
+    def _stop_trace(self) -> None:
+        if self.trace is not None:
+            try:
+                self.trace.close()
+            except Exception:
+                log.exception("stopping the step trace failed")
 
     def _fail_for_good(self, exc: BaseException) -> None:
         """A device fault (a CUDA error) can leave the GPU's state corrupt: this engine takes no more work.

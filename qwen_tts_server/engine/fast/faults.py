@@ -26,3 +26,13 @@ def engine_failed(exc: BaseException) -> EngineFailed:
         f"the GPU failed while running this model ({type(exc).__name__}: {str(exc)[:200]}); "
         "its engine is restarting: retry shortly"
     )
+
+
+def device_works(device: torch.device) -> bool:
+    """Whether `device` still runs work after an error that looks like a fault. A failed graph capture raises
+    a CUDA error ("operation not permitted when stream is capturing") that leaves the device usable."""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:
+        return False
+    return True

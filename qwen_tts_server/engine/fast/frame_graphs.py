@@ -66,10 +66,15 @@ class FrameGraphs:
         graph.replay()
         return out
 
+    def stream(self) -> Any:
+        """The stream these graphs are captured on (taken at first use)."""
+        if self._capture_stream is None:
+            self._capture_stream = capture_stream(self.engine.device, self)
+        return self._capture_stream
+
     def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(engine.device, self)
+        self.stream()
         # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
         # records kernels, so only the warm-up's writes need undoing.
         with warm_up_on(self._capture_stream, engine.device), engine.preserved_rows(size):

@@ -234,6 +234,13 @@ def decode_layer(
     return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
 
 
+def cp_decode_layer(*args: Any) -> Tensor:
+    """`decode_layer` for the code predictor. A function of its own because torch.compile keeps which
+    dimensions are dynamic per code object: compiled through one function, the talker's and the code
+    predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
+    return decode_layer(*args)
+
+
 class ModelRunner:
     """Talker prefill / batched decode and the per-frame code predictor of one loaded model.
 
@@ -276,15 +283,16 @@ class ModelRunner:
         self.cp_cos, self.cp_sin = rope_tables(cp.model.rotary_emb, CP_CACHE_LEN, self.dtype)
         self.cp_norm = cp.model.norm
 
-        # The code predictor's positions: cache index and the keys each position sees.
+        # The code predictor's positions: cache index and the keys each position sees. Tensors of their own,
+        # not views into one: inductor copies an input that arrives less aligned than when it was compiled.
         cp_keys = torch.arange(CP_CACHE_LEN, device=self.device)
-        self.cp_positions = list(cp_keys[:, None])
-        self.cp_masks = [(cp_keys <= p)[None, None, None, :] for p in range(CP_CACHE_LEN)]
+        self.cp_positions = [torch.full((1,), p, device=self.device) for p in range(CP_CACHE_LEN)]
+        self.cp_masks = [(cp_keys <= p)[None, None, None, :].clone() for p in range(CP_CACHE_LEN)]
 
         self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
         self.layer_out: Callable[..., Tensor] = layer_out
         self.decode_layer: Callable[..., Tensor] = decode_layer
-        self.cp_decode_layer: Callable[..., Tensor] = decode_layer
+        self.cp_decode_layer: Callable[..., Tensor] = cp_decode_layer
         if compile:
             self.enable_compile()
 
@@ -294,7 +302,8 @@ class ModelRunner:
         Shapes differ between talker and code predictor, prefill and decode, and batch buckets; the
         first recompile marks the batch dimension (and the talker's KV length) dynamic, so a handful of
         compiles serve them all. The talker's and the code predictor's decode layers are compiled
-        apart: their weights differ in shape, and one compiled function would make those dynamic too.
+        apart (`cp_decode_layer`): their weights differ in shape. (Prefill's `attn_in` / `layer_out` are
+        still shared by both models.)
         """
         import torch._dynamo
 
@@ -305,11 +314,11 @@ class ModelRunner:
         self.attn_in = torch.compile(attn_in)
         self.layer_out = torch.compile(layer_out)
         self.decode_layer = torch.compile(decode_layer)
-        self.cp_decode_layer = torch.compile(decode_layer)
+        self.cp_decode_layer = torch.compile(cp_decode_layer)
 
     def disable_compile(self) -> None:
         self.attn_in, self.layer_out = attn_in, layer_out
-        self.decode_layer = self.cp_decode_layer = decode_layer
+        self.decode_layer, self.cp_decode_layer = decode_layer, cp_decode_layer
 
     @property
     def compiled(self) -> bool:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .capture import capture_stream, warm_up_on
+from .capture import warm_up_on
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
@@ -45,8 +45,12 @@ class _Graph:
         with warm_up_on(stream, runner.device):
             runner.prefill_packed(self.x, self.positions, self.owner, single=single)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            self.hidden, self.logits = runner.prefill_packed(self.x, self.positions, self.owner, single=single)
+        current = torch.cuda.current_stream(runner.device)
+        try:
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                self.hidden, self.logits = runner.prefill_packed(self.x, self.positions, self.owner, single=single)
+        finally:  # a capture that fails in capture_end leaves the capture stream current: never keep it
+            torch.cuda.set_stream(current)
 
     def run(self, x: Tensor, positions: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
         self.x.copy_(x)
@@ -67,26 +71,25 @@ class BucketedPrefill:
         self.buckets = sorted({b for b in TOKEN_BUCKETS if b < max_tokens} | {min(max_tokens, TOKEN_BUCKETS[-1])})
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self._pool: Any = None
-        self._capture_stream: Any = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def capture_all(self) -> None:
-        """Capture every bucket now (warm-up, before any request holds a row: captures write into row 0)."""
+    def capture_all(self, stream: Any) -> None:
+        """Capture every bucket now, on `stream` (warm-up, before any request holds a row: captures write
+        into row 0). A bucket that fails leaves the smaller ones captured; the caller decides what to keep."""
         runner = self.runner
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(runner.device, self)
         t0 = time.perf_counter()
         for tokens in self.buckets:
             for single in (True, False):
-                graph = _Graph(runner, tokens, single, self._pool, self._capture_stream)
+                graph = _Graph(runner, tokens, single, self._pool, stream)
                 self._graphs[tokens, single] = graph
                 self._pool = graph.graph.pool()
         log.info(
             f"fast engine warm-up: {len(self._graphs)} prefill graphs captured in {time.perf_counter() - t0:.1f} s"
         )
 
+    @torch.inference_mode()
     def prefill_many(self, slots: Sequence[int], prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """As `ModelRunner.prefill_many`: each prompt's last hidden state [n, H] and logits [n, V]."""
         runner = self.runner

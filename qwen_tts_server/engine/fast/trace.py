@@ -19,6 +19,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TRACE_STEPS = 30  # enough for a few admissions and codec batches, small enough to read (~tens of MB)
+# The profiler is process-wide: one engine traces at a time (several models or devices each have one).
+_ACTIVE = threading.Lock()
 
 
 class StepTrace:
@@ -39,25 +41,45 @@ class StepTrace:
         elif self.count == self.after_steps + self.steps and self._profiler is not None:
             self._finish()
 
+    def close(self) -> None:
+        """The step loop ended: stop a trace still recording (its files are written as usual)."""
+        if self._profiler is not None:
+            self._finish()
+
     def _start(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        self._profiler.__enter__()
+        if not _ACTIVE.acquire(blocking=False):
+            log.warning("another engine is tracing: this one's trace is skipped")
+            return
+        try:
+            self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._profiler.__enter__()
+        except BaseException:
+            self._profiler = None
+            _ACTIVE.release()
+            raise
         log.info("tracing the next %d steps", self.steps)
 
     def _finish(self) -> None:
         """Stop recording here; write the files from a thread of their own (tens of MB: writing them on
         the step thread stalled every stream for seconds)."""
         profiler, self._profiler = self._profiler, None
-        profiler.__exit__(None, None, None)
+        try:
+            profiler.__exit__(None, None, None)
+        finally:
+            _ACTIVE.release()
         threading.Thread(target=self._write, args=(profiler,), name="qtts-trace-writer", daemon=True).start()
 
     def _write(self, profiler: Any) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stem = self.folder / f"steps-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
-        profiler.export_chrome_trace(f"{stem}.json")
-        table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=60)
-        Path(f"{stem}.txt").write_text(table)
-        log.info("wrote a trace of %d steps to %s.json", self.steps, stem)
-        self.written.set()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stem = self.folder / f"steps-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
+            profiler.export_chrome_trace(f"{stem}.json")
+            table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=60)
+            Path(f"{stem}.txt").write_text(table)
+            log.info("wrote a trace of %d steps to %s.json", self.steps, stem)
+        except Exception:
+            log.exception("writing the step trace failed")
+        finally:
+            self.written.set()

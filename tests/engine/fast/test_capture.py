@@ -42,17 +42,21 @@ def test_a_stream_a_live_owner_holds_is_never_handed_out_again():
     assert streams.take(device, Owner()) == b
 
 
-def test_a_gone_owners_stream_is_handed_out_again_before_a_new_one():
-    """An engine built after another was unloaded gets the same streams (and so the same workspaces)."""
+def test_a_gone_owners_stream_goes_to_the_next_owner_in_the_same_role():
+    """An engine built after another was unloaded gets the same streams in the same roles (its step thread
+    the old step stream): the same (thread's cuBLAS handle, stream) pairs, so no new workspaces."""
     streams = StreamRegistry(cycling_pool(8), pool_size=8)
     device = torch.device("cuda", 0)
-    engine = Owner()
-    step, codec = streams.take(device, engine, priority=-1), streams.take(device, engine, priority=0)
-    del engine
-    rebuilt = Owner()
-    assert streams.take(device, rebuilt, priority=-1) == step
-    assert streams.take(device, rebuilt, priority=0) == codec  # each priority keeps its own streams
-    assert streams.take(device, rebuilt, priority=-1) != step  # held again: a new one
+    engine, graphs = Owner(), Owner()
+    step = streams.take(device, engine, priority=-1, role="step")
+    codec = streams.take(device, engine, priority=0, role="codec")
+    capture = streams.take(device, graphs, role="capture:FrameGraphs")
+    del engine, graphs
+    rebuilt, new_graphs = Owner(), Owner()
+    assert streams.take(device, new_graphs, role="capture:FrameGraphs") == capture  # taken first, still its own
+    assert streams.take(device, rebuilt, priority=-1, role="step") == step
+    assert streams.take(device, rebuilt, priority=0, role="codec") == codec
+    assert streams.take(device, rebuilt, priority=-1, role="step") not in (step, capture)  # held: a new one
 
 
 def test_when_every_stream_is_held_capture_fails_instead_of_sharing():

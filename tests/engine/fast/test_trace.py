@@ -30,3 +30,20 @@ def test_the_step_thread_traces_its_window_of_steps(load_tts, tmp_path):
     events = json.loads(traces[0].read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)  # the steps' own work is in it
     assert "Self CPU" in traces[0].with_suffix(".txt").read_text()
+
+
+def test_one_engine_traces_at_a_time_and_a_stopped_loop_ends_its_trace(tmp_path):
+    """The profiler is process-wide: a second engine's window that opens during the first's is skipped
+    (its profiler would fail both); a loop that stops mid-window still closes the trace."""
+    first, second = StepTrace(tmp_path / "a", after_steps=1, steps=5), StepTrace(tmp_path / "b", after_steps=1, steps=5)
+    first.after_step()  # recording
+    second.after_step()  # skipped, not raised
+    for _ in range(2):
+        second.after_step()
+    first.close()  # the step loop ended two steps into the window
+    assert first.written.wait(60) and list((tmp_path / "a").glob("steps-*.json"))
+    assert not (tmp_path / "b").exists()
+    third = StepTrace(tmp_path / "c", after_steps=1, steps=1)  # the profiler is free again
+    third.after_step()
+    third.after_step()
+    assert third.written.wait(60) and list((tmp_path / "c").glob("steps-*.json"))
