@@ -191,17 +191,15 @@ class TTSEngine:
                 trace=StepTrace(s.trace_dir, s.trace_after_steps) if s.trace_dir else None,
             )
             runtime = await asyncio.get_running_loop().run_in_executor(self._builder, build)
-            if self._closed:  # the server shut down while this engine was built: nobody else would stop it
-                runtime.close()
-                raise ModelUnavailable(f"model '{model.name}': the server is shutting down", field="model")
-        except ModelUnavailable:
-            raise
         except Exception as exc:  # e.g. out of memory for the KV cache
             raise ModelUnavailable(
                 f"model '{model.name}' loaded but its engine could not start: {type(exc).__name__}: {exc}; "
                 "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
                 field="model",
             ) from exc
+        if self._closed:  # the server shut down while this engine was built: nobody else would stop it
+            runtime.close()
+            raise ModelUnavailable(f"model '{model.name}': the server is shutting down", field="model")
         if not self.registry.is_current(model):  # unloaded while the engine started: not ours to keep
             await self._close(runtime)
             self._check_current(model)

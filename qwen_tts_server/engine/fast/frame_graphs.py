@@ -74,15 +74,15 @@ class FrameGraphs:
 
     def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
-        self.stream()
+        stream = self.stream()
         # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
         # records kernels, so only the warm-up's writes need undoing.
-        with warm_up_on(self._capture_stream, engine.device), engine.preserved_rows(size):
+        with warm_up_on(stream, engine.device), engine.preserved_rows(size):
             engine.frame(size, kv_len, plans)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile. A capture
         # stream of this engine's own: another engine's frame graphs never share its cuBLAS workspace.
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
             out = engine.frame(size, kv_len, plans)
         self._pool = graph.pool()
         log.debug("captured a frame graph", extra={"batch": size, "kv_len": kv_len})

@@ -38,10 +38,9 @@ class _Graph:
     def __init__(self, runner: ModelRunner, tokens: int, single: bool, pool: Any, stream: Any) -> None:
         width = runner.norm.weight.shape[0]
         self.x = torch.zeros(tokens, width, device=runner.device, dtype=runner.dtype)
-        self.positions = torch.zeros(tokens, dtype=torch.long, device=runner.device)
-        self.owner = torch.zeros(tokens, dtype=torch.long, device=runner.device)
         # Warm-up writes K/V into row 0 at positions 0..tokens-1: only before any request holds a row.
-        self.positions.copy_(torch.arange(tokens, device=runner.device).clamp(max=runner.max_len - 1))
+        self.positions = torch.arange(tokens, device=runner.device).clamp(max=runner.max_len - 1)
+        self.owner = torch.zeros(tokens, dtype=torch.long, device=runner.device)
         with warm_up_on(stream, runner.device):
             runner.prefill_packed(self.x, self.positions, self.owner, single=single)
         self.graph = torch.cuda.CUDAGraph()
