@@ -19,6 +19,7 @@ target text against the reference codes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,7 +225,15 @@ def _icl_part(
     return text_embed + codec_embed, tts_pad
 
 
+# A fast tokenizer sets its padding state on every call, and two threads doing so at once make the Rust
+# side raise "Already borrowed" (a 500: prompts are built on worker threads, several at a time). Tokenizing
+# takes well under a millisecond, so one lock for all models costs nothing.
+_TOKENIZE_LOCK = threading.Lock()
+
+
 def _tokenize(tts: Any, text: str) -> Tensor:
     """Upstream's `_tokenize_texts` for one string: [1, n] token ids on the model's device."""
-    ids = tts.processor(text=text, return_tensors="pt", padding=True)["input_ids"].to(tts.device)
+    with _TOKENIZE_LOCK:
+        ids = tts.processor(text=text, return_tensors="pt", padding=True)["input_ids"]
+    ids = ids.to(tts.device)
     return ids.unsqueeze(0) if ids.dim() == 1 else ids

@@ -434,3 +434,46 @@ def test_a_request_submitted_after_stop_is_refused_not_left_queued(load_tts):
     engine.stop()
     with pytest.raises(ModelUnavailable, match="unloaded"):
         engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY))
+
+
+def test_prompt_tokenization_never_runs_on_two_threads_at_once(load_tts):
+    """Prompts are built on worker threads, several at a time, and a Rust fast tokenizer may not be used
+    by two threads at once: one that sets its padding state while another encodes raises 'Already
+    borrowed' (seen as a 500 under concurrent first requests). The real processor, wrapped to record how
+    many threads are inside it, is driven from 8 threads released together."""
+    import types
+
+    from qwen_tts_server.engine.fast.prompt import _tokenize
+
+    tts = load_tts(CUSTOM)
+    inside, most = [0], [0]
+    count = threading.Lock()
+
+    def processor(**kwargs):
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.002)  # widen the window a race needs
+            return tts.processor(**kwargs)
+        finally:
+            with count:
+                inside[0] -= 1
+
+    wrapped = types.SimpleNamespace(processor=processor, device=tts.device)
+    start = threading.Barrier(8)
+    results = []
+
+    def work() -> None:
+        start.wait()
+        for _ in range(5):
+            results.append(_tokenize(wrapped, "The same words on every thread."))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = _tokenize(tts, "The same words on every thread.")
+    assert len(results) == 40 and all(torch.equal(r, expected) for r in results)
+    assert most[0] == 1
