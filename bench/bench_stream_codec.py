@@ -260,15 +260,19 @@ def bench_config(
     run, reset = stream_method(streaming, codes)
     results.append(measure(Result("stream-eager", batch, chunk, schedule), run, device, args.repeats, reference, reset))
     if device.type == "cuda":
-        graph_streaming = StreamingDecoder(decoder)
-        for n in sorted(set(schedule)):
-            graph_streaming.capture(batch, n)
-        run, reset = stream_method(graph_streaming, codes)
-        results.append(
-            measure(Result("stream-graph", batch, chunk, schedule), run, device, args.repeats, reference, reset)
-        )
-        del graph_streaming
-        torch.cuda.empty_cache()
+        for compiled in (False, True) if args.compile else (False,):
+            graph_streaming = StreamingDecoder(decoder)
+            if compiled:
+                graph_streaming.enable_compile()
+            t0 = time.perf_counter()
+            for n in sorted(set(schedule)):
+                graph_streaming.capture(batch, n)
+            name = "stream-graph-compiled" if compiled else "stream-graph"
+            print(f"{name} B={batch}: captured in {time.perf_counter() - t0:.1f} s", flush=True)
+            run, reset = stream_method(graph_streaming, codes)
+            results.append(measure(Result(name, batch, chunk, schedule), run, device, args.repeats, reference, reset))
+            del graph_streaming
+            torch.cuda.empty_cache()
     return results
 
 
@@ -346,6 +350,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=25, help="left context frames for redecode")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per stream")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one untimed pass")
+    p.add_argument("--compile", action="store_true", help="also stream-graph with the step torch.compiled")
+    p.add_argument(
+        "--no-cudnn-benchmark",
+        dest="cudnn_benchmark",
+        action="store_false",
+        help="leave cuDNN's benchmark mode off (the server turns it on: CodecDecoder)",
+    )
     p.add_argument("--out", default="bench/results")
     return p.parse_args(argv)
 
@@ -356,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if dtype == torch.float32:  # fp32 means fp32: TF32 rounding would hide exactness behind its noise
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -413,6 +413,6 @@ def captures(engine: FastEngine) -> dict[str, int]:
     stream = engine.streaming_decoder
     return {
         "frame": len(engine.graphs) if engine.graphs is not None else 0,
-        "codec": len(engine.codec._graphs),
-        "stream_codec": len(stream._graphs) if stream is not None else 0,
+        "codec": len(engine.codec),
+        "stream_codec": len(stream) if stream is not None else 0,
     }

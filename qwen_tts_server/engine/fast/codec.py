@@ -76,6 +76,10 @@ class CodecDecoder:
         return [(b, t) for t in lengths for b in BATCH_BUCKETS if b * t <= max(self.max_batch_frames, t)]
 
     @torch.inference_mode()
+    def __len__(self) -> int:
+        """Captured graphs."""
+        return len(self._graphs)
+
     def warm_up(self) -> None:
         """Capture every bucket's graph now (at model start), never while serving."""
         if not self.use_graphs:

@@ -7,8 +7,12 @@ kinds of job share each batch:
 - whole: a finished request that wants its utterance in one piece (decoded with everything else
   that finished since the last decode; under load it waits up to `wait_s` for company, since the
   codec is several times more efficient eight rows at a time than one);
-- chunk: frames [start, end) of a streaming request. Chunks never wait: the step thread already
-  lines the streams' chunks up on the same steps (stream ticks), so one call decodes them all.
+- chunk: frames [start, end) of a streaming request. A stream's first chunks and its last never
+  wait. Its steady chunks (`patient`: the stream is by then well ahead of real time) wait up to
+  `wait_s` for company while other streams run: streams start at different steps, so each step hands
+  over only the few whose chunk just filled (~5 of 64), and a group of streams costs the codec almost
+  as much GPU time as a group four times its size (its captured graphs are padded to batch buckets,
+  and a small batch leaves the GPU idle). That GPU time is taken from the frames.
 
 A job marked `final` finishes its request after its audio is delivered, so a stream's last chunk
 always reaches the caller before `on_finish`.
@@ -37,6 +41,7 @@ from .stream_codec import StreamingDecoder
 log = logging.getLogger(__name__)
 
 GATHER = 8  # finished requests a whole-utterance decode waits for (at most wait_s) under load
+GATHER_CHUNKS = 16  # steady streaming chunks a chunk decode waits for (at most wait_s) under load
 
 
 @dataclass(eq=False)
@@ -45,6 +50,7 @@ class CodecJob:
     start: int = 0  # first frame of this job's audio
     end: int = 0  # one past its last frame
     final: bool = False  # the request has ended: finish it once this job's audio is delivered
+    patient: bool = False  # a steady chunk of a stream well ahead of real time: may wait for company
 
     @property
     def is_chunk(self) -> bool:
@@ -127,7 +133,7 @@ class CodecWorker:
         device: torch.device,
         stream: Any,
         wait_s: float,
-        busy: Callable[[], bool],
+        running: Callable[[], int],
         finish: Callable[[Sequence, FinishReason], None],
         device_fault: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -136,7 +142,7 @@ class CodecWorker:
         self.device = device
         self.stream = stream  # a CUDA stream, or None
         self.wait_s = wait_s
-        self._busy = busy  # other requests are running (read across threads: a hint)
+        self._running = running  # how many requests are running (read across threads: a hint)
         self._finish = finish
         self._device_fault = device_fault  # told of a CUDA error here, so the engine stops and is rebuilt
         self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
@@ -177,12 +183,12 @@ class CodecWorker:
                 self.seconds += time.perf_counter() - t0
 
     def _gather(self, jobs: list[CodecJob]) -> list[CodecJob]:
-        """Add whatever else is queued; wait for more only when every job is a whole utterance and
-        others are still running (see the module docstring)."""
+        """Add whatever else is queued; wait for more only while no job in hand is urgent and others
+        that could join are still running (see the module docstring)."""
         deadline = time.perf_counter() + self.wait_s
         while True:
             left = deadline - time.perf_counter()
-            wait = not any(j.is_chunk for j in jobs) and len(jobs) < GATHER and self._busy() and left > 0
+            wait = left > 0 and self._may_wait(jobs)
             try:
                 more = self._queue.get(timeout=left) if wait else self._queue.get_nowait()
             except queue.Empty:
@@ -191,6 +197,17 @@ class CodecWorker:
                 self._queue.put(None)  # stop after this batch
                 return jobs
             jobs += more
+
+    def _may_wait(self, jobs: list[CodecJob]) -> bool:
+        """Whole utterances wait for up to GATHER of them while anything runs; steady chunks for up to
+        GATHER_CHUNKS while more streams run than are in hand; any other chunk is urgent."""
+        chunks = [j for j in jobs if j.is_chunk]
+        if not all(j.patient for j in chunks):
+            return False
+        running = self._running()
+        if chunks and running <= len(chunks):
+            return False
+        return running > 0 and len(jobs) - len(chunks) < GATHER and len(chunks) < GATHER_CHUNKS
 
     def run(self, jobs: list[CodecJob]) -> None:
         """Decode every job (a failing batch is retried job by job, so one bad request fails only

@@ -9,8 +9,9 @@ and a batch is the first rows of every tensor. Finished requests go to a codec t
 decodes everything that finished since its last decode in bounded batches, on its own
 low-priority CUDA stream, so decoding never stalls the running streams' steps (see codec_worker).
 Streaming requests hand the codec thread their frames in chunks while they run: a small first
-chunk at once, then everything new at each stream tick, the same steps for every stream, so one
-batched codec call decodes the chunks of all streams.
+chunk at once, then chunks doubling up to the largest size. The codec thread decodes the chunks
+queued since its last call together, and a stream's steady chunks wait briefly for other streams'
+(codec_worker), so that one batched call serves many streams.
 
 Per-row state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
 text, sampling options) lives in static tensors, so the frame's tensor work takes no values back to
@@ -168,6 +169,8 @@ class FastEngine:
         self.failure: EngineFailed | None = None  # what a device fault that stopped this engine for good says
         self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
+        if compile and self.streaming_decoder is not None:
+            self.streaming_decoder.enable_compile()  # compiles at warm-up, before its graphs are captured
         chunks: ChunkDecoder = (
             StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunk_sizes))
             if self.streaming_decoder is not None
@@ -191,7 +194,7 @@ class FastEngine:
             device=device,
             stream=self.codec_stream,
             wait_s=codec_wait_s,
-            busy=lambda: bool(scheduler.running),
+            running=lambda: len(scheduler.running),
             finish=finish_sequence,
             device_fault=device_fault,
         )
@@ -241,12 +244,19 @@ class FastEngine:
                 log.exception("torch.compile failed; the fast engine continues without it")
                 self.runner.disable_compile()
                 self.sampler.disable_compile()
+            log.info(f"fast engine warm-up: compiled in {time.perf_counter() - t0:.1f} s")
+        t1 = time.perf_counter()
         try:
             self.codec.warm_up()
         except RuntimeError:
             log.exception("codec graph capture failed; codec decode continues without graphs")
             self.codec.use_graphs = False
+        log.info(f"fast engine warm-up: {len(self.codec)} codec graphs captured in {time.perf_counter() - t1:.1f} s")
+        t1 = time.perf_counter()
         self._capture_stream_decoder()
+        if self.streaming_decoder is not None:
+            count, seconds = len(self.streaming_decoder), time.perf_counter() - t1
+            log.info(f"fast engine warm-up: {count} streaming decoder graphs captured in {seconds:.1f} s")
         if self.graphs is not None:
             try:
                 self.graphs.capture_all()
@@ -272,17 +282,28 @@ class FastEngine:
         )
 
     def _capture_stream_decoder(self) -> None:
-        """On CUDA, graph the streaming decoder for the chunk sizes every stream produces (its first
-        chunk, then one tick's frames) at a few batch sizes; other sizes run eagerly."""
-        if self.streaming_decoder is None or not self.codec.use_graphs:
+        """On CUDA, graph the streaming decoder for every chunk size a stream produces, at the frame's
+        batch buckets. A group of streams is padded to the next captured row count, so coarse buckets
+        waste the codec's GPU time: under a closed loop of 64 streams each step's group of ~5 steady
+        chunks ran as 16 rows (1, 4, 16, 64 were the buckets), about three rows computed for each one
+        used, on the GPU the frames need."""
+        decoder = self.streaming_decoder
+        if decoder is None or not self.codec.use_graphs:
             return
-        rows = sorted({r for r in (1, 4, 16, 64) if r < self.scheduler.max_slots} | {self.scheduler.max_slots})
         try:
             for frames in self.chunk_sizes:
-                for count in rows:
-                    self.streaming_decoder.capture(count, frames)
-        except RuntimeError:
-            log.exception("streaming decoder graph capture failed; streaming chunks decode eagerly")
+                for count in self.buckets:
+                    decoder.capture(count, frames)
+        except Exception as exc:
+            if is_device_fault(exc) and not device_works(self.device):
+                raise
+            if not decoder.compiled:
+                log.exception("streaming decoder graph capture failed; streaming chunks decode eagerly")
+                return
+            log.exception("the compiled streaming decoder failed; capturing it without torch.compile")
+            decoder.release_graphs()
+            decoder.disable_compile()
+            self._capture_stream_decoder()
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
         """Run every compiled path once per sampling variant, at two batch sizes and two KV lengths
@@ -693,7 +714,9 @@ class FastEngine:
                 continue
             size = self.chunk_sizes[min(stream.chunks, len(self.chunk_sizes) - 1)]
             if seq.num_frames - stream.sent >= size:
-                jobs.append(CodecJob(seq, stream.sent, stream.sent + size))
+                # Past its first chunk of the largest size a stream is over a second ahead of real time.
+                patient = stream.chunks >= len(self.chunk_sizes)
+                jobs.append(CodecJob(seq, stream.sent, stream.sent + size, patient=patient))
                 stream.sent += size
                 stream.chunks += 1
         return jobs

@@ -29,11 +29,13 @@ graphs are captured on a stream of their own (`capture` says why).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
     Qwen3TTSTokenizerV2CausalConvNet,
@@ -156,6 +158,37 @@ class StreamingDecoder:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
         self._capture_stream: Any = None  # created at the first capture (needs CUDA)
+        self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def enable_compile(self) -> None:
+        """Run `step` through torch.compile: its elementwise work (SnakeBeta's six passes over every
+        activation, the carried state's concatenations, residual adds) fuses into a few kernels. The
+        batch and chunk-length dimensions are dynamic from the first call, so one compile serves every
+        batch of several streams and one every single stream (torch specializes a dimension of 1).
+        Only captured graphs run it: it compiles while they are captured, and groups without a graph
+        run `step` uncompiled, so that no request ever waits for a compile."""
+        self._compiled = torch.compile(self.step)
+
+    def disable_compile(self) -> None:
+        self._compiled = None
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def forward(self, flat: Tensor, position: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`step`, compiled when enabled: what `capture` records."""
+        if self._compiled is None:
+            return self.step(flat, position, codes)
+        for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2))):
+            for dim in dims:
+                if tensor.shape[dim] > 1:
+                    torch._dynamo.mark_dynamic(tensor, dim)
+        return self._compiled(flat, position, codes)
+
+    def __len__(self) -> int:
+        """Captured graphs."""
+        return len(self._graphs)
 
     # ------------------------------------------------------------------ public API
 
@@ -220,6 +253,7 @@ class StreamingDecoder:
             return graph.run(states, batch)
         flat = torch.stack([s.flat for s in states])
         position = torch.stack([s.position for s in states])
+        # Uncompiled: a shape no graph has (an ICL reference's frames) must never compile on a request.
         wav, new_flat, new_position = self.step(flat, position, batch.to(self.device, non_blocking=True))
         self._adopt(states, new_flat, new_position, frames)
         return wav[:, 0]
@@ -383,12 +417,12 @@ class _Graph:
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)
         with warm_up_on(owner._capture_stream, device):
-            owner.step(self.flat, self.position, self.codes)  # warm-up: kernel choices, workspaces
+            owner.forward(self.flat, self.position, self.codes)  # warm-up: compile, kernel choices, workspaces
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             self.graph, pool=owner._pool, stream=owner._capture_stream, capture_error_mode="thread_local"
         ):
-            self.wav, self.new_flat, self.new_position = owner.step(self.flat, self.position, self.codes)
+            self.wav, self.new_flat, self.new_position = owner.forward(self.flat, self.position, self.codes)
 
     def run(self, states: list[DecoderState], codes: Tensor) -> Tensor:
         """Replay for len(states) <= rows streams; returns their audio [n, T x 1920], copied out of

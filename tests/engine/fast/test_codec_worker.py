@@ -27,7 +27,8 @@ CONTEXT_TOLERANCE = 0.05
 
 def test_the_codec_waits_for_company_only_while_others_run(load_tts):
     """Whole utterances are decoded together: while requests are running the codec thread waits (up to
-    wait_s) for more to finish; with nothing running it decodes at once; chunks never wait."""
+    wait_s) for more to finish; with nothing running it decodes at once. A stream's steady chunks wait
+    likewise while more streams run than are in hand; its early chunks never wait."""
     tts = load_tts(CUSTOM)
     engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
     worker = engine.codec_worker
@@ -45,7 +46,29 @@ def test_the_codec_waits_for_company_only_while_others_run(load_tts):
     chunk.seq.stream = AudioStream(on_audio=lambda *_: None)
     t0 = time.perf_counter()
     assert worker._gather([chunk]) == [chunk]
-    assert time.perf_counter() - t0 < 0.05  # a streaming chunk: no wait even under load
+    assert time.perf_counter() - t0 < 0.05  # a stream's early chunk: no wait even under load
+
+    steady = dataclasses.replace(chunk, patient=True)
+    t0 = time.perf_counter()
+    assert worker._gather([steady]) == [steady]
+    assert time.perf_counter() - t0 < 0.05  # a steady chunk, but no other stream runs that could join it
+
+    engine.scheduler.running.append(chunk.seq)  # two running now: one more stream could join
+    threading.Timer(0.05, worker._queue.put, args=([chunk],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([steady]) == [steady, chunk]
+    assert time.perf_counter() - t0 < 0.3  # waited for company; an early chunk joining ended the wait
+    threading.Timer(0.05, worker._queue.put, args=([steady],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([steady]) == [steady, steady]
+    assert time.perf_counter() - t0 < 0.3  # as many chunks in hand as streams running: none can join
+
+    engine.scheduler.running.append(first.seq)  # three running: a third could still join
+    threading.Timer(0.05, worker._queue.put, args=([steady],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([steady]) == [steady, steady]
+    assert 0.45 < time.perf_counter() - t0 < 1.0  # only steady chunks: it waited out the window
+    del engine.scheduler.running[1:]
 
     engine.scheduler.running.clear()
     t0 = time.perf_counter()
@@ -135,6 +158,25 @@ def test_streams_chunks_are_decoded_together_in_two_sizes(load_tts, decoder):
     for out in outputs:
         assert [len(c) // 1920 for c in out] == [2, 3, 3, 3, 3, 3, 3]
     assert all(sum(len(c) for c in out) == 20 * 1920 for out in outputs)
+
+
+def test_only_steady_chunks_may_wait_for_company(load_tts):
+    """A stream's first chunks (growing) and its first of the largest size go out urgent; later ones are
+    patient; its last chunk finishes the request and is urgent again."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)  # chunks of 2, then 4
+    handed: list[CodecJob] = []
+    put = engine.codec_worker.put
+    engine.codec_worker.put = lambda jobs: (handed.extend(jobs), put(jobs))
+    seq = engine.submit(streaming_seq(tts, custom_items()[0], 15, [], []))
+    run_to_end(engine, [seq])
+    assert [(j.end - j.start, j.patient, j.final) for j in handed] == [
+        (2, False, False),
+        (4, False, False),
+        (4, True, False),
+        (4, True, False),
+        (1, False, True),
+    ]
 
 
 def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
+from .test_engine_release import has_cpp_compiler
+
 CUSTOM = "Qwen3-TTS-12Hz-0.6B-CustomVoice"
 SPF = 1920  # samples per codec frame
 ATOL = 1e-4
@@ -172,3 +174,26 @@ def test_cuda_eager_and_graphs_equal_the_whole_decode(sharp_decoder: nn.Module, 
         assert done == [74, 74, 62]
         for parts, whole in zip(audio, wholes, strict=True):
             np.testing.assert_allclose(np.concatenate(parts), whole, atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_every_batch(decoder):
+    """`forward` with compile on (what capture records on CUDA) against `step`: batches of several
+    streams at other chunk lengths and batch sizes reuse the first compile (dims dynamic from the start).
+    One compile takes ~40 s on a 2-core CPU."""
+    from torch._dynamo.utils import counters
+
+    streaming = StreamingDecoder(decoder)
+    streaming.enable_compile()
+    before = counters["frames"]["total"]
+    with torch.inference_mode():
+        for rows, frames in ((2, 2), (3, 4)):
+            flat = torch.randn(rows, streaming.state_size) * 0.1
+            position = torch.arange(rows) * 5
+            codes = torch.randint(0, 2048, (rows, 16, frames), generator=torch.Generator().manual_seed(rows))
+            expected = streaming.step(flat, position, codes)
+            got = streaming.forward(flat.clone(), position.clone(), codes.clone())
+            for want, have in zip(expected, got, strict=True):
+                assert want.shape == have.shape
+                assert torch.allclose(want.float(), have.float(), atol=ATOL)
+    assert counters["frames"]["total"] - before == 1
