@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         "has left after the loaded models (at most 128; 8 on CPU).",
     )
     compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
+    compile_codec: bool = Field(
+        False,
+        description="Fast engine on CUDA, with compile on: also compile the streaming codec decoder (its elementwise "
+        "work fused; two more compiles at load). Off until measured on a GPU (bench_stream_codec --compile).",
+    )
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
     admit_wait_ms: float = Field(
@@ -101,8 +106,9 @@ class Settings(BaseSettings):
     codec_wait_ms: float = Field(
         100.0,
         ge=0,
-        description="Fast engine: while others run, a finished request waits up to this long for others to be "
-        "decoded to audio with (the codec is several times more efficient eight at a time).",
+        description="Fast engine: while others run, a finished request (or a stream's steady chunk, once the stream "
+        "is well ahead of real time) waits up to this long for others to be decoded to audio with (the codec is "
+        "several times more efficient many at a time).",
     )
     max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")
     batch_window_ms: float = Field(

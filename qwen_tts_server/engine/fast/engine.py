@@ -114,6 +114,7 @@ class FastEngine:
         admit_wait_s: float = 0.0,
         cuda_graphs: bool | None = None,
         compile: bool = False,
+        compile_codec: bool = False,
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
         stream_chunk_frames: int = 12,
@@ -169,7 +170,7 @@ class FastEngine:
         self.failure: EngineFailed | None = None  # what a device fault that stopped this engine for good says
         self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
-        if compile and self.streaming_decoder is not None:
+        if compile_codec and self.streaming_decoder is not None:
             self.streaming_decoder.enable_compile()  # compiles at warm-up, before its graphs are captured
         chunks: ChunkDecoder = (
             StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunk_sizes))

@@ -69,6 +69,7 @@ class FastRuntime:
         admit_wait_s: float = 0.0,
         codec_wait_s: float = 0.0,
         compile: bool = False,
+        compile_codec: bool = False,
         stream_first_frames: int = 2,
         stream_chunk_frames: int = 12,
         stream_decoder: str = "stateful",
@@ -89,6 +90,7 @@ class FastRuntime:
             stream_decoder=stream_decoder,
             trace=trace,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
+            compile_codec=compile_codec and on_cuda,
         )
         # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
         self.engine.warm_up()
