@@ -6,7 +6,8 @@ by one thread share one workspace; replayed at the same time from two threads (t
 graphs, the codec thread's decoder graphs, another model's engine), two matrix products that keep split-K
 partial sums there corrupt each other: a frame or a streamed chunk goes wrong now and then, only on the GPU
 (measured on the H200: 93 of 200 replays of two such graphs). So every owner of graphs (frame graphs, codec,
-streaming decoder) captures on a stream no other live owner holds, and warms up on it.
+streaming decoder) captures on a stream no other live owner holds, and warms up on it: `GraphPool`. (Prefill's
+graphs share the frame graphs' stream: both are replayed on the step stream, one after the other.)
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 POOL_SIZE = 32  # streams PyTorch keeps per device and priority, handed out in turn
 CAPTURE_PRIORITY = -1  # never the priority-0 stream `torch.cuda.graph` captures on by default
@@ -89,11 +92,6 @@ def _index(device: torch.device) -> int:
 STREAMS = StreamRegistry()
 
 
-def capture_stream(device: torch.device, owner: Any) -> torch.cuda.Stream:
-    """A stream for `owner` (frame graphs, codec, streaming decoder) to capture its graphs on; see above."""
-    return STREAMS.take(device, owner, role=f"capture:{type(owner).__name__}")
-
-
 def engine_stream(device: torch.device, owner: Any, priority: int, role: str) -> torch.cuda.Stream:
     """A stream for an engine's own work (`role` "step" or "codec"), reused by later engines in that role."""
     return STREAMS.take(device, owner, priority, role)
@@ -112,3 +110,46 @@ def warm_up_on(stream: torch.cuda.Stream, device: torch.device) -> Iterator[None
             yield
     finally:  # also when the warm-up fails: what the current stream does next must not overtake it
         current.wait_stream(stream)
+
+
+class GraphPool:
+    """One owner's CUDA graphs (frame graphs, codec, streaming decoder, prefill): captured on the owner's own
+    stream (taken at the first capture, held while this pool lives; see above), each warmed up there first,
+    all sharing one memory pool. `share_stream_of`: capture on another pool's stream instead (graphs that
+    are replayed one after the other on one stream may share its cuBLAS workspace)."""
+
+    def __init__(self, device: torch.device, role: str, share_stream_of: GraphPool | None = None) -> None:
+        self.device, self.role = device, role
+        self._shared = share_stream_of
+        self._stream: Any = None
+        self._pool: Any = None
+
+    def stream(self) -> torch.cuda.Stream:
+        """The stream this pool's graphs are captured on."""
+        if self._shared is not None:
+            return self._shared.stream()
+        if self._stream is None:
+            self._stream = STREAMS.take(self.device, self, role=f"capture:{self.role}")
+        return self._stream
+
+    def capture(self, run: Callable[[], T], warm_up: Callable[[], object] | None = None) -> tuple[Any, T]:
+        """Run `warm_up` (default: `run`) once on the capture stream (compiles, kernel choices, workspaces),
+        then capture `run` as one graph in this pool. Returns the graph and what `run` returned during the
+        capture (the graph's outputs: each replay overwrites them)."""
+        stream = self.stream()
+        with warm_up_on(stream, self.device):
+            (warm_up or run)()
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
+        try:
+            # thread_local: other threads (prompt building, the codec thread) may use the GPU meanwhile.
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                out = run()
+        finally:  # a capture that fails in capture_end leaves the capture stream current: never keep it
+            torch.cuda.set_stream(current)
+        self._pool = graph.pool()
+        return graph, out
+
+    def release(self) -> None:
+        """Forget the memory pool (the owner dropped its graphs): it is freed once no graph holds it."""
+        self._pool = None

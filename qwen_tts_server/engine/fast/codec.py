@@ -8,7 +8,7 @@ therefore padded to a fixed (batch, length) bucket, and on CUDA each bucket is o
 a decode is one launch instead of thousands of small kernels, each a Python call that would
 compete with the step thread for the GIL. Without graphs (CPU) the same padded batches run
 eagerly. Utterances longer than one chunk take upstream's own chunked path. The graphs are captured on
-a stream of their own (`capture.capture_stream`), so that they never share memory with the frame graphs.
+a stream of their own (`capture.GraphPool`), so that they never share a cuBLAS workspace with the frame graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .capture import capture_stream, warm_up_on
+from .capture import GraphPool
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +67,22 @@ class CodecDecoder:
             # shapes outside the graphs pay the timing at their first use.
             torch.backends.cudnn.benchmark = True
         self._graphs: dict[tuple[int, int], tuple[Any, Tensor, Tensor]] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None  # created at the first capture (needs CUDA)
+        self._pool = GraphPool(self.device, "CodecDecoder")
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, length) bucket within the frame bound."""
         lengths = range(LENGTH_BUCKET, _round_up(CHUNK_FRAMES, LENGTH_BUCKET) + 1, LENGTH_BUCKET)
         return [(b, t) for t in lengths for b in BATCH_BUCKETS if b * t <= max(self.max_batch_frames, t)]
 
-    @torch.inference_mode()
     def __len__(self) -> int:
         """Captured graphs."""
         return len(self._graphs)
 
+    @torch.inference_mode()
     def warm_up(self) -> None:
         """Capture every bucket's graph now (at model start), never while serving."""
         if not self.use_graphs:
             return
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(self.device, self)
         for rows, frames in self.shapes():
             if (rows, frames) not in self._graphs:
                 self._graphs[rows, frames] = self._capture(rows, frames)
@@ -93,7 +90,7 @@ class CodecDecoder:
     def release_graphs(self) -> None:
         """Drop every captured graph and its memory pool (the engine stopped); decodes after this run eagerly."""
         self._graphs.clear()
-        self._pool = None
+        self._pool.release()
         self.use_graphs = False
 
     def decode(self, codes: list[Tensor]) -> list[np.ndarray]:
@@ -131,10 +128,5 @@ class CodecDecoder:
 
     def _capture(self, rows: int, frames: int) -> tuple[Any, Tensor, Tensor]:
         static_codes = torch.zeros(rows, 16, frames, dtype=torch.long, device=self.device)
-        with warm_up_on(self._capture_stream, self.device):
-            self.decoder(static_codes)  # warm-up: kernel choices, workspaces
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
-            static_wav = self.decoder(static_codes)
-        self._pool = graph.pool()
+        graph, static_wav = self._pool.capture(lambda: self.decoder(static_codes))
         return graph, static_codes, static_wav

@@ -265,9 +265,7 @@ class FastEngine:
                 self._drop_graphs()
         if self.prefill is not None and self.graphs is not None:
             try:
-                # Writes into row 0 (no request holds it yet). On the frame graphs' capture stream: both are
-                # replayed one after the other on the step stream, so they may share its cuBLAS workspace.
-                self.prefill.capture_all(self.graphs.stream())
+                self.prefill.capture_all(self.graphs.pool)  # writes into row 0: no request holds it yet
             except Exception as exc:
                 if is_device_fault(exc) and not device_works(self.device):
                     raise

@@ -9,10 +9,9 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor
 
-from .capture import capture_stream, warm_up_on
+from .capture import GraphPool
 from .sampler import PLANS, SamplingPlan
 
 if TYPE_CHECKING:
@@ -34,8 +33,7 @@ class FrameGraphs:
     def __init__(self, engine: FastEngine) -> None:
         self.engine = weakref.proxy(engine)  # the engine owns its graphs: no cycle back to it
         self._graphs: dict[tuple[int, int, SamplingPlan, SamplingPlan], tuple[Any, Tensor]] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None  # created at the first capture (see capture)
+        self.pool = GraphPool(engine.device, "FrameGraphs")
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -66,24 +64,14 @@ class FrameGraphs:
         graph.replay()
         return out
 
-    def stream(self) -> Any:
-        """The stream these graphs are captured on (taken at first use)."""
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(self.engine.device, self)
-        return self._capture_stream
-
     def _capture(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> tuple[Any, Tensor]:
         engine = self.engine
-        stream = self.stream()
-        # Warm up (allocator, kernel choices, compilation) on the capture stream; capture itself only
-        # records kernels, so only the warm-up's writes need undoing.
-        with warm_up_on(stream, engine.device), engine.preserved_rows(size):
-            engine.frame(size, kv_len, plans)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (prompt building, voice prompts) may use the GPU meanwhile. A capture
-        # stream of this engine's own: another engine's frame graphs never share its cuBLAS workspace.
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-            out = engine.frame(size, kv_len, plans)
-        self._pool = graph.pool()
+
+        def warm_up() -> None:
+            # Capture only records kernels, so only the warm-up frame's writes need undoing.
+            with engine.preserved_rows(size):
+                engine.frame(size, kv_len, plans)
+
+        graph, out = self.pool.capture(lambda: engine.frame(size, kv_len, plans), warm_up)
         log.debug("captured a frame graph", extra={"batch": size, "kv_len": kv_len})
         return graph, out

@@ -17,12 +17,12 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .capture import warm_up_on
+from .capture import GraphPool
 
 if TYPE_CHECKING:
     from .model_runner import ModelRunner
@@ -35,21 +35,15 @@ TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 class _Graph:
     """One bucket's graph with its static inputs (packed tokens, positions, rows) and outputs."""
 
-    def __init__(self, runner: ModelRunner, tokens: int, single: bool, pool: Any, stream: Any) -> None:
+    def __init__(self, runner: ModelRunner, tokens: int, single: bool, pool: GraphPool) -> None:
         width = runner.norm.weight.shape[0]
         self.x = torch.zeros(tokens, width, device=runner.device, dtype=runner.dtype)
         # Warm-up writes K/V into row 0 at positions 0..tokens-1: only before any request holds a row.
         self.positions = torch.arange(tokens, device=runner.device).clamp(max=runner.max_len - 1)
         self.owner = torch.zeros(tokens, dtype=torch.long, device=runner.device)
-        with warm_up_on(stream, runner.device):
-            runner.prefill_packed(self.x, self.positions, self.owner, single=single)
-        self.graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(runner.device)
-        try:
-            with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                self.hidden, self.logits = runner.prefill_packed(self.x, self.positions, self.owner, single=single)
-        finally:  # a capture that fails in capture_end leaves the capture stream current: never keep it
-            torch.cuda.set_stream(current)
+        self.graph, (self.hidden, self.logits) = pool.capture(
+            lambda: runner.prefill_packed(self.x, self.positions, self.owner, single=single)
+        )
 
     def run(self, x: Tensor, positions: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
         self.x.copy_(x)
@@ -69,21 +63,22 @@ class BucketedPrefill:
         self.runner = weakref.proxy(runner)  # the engine owns both: no cycle through the graphs
         self.buckets = sorted({b for b in TOKEN_BUCKETS if b < max_tokens} | {min(max_tokens, TOKEN_BUCKETS[-1])})
         self._graphs: dict[tuple[int, bool], _Graph] = {}
-        self._pool: Any = None
+        self._pool: GraphPool | None = None
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def capture_all(self, stream: Any) -> None:
-        """Capture every bucket now, on `stream` (warm-up, before any request holds a row: captures write
-        into row 0). A bucket that fails leaves the smaller ones captured; the caller decides what to keep."""
+    def capture_all(self, frames: GraphPool) -> None:
+        """Capture every bucket now, on the stream of the frame graphs' pool `frames` (warm-up, before any
+        request holds a row: captures write into row 0). Both are replayed one after the other on the step
+        stream, so they may share that stream's cuBLAS workspace. A bucket that fails leaves the smaller ones
+        captured; the caller decides what to keep."""
         runner = self.runner
+        self._pool = GraphPool(runner.device, "BucketedPrefill", share_stream_of=frames)
         t0 = time.perf_counter()
         for tokens in self.buckets:
             for single in (True, False):
-                graph = _Graph(runner, tokens, single, self._pool, stream)
-                self._graphs[tokens, single] = graph
-                self._pool = graph.graph.pool()
+                self._graphs[tokens, single] = _Graph(runner, tokens, single, self._pool)
         log.info(
             f"fast engine warm-up: {len(self._graphs)} prefill graphs captured in {time.perf_counter() - t0:.1f} s"
         )

@@ -23,7 +23,7 @@ decoder's device, so a batch gathers all of its streams' states with one `stack`
 batch's new state become the streams' states without a copy. Nothing in `decode` waits for the
 device except the final copy of the audio to the host, and on CUDA a (batch, chunk length) bucket
 can be captured as one graph (`capture`), because every input and output of the step is a tensor. The
-graphs are captured on a stream of their own (`capture` says why).
+graphs are captured on a stream of their own (`capture.GraphPool` says why).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
 )
 from torch import Tensor, nn
 
-from .capture import capture_stream, warm_up_on
+from .capture import GraphPool
 
 
 @dataclass
@@ -156,8 +156,7 @@ class StreamingDecoder:
         self.past = int(decoder.pre_transformer.config.sliding_window) - 1
         self.slots, self.state_size = _layout(decoder)
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None  # created at the first capture (needs CUDA)
+        self._pool = GraphPool(self.device, "StreamingDecoder")
         self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
 
     def enable_compile(self) -> None:
@@ -228,7 +227,7 @@ class StreamingDecoder:
     def release_graphs(self) -> None:
         """Drop every captured graph and its memory pool (the engine stopped)."""
         self._graphs.clear()
-        self._pool = None
+        self._pool.release()
 
     @torch.inference_mode()
     def capture(self, rows: int, frames: int) -> None:
@@ -236,11 +235,8 @@ class StreamingDecoder:
         chunks of `frames` frames as one CUDA graph; `decode` then replays it for such groups."""
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA decoder")
-        if self._capture_stream is None:
-            self._capture_stream = capture_stream(self.device, self)
         if (rows, frames) not in self._graphs:
             self._graphs[rows, frames] = _Graph(self, rows, frames)
-            self._pool = self._graphs[rows, frames].graph.pool()
 
     # ------------------------------------------------------------------ batching
 
@@ -416,13 +412,9 @@ class _Graph:
         self.flat = torch.zeros(rows, owner.state_size, dtype=owner.dtype, device=device)
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)
-        with warm_up_on(owner._capture_stream, device):
-            owner.forward(self.flat, self.position, self.codes)  # warm-up: compile, kernel choices, workspaces
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(
-            self.graph, pool=owner._pool, stream=owner._capture_stream, capture_error_mode="thread_local"
-        ):
-            self.wav, self.new_flat, self.new_position = owner.forward(self.flat, self.position, self.codes)
+        self.graph, (self.wav, self.new_flat, self.new_position) = owner._pool.capture(
+            lambda: owner.forward(self.flat, self.position, self.codes)
+        )
 
     def run(self, states: list[DecoderState], codes: Tensor) -> Tensor:
         """Replay for len(states) <= rows streams; returns their audio [n, T x 1920], copied out of
