@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     compile_codec: bool = Field(
         False,
         description="Fast engine on CUDA, with compile on: also compile the streaming codec decoder (its elementwise "
-        "work fused; two more compiles at load). Off until measured on a GPU (bench_stream_codec --compile).",
+        "work fused; a few more compiles at load). Off until measured on a GPU (bench_stream_codec --compile).",
     )
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")

@@ -7,12 +7,13 @@ kinds of job share each batch:
 - whole: a finished request that wants its utterance in one piece (decoded with everything else
   that finished since the last decode; under load it waits up to `wait_s` for company, since the
   codec is several times more efficient eight rows at a time than one);
-- chunk: frames [start, end) of a streaming request. A stream's first chunks and its last never
-  wait. Its steady chunks (`patient`: the stream is by then well ahead of real time) wait up to
-  `wait_s` for company while other streams run: streams start at different steps, so each step hands
-  over only the few whose chunk just filled (~5 of 64), and a group of streams costs the codec almost
-  as much GPU time as a group four times its size (its captured graphs are padded to batch buckets,
-  and a small batch leaves the GPU idle). That GPU time is taken from the frames.
+- chunk: frames [start, end) of a streaming request. A chunk is urgent (decoded at once) unless
+  its stream is well ahead of real time (`patient`, see `FastEngine._stream_chunks`); a stream's
+  last chunk is always urgent. Patient chunks wait up to `wait_s` for other streams' while more
+  streams run than are in hand: streams start at different steps, so each step hands over only the
+  few whose chunk just filled (~5 of 64), and small groups cost the codec several times more GPU
+  time per stream than large ones (one stream's 12-frame chunk ~3.6 ms, sixteen streams' ~15 ms in
+  `bench_stream_codec` on an H200), time taken from the frames that share the GPU.
 
 A job marked `final` finishes its request after its audio is delivered, so a stream's last chunk
 always reaches the caller before `on_finish`.
@@ -134,6 +135,7 @@ class CodecWorker:
         stream: Any,
         wait_s: float,
         running: Callable[[], int],
+        streams: Callable[[], int],
         finish: Callable[[Sequence, FinishReason], None],
         device_fault: Callable[[BaseException], None] | None = None,
     ) -> None:
@@ -143,6 +145,7 @@ class CodecWorker:
         self.stream = stream  # a CUDA stream, or None
         self.wait_s = wait_s
         self._running = running  # how many requests are running (read across threads: a hint)
+        self._streams = streams  # how many of them stream
         self._finish = finish
         self._device_fault = device_fault  # told of a CUDA error here, so the engine stops and is rebuilt
         self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
@@ -200,14 +203,14 @@ class CodecWorker:
 
     def _may_wait(self, jobs: list[CodecJob]) -> bool:
         """Whole utterances wait for up to GATHER of them while anything runs; steady chunks for up to
-        GATHER_CHUNKS while more streams run than are in hand; any other chunk is urgent."""
+        GATHER_CHUNKS streams while more streams run than are in hand; any other chunk is urgent."""
         chunks = [j for j in jobs if j.is_chunk]
         if not all(j.patient for j in chunks):
             return False
-        running = self._running()
-        if chunks and running <= len(chunks):
+        streams = len({j.seq.id for j in chunks})
+        if chunks and self._streams() <= streams:
             return False
-        return running > 0 and len(jobs) - len(chunks) < GATHER and len(chunks) < GATHER_CHUNKS
+        return self._running() > 0 and len(jobs) - len(chunks) < GATHER and streams < GATHER_CHUNKS
 
     def run(self, jobs: list[CodecJob]) -> None:
         """Decode every job (a failing batch is retried job by job, so one bad request fails only

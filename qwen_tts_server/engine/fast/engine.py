@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ...errors import EngineFailed, ModelUnavailable
-from ..types import FinishReason
+from ..types import FRAME_RATE_HZ, FinishReason
 from .capture import engine_stream
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
@@ -51,7 +51,7 @@ from .prompt import special_text_hiddens
 from .rows import RowState
 from .sampler import PLANS, Sampler, SamplingPlan
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import AudioStream, Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer
 from .trace import StepTrace
@@ -64,6 +64,9 @@ KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 # switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
 # it that long each time: up to +5 ms a step.
 GIL_SWITCH_INTERVAL_S = 0.0005
+# A stream's chunk may wait for other streams' in the codec thread (codec_worker) only while the stream is
+# at least this far ahead of real time, besides the wait itself: its listener never runs dry.
+PATIENT_LEAD_S = 1.0
 
 
 def stream_chunk_sizes(first: int, largest: int) -> list[int]:
@@ -196,6 +199,7 @@ class FastEngine:
             stream=self.codec_stream,
             wait_s=codec_wait_s,
             running=lambda: len(scheduler.running),
+            streams=lambda: sum(seq.stream is not None for seq in list(scheduler.running)),
             finish=finish_sequence,
             device_fault=device_fault,
         )
@@ -289,20 +293,26 @@ class FastEngine:
         decoder = self.streaming_decoder
         if decoder is None or not self.codec.use_graphs:
             return
+        if self._try_capture(decoder) or not decoder.compiled:
+            return
+        # Outside the except block: its traceback no longer holds the failed capture's graph and pool.
+        decoder.release_graphs()
+        decoder.disable_compile()
+        torch.cuda.empty_cache()
+        self._try_capture(decoder)
+
+    def _try_capture(self, decoder: StreamingDecoder) -> bool:
         try:
-            for frames in self.chunk_sizes:
-                for count in self.buckets:
-                    decoder.capture(count, frames)
+            decoder.capture_all(self.buckets, self.chunk_sizes)
+            return True
         except Exception as exc:
             if is_device_fault(exc) and not device_works(self.device):
                 raise
-            if not decoder.compiled:
-                log.exception("streaming decoder graph capture failed; streaming chunks decode eagerly")
-                return
-            log.exception("the compiled streaming decoder failed; capturing it without torch.compile")
-            decoder.release_graphs()
-            decoder.disable_compile()
-            self._capture_stream_decoder()
+            if decoder.compiled:
+                log.exception("the compiled streaming decoder failed; capturing it again without torch.compile")
+            else:
+                log.exception("streaming decoder graph capture failed; chunks without a graph decode eagerly")
+            return False
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
         """Run every compiled path once per sampling variant, at two batch sizes and two KV lengths
@@ -711,19 +721,29 @@ class FastEngine:
             stream = seq.stream
             if stream is None or seq.status is SequenceStatus.FINISHED:
                 continue
+        now = time.perf_counter()
             size = self.chunk_sizes[min(stream.chunks, len(self.chunk_sizes) - 1)]
             if seq.num_frames - stream.sent >= size:
-                # Past its first chunk of the largest size a stream is over a second ahead of real time.
-                patient = stream.chunks >= len(self.chunk_sizes)
+                patient = self._lead_s(stream, now) > PATIENT_LEAD_S + self.codec_worker.wait_s
                 jobs.append(CodecJob(seq, stream.sent, stream.sent + size, patient=patient))
                 stream.sent += size
                 stream.chunks += 1
         return jobs
 
+                if stream.first_sent_at is None:
+                    stream.first_sent_at = now
     def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:
         """Hand streaming chunks and finished requests to the codec thread (or, with no threads
         running, decode here); requests with nothing to decode finish at once."""
         jobs = list(chunks or [])
+    @staticmethod
+    def _lead_s(stream: AudioStream, now: float) -> float:
+        """How far ahead of real time a stream is: the audio handed to the codec so far, less the time
+        since its first chunk was (about when its listener began to play it)."""
+        if stream.first_sent_at is None:
+            return 0.0
+        return stream.sent / FRAME_RATE_HZ - (now - stream.first_sent_at)
+
         for seq in finished:
             ended = seq.finish_reason is not FinishReason.CANCELLED and seq.frames
             if ended and seq.stream is not None:

@@ -54,6 +54,7 @@ class AudioStream:
     on_audio: Callable[[Sequence, Any], None]
     sent: int = 0  # frames handed to the codec so far
     chunks: int = 0  # chunks handed to the codec so far
+    first_sent_at: float | None = None  # perf_counter when its first chunk went to the codec
     state: Any = None  # the chunk decoder's per-stream state (decoder caches), made on first use
 
 

@@ -157,15 +157,25 @@ class StreamingDecoder:
         self.slots, self.state_size = _layout(decoder)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = GraphPool(self.device, "StreamingDecoder")
-        self._compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+        self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
+        # The graphs' state buffers, [rows, state_size] in and out, shared: every graph works in the first rows
+        # of the same two (one replay at a time, its outputs copied out at once). A state is ~1.5-2.6 MB a row
+        # in bf16: two buffers per graph, 44 graphs at up to 128 rows, would hold 5-9 GB.
+        self._state_in: Tensor | None = None
+        self._state_out: Tensor | None = None
 
     def enable_compile(self) -> None:
         """Run `step` through torch.compile: its elementwise work (SnakeBeta's six passes over every
         activation, the carried state's concatenations, residual adds) fuses into a few kernels. The
         batch and chunk-length dimensions are dynamic from the first call, so one compile serves every
-        batch of several streams and one every single stream (torch specializes a dimension of 1).
+        batch of several streams and one every single stream (torch specializes a dimension of 1, so a
+        first chunk of one frame, `QTTS_STREAM_FIRST_CHUNK_FRAMES=1`, adds its own).
         Only captured graphs run it: it compiles while they are captured, and groups without a graph
         run `step` uncompiled, so that no request ever waits for a compile."""
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions; each engine's
+            if hasattr(config, name):  # decoder is another `self`, so the shared code recompiles per engine
+                setattr(config, name, max(getattr(config, name), 64))
         self._compiled = torch.compile(self.step)
 
     def disable_compile(self) -> None:
@@ -175,15 +185,17 @@ class StreamingDecoder:
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def forward(self, flat: Tensor, position: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """`step`, compiled when enabled: what `capture` records."""
         if self._compiled is None:
-            return self.step(flat, position, codes)
-        for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2))):
+            return self.step(flat, position, codes, out)
+        for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2)), (out, (0,))):
             for dim in dims:
-                if tensor.shape[dim] > 1:
+                if tensor is not None and tensor.shape[dim] > 1:
                     torch._dynamo.mark_dynamic(tensor, dim)
-        return self._compiled(flat, position, codes)
+        return self._compiled(flat, position, codes, out)
 
     def __len__(self) -> int:
         """Captured graphs."""
@@ -228,6 +240,7 @@ class StreamingDecoder:
         """Drop every captured graph and its memory pool (the engine stopped)."""
         self._graphs.clear()
         self._pool.release()
+        self._state_in = self._state_out = None
 
     @torch.inference_mode()
     def capture(self, rows: int, frames: int) -> None:
@@ -236,7 +249,24 @@ class StreamingDecoder:
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA decoder")
         if (rows, frames) not in self._graphs:
-            self._graphs[rows, frames] = _Graph(self, rows, frames)
+            self._graphs[rows, frames] = _Graph(self, rows, frames, *self._state_buffers(rows))
+
+    def capture_all(self, rows: list[int], frames: list[int]) -> None:
+        """`capture` for every (rows, frames) pair, the largest row count's buffers made first."""
+        self._state_buffers(max(rows))
+        for t in frames:
+            for r in rows:
+                self.capture(r, t)
+
+    def _state_buffers(self, rows: int) -> tuple[Tensor, Tensor]:
+        """The shared state buffers, made (or remade larger: graphs captured before keep the old ones) to
+        hold `rows` rows."""
+        if self._state_in is None or self._state_in.shape[0] < rows:
+            shape = (rows, self.state_size)
+            self._state_in = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._state_out = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        assert self._state_out is not None
+        return self._state_in, self._state_out
 
     # ------------------------------------------------------------------ batching
 
@@ -268,12 +298,15 @@ class StreamingDecoder:
 
     # ------------------------------------------------------------------ the stateful forward
 
-    def step(self, flat: Tensor, position: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def step(
+        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Decoder forward over one chunk: states [B, S] and positions [B] in, codes [B, 16, T];
-        returns audio [B, 1, T x 1920] (clamped as upstream), the new states and positions. Pure
-        function of tensors (no host values), so it can be captured in a CUDA graph."""
+        returns audio [B, 1, T x 1920] (clamped as upstream), the new states (written into `out` when
+        given, every element of it) and positions. Pure function of tensors (no host values), so it
+        can be captured in a CUDA graph."""
         dec = self.decoder
-        io = _StateIO(self.slots, flat, torch.empty_like(flat))
+        io = _StateIO(self.slots, flat, torch.empty_like(flat) if out is None else out)
         hidden = dec.quantizer.decode(codes)
         hidden = self._conv(dec.pre_conv, hidden, io).transpose(1, 2)
         hidden = self._transformer(hidden, position, io).permute(0, 2, 1)
@@ -406,14 +439,14 @@ class StreamingDecoder:
 class _Graph:
     """One captured (rows, frames) step: static state, position and code inputs and outputs."""
 
-    def __init__(self, owner: StreamingDecoder, rows: int, frames: int) -> None:
+    def __init__(self, owner: StreamingDecoder, rows: int, frames: int, state_in: Tensor, state_out: Tensor) -> None:
         device = owner.device
         self.frames = frames
-        self.flat = torch.zeros(rows, owner.state_size, dtype=owner.dtype, device=device)
+        self.flat, self.new_flat = state_in[:rows], state_out[:rows]
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)
-        self.graph, (self.wav, self.new_flat, self.new_position) = owner._pool.capture(
-            lambda: owner.forward(self.flat, self.position, self.codes)
+        self.graph, (self.wav, _, self.new_position) = owner._pool.capture(
+            lambda: owner.forward(self.flat, self.position, self.codes, out=self.new_flat)
         )
 
     def run(self, states: list[DecoderState], codes: Tensor) -> Tensor:

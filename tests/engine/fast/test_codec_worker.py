@@ -42,33 +42,35 @@ def test_the_codec_waits_for_company_only_while_others_run(load_tts):
     assert worker._gather([first]) == [first, second]
     assert 0.45 < time.perf_counter() - t0 < 1.0  # fewer than GATHER: it waited out the window
 
-    chunk = CodecJob(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY))
-    chunk.seq.stream = AudioStream(on_audio=lambda *_: None)
+    a, b, c = (streaming_job(tts, item) for item in custom_items()[:3])
     t0 = time.perf_counter()
-    assert worker._gather([chunk]) == [chunk]
-    assert time.perf_counter() - t0 < 0.05  # a stream's early chunk: no wait even under load
+    assert worker._gather([a]) == [a]
+    assert time.perf_counter() - t0 < 0.05  # a chunk of a stream not far ahead of real time: no wait
 
-    steady = dataclasses.replace(chunk, patient=True)
+    steady_a, steady_b = (dataclasses.replace(job, patient=True) for job in (a, b))
     t0 = time.perf_counter()
-    assert worker._gather([steady]) == [steady]
-    assert time.perf_counter() - t0 < 0.05  # a steady chunk, but no other stream runs that could join it
+    assert worker._gather([steady_a]) == [steady_a]
+    assert time.perf_counter() - t0 < 0.05  # patient, but no other stream runs that could join it
 
-    engine.scheduler.running.append(chunk.seq)  # two running now: one more stream could join
-    threading.Timer(0.05, worker._queue.put, args=([chunk],)).start()
+    engine.scheduler.running += [a.seq, b.seq]  # two streams run (and one whole-utterance request)
+    threading.Timer(0.05, worker._queue.put, args=([b],)).start()
     t0 = time.perf_counter()
-    assert worker._gather([steady]) == [steady, chunk]
-    assert time.perf_counter() - t0 < 0.3  # waited for company; an early chunk joining ended the wait
-    threading.Timer(0.05, worker._queue.put, args=([steady],)).start()
+    assert worker._gather([steady_a]) == [steady_a, b]
+    assert time.perf_counter() - t0 < 0.3  # waited for company; an urgent chunk joining ended the wait
+    threading.Timer(0.05, worker._queue.put, args=([steady_b],)).start()
     t0 = time.perf_counter()
-    assert worker._gather([steady]) == [steady, steady]
-    assert time.perf_counter() - t0 < 0.3  # as many chunks in hand as streams running: none can join
+    assert worker._gather([steady_a]) == [steady_a, steady_b]
+    assert time.perf_counter() - t0 < 0.3  # every running stream is in hand: none can join
 
-    engine.scheduler.running.append(first.seq)  # three running: a third could still join
-    threading.Timer(0.05, worker._queue.put, args=([steady],)).start()
+    engine.scheduler.running.append(c.seq)  # three streams: a third could still join
+    threading.Timer(0.05, worker._queue.put, args=([steady_b],)).start()
     t0 = time.perf_counter()
-    assert worker._gather([steady]) == [steady, steady]
-    assert 0.45 < time.perf_counter() - t0 < 1.0  # only steady chunks: it waited out the window
-    del engine.scheduler.running[1:]
+    assert worker._gather([steady_a]) == [steady_a, steady_b]
+    assert 0.45 < time.perf_counter() - t0 < 1.0  # only patient chunks: it waited out the window
+    threading.Timer(0.05, worker._queue.put, args=([steady_a],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([steady_a]) == [steady_a, steady_a]
+    assert 0.45 < time.perf_counter() - t0 < 1.0  # two chunks of one stream are one stream in hand
 
     engine.scheduler.running.clear()
     t0 = time.perf_counter()
@@ -109,6 +111,12 @@ class CountingDecoder:
     def decode_chunks(self, jobs):
         self.calls.append(len(jobs))
         return self.inner.decode_chunks(jobs)
+
+
+def streaming_job(tts, item) -> CodecJob:
+    job = CodecJob(make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY))
+    job.seq.stream = AudioStream(on_audio=lambda *_: None)
+    return job
 
 
 def streaming_seq(tts, item, frames: int, chunks: list, finished: list):
@@ -160,23 +168,27 @@ def test_streams_chunks_are_decoded_together_in_two_sizes(load_tts, decoder):
     assert all(sum(len(c) for c in out) == 20 * 1920 for out in outputs)
 
 
-def test_only_steady_chunks_may_wait_for_company(load_tts):
-    """A stream's first chunks (growing) and its first of the largest size go out urgent; later ones are
-    patient; its last chunk finishes the request and is urgent again."""
+def test_a_chunk_may_wait_only_while_its_stream_is_well_ahead_of_real_time(load_tts):
+    """Patient (may wait for company) only with more than PATIENT_LEAD_S + the wait of audio in hand beyond
+    the time since the stream's first chunk: never its first chunks, never its last; and a stream that fell
+    behind (a loaded server's slow steps) is never made to wait."""
     tts = load_tts(CUSTOM)
     engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)  # chunks of 2, then 4
     handed: list[CodecJob] = []
     put = engine.codec_worker.put
     engine.codec_worker.put = lambda jobs: (handed.extend(jobs), put(jobs))
-    seq = engine.submit(streaming_seq(tts, custom_items()[0], 15, [], []))
+    seq = engine.submit(streaming_seq(tts, custom_items()[0], 40, [], []))
     run_to_end(engine, [seq])
-    assert [(j.end - j.start, j.patient, j.final) for j in handed] == [
-        (2, False, False),
-        (4, False, False),
-        (4, True, False),
-        (4, True, False),
-        (1, False, True),
-    ]
+    patient = [j.patient for j in handed]
+    assert [j.end - j.start for j in handed] == [2] + [4] * 9 + [2]
+    # 12.5 frames a second: 14 frames (1.12 s) in hand before the first chunk that can be patient
+    assert patient[:4] == [False] * 4 and not handed[-1].patient and handed[-1].final
+    assert True in patient and patient[patient.index(True) : -1] == [True] * (len(patient) - 1 - patient.index(True))
+
+    stream = AudioStream(on_audio=lambda *_: None, sent=25, first_sent_at=100.0)  # 2 s of audio handed over
+    assert FastEngine._lead_s(stream, now=100.5) == pytest.approx(1.5)  # half a second in: 1.5 s ahead
+    assert FastEngine._lead_s(stream, now=103.0) == pytest.approx(-1.0)  # three seconds in: behind
+    assert FastEngine._lead_s(AudioStream(on_audio=lambda *_: None), now=5.0) == 0.0  # nothing sent yet
 
 
 def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):

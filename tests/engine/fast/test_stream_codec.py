@@ -187,13 +187,15 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
     streaming.enable_compile()
     before = counters["frames"]["total"]
     with torch.inference_mode():
-        for rows, frames in ((2, 2), (3, 4)):
-            flat = torch.randn(rows, streaming.state_size) * 0.1
+        for rows, frames in ((2, 2), (3, 4), (3, 4)):  # the last as a graph's capture repeats its warm-up
+            flat = torch.randn(rows, streaming.state_size, generator=torch.Generator().manual_seed(rows)) * 0.1
             position = torch.arange(rows) * 5
             codes = torch.randint(0, 2048, (rows, 16, frames), generator=torch.Generator().manual_seed(rows))
             expected = streaming.step(flat, position, codes)
-            got = streaming.forward(flat.clone(), position.clone(), codes.clone())
+            out = torch.full_like(flat, float("nan"))  # a graph's shared state buffer: every element written
+            got = streaming.forward(flat.clone(), position.clone(), codes.clone(), out)
+            assert got[1].data_ptr() == out.data_ptr()
+            # Fused kernels sum in another order: float32 rounding, relative to the state's values (up to ~10).
             for want, have in zip(expected, got, strict=True):
-                assert want.shape == have.shape
-                assert torch.allclose(want.float(), have.float(), atol=ATOL)
+                torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
     assert counters["frames"]["total"] - before == 1
