@@ -717,25 +717,21 @@ class FastEngine:
         `chunk_sizes` only, so every chunk decode is a captured graph; the codec thread decodes all
         chunks queued since its last call together."""
         jobs = []
+        now = time.perf_counter()
         for seq in running:
             stream = seq.stream
             if stream is None or seq.status is SequenceStatus.FINISHED:
                 continue
-        now = time.perf_counter()
             size = self.chunk_sizes[min(stream.chunks, len(self.chunk_sizes) - 1)]
             if seq.num_frames - stream.sent >= size:
                 patient = self._lead_s(stream, now) > PATIENT_LEAD_S + self.codec_worker.wait_s
                 jobs.append(CodecJob(seq, stream.sent, stream.sent + size, patient=patient))
+                if stream.first_sent_at is None:
+                    stream.first_sent_at = now
                 stream.sent += size
                 stream.chunks += 1
         return jobs
 
-                if stream.first_sent_at is None:
-                    stream.first_sent_at = now
-    def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:
-        """Hand streaming chunks and finished requests to the codec thread (or, with no threads
-        running, decode here); requests with nothing to decode finish at once."""
-        jobs = list(chunks or [])
     @staticmethod
     def _lead_s(stream: AudioStream, now: float) -> float:
         """How far ahead of real time a stream is: the audio handed to the codec so far, less the time
@@ -744,6 +740,10 @@ class FastEngine:
             return 0.0
         return stream.sent / FRAME_RATE_HZ - (now - stream.first_sent_at)
 
+    def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:
+        """Hand streaming chunks and finished requests to the codec thread (or, with no threads
+        running, decode here); requests with nothing to decode finish at once."""
+        jobs = list(chunks or [])
         for seq in finished:
             ended = seq.finish_reason is not FinishReason.CANCELLED and seq.frames
             if ended and seq.stream is not None:
