@@ -315,14 +315,19 @@ class FastEngine:
             return False
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
-        """Run every compiled path once per sampling variant, at two batch sizes and two KV lengths
-        (the first recompile makes those dimensions dynamic) and for packed prefill (the sequence
-        length too), so no request ever waits for a compile, and graph capture never compiles.
-        Prefill writes KV into rows 0-1: warm_up runs before any request is admitted."""
+        """Run every compiled path once per sampling variant, so that no request ever waits for a compile
+        and graph capture never compiles. One compile serves every batch size from 2 rows on (a batch of
+        one row is always a compile of its own), every KV length but `max_len` (marked dynamic before its
+        first compile, see `ModelRunner.decode`; the whole cache is a contiguous slice, compiled apart) and
+        every packed prefill length (dynamic from the second call on). So: frames at batch 1 and 2, each
+        at the first and the last KV bucket, and prefill of one prompt and of two, with codebook 0 sampled
+        from rows gathered as `_prefill` does. Prefill writes KV into rows 0-1: warm_up runs before any
+        request is admitted."""
         width = self.rows.hidden.shape[-1]
+        kv_lens = sorted({self.kv_buckets[0], self.kv_buckets[-1]})
         for plans in variants:
             with self.preserved_rows(self.buckets[-1]):
-                for size, kv_len in itertools.product(self.buckets[:2], self.kv_buckets[:2]):
+                for size, kv_len in itertools.product(self.buckets[:2], kv_lens):
                     self.frame(size, kv_len, plans)
             for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
                 prompts = [torch.zeros(n, width, device=self.device, dtype=self.rows.hidden.dtype) for n in lengths]

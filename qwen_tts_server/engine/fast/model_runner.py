@@ -221,7 +221,13 @@ def decode_layer(
     Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
     function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
     softmax: a layer is a dozen kernels, not the ~16 of separate calls.
+
+    `kv_len` must be the mask's last dimension, which is what the layer reads: compiled, a tensor
+    dimension can be marked dynamic before the first call (`ModelRunner.decode`), an int cannot.
     """
+    if not torch.compiler.is_compiling():
+        assert kv_len == mask.shape[-1], f"kv_len {kv_len} but a mask over {mask.shape[-1]} positions"
+    kv_len = mask.shape[-1]
     B = x.shape[0]
     q, k, v = attn_in(x, cos, sin, *attn_args)
     rows = torch.arange(B, device=x.device) if slots is None else slots
@@ -232,6 +238,17 @@ def decode_layer(
     else:
         keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
     return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
+
+
+def mark_dynamic(t: Tensor, *dims: int) -> Tensor:
+    """Have torch.compile compile `t`'s dimensions `dims` for any size at its first compile, instead of
+    for this size and then again at the next (automatic dynamic shapes). A hint, not a constraint: where
+    the code specialises a size after all, that size gets a compile of its own (as without the hint)
+    instead of an error. Dimensions of size 1 are left alone: torch.compile always specialises them."""
+    for dim in dims:
+        if t.shape[dim] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t
 
 
 def cp_decode_layer(*args: Any) -> Tensor:
@@ -300,10 +317,13 @@ class ModelRunner:
         """Fuse the elementwise work around the matmuls with `torch.compile` (CUDA; compiles on first use).
 
         Shapes differ between talker and code predictor, prefill and decode, and batch buckets; the
-        first recompile marks the batch dimension (and the talker's KV length) dynamic, so a handful of
-        compiles serve them all. The talker's and the code predictor's decode layers are compiled
-        apart (`cp_decode_layer`): their weights differ in shape. (Prefill's `attn_in` / `layer_out` are
-        still shared by both models.)
+        first recompile marks the batch dimension (and the packed prefill's length) dynamic, so a handful
+        of compiles serve them all. A batch of one row is always a compile of its own (torch.compile
+        specialises sizes 1). The talker's KV length is marked dynamic before the first compile (`decode`),
+        but reading the whole cache (`kv_len == max_len`) is a contiguous slice, which compiles apart: the
+        warm-up runs the first and the last KV bucket (`FastEngine._compile_warm_up`). The talker's and
+        the code predictor's decode layers are compiled apart (`cp_decode_layer`): their weights differ in
+        shape. (Prefill's `attn_in` / `layer_out` are still shared by both models.)
         """
         import torch._dynamo
 
@@ -414,6 +434,8 @@ class ModelRunner:
         cos = self.cos[positions][:, None, None, :]
         sin = self.sin[positions][:, None, None, :]
         mask = (self.key_positions[None, :kv_len] <= positions[:, None])[:, None, None, :]
+        if self.compiled:
+            mark_dynamic(mask, 3)  # one compile for every KV bucket but `max_len` (see enable_compile)
         for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
             args = (positions, k_cache, v_cache, kv_len, self.scaling, w.attn_args, w.out_args, slots)
             x = self.decode_layer(x, cos, sin, mask, *args)

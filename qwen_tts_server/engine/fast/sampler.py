@@ -232,6 +232,14 @@ def _columns(params: RowSampling) -> tuple[Tensor, ...]:
     return params.do_sample, params.temperature, params.top_k, params.top_p, params.seed
 
 
+def _normal(t: Tensor) -> Tensor:
+    """`t`, or a copy of it that is a normal tensor where `t` is an inference tensor."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 class Sampler:
     """The talker's fixed logits rules (from the config) plus per-row choice.
 
@@ -265,6 +273,10 @@ class Sampler:
     def disable_compile(self) -> None:
         self._choose, self._talker_choose = _choose, _talker_choose
 
+    @property
+    def compiled(self) -> bool:
+        return self._choose is not _choose
+
     def talker(
         self,
         logits: Tensor,
@@ -281,15 +293,26 @@ class Sampler:
         floor = step.new_full(step.shape, self.min_new_tokens)
         if min_frames is not None:
             floor = torch.maximum(floor, min_frames)
-        penalty = params.repetition_penalty
-        choice = (*_columns(params), self.codebooks[0], plan.candidates)
+        penalty, columns = params.repetition_penalty, _columns(params)
+        if self.compiled:
+            # A frame passes views of the engine's per-row tables, prefill rows gathered from them: inference
+            # tensors, which torch.compile would compile apart (another dispatch key set).
+            seen, penalty, *columns = (_normal(t) for t in (seen, penalty, *columns))
+        choice = (*columns, self.codebooks[0], plan.candidates)
         return self._talker_choose(logits, seen, penalty, step, floor, self.suppress, self.is_eos, *choice)
 
     def code_predictor(
         self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
     ) -> Tensor:
         """Codebook `codebook` (1..15) for B rows with the subtalker options."""
-        return self._choose(logits.float(), *_columns(params), step, self.codebooks[codebook], plan.candidates)
+        if self.compiled:
+            # Always a new contiguous tensor: `logits` is a [:, -1] slice (of two positions after the code
+            # predictor's prefill, of one after its decode steps), which `.float()` keeps as a view in fp32,
+            # and whose strides it keeps at one row in any dtype. torch.compile compiles each layout apart.
+            scores = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        else:
+            scores = logits.float()
+        return self._choose(scores, *_columns(params), step, self.codebooks[codebook], plan.candidates)
 
 
 def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
