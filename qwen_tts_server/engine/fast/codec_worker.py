@@ -42,7 +42,7 @@ from .stream_codec import StreamingDecoder
 log = logging.getLogger(__name__)
 
 GATHER = 8  # finished requests a whole-utterance decode waits for (at most wait_s) under load
-GATHER_CHUNKS = 16  # steady streaming chunks a chunk decode waits for (at most wait_s) under load
+GATHER_CHUNKS = 16  # streams whose patient chunks a chunk decode waits for (at most wait_s) under load
 
 
 @dataclass(eq=False)
