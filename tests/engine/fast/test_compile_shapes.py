@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo
 from torch._dynamo.utils import counters
 
 from qwen_tts_server.engine.fast.model_runner import ModelRunner
@@ -22,6 +23,13 @@ from qwen_tts_server.engine.fast.sampler import RowSampling, Sampler, SamplingPl
 from .test_engine_release import CUSTOM, has_cpp_compiler
 
 pytestmark = pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state() -> None:
+    """Each test counts compiles from a clean slate: what earlier tests compiled (other shapes, dimensions
+    already made dynamic) would change what these calls compile."""
+    torch._dynamo.reset()
 
 
 def frames() -> int:
