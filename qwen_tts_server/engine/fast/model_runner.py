@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compiling import allow_recompiles, mark_dynamic
+
 log = logging.getLogger(__name__)
 
 # The code predictor sees [past_hidden, codebook 0] and then feeds back codebooks 1..14;
@@ -209,24 +211,21 @@ def decode_layer(
     positions: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    kv_len: int,
     scale: float,
     attn_args: tuple[Any, ...],
     out_args: tuple[Any, ...],
     slots: Tensor | None = None,
 ) -> Tensor:
     """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write at
-    `positions` ([B], or [1] for all rows), attention over the first `kv_len` cache positions, MLP.
+    `positions` ([B], or [1] for all rows), attention over the cache positions `mask` covers, MLP.
 
     Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
     function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
     softmax: a layer is a dozen kernels, not the ~16 of separate calls.
 
-    `kv_len` must be the mask's last dimension, which is what the layer reads: compiled, a tensor
-    dimension can be marked dynamic before the first call (`ModelRunner.decode`), an int cannot.
+    How many cache positions it reads is the mask's last dimension, not an int argument: compiled, a
+    tensor dimension can be marked dynamic before the first call (`ModelRunner.decode`), an int cannot.
     """
-    if not torch.compiler.is_compiling():
-        assert kv_len == mask.shape[-1], f"kv_len {kv_len} but a mask over {mask.shape[-1]} positions"
     kv_len = mask.shape[-1]
     B = x.shape[0]
     q, k, v = attn_in(x, cos, sin, *attn_args)
@@ -238,17 +237,6 @@ def decode_layer(
     else:
         keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
     return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
-
-
-def mark_dynamic(t: Tensor, *dims: int) -> Tensor:
-    """Have torch.compile compile `t`'s dimensions `dims` for any size at its first compile, instead of
-    for this size and then again at the next (automatic dynamic shapes). A hint, not a constraint: where
-    the code specialises a size after all, that size gets a compile of its own (as without the hint)
-    instead of an error. Dimensions of size 1 are left alone: torch.compile always specialises them."""
-    for dim in dims:
-        if t.shape[dim] > 1:
-            torch._dynamo.maybe_mark_dynamic(t, dim)
-    return t
 
 
 def cp_decode_layer(*args: Any) -> Tensor:
@@ -325,12 +313,7 @@ class ModelRunner:
         the code predictor's decode layers are compiled apart (`cp_decode_layer`): their weights differ in
         shape. (Prefill's `attn_in` / `layer_out` are still shared by both models.)
         """
-        import torch._dynamo
-
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
-            if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), 64))
+        allow_recompiles()
         self.attn_in = torch.compile(attn_in)
         self.layer_out = torch.compile(layer_out)
         self.decode_layer = torch.compile(decode_layer)
@@ -437,7 +420,7 @@ class ModelRunner:
         if self.compiled:
             mark_dynamic(mask, 3)  # one compile for every KV bucket but `max_len` (see enable_compile)
         for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            args = (positions, k_cache, v_cache, kv_len, self.scaling, w.attn_args, w.out_args, slots)
+            args = (positions, k_cache, v_cache, self.scaling, w.attn_args, w.out_args, slots)
             x = self.decode_layer(x, cos, sin, mask, *args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
@@ -519,7 +502,7 @@ class ModelRunner:
         for i, w in enumerate(self.cp_layers):
             k_cache, v_cache = self.cp_k_cache[i], self.cp_v_cache[i]
             if S == 1:
-                args = (self.cp_positions[start], k_cache, v_cache, CP_CACHE_LEN, self.cp_scaling)
+                args = (self.cp_positions[start], k_cache, v_cache, self.cp_scaling)
                 x = self.cp_decode_layer(x, cos, sin, self.cp_masks[start], *args, w.attn_args, w.out_args)
                 continue
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)

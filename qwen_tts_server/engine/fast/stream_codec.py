@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
     Qwen3TTSTokenizerV2CausalConvNet,
@@ -51,6 +50,7 @@ from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
 from torch import Tensor, nn
 
 from .capture import GraphPool
+from .compiling import allow_recompiles, mark_dynamic
 
 
 @dataclass
@@ -172,10 +172,7 @@ class StreamingDecoder:
         first chunk of one frame, `QTTS_STREAM_FIRST_CHUNK_FRAMES=1`, adds its own).
         Only captured graphs run it: it compiles while they are captured, and groups without a graph
         run `step` uncompiled, so that no request ever waits for a compile."""
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions; each engine's
-            if hasattr(config, name):  # decoder is another `self`, so the shared code recompiles per engine
-                setattr(config, name, max(getattr(config, name), 64))
+        allow_recompiles()  # each engine's decoder is another `self`: the shared code compiles again per engine
         self._compiled = torch.compile(self.step)
 
     def disable_compile(self) -> None:
@@ -192,9 +189,8 @@ class StreamingDecoder:
         if self._compiled is None:
             return self.step(flat, position, codes, out)
         for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2)), (out, (0,))):
-            for dim in dims:
-                if tensor is not None and tensor.shape[dim] > 1:
-                    torch._dynamo.mark_dynamic(tensor, dim)
+            if tensor is not None:  # strict: a dimension specialized after all fails the capture (it falls back)
+                mark_dynamic(tensor, *dims, strict=True)
         return self._compiled(flat, position, codes, out)
 
     def __len__(self) -> int:

@@ -16,20 +16,15 @@ import itertools
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.utils import counters
 
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.prefill import BucketedPrefill
 from qwen_tts_server.engine.fast.sampler import PLANS
 
+from .test_compile_shapes import frames
 from .test_engine_release import CUSTOM, has_cpp_compiler
 
 MAX_SLOTS, MAX_LEN = 4, 1024
-
-
-def frames() -> int:
-    """Frames dynamo converted so far: each compile or recompile is one."""
-    return int(counters["frames"]["total"])
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")

@@ -50,7 +50,7 @@ def _run(fn, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Ten
     cos, sin = torch.randn(3, 1, 1, HEAD_DIM), torch.randn(3, 1, 1, HEAD_DIM)
     mask = _mask(positions + 1, 32)
     with torch.inference_mode():
-        out = fn(x, cos, sin, mask, positions, k_cache, v_cache, 32, 0.25, attn_args, out_args, slots)
+        out = fn(x, cos, sin, mask, positions, k_cache, v_cache, 0.25, attn_args, out_args, slots)  # reads 32 keys
     return out, k_cache, v_cache
 
 
