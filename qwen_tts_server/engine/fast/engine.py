@@ -321,7 +321,7 @@ class FastEngine:
         first compile, see `ModelRunner.decode`; the whole cache is a contiguous slice, compiled apart) and
         every packed prefill length (dynamic from the second call on). So: frames at batch 1 and 2, each
         at the first and the last KV bucket, and prefill of one prompt and of two, with codebook 0 sampled
-        from rows gathered as `_prefill` does. Prefill writes KV into rows 0-1: warm_up runs before any
+        as `_prefill` does (`_first_code`). Prefill writes KV into rows 0-1: warm_up runs before any
         request is admitted."""
         width = self.rows.hidden.shape[-1]
         kv_lens = sorted({self.kv_buckets[0], self.kv_buckets[-1]})
@@ -332,13 +332,7 @@ class FastEngine:
             for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
                 prompts = [torch.zeros(n, width, device=self.device, dtype=self.rows.hidden.dtype) for n in lengths]
                 _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
-                idx = torch.arange(len(prompts), device=self.device)  # as `_prefill` samples: gathered rows
-                params, seen, floor = (
-                    self.rows.talker_params.select(idx),
-                    self.rows.seen[idx],
-                    self.rows.min_frames[idx],
-                )
-                self.sampler.talker(logits, params, seen, torch.zeros_like(idx), plans[0], floor)
+                self._first_code(logits, slice(0, len(prompts)), plans[0])
 
     def _drop_graphs(self) -> None:
         """A frame that cannot be captured still runs: fall back to eager for good, and say so."""
@@ -575,25 +569,32 @@ class FastEngine:
         for seq in seqs:
             seq.admitted_at = now
         slots = [seq.slot for seq in seqs]
+        span = slice(slots[0], slots[0] + len(slots))
+        assert slots == list(range(span.start, span.stop)), "the scheduler admits into the next free rows"
         prefill = self.runner if self.prefill is None else self.prefill
         hidden, logits = prefill.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
-        idx = to_device(slots, self.device)
         options = [seq.sampling for seq in seqs]
         rows = self.rows
-        rows.set_sampling(idx, options)
+        rows.set_sampling(span, options)
         rows.set_text(slots, [seq.prompt.trailing.reshape(-1, rows.trailing.shape[-1]) for seq in seqs])
-        rows.min_frames[idx] = to_device([o.min_frames for o in options], self.device)
-        rows.seen[idx] = False
+        rows.min_frames[span] = to_device([o.min_frames for o in options], self.device)
+        rows.seen[span] = False
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
-        zero = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
-        code0 = self.sampler.talker(
-            logits, rows.talker_params.select(idx), rows.seen[idx], zero, plan, rows.min_frames[idx]
-        )
-        rows.seen[idx, code0] = True
-        rows.hidden[idx] = hidden
-        rows.code0[idx] = code0
-        rows.position[idx] = to_device([seq.prompt_len for seq in seqs], self.device)
-        rows.frame_index[idx] = 0
+        code0 = self._first_code(logits, span, plan)
+        rows.seen[span].scatter_(1, code0[:, None], True)
+        rows.hidden[span] = hidden
+        rows.code0[span] = code0
+        rows.position[span] = to_device([seq.prompt_len for seq in seqs], self.device)
+        rows.frame_index[span] = 0
+
+    def _first_code(self, logits: Tensor, span: slice, plan: SamplingPlan) -> Tensor:
+        """Codebook 0 of the first frame of the requests just prefilled into rows `span`, from their prompts'
+        last logits. The rows' options are views of the per-row tables, as a frame's are, so the compiled
+        sampler serves both with one graph."""
+        rows = self.rows
+        step = torch.zeros(span.stop - span.start, dtype=torch.long, device=self.device)
+        params, seen, floor = rows.talker_params.span(span), rows.seen[span], rows.min_frames[span]
+        return self.sampler.talker(logits, params, seen, step, plan, floor)
 
     def _launch_frame(self, running: list[Sequence]) -> Tensor:
         """Queue one frame for every running request (rows 0..n-1) and, on CUDA, the copy of its output to
@@ -679,7 +680,7 @@ class FastEngine:
         talker_plan, sub_plan = plans
         rows = self.rows
         step = rows.frame_index[:size]
-        sub = rows.sub_params.head(size)
+        sub = rows.sub_params.span(slice(size))
 
         def sample(codebook: int, logits: Tensor) -> Tensor:
             return self.sampler.code_predictor(logits, sub, step, codebook, plan=sub_plan)
@@ -694,7 +695,7 @@ class FastEngine:
         position = rows.position[:size]
         hidden, logits = self.runner.decode(inputs, position, kv_len=kv_len)
         next_step = step + 1
-        params, seen, floor = rows.talker_params.head(size), rows.seen[:size], rows.min_frames[:size]
+        params, seen, floor = rows.talker_params.span(slice(size)), rows.seen[:size], rows.min_frames[:size]
         next_code0 = self.sampler.talker(logits, params, seen, next_step, talker_plan, floor)
         rows.seen[:size].scatter_(1, next_code0[:, None], True)
         rows.hidden[:size].copy_(hidden)

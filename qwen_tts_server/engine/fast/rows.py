@@ -69,7 +69,7 @@ class RowState:
             self.trailing[slot, : text.shape[0]] = text
         self.trailing_len[to_device(slots, self.device)] = to_device([t.shape[0] for t in trailing], self.device)
 
-    def set_sampling(self, idx: Tensor, options: list[SequenceSampling]) -> None:
+    def set_sampling(self, idx: Tensor | slice, options: list[SequenceSampling]) -> None:
         """Rows `idx`' options for the talker (codebook 0) and the code predictor (codebooks 1-15)."""
         talker = {
             "do_sample": [o.do_sample for o in options],

@@ -83,9 +83,9 @@ class RowSampling:
         """Some rows' options (e.g. per-slot options gathered into a decode batch)."""
         return RowSampling(**{name: getattr(self, name)[index] for name in _PER_ROW})
 
-    def head(self, rows: int) -> RowSampling:
-        """The first `rows` rows, as views (a decode batch over cache rows 0..rows-1)."""
-        return RowSampling(**{name: getattr(self, name)[:rows] for name in _PER_ROW})
+    def span(self, rows: slice) -> RowSampling:
+        """Rows `rows`, as views: a decode batch over cache rows 0..n-1, or the rows just admitted."""
+        return RowSampling(**{name: getattr(self, name)[rows] for name in _PER_ROW})
 
     def columns(self) -> dict[str, Tensor]:
         return {name: getattr(self, name) for name in _PER_ROW}
@@ -232,14 +232,6 @@ def _columns(params: RowSampling) -> tuple[Tensor, ...]:
     return params.do_sample, params.temperature, params.top_k, params.top_p, params.seed
 
 
-def _normal(t: Tensor) -> Tensor:
-    """`t`, or a copy of it that is a normal tensor where `t` is an inference tensor."""
-    if not t.is_inference():
-        return t
-    with torch.inference_mode(False):
-        return t.clone()
-
-
 class Sampler:
     """The talker's fixed logits rules (from the config) plus per-row choice.
 
@@ -288,17 +280,15 @@ class Sampler:
     ) -> Tensor:
         """Codebook 0 for B rows. `seen` [B, V] marks each row's previously generated codebook-0 ids.
 
-        EOS is blocked while `step` < max(min_new_tokens, the row's `min_frames` [B]).
+        EOS is blocked while `step` < max(min_new_tokens, the row's `min_frames` [B]). Compiled, one graph
+        serves every caller that passes the same kind of tensors: the engine passes views of its per-row
+        tables (rows gathered by index inside inference mode are inference tensors, compiled apart).
         """
         floor = step.new_full(step.shape, self.min_new_tokens)
         if min_frames is not None:
             floor = torch.maximum(floor, min_frames)
-        penalty, columns = params.repetition_penalty, _columns(params)
-        if self.compiled:
-            # A frame passes views of the engine's per-row tables, prefill rows gathered from them: inference
-            # tensors, which torch.compile would compile apart (another dispatch key set).
-            seen, penalty, *columns = (_normal(t) for t in (seen, penalty, *columns))
-        choice = (*columns, self.codebooks[0], plan.candidates)
+        choice = (*_columns(params), self.codebooks[0], plan.candidates)
+        penalty = params.repetition_penalty
         return self._talker_choose(logits, seen, penalty, step, floor, self.suppress, self.is_eos, *choice)
 
     def code_predictor(

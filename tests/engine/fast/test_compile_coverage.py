@@ -1,6 +1,6 @@
 """After `FastEngine.warm_up`, nothing serving can reach compiles: every frame a step can ask for (all batch
 buckets, all KV buckets, all sampling-plan pairs) and prefill as `_prefill` runs it (packed prompts of several
-lengths and counts, unpadded and padded to the token buckets, codebook 0 sampled from gathered rows).
+lengths and counts, unpadded and padded to the token buckets, into the last rows, and codebook 0 sampled).
 
 A compile at request time stalls every stream for seconds, and on CUDA a compile inside graph capture once
 failed the capture. The GPU tier checks this on the H200 (tests/gpu/test_recompile.py), but with `max_len`
@@ -49,19 +49,18 @@ def test_nothing_serving_can_reach_compiles_after_the_warm_up(load_tts):
                     engine.frame(size, kv_len, plans)
                 check(f"frame: {size} rows, KV {kv_len}, plans {plans}", start)
 
-        rows, width = engine.rows, engine.rows.hidden.shape[-1]
+        width = engine.rows.hidden.shape[-1]
         bucketed = BucketedPrefill(engine.runner, 2048)
         for lengths in ([3], [50], [MAX_LEN - 2], [5, 6], [30, 40, 10], [9] * MAX_SLOTS, [2, 300]):
             prompts = [torch.randn(n, width) for n in lengths]
-            slots = list(range(len(prompts)))
+            first = MAX_SLOTS - len(prompts)  # admitted after the running requests, as the scheduler does
+            slots = list(range(first, MAX_SLOTS))
             for prefill in (engine.runner, bucketed):
                 start = frames()
                 _, logits = prefill.prefill_many(slots, prompts)
                 check(f"prefill {type(prefill).__name__} {lengths}", start)
-                idx = torch.tensor(slots)
                 for plan in PLANS:
                     start = frames()
-                    params, seen, floor = rows.talker_params.select(idx), rows.seen[idx], rows.min_frames[idx]
-                    engine.sampler.talker(logits, params, seen, torch.zeros_like(idx), plan, floor)
-                    check(f"codebook 0 after prefill {lengths}, plan {plan}", start)
+                    engine._first_code(logits, slice(first, MAX_SLOTS), plan)
+                    check(f"codebook 0 after prefill {lengths} into rows {first}.., plan {plan}", start)
     assert compiled == []

@@ -3,8 +3,8 @@
 Every compile the engine's warm-up needs costs seconds of load (on an H200 ~6 s each, cold), and a compile
 after warm-up stalls serving. So the compiled functions must not recompile for what does not change the
 code: the KV length of a decode step (but reading the whole cache, a contiguous slice, which compiles
-apart), whether the sampler's rows are views of the engine's per-row tables (a frame) or gathered from
-them (prefill, inference tensors), or whether the code predictor's logits are the last of two positions
+apart), whether the sampler's rows are the first rows of the engine's per-row tables (a frame) or the rows
+just admitted (prefill), or whether the code predictor's logits are the last of two positions
 (its prefill) or of one (its decode steps). The whole check (after `FastEngine._compile_warm_up`, frames at
 every batch and KV bucket and plan pair and prefills of several lengths and counts convert no new frame) needs
 the whole warm-up, ~90 s of CPU compiles on 2 cores: too slow for this suite.
@@ -67,17 +67,20 @@ def test_compiled_sampler_serves_prefill_and_frame_inputs_with_one_compile() -> 
         for size in (2, 1):
             step = torch.ones(size, dtype=torch.long)
             logits = torch.randn(size, vocab)
-            idx = torch.arange(size)
-            # Codebook 0: a frame passes views of the tables, prefill the rows gathered from them.
-            frame = sampler.talker(logits, table.head(size), seen[:size], step, plan)
+            head, admitted = slice(0, size), slice(rows - size, rows)
+            # Codebook 0: a frame passes the first rows of the tables, prefill the rows just admitted (views
+            # further in). Both kinds are views of tables made outside inference mode: normal tensors.
+            sampler.talker(logits, table.span(head), seen[head], step, plan)
             before = frames()
-            prefill = sampler.talker(logits, table.select(idx), seen[idx], step, plan)
+            prefill = sampler.talker(logits, table.span(admitted), seen[admitted], step, plan)
             assert frames() == before, f"{size} rows: prefill's sampling recompiled the frame's"
-            assert torch.equal(prefill, frame)
+            # The admitted rows' own options: the same draws as those rows gathered by index.
+            gathered = sampler.talker(logits, table.select(torch.arange(rows - size, rows)), seen[admitted], step, plan)
+            assert torch.equal(prefill, gathered)
             # Codebooks 1-15: the last position's logits after the code predictor's prefill (2 positions)
             # and after one of its decode steps (1 position).
             cp_prefill, cp_step = torch.randn(size, 2, vocab), torch.randn(size, 1, vocab)
-            sampler.code_predictor(cp_prefill[:, -1], table.head(size), step, 1, plan)
+            sampler.code_predictor(cp_prefill[:, -1], table.span(head), step, 1, plan)
             before = frames()
-            sampler.code_predictor(cp_step[:, -1], table.head(size), step, 2, plan)
+            sampler.code_predictor(cp_step[:, -1], table.span(head), step, 2, plan)
             assert frames() == before, f"{size} rows: a decode step's logits recompiled the prefill's"
