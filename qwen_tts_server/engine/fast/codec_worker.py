@@ -35,7 +35,7 @@ import torch
 
 from ..types import SAMPLES_PER_FRAME, FinishReason, last_frames
 from .codec import CodecDecoder
-from .faults import engine_failed, is_device_fault
+from .faults import as_seen_by_client, is_device_fault
 from .sequence import Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 
@@ -240,13 +240,13 @@ class CodecWorker:
                 self._device_fault(exc)
             if len(jobs) == 1 or fault:  # the GPU failed: one by one would fail the same way
                 for job in jobs:
-                    job.seq.error = _as_seen_by_client(exc)
+                    job.seq.error = as_seen_by_client(exc)
                 return
         for job in jobs:
             try:
                 decode([job])
             except Exception as exc:
-                job.seq.error = _as_seen_by_client(exc)
+                job.seq.error = as_seen_by_client(exc)
 
     def _decode_whole(self, jobs: list[CodecJob]) -> None:
         batch = []
@@ -284,8 +284,3 @@ def _rounds(jobs: list[CodecJob]) -> list[list[CodecJob]]:
             rounds.append([])
         rounds[i].append(job)
     return rounds
-
-
-def _as_seen_by_client(exc: Exception) -> Exception:
-    """A device fault becomes the 503 to retry that the step loop's requests get (faults.engine_failed)."""
-    return engine_failed(exc) if is_device_fault(exc) else exc

@@ -42,7 +42,7 @@ from ..types import FRAME_RATE_HZ, FinishReason
 from .capture import engine_stream
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
-from .faults import device_works, engine_failed, is_device_fault
+from .faults import as_seen_by_client, device_works, engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
@@ -513,7 +513,7 @@ class FastEngine:
             # Requests already released this step (cancelled, or finished before the failure) are
             # no longer running, so `_fail_all` will not see them: fail them here.
             for seq in finished:
-                seq.error = seq.error or exc
+                seq.error = seq.error or as_seen_by_client(exc)
             self._deliver(finished)
             raise
         self._deliver(finished, chunks)

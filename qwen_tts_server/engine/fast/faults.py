@@ -28,6 +28,12 @@ def engine_failed(exc: BaseException) -> EngineFailed:
     )
 
 
+def as_seen_by_client(exc: BaseException) -> BaseException:
+    """What a request that `exc` failed reports: a device fault becomes the 503 to retry (`engine_failed`),
+    anything else stays itself."""
+    return engine_failed(exc) if is_device_fault(exc) else exc
+
+
 def device_works(device: torch.device) -> bool:
     """Whether `device` still runs work after an error that looks like a fault. A failed graph capture raises
     a CUDA error ("operation not permitted when stream is capturing") that leaves the device usable."""

@@ -26,7 +26,7 @@ from qwen_tts_server.engine.reference import ReferenceRunner
 from qwen_tts_server.engine.registry import LoadedModel, describe
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.engine.voice_prompt import compute_voice_prompt
-from qwen_tts_server.errors import ModelUnavailable
+from qwen_tts_server.errors import EngineFailed, ModelUnavailable
 
 from .helpers import synthetic_voice
 
@@ -377,6 +377,27 @@ def test_a_failed_prefill_fails_only_its_own_requests(load_tts):
     assert newcomer.finish_reason is FinishReason.CANCELLED and newcomer.status is SequenceStatus.FINISHED
     run_to_end(engine, [running])
     assert running.error is None and torch.equal(codes_of(running), expected)
+
+
+def test_a_device_fault_in_a_step_reports_the_503_to_every_request_it_ends(load_tts):
+    """Requests that leave in the step a device fault breaks (here one cancelled just before it) get the same
+    `engine_failed` error (a 503 to retry) as the running ones, never the raw CUDA error."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    leaving = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY))
+    staying = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[1], GREEDY))
+    engine.step()
+
+    def fault(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.decode = fault
+    engine.cancel(leaving)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()  # the engine's loop then fails `staying` with engine_failed too (_fail_for_good)
+    assert staying.status is SequenceStatus.RUNNING
+    assert isinstance(leaving.error, EngineFailed) and "retry" in str(leaving.error)
+    assert leaving.status is SequenceStatus.FINISHED
 
 
 def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
