@@ -77,6 +77,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import peers
 from qwen_tts_server.engine.fast.timing import STEP_PARTS
 
 T_START = time.perf_counter()
@@ -871,6 +872,11 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
             lambda v: v == 0,
         ),
         row(f"streaming aggregate at c{c} >= 600 audio-s/s", agg, lambda v: v >= 600),
+        row(
+            "the reference and faster-qwen3-tts in the same run (engine level)",
+            peers.present(data.get("peers")),
+            lambda v: v == ", ".join(peers.ENGINES),
+        ),
     ]
     if engine_c64 is None:
         rows.append(row(f"streaming aggregate at c{c} >= 0.9 x engine-only (no engine figure given)", agg, None))
@@ -920,6 +926,16 @@ def markdown(data: dict[str, Any]) -> str:
         "Worst gap: how long a real-time player started at the first byte starved, worst stream.",
         "",
     ]
+    peer_rows = peers.table(data.get("peers") or {}, fmt)
+    if peer_rows:
+        out += [
+            "The peers in the same call, after the server stopped (`bench/peers.py`: `bench.bench_engines` in "
+            "process, no HTTP, same request length; upstream does not stream, so its first audio is the whole "
+            "batch's audio; faster-qwen3-tts serves one request at a time):",
+            "",
+            peer_rows,
+            "",
+        ]
     profile = profile_table(data)
     if profile:
         out += [
@@ -1251,6 +1267,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="stream,whole,ws", help="comma list of stream,whole,ws")
     add_loop_args(p)
     p.add_argument("--engine-c64", default=None, help="engine-only c64 audio-s/s, or a bench_engines JSON")
+    p.add_argument(
+        "--peers-s",
+        type=float,
+        default=0.0,
+        help="seconds of --max-seconds kept for the peers (upstream, faster-qwen3-tts) after the server stops; "
+        "0: none (bench/peers.py)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()} - {1})
@@ -1282,6 +1305,19 @@ def ensure_checkpoint(args: argparse.Namespace, models_dir: Path, model: str, re
     report.data["server"]["checkpoint_write_s"] = round(now() - t0, 1)
 
 
+def run_peers(args: argparse.Namespace, report: Report) -> None:
+    """The peers' rows in the time left (the server has stopped: the card is theirs)."""
+    left = args.max_seconds - (now() - T_START) - args.reserve_s
+    if left < 30:
+        report.data["skipped"].append(f"peers: {left:.0f} s left")
+        return
+    concurrency = args.headline if args.headline in args.concurrency else max([1, *args.concurrency])
+    report.data["peers"] = peers.run(
+        args.size, frames=args.frames, concurrency=concurrency, budget_s=left, device=args.device, log=log
+    )
+    report.save()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.update_docs:
@@ -1293,7 +1329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = args.model or published_name(args.size)
     report = Report(args, card_name(args.device), model)
-    budget = Budget(args.max_seconds)
+    budget = Budget(args.max_seconds - args.peers_s)
     tmp = Path(tempfile.mkdtemp(prefix="qtts-http-bench-"))
     models_dir = Path(args.models_dir) if args.models_dir else tmp / "models"
     server_log = Path(args.server_log) if args.server_log else tmp / "server.log"
@@ -1313,6 +1349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         returncode = server.stop()
         report.data["server"]["exit_code"] = returncode
+        if args.peers_s > 0:
+            run_peers(args, report)
         engine = engine_figure(args.engine_c64, model)
         report.data["targets"] = targets(report.data, engine)
         report.data["wall_s"] = round(now() - T_START, 1)

@@ -62,9 +62,9 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     command = [sys.executable, "-m", "bench.bench_http", "--size", "tiny", "--models-dir", str(tmp_path / "models")]
     command += ["--device", "cpu", "--concurrency", "2", "--frames", "6", "--single-requests", "2"]
     command += ["--loop-rounds", "2", "--warmup-rounds", "1", "--max-seconds", "150", "--targets"]
-    command += ["--out", str(tmp_path / "results"), "--docs", str(docs), "--engine-c64", "1.0"]
+    command += ["--out", str(tmp_path / "results"), "--docs", str(docs), "--engine-c64", "1.0", "--peers-s", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "| HTTP stream single |" in done.stdout and "| target |" in done.stdout
 
@@ -100,6 +100,13 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     else:
         assert any(s.startswith("ws:") for s in report["skipped"])
     assert [t["status"] for t in report["targets"]][-1] in ("met", "missed")
+    # The peers ran after the server, in the same command: on the CPU only upstream (the peer needs CUDA).
+    reference = report["peers"]["engines"]["reference"]
+    assert reference["model"] == "tiny-CustomVoice" and reference["concurrency"] == 2
+    assert reference["xrt_single"] > 0 and reference["audio_s_per_s"] > 0, reference
+    peer_target = next(t for t in report["targets"] if "faster-qwen3-tts" in t["target"])
+    assert peer_target["value"] == "reference" and peer_target["status"] == "missed"
 
     text = docs.read_text()
     assert DOCS_START in text and DOCS_END in text and report["commit"] in text
+    assert "| reference | tiny-CustomVoice |" in text
