@@ -408,6 +408,10 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
                 key = sample.labels["part"]
             elif sample.name in ("qtts_batch_size_sum", "qtts_batch_size_count"):
                 key = sample.name.removeprefix("qtts_")
+            elif sample.name == "qtts_gc_pause_seconds_total":
+                key = "gc"
+            elif sample.name == "qtts_gc_long_pauses_total":
+                key = LONG_GC
             else:
                 continue
             counters[key] = counters.get(key, 0.0) + sample.value
@@ -422,15 +426,17 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
         return None
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
     batches = delta.get("batch_size_count", 0.0)
-    parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", *BATCH_KEYS)}
+    parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", LONG_GC, *BATCH_KEYS)}
     return {
         "steps": int(steps),
         "mean_batch": round(delta.get("batch_size_sum", 0.0) / batches, 1) if batches else None,
         "ms_per_step": parts,
+        "long_gc_pauses": int(delta[LONG_GC]) if LONG_GC in delta else None,
     }
 
 
 BATCH_KEYS = ("batch_size_sum", "batch_size_count")
+LONG_GC = "gc_long_pauses"  # the server's garbage-collector pauses of 50 ms or more (a count, not seconds)
 
 
 def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
@@ -831,7 +837,7 @@ def sections_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-PROFILE_PARTS = (*STEP_PARTS, "gpu_frame", "codec")  # the step thread's parts, then the GPU's and codec's
+PROFILE_PARTS = (*STEP_PARTS, "gpu_frame", "codec", "gc")  # the step thread's, the GPU's, codec's, collector's
 
 
 def profile_table(data: dict[str, Any]) -> str:
@@ -840,12 +846,13 @@ def profile_table(data: dict[str, Any]) -> str:
     rows = [(key, s["step_profile"]) for key, s in data["sections"].items() if s.get("step_profile")]
     if not rows:
         return ""
-    head = ["run", "steps", "mean batch", "step ms", *PROFILE_PARTS]
+    head = ["run", "steps", "mean batch", "step ms", *PROFILE_PARTS, "gc pauses >= 50 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, p in rows:
         ms = p["ms_per_step"]
         step = sum(ms.get(part, 0.0) for part in STEP_PARTS)
         cells = [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
+        cells.append(fmt(p.get("long_gc_pauses")))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -943,7 +950,8 @@ def markdown(data: dict[str, Any]) -> str:
             "step): the step thread's host time in admit (inbox, compaction), launch (graph replay), prefill "
             "(since 2026-12-04 while the GPU runs the frame; before, ahead of it), gpu_wait (the one host read, "
             "waiting for the frame) and deliver (callbacks, chunks, hand-off to the codec thread), which sum to "
-            "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time.",
+            "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time, gc the "
+            "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more.",
             "",
             profile,
             "",

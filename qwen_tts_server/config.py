@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         description="Fast engine on CUDA, with compile on: also compile the streaming codec decoder (its elementwise "
         "work fused; a few more compiles at load). Off until measured on a GPU (bench_stream_codec --compile).",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="After a fast engine's warm-up, collect once and freeze what exists out of Python's garbage "
+        "collector scans (a full scan of a loaded model's objects stops every thread for a few hundred ms).",
+    )
     max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
     max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
     admit_wait_ms: float = Field(

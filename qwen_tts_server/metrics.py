@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .collector import PAUSES
+
 # One fast engine's counters: (model, device, steps, seconds per part of its loop).
 EngineReport = tuple[str, str, int, dict[str, float]]
 
@@ -80,6 +82,8 @@ class Metrics:
         self.streams = Gauge("qtts_streams", "Audio streams in progress (HTTP and WebSocket)", registry=r)
         self.engines = EngineCollector()
         r.register(self.engines)
+        PAUSES.install()  # process-wide, like the collector it counts
+        r.register(PAUSES)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..audio.sources import ReferenceAudio
+from ..collector import freeze_after_load
 from ..config import Settings
 from ..errors import InvalidRequest, ModelUnavailable, Overloaded, ServiceError
 from ..metrics import EngineReport, Metrics
@@ -212,6 +213,8 @@ class TTSEngine:
         self.engine_failures.pop(model.name, None)
         self._fast[model.name] = runtime
         self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
+        if s.gc_freeze:  # the warm-up's objects out of the collector's scans (collector.py)
+            await asyncio.get_running_loop().run_in_executor(self._builder, freeze_after_load)
         return runtime
 
     @staticmethod

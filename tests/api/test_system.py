@@ -27,6 +27,24 @@ def test_metrics_count_requests_audio_and_loads(client):
     assert 'route="/api/v1/custom-voice",status="200"' in text
 
 
+def test_a_load_freezes_its_objects_out_of_the_collector_and_metrics_count_its_pauses(make_client):
+    import gc
+
+    gc.unfreeze()
+    client = make_client()
+    try:
+        assert client.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
+        assert gc.get_freeze_count() > 10_000, "the warm-up's objects were not frozen"
+        text = client.get("/metrics").text
+        assert 'qtts_gc_pause_seconds_total{generation="2"}' in text and "qtts_gc_long_pauses_total" in text
+        gc.unfreeze()
+        off = make_client(gc_freeze=False)
+        assert off.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_request_id_is_echoed(client):
     response = client.get("/health", headers={"x-request-id": "abc123"})
     assert response.headers["x-request-id"] == "abc123"
