@@ -1320,9 +1320,12 @@ def run_peers(args: argparse.Namespace, report: Report) -> None:
         report.data["skipped"].append(f"peers: {left:.0f} s left")
         return
     concurrency = args.headline if args.headline in args.concurrency else max([1, *args.concurrency])
-    report.data["peers"] = peers.run(
-        args.size, frames=args.frames, concurrency=concurrency, budget_s=left, device=args.device, log=log
-    )
+    try:
+        report.data["peers"] = peers.run(
+            args.size, frames=args.frames, concurrency=concurrency, budget_s=left, device=args.device, log=log
+        )
+    except Exception as exc:  # the server's results are saved whatever the peers do
+        report.data["errors"].append(f"peers: {type(exc).__name__}: {exc}"[:1000])
     report.save()
 
 

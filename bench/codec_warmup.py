@@ -62,16 +62,23 @@ def main() -> int:
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device(args.device)
+    device = torch.device(args.device)
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cuda:
+        torch.cuda.set_device(device)
 
     t0 = time.perf_counter()
     tokenizer = build_speech_tokenizer(args.size, device, torch.bfloat16 if cuda else torch.float32)
+    sync(device)
     build_s = time.perf_counter() - t0
     codec = CodecDecoder(tokenizer, graphs=True)  # turns the mode on, as the server does
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
 
+    sync(device)
     t0 = time.perf_counter()
     codec.warm_up()
+    sync(device)
     whole_capture_s = time.perf_counter() - t0
     streaming = StreamingDecoder(codec.decoder)
     buckets = [b for b in BATCH_BUCKETS if b < args.max_slots] + [args.max_slots]
@@ -79,6 +86,7 @@ def main() -> int:
     t0 = time.perf_counter()
     if cuda:
         streaming.capture_all(buckets, chunks)
+    sync(device)
     stream_capture_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(0)

@@ -10,8 +10,11 @@ batch (`bench_engines`). On the CPU (a tiny checkpoint) only the reference runs:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,11 +31,16 @@ ENGINES = ("reference", PEER)
 REFERENCE_S = 110.0
 
 
+STOP_S = 20.0  # of the peers' seconds, what bench_engines leaves itself to stop and save
+
+
 def command(size: str, *, frames: int, concurrency: int, budget_s: float, device: str | None) -> list[str]:
     """The `bench_engines` command for the peers' rows: every request `frames` long, no parity check, no
-    memory sweep (those are the fast engine's business)."""
+    memory sweep (those are the fast engine's business), done `STOP_S` before `budget_s`."""
     tiny = size == "tiny"
+    device = None if device == "auto" else device  # bench_engines' own default: CUDA when there is one
     engines = ["reference"] if tiny or (device or "").startswith("cpu") else list(ENGINES)
+    budget_s -= STOP_S
     out = [sys.executable, "-m", "bench.bench_engines", *(["--tiny"] if tiny else ["--sizes", size])]
     out += ["--engines", ",".join(engines), "--concurrency", str(concurrency), "--check-rows", "0", "--vram", ""]
     out += ["--frames-single", str(frames), "--frames-min", str(frames), "--frames-max", str(frames)]
@@ -49,18 +57,14 @@ def run(
     with tempfile.TemporaryDirectory(prefix="qtts-peers-") as tmp:
         cmd = command(size, frames=frames, concurrency=concurrency, budget_s=budget_s, device=device)
         log(f"peers: {shlex.join(cmd)}")
-        result: dict[str, Any] = {"command": shlex.join(["python", *cmd[1:]]).replace(tmp, "TMP"), "engines": {}}
-        try:
-            done = subprocess.run([*cmd, "--out", tmp], cwd=REPO, timeout=budget_s + 60, check=False)
-            result["returncode"] = done.returncode
-        except subprocess.TimeoutExpired:  # bench_engines saves after every section: keep what it finished
-            result["returncode"] = None
-            log(f"peers: timed out after {budget_s + 60:.0f} s")
+        result: dict[str, Any] = {"command": shlex.join(["python", *cmd[1:]]), "engines": {}}
+        result["returncode"] = _run([*cmd, "--out", tmp], budget_s, log)
         reports = sorted(Path(tmp).glob("*.json"))
-        if not reports:
-            result["error"] = "bench_engines wrote no report"
+        try:
+            data = json.loads(reports[-1].read_text())
+        except (IndexError, OSError, ValueError) as exc:  # none written, or cut off mid-write
+            result["error"] = f"no report from bench_engines ({type(exc).__name__})"
             return result
-        data = json.loads(reports[-1].read_text())
     result["versions"] = data.get("versions", {})
     result["peer"] = data.get("peer", {})
     for engine in ENGINES:
@@ -75,6 +79,19 @@ def run(
                 "skipped": row.get("skipped", []) + [f"{k}: {e}" for k, e in row.get("errors", {}).items()],
             }
     return result
+
+
+def _run(cmd: list[str], timeout_s: float, log: Callable[[str], None]) -> int | None:
+    """`cmd` in a session of its own, all of it (the peer runs in a grandchild) killed at `timeout_s`."""
+    process = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:  # bench_engines saves after every section: keep what it finished
+        log(f"peers: stopped after {timeout_s:.0f} s")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
 
 
 def table(peers: dict[str, Any], fmt: Callable[[Any], str]) -> str:

@@ -57,7 +57,7 @@ def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
     with torch.inference_mode():
         for _ in range(steps):
             step = engine.rows.frame_index[:n].clone()
-            sub = engine.rows.sub_params.head(n)
+            sub = engine.rows.sub_params.span(slice(n))
             sync_device(device)
             t0 = time.perf_counter()
             codes, embedded = runner.predict_codes(
@@ -72,7 +72,7 @@ def time_parts(engine: FastEngine, steps: int) -> dict[str, float]:
                 hidden, logits = runner.decode(embedded, engine.rows.position[:n].clone(), kv_len=kv_len)
             sync_device(device)
             t2 = time.perf_counter()
-            sampler.talker(logits, engine.rows.talker_params.head(n), engine.rows.seen[:n], step + 1)
+            sampler.talker(logits, engine.rows.talker_params.span(slice(n)), engine.rows.seen[:n], step + 1)
             sync_device(device)
             t3 = time.perf_counter()
             engine.step()

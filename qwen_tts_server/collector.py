@@ -9,11 +9,13 @@ CPython runs one whenever the objects that survived younger collections grow by 
 so under load a stream that has less than that much audio in hand starves, and every stream's next chunk is
 late by as much.
 
-`freeze_after_load` collects once (at load time, when a pause costs nothing) and moves every object into the
-permanent generation (`gc.freeze`): later collections walk only what serving allocated since. Nothing the
-server frees relies on the collector (an unload frees by reference counting: `registry.release_memory`), so
-a frozen object still goes the moment its last reference does; only reference cycles among frozen objects
-stay until `gc.unfreeze`. `PAUSES` counts the collector's pauses for /metrics (`qtts_gc_pause_seconds`).
+`freeze_after_load` collects once and moves every object into the permanent generation (`gc.freeze`): later
+collections walk only what serving allocated since. The collection is a full one only while no other engine
+serves (a first load: the pause costs nothing); otherwise only the young generations, and whatever garbage
+the old one holds is frozen with the rest. Nothing the server frees relies on the collector (an unload frees
+by reference counting: `registry.release_memory`), so a frozen object still goes the moment its last
+reference does; only reference cycles among frozen objects stay, for the life of the process. `PAUSES`
+counts the collector's pauses for /metrics (`qtts_gc_pause_seconds`), the freeze's own collection apart.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Pauses(Collector):
         self.long = [0, 0, 0]  # pauses of LONG_PAUSE_S or more
         self.longest_s = 0.0
         self._started: dict[int, float] = {}  # thread id -> start of the collection it runs
+        self.ignoring = False  # the freeze's own collection, asked for at load time: not a serving pause
         self._installed = False
         self._lock = threading.Lock()
 
@@ -59,7 +62,7 @@ class Pauses(Collector):
             self._started[thread] = now
             return
         started = self._started.pop(thread, None)
-        if started is None:
+        if started is None or self.ignoring:
             return
         seconds, generation = now - started, min(info.get("generation", 2), 2)
         self.count[generation] += 1
@@ -91,13 +94,18 @@ class Pauses(Collector):
 PAUSES = Pauses()
 
 
-def freeze_after_load() -> None:
-    """Collect once, then keep every object that exists now out of later collections (see above). Blocking
-    (a full collection: up to a few hundred milliseconds): call it where the load itself already waits."""
+def freeze_after_load(full: bool) -> None:
+    """Collect, then keep every object that exists now out of later collections (see above). `full`: a full
+    collection (blocking every thread for up to a second: only when no other engine serves), else only the
+    young generations. Call it where the load itself already waits, before the new engine serves."""
     t0 = time.perf_counter()
-    gc.collect()
+    PAUSES.ignoring = True
+    try:
+        gc.collect() if full else gc.collect(1)
+    finally:
+        PAUSES.ignoring = False
     gc.freeze()
     log.info(
-        f"garbage collector: {gc.get_freeze_count()} objects frozen out of its scans "
-        f"(collected first in {1000 * (time.perf_counter() - t0):.0f} ms)"
+        f"garbage collector: {gc.get_freeze_count()} objects frozen out of its scans (collected first, "
+        f"{'in full' if full else 'the young generations'}, in {1000 * (time.perf_counter() - t0):.0f} ms)"
     )

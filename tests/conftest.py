@@ -3,6 +3,7 @@ and Redis database number for tests that need one (tests/services.py)."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting
@@ -21,6 +22,15 @@ from qwen_tts_server.testing.tiny_models import build_all  # noqa: E402
 from . import services  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def unfrozen_collector() -> Iterator[None]:
+    """A model load freezes every object alive out of the garbage collector's scans (collector.py): in a
+    server that is the loaded model, in this process it is every earlier test's apps and clients too. Hand
+    them back to the collector after each test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

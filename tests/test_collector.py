@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from qwen_tts_server.collector import PAUSES, freeze_after_load
 
@@ -20,14 +21,38 @@ def test_every_collection_is_counted_by_generation() -> None:
 
 def test_freezing_keeps_existing_objects_out_of_later_collections() -> None:
     held = [[i] for i in range(10_000)]  # tracked objects that exist at "load" time
-    try:
-        freeze_after_load()
-        frozen = gc.get_freeze_count()
-        assert frozen >= len(held)
-        garbage = []
-        garbage.append(garbage)  # a cycle made after the freeze is still collected
-        del garbage
-        assert gc.collect() >= 1
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()  # the rest of the test process collects as usual
+    freeze_after_load(full=True)
+    frozen = gc.get_freeze_count()
+    assert frozen >= len(held)
+    garbage: list = []
+    garbage.append(garbage)  # a cycle made after the freeze is still collected
+    del garbage
+    assert gc.collect() >= 1
+    assert gc.get_freeze_count() == frozen
+
+
+def test_the_freezes_own_collection_is_not_counted_as_a_serving_pause() -> None:
+    PAUSES.install()
+    before = (list(PAUSES.count), PAUSES.longest_s)
+    freeze_after_load(full=True)
+    freeze_after_load(full=False)  # another engine serving: the young generations only
+    assert (PAUSES.count, PAUSES.longest_s) == before
+
+
+def test_a_load_beside_a_serving_engine_does_not_walk_the_old_generation() -> None:
+    """With another engine serving, the freeze collects only the young generations: cyclic garbage already
+    in the old one is frozen rather than found (a full walk would stop every stream for up to a second)."""
+
+    class Node:
+        pass
+
+    node = Node()
+    node.me = node  # a cycle: only the collector frees it
+    gc.collect(1)  # survivors of the young generations move to the old one
+    probe = weakref.ref(node)
+    del node
+    freeze_after_load(full=False)
+    assert probe() is not None, "the old generation was walked"
+    gc.unfreeze()
+    gc.collect()
+    assert probe() is None

@@ -199,6 +199,9 @@ class TTSEngine:
                 "lower QTTS_MAX_SLOTS or QTTS_MAX_CONTEXT",
                 field="model",
             ) from exc
+        if s.gc_freeze:  # the warm-up's objects out of the collector's scans, before the engine serves (collector.py)
+            others = any(name != model.name for name in self._fast)
+            await asyncio.get_running_loop().run_in_executor(self._builder, freeze_after_load, not others)
         if self._closed:  # the server shut down while this engine was built: nobody else would stop it
             runtime.close()
             raise ModelUnavailable(f"model '{model.name}': the server is shutting down", field="model")
@@ -213,8 +216,6 @@ class TTSEngine:
         self.engine_failures.pop(model.name, None)
         self._fast[model.name] = runtime
         self.gate.set_rows(model.name, runtime.engine.scheduler.max_slots)
-        if s.gc_freeze:  # the warm-up's objects out of the collector's scans (collector.py)
-            await asyncio.get_running_loop().run_in_executor(self._builder, freeze_after_load)
         return runtime
 
     @staticmethod

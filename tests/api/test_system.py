@@ -32,17 +32,14 @@ def test_a_load_freezes_its_objects_out_of_the_collector_and_metrics_count_its_p
 
     gc.unfreeze()
     client = make_client()
-    try:
-        assert client.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
-        assert gc.get_freeze_count() > 10_000, "the warm-up's objects were not frozen"
-        text = client.get("/metrics").text
-        assert 'qtts_gc_pause_seconds_total{generation="2"}' in text and "qtts_gc_long_pauses_total" in text
-        gc.unfreeze()
-        off = make_client(gc_freeze=False)
-        assert off.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
-        assert gc.get_freeze_count() == 0
-    finally:
-        gc.unfreeze()
+    assert client.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
+    assert gc.get_freeze_count() > 10_000, "the warm-up's objects were not frozen"
+    text = client.get("/metrics").text
+    assert 'qtts_gc_pause_seconds_total{generation="2"}' in text and "qtts_gc_long_pauses_total" in text
+    gc.unfreeze()
+    off = make_client(gc_freeze=False)
+    assert off.post("/api/v1/models/Qwen3-TTS-12Hz-0.6B-CustomVoice/load").status_code == 200
+    assert gc.get_freeze_count() == 0
 
 
 def test_request_id_is_echoed(client):
