@@ -4,8 +4,8 @@ requests of the same length, and their rows join `bench_http`'s report and docs 
 
 Their rows are engine level (in process, no HTTP, a model built in memory with random weights): what the
 peers offer has no server of ours in front of it, and the issue accepts that. The peer serves one request
-at a time, so its concurrent rows are skipped within the budget; upstream's concurrent row is one padded
-batch (`bench_engines`). On the CPU (a tiny checkpoint) only the reference runs: the peer needs CUDA.
+at a time, so its concurrent row is its requests one after the other (where the budget allows); upstream's
+is one padded batch (`bench_engines`). On the CPU (a tiny checkpoint) only the reference runs: the peer needs CUDA.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ ENGINES = ("reference", PEER)
 # Of the peers' seconds, what upstream needs on an H200 for one 1.7B model (build, warm-up, one stream,
 # one batch of 64: ~16 + 16 + 36 s, measured 2026-11-25 on an H100) with a margin; the peer gets the rest.
 REFERENCE_S = 110.0
-
-
 STOP_S = 20.0  # of the peers' seconds, what bench_engines leaves itself to stop and save
 
 
