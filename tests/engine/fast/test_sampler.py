@@ -27,6 +27,7 @@ from qwen_tts_server.engine.fast.sampler import (
     apply_repetition_penalty,
     choose,
     mark_seen,
+    top_candidates,
     top_k_top_p,
 )
 from qwen_tts_server.engine.types import Mode
@@ -105,17 +106,18 @@ def test_repetition_penalty_matches_hf() -> None:
         [(0.9, 50, 0.9), (1.3, 64, 0.8), (0.7, 5, 0.5), (1.0, 12, 1.0), (0.5, 2, 0.6), (1.0, 1, 0.3)],
     ],
 )
-def test_warpers_match_hf(settings: list[tuple[float, int, float]]) -> None:
+@pytest.mark.parametrize("vocab", [400, 2048])  # 2048: the narrow plan's chunked sorts (top_candidates)
+def test_warpers_match_hf(settings: list[tuple[float, int, float]], vocab: int) -> None:
     """Temperature, top-k and top-p per row equal HF's warpers applied to each row on its own."""
     torch.manual_seed(1)
-    scores = torch.randn(len(settings), 400) * 2
+    scores = torch.randn(len(settings), vocab) * 2
     scores[:, :10] = float("-inf")  # suppressed ids, as the talker has
     temperature, top_k, top_p = ([s[i] for s in settings] for i in range(3))
     params = RowSampling.make(len(settings), temperature=temperature, top_k=top_k, top_p=top_p)
     plan = SamplingPlan.of([True] * len(settings), top_k)
     values, ids = top_k_top_p(scores / params.temperature[:, None], params, plan)
     if 0 in top_k or max(top_k) > 64:  # some row keeps more than 64: the whole vocabulary
-        assert plan.candidates == 0 and values.shape[1] == 400
+        assert plan.candidates == 0 and values.shape[1] == vocab
     else:
         assert plan.candidates == 64 and values.shape[1] == 64
     ours = torch.full_like(scores, float("-inf")).scatter(1, ids, values)
@@ -125,6 +127,21 @@ def test_warpers_match_hf(settings: list[tuple[float, int, float]]) -> None:
         row = TopKLogitsWarper(k)(None, row) if k else row
         row = TopPLogitsWarper(p)(None, row) if p < 1.0 else row
         assert torch.equal(ours[i], row[0]), i
+
+
+@pytest.mark.parametrize("vocab", [2048, 3072, 4096, 400])
+def test_top_candidates_are_topk_in_chunks(vocab: int) -> None:
+    """The narrow plan's candidates (two sorts of chunks, for the compiled sampler) are exactly topk's: the
+    same scores in the same order, each with its own id (which of two equal scores comes first is free)."""
+    torch.manual_seed(vocab)
+    scores = torch.randn(64, vocab) * 3
+    scores[:, :100] = float("-inf")  # suppressed ids, as the talker has
+    scores[:3, 500:700] = 1.5  # ties across the cut
+    values, ids = top_candidates(scores, 64)
+    expected, _ = scores.topk(64, dim=-1)
+    assert torch.equal(values, expected)
+    assert torch.equal(scores.gather(1, ids), values)
+    assert all(len(set(row.tolist())) == 64 for row in ids)
 
 
 def test_gumbel_draws_follow_the_distribution() -> None:
