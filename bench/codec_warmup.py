@@ -29,7 +29,7 @@ import torch
 
 from bench.bench_engines import build_speech_tokenizer
 from qwen_tts_server.engine.fast.codec import CodecDecoder
-from qwen_tts_server.engine.fast.engine import BATCH_BUCKETS, stream_chunk_sizes
+from qwen_tts_server.engine.fast.engine import batch_buckets, stream_chunk_sizes
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
 
@@ -81,7 +81,7 @@ def main() -> int:
     sync(device)
     whole_capture_s = time.perf_counter() - t0
     streaming = StreamingDecoder(codec.decoder)
-    buckets = [b for b in BATCH_BUCKETS if b < args.max_slots] + [args.max_slots]
+    buckets = batch_buckets(args.max_slots)  # the engine's stream_buckets
     chunks = stream_chunk_sizes(2, 12)
     t0 = time.perf_counter()
     if cuda:

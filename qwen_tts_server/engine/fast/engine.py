@@ -59,6 +59,7 @@ from .trace import StepTrace
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+MIN_FRAME_ROWS = 2  # on CUDA: a frame of one request runs as two rows (see FastEngine.__init__)
 KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 # The step thread waits on the GPU every step and must get the GIL back at once. Python's default
 # switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
@@ -79,6 +80,13 @@ def stream_chunk_sizes(first: int, largest: int) -> list[int]:
     while sizes[-1] < largest:
         sizes.append(min(sizes[-1] * 2, largest))
     return sizes
+
+
+def batch_buckets(max_slots: int, *, min_rows: int = 1) -> list[int]:
+    """Batch sizes with their own graphs: BATCH_BUCKETS up to `max_slots`, from `min_rows` on (a smaller
+    batch runs padded with free rows) where there are that many rows."""
+    sizes = sorted({b for b in BATCH_BUCKETS if b < max_slots} | {max_slots})
+    return [b for b in sizes if b >= min(min_rows, max_slots)]
 
 
 def kv_buckets(max_len: int) -> list[int]:
@@ -150,9 +158,14 @@ class FastEngine:
         self.tts_pad = special_text_hiddens(tts)[2].reshape(-1)  # talker input text once the text ran out
         # Batches are padded to a few fixed sizes (padding rows are free rows, computed and
         # ignored), and KV reads to a few fixed lengths: each pair is one CUDA graph.
-        self.buckets = sorted({b for b in BATCH_BUCKETS if b < max_slots} | {max_slots})
-        self.kv_buckets = kv_buckets(max_len)
         cuda = device.type == "cuda"
+        # On CUDA a frame runs at least two rows (one request beside a free row): cuBLAS gives the code
+        # predictor's one-row output projection a split-K kernel, 12.65 us against 7.88 at two rows, 75 times a
+        # frame, and no projection is slower at two rows by more than 0.2 us (bench.micro_kernels, H200,
+        # 2026-12-04): ~0.35 ms of one stream's 6.4 ms frame. Streams' codec graphs keep their one-row bucket.
+        self.buckets = batch_buckets(max_slots, min_rows=MIN_FRAME_ROWS if cuda else 1)
+        self.stream_buckets = batch_buckets(max_slots)
+        self.kv_buckets = kv_buckets(max_len)
         use_graphs = cuda if cuda_graphs is None else cuda_graphs
         self.graphs = FrameGraphs(self) if use_graphs else None
         # On CUDA prefill is padded to token buckets, graphed when frames are (see prefill.py).
@@ -285,11 +298,11 @@ class FastEngine:
         )
 
     def _capture_stream_decoder(self) -> None:
-        """On CUDA, graph the streaming decoder for every chunk size a stream produces, at the frame's
-        batch buckets. A group of streams is padded to the next captured row count, so coarse buckets
-        waste the codec's GPU time: under a closed loop of 64 streams each step's group of ~5 steady
-        chunks ran as 16 rows (1, 4, 16, 64 were the buckets), about three rows computed for each one
-        used, on the GPU the frames need."""
+        """On CUDA, graph the streaming decoder for every chunk size a stream produces, at every batch
+        bucket from one row (`stream_buckets`). A group of streams is padded to the next captured row
+        count, so coarse buckets waste the codec's GPU time: under a closed loop of 64 streams each step's
+        group of ~5 steady chunks ran as 16 rows (1, 4, 16, 64 were the buckets), about three rows computed
+        for each one used, on the GPU the frames need."""
         decoder = self.streaming_decoder
         if decoder is None or not self.codec.use_graphs:
             return
@@ -303,7 +316,7 @@ class FastEngine:
 
     def _try_capture(self, decoder: StreamingDecoder) -> bool:
         try:
-            decoder.capture_all(self.buckets, self.chunk_sizes)
+            decoder.capture_all(self.stream_buckets, self.chunk_sizes)
             return True
         except Exception as exc:
             if is_device_fault(exc) and not device_works(self.device):
@@ -316,11 +329,12 @@ class FastEngine:
 
     def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
         """Run every compiled path once per sampling variant, so that no request ever waits for a compile
-        and graph capture never compiles. One compile serves every batch size from 2 rows on (a batch of
-        one row is always a compile of its own), every KV length but `max_len` (marked dynamic before its
-        first compile, see `ModelRunner.decode`; the whole cache is a contiguous slice, compiled apart) and
-        every packed prefill length (dynamic from the second call on). So: frames at batch 1 and 2, each
-        at the first and the last KV bucket, and prefill of one prompt and of two, with codebook 0 sampled
+        and graph capture never compiles. A function's first compile is for its first batch size, the
+        second for any size (a batch of one row is always a compile of its own), every KV length but
+        `max_len` (marked dynamic before its first compile, see `ModelRunner.decode`; the whole cache is a
+        contiguous slice, compiled apart) and every packed prefill length (dynamic from the second call on).
+        So: frames at the two smallest batch buckets (1 and 2; on CUDA 2 and 4), each at the first and the
+        last KV bucket, and prefill of one prompt and of two, with codebook 0 sampled
         as `_prefill` does (`_first_code`). Prefill writes KV into rows 0-1: warm_up runs before any
         request is admitted."""
         width = self.rows.hidden.shape[-1]

@@ -498,3 +498,14 @@ def test_prompt_tokenization_never_runs_on_two_threads_at_once(load_tts):
     expected = _tokenize(tts, "The same words on every thread.")
     assert len(results) == 40 and all(torch.equal(r, expected) for r in results)
     assert most[0] == 1
+
+
+def test_batch_buckets_start_where_asked_and_always_hold_the_largest_batch() -> None:
+    """On CUDA frames start at two rows (one request beside a free row: a faster projection than at one row);
+    an engine with a single row keeps it; streams' codec graphs start at one."""
+    from qwen_tts_server.engine.fast.engine import MIN_FRAME_ROWS, batch_buckets
+
+    assert batch_buckets(128) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    assert batch_buckets(128, min_rows=MIN_FRAME_ROWS) == [2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    assert batch_buckets(12, min_rows=2) == [2, 4, 8, 12]
+    assert batch_buckets(1, min_rows=2) == [1]
