@@ -193,8 +193,8 @@ def top_candidates(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
     two sorts of rows of at most SORT_CHUNK (each chunk of the vocabulary, then the chunks' `n` best), which
     torch.compile turns into Triton kernels fused with the sampler's elementwise work. aten's top-k is a
     radix select plus a sort, two launches of ~19 and ~5 us even for one row, 16 times a frame: 0.38 ms of a
-    frame's 5.75 ms of kernels at one row (H200 kernel profile, 2026-12-04). Exact: a row's `n` largest are
-    among the `n` largest of each of its chunks (which of several equal scores is kept is unspecified, as for
+    frame's 5.75 ms of kernels at one row (H200 kernel profile, 2026-12-04). Exact: each of a row's `n` largest
+    is among the `n` largest of its own chunk (which of several equal scores is kept is unspecified, as for
     topk). Shapes the chunks do not fit (the whole vocabulary, a vocabulary that is not a multiple of the
     chunk) use topk."""
     rows, vocab = scores.shape
