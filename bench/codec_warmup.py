@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_engines import build_speech_tokenizer
+from bench.bench_engines import build_speech_tokenizer, sync_device
 from qwen_tts_server.engine.fast.codec import CodecDecoder
 from qwen_tts_server.engine.fast.engine import batch_buckets, stream_chunk_sizes
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
@@ -38,17 +38,12 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     fn()
     times = []
     for _ in range(repeats):
-        sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -70,15 +65,15 @@ def main() -> int:
 
     t0 = time.perf_counter()
     tokenizer = build_speech_tokenizer(args.size, device, torch.bfloat16 if cuda else torch.float32)
-    sync(device)
+    sync_device(device)
     build_s = time.perf_counter() - t0
     codec = CodecDecoder(tokenizer, graphs=True)  # turns the mode on, as the server does
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
 
-    sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     codec.warm_up()
-    sync(device)
+    sync_device(device)
     whole_capture_s = time.perf_counter() - t0
     streaming = StreamingDecoder(codec.decoder)
     buckets = batch_buckets(args.max_slots)  # the engine's stream_buckets
@@ -86,7 +81,7 @@ def main() -> int:
     t0 = time.perf_counter()
     if cuda:
         streaming.capture_all(buckets, chunks)
-    sync(device)
+    sync_device(device)
     stream_capture_s = time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(0)

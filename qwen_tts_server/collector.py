@@ -44,7 +44,7 @@ class Pauses(Collector):
         self.seconds = [0.0, 0.0, 0.0]
         self.long = [0, 0, 0]  # pauses of LONG_PAUSE_S or more
         self.longest_s = 0.0
-        self._started: dict[int, float] = {}  # thread id -> start of the collection it runs
+        self._started: float | None = None  # the collection under way (one at a time: it holds the GIL)
         self.ignoring = False  # the freeze's own collection, asked for at load time: not a serving pause
         self._installed = False
         self._lock = threading.Lock()
@@ -58,11 +58,10 @@ class Pauses(Collector):
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         now = time.perf_counter()
-        thread = threading.get_ident()
         if phase == "start":
-            self._started[thread] = now
+            self._started = now
             return
-        started = self._started.pop(thread, None)
+        started, self._started = self._started, None
         if started is None or self.ignoring:
             return
         seconds, generation = now - started, min(info.get("generation", 2), 2)

@@ -49,7 +49,7 @@ from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
 from .rows import RowState
-from .sampler import PLANS, Sampler, SamplingPlan
+from .sampler import PLANS, Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import AudioStream, Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
@@ -595,7 +595,6 @@ class FastEngine:
         rows.seen[span] = False
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
         code0 = self._first_code(logits, span, plan)
-        rows.seen[span].scatter_(1, code0[:, None], True)
         rows.hidden[span] = hidden
         rows.code0[span] = code0
         rows.position[span] = to_device([seq.prompt_len for seq in seqs], self.device)
@@ -603,12 +602,19 @@ class FastEngine:
 
     def _first_code(self, logits: Tensor, span: slice, plan: SamplingPlan) -> Tensor:
         """Codebook 0 of the first frame of the requests just prefilled into rows `span`, from their prompts'
-        last logits. The rows' options are views of the per-row tables, as a frame's are, so the compiled
-        sampler serves both with one graph."""
-        rows = self.rows
+        last logits (see `_code0`)."""
         step = torch.zeros(span.stop - span.start, dtype=torch.long, device=self.device)
+        return self._code0(logits, span, step, plan)
+
+    def _code0(self, logits: Tensor, span: slice, step: Tensor, plan: SamplingPlan) -> Tensor:
+        """Codebook 0 for rows `span` at frame `step` from the talker's `logits`, marked in the rows'
+        repetition masks: a frame's next code (rows 0..n-1) or the first of the requests just prefilled. Both
+        pass views of the per-row tables, so the compiled sampler serves both with one graph."""
+        rows = self.rows
         params, seen, floor = rows.talker_params.span(span), rows.seen[span], rows.min_frames[span]
-        return self.sampler.talker(logits, params, seen, step, plan, floor)
+        code0 = self.sampler.talker(logits, params, seen, step, plan, floor)
+        mark_seen(seen, code0)
+        return code0
 
     def _launch_frame(self, running: list[Sequence]) -> Tensor:
         """Queue one frame for every running request (rows 0..n-1) and, on CUDA, the copy of its output to
@@ -709,9 +715,7 @@ class FastEngine:
         position = rows.position[:size]
         hidden, logits = self.runner.decode(inputs, position, kv_len=kv_len)
         next_step = step + 1
-        params, seen, floor = rows.talker_params.span(slice(size)), rows.seen[:size], rows.min_frames[:size]
-        next_code0 = self.sampler.talker(logits, params, seen, next_step, talker_plan, floor)
-        rows.seen[:size].scatter_(1, next_code0[:, None], True)
+        next_code0 = self._code0(logits, slice(size), next_step, talker_plan)
         rows.hidden[:size].copy_(hidden)
         rows.code0[:size].copy_(next_code0)
         position.add_(1).clamp_(max=self.max_len - 1)  # only free rows ever reach the clamp
