@@ -194,7 +194,8 @@ class Settings(BaseSettings):
         900.0,
         gt=0,
         description="Worker pool: an item whose worker has not finished it after this long is delivered to "
-        "another worker (the first was killed); must exceed the longest item.",
+        "another worker (the first was killed); must exceed the longest item. The API sends a task the broker "
+        "lost again after it: set it alike on both.",
     )
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)

@@ -79,6 +79,9 @@ class Metrics:
             "qtts_client_disconnects_total", "Requests whose client left before the end (work cancelled)", registry=r
         )
         self.deadlines = Counter("qtts_deadline_exceeded_total", "Requests cancelled at their timeout_s", registry=r)
+        self.jobs_resent = Counter(
+            "qtts_job_items_resent_total", "Job items sent to the workers again: the broker had lost them", registry=r
+        )
         self.streams = Gauge("qtts_streams", "Audio streams in progress (HTTP and WebSocket)", registry=r)
         self.engines = EngineCollector()
         r.register(self.engines)

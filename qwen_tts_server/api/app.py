@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
 def job_backend(services: Services) -> JobBackend:
     """Celery workers when a broker is configured, else this server's own runner."""
     if services.settings.broker_url:
-        return CeleryBackend(services.jobs, services.settings)
+        return CeleryBackend(services.jobs, services.settings, services.metrics.jobs_resent)
     return InProcessBackend(services.jobs, services, job_concurrency(services.settings))
 
 

@@ -3,18 +3,29 @@
 - In-process (default): the API server's own runner claims queued items from the store and feeds
   them to its engine; no other service. A restart takes back the items it left running.
 - Celery (QTTS_BROKER_URL): the API enqueues one task per item; `qwen-tts-server worker` processes
-  (one per GPU) run them (jobs/worker.py). Cancellation reaches them through the store.
+  (one per GPU) run them (jobs/worker.py). Cancellation reaches them through the store; an item
+  whose task the broker lost is sent again (jobs/sweeper.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
+from collections.abc import Sequence
 from typing import Protocol
+
+from prometheus_client import Counter
 
 from ..config import Settings
 from .runner import JobRunner
 from .store import JobStore
+from .sweeper import LostTaskSweeper
+
+log = logging.getLogger(__name__)
+
+NOT_FOUND = "404"  # AMQP's reply code for a queue that does not exist (kombu's Redis gives it as text)
 
 
 class JobBackend(Protocol):
@@ -67,28 +78,63 @@ class InProcessBackend:
 
 
 class CeleryBackend:
-    def __init__(self, store: JobStore, settings) -> None:
-        from .celery_app import make_celery  # Celery is imported only where a broker is configured
+    """Publishes one task per item; sends again, from the store, what the broker lost (sweeper.py)."""
+
+    def __init__(self, store: JobStore, settings: Settings, resent: Counter | None = None) -> None:
+        from .celery_app import make_celery, redelivery_grace_s, restore_interval_s  # only with a broker
 
         self.store = store
         self.app = make_celery(settings)
+        self.resent = resent
+        self.sweep_interval_s = restore_interval_s(settings)
+        self.sweeper = LostTaskSweeper(
+            store, waiting=self.waiting, send=self.publish, grace_s=redelivery_grace_s(settings)
+        )
+        self._sweeps: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        return None
+        self._sweeps = asyncio.create_task(self._sweep_loop())
 
     async def stop(self) -> None:
+        if self._sweeps is not None:
+            self._sweeps.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeps
         await asyncio.to_thread(self.app.close)
 
     async def submitted(self, job_id: str) -> None:
-        await asyncio.to_thread(self._send, job_id)
+        items = await asyncio.to_thread(self.store.items, job_id)
+        await asyncio.to_thread(self.publish, [item.id for item in items])
 
     async def cancelled(self, job_id: str) -> None:
         return None  # workers see the cancelled state in the store and stop those items
 
-    def _send(self, job_id: str) -> None:
+    def publish(self, item_ids: Sequence[str]) -> None:
         from .celery_app import TASK_NAME
 
-        items = self.store.items(job_id)
         with self.app.producer_or_acquire() as producer:
-            for item in items:
-                self.app.send_task(TASK_NAME, args=[item.id], producer=producer)
+            for item_id in item_ids:
+                self.app.send_task(TASK_NAME, args=[item_id], producer=producer)
+
+    def waiting(self) -> int:
+        """Tasks in the broker's queue that no worker has taken yet."""
+        from .celery_app import QUEUE
+
+        with self.app.connection_for_read() as conn, conn.channel() as channel:
+            try:
+                return channel.queue_declare(QUEUE, passive=True).message_count
+            except conn.channel_errors as exc:
+                if str(getattr(exc, "reply_code", "")) == NOT_FOUND:  # Redis drops an empty queue's key
+                    return 0
+                raise
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                resent = await asyncio.to_thread(self.sweeper.sweep)
+            except Exception:
+                log.exception("looking for job items the broker lost failed")
+                continue
+            if resent and self.resent is not None:
+                self.resent.inc(len(resent))

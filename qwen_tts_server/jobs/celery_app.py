@@ -17,6 +17,18 @@ TASK_NAME = "qwen_tts_server.jobs.run_item"
 QUEUE = "qwen-tts"
 
 
+def restore_interval_s(settings: Settings) -> float:
+    """How often workers look for unacknowledged tasks past the visibility timeout (and the API for
+    lost ones, jobs/sweeper.py)."""
+    return max(1.0, min(10.0, settings.job_visibility_timeout_s / 4))
+
+
+def redelivery_grace_s(settings: Settings) -> float:
+    """The longest a task in a worker's hands can take to be started: the visibility timeout, a
+    restore interval to be noticed and one more to be taken, and a margin for a busy host."""
+    return settings.job_visibility_timeout_s + 2 * restore_interval_s(settings) + 5.0
+
+
 def make_celery(settings: Settings) -> Celery:
     if not settings.broker_url:
         raise ValueError("QTTS_BROKER_URL is not set: the worker pool needs a broker (redis://host:6379/0)")
@@ -37,7 +49,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.job_visibility_timeout_s,
             # How often workers look for such items: well within the timeout, one scan each time.
-            "unacked_restore_interval": max(1.0, min(10.0, settings.job_visibility_timeout_s / 4)),
+            "unacked_restore_interval": restore_interval_s(settings),
             "unacked_restore_throttle": 1,
         },
     )

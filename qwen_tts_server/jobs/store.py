@@ -399,6 +399,18 @@ class JobStore:
         with self._reads.connect() as conn:
             return conn.execute(query).scalar_one()
 
+    def queued_ids(self, limit: int) -> list[str]:
+        """Up to `limit` items no runner has started, oldest job first (what a broker may have lost)."""
+        query = (
+            sa.select(items_table.c.id)
+            .join(jobs_table, jobs_table.c.id == items_table.c.job_id)
+            .where(items_table.c.state == ItemState.QUEUED.value)
+            .order_by(jobs_table.c.created_at, items_table.c.idx)
+            .limit(limit)
+        )
+        with self._reads.connect() as conn:
+            return list(conn.execute(query).scalars())
+
     def open_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         """The current state of each of these items (runners poll it to stop cancelled work)."""
         if not item_ids:

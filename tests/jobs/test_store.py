@@ -135,3 +135,18 @@ def test_exactly_one_of_many_concurrent_finishes_ends_the_job(database_url):
         ended = finish_all_at_once(stores, stores[0].claim(8, "w"))
         assert sorted(ended) == [False] * 7 + [True]
         assert stores[1].get(job.id).finished_at is not None
+
+
+def test_queued_ids_are_the_items_no_runner_has_started(database_url):
+    clock = [100.0]
+    store = JobStore(database_url, clock=lambda: clock[0])
+    first = store.create(new_items(2), owner=None, label=None, webhook_url=None)
+    clock[0] = 101.0
+    second = store.create(new_items(2), owner=None, label=None, webhook_url=None)
+    started = store.start(store.items(first.id)[0].id, "w1")
+    assert started is not None
+    store.cancel(second.id)
+    third = store.create(new_items(1), owner=None, label=None, webhook_url=None)
+    expected = [store.items(first.id)[1].id, store.items(third.id)[0].id]  # oldest job first
+    assert store.queued_ids(10) == expected
+    assert store.queued_ids(1) == expected[:1]

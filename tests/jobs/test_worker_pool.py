@@ -14,18 +14,22 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from qwen_tts_server.config import Settings
+from qwen_tts_server.jobs.celery_app import make_celery
+
 from .processes import make_cluster
 
 pytestmark = pytest.mark.slow
 
 OPTIONS = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 6, "seed": 1}
-WORKER_ENV = {"QTTS_JOB_CONCURRENCY": "4", "QTTS_JOB_VISIBILITY_TIMEOUT_S": "8", "QTTS_ALLOW_PRIVATE_URLS": "true"}
+WORKER_ENV = {"QTTS_JOB_CONCURRENCY": "4"}
 
 
 @pytest.fixture
 def cluster(tmp_path, tiny_models_dir, postgres_url, redis_url):
     c = make_cluster(tmp_path, tiny_models_dir, postgres_url, redis_url)
     c.env["QTTS_ALLOW_PRIVATE_URLS"] = "true"  # the webhook receiver is on loopback: this test only
+    c.env["QTTS_JOB_VISIBILITY_TIMEOUT_S"] = "8"  # workers redeliver, and the API sends lost tasks, soon
     yield c
     c.close()
 
@@ -116,6 +120,25 @@ def test_a_killed_worker_and_a_restarted_api_lose_nothing(cluster, postgres_url,
     assert len(hooks) == 1, "the webhook must be sent once"
     assert hooks[0]["event"] == "job.finished" and hooks[0]["job"]["id"] == job_id
     assert hooks[0]["job"]["status"] == "completed" and hooks[0]["job"]["progress"]["done"] == 200
+
+
+def test_tasks_the_broker_lost_are_sent_again(cluster, redis_url):
+    base, _ = cluster.serve("api")
+    items = [{"text": f"Line {i}.", "custom_id": str(i)} for i in range(4)]
+    job_id = httpx.post(f"{base}/api/v1/jobs", json={"items": items, "options": OPTIONS}, timeout=30).json()["id"]
+    # The broker loses every task (as a Redis restart without persistence would), before any worker runs.
+    broker = make_celery(Settings(broker_url=redis_url))
+    assert broker.control.purge() == 4
+    broker.close()
+    cluster.worker("worker-1", WORKER_ENV)
+    deadline = time.monotonic() + 120
+    while (view := progress(base, job_id))["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, view["progress"]
+        time.sleep(0.5)
+    assert view["status"] == "completed", view["progress"]
+    assert [item["attempts"] for item in view["items"]] == [1, 1, 1, 1]  # each sent again once, run once
+    metrics = httpx.get(f"{base}/metrics", timeout=10).text
+    assert "qtts_job_items_resent_total 4.0" in metrics
 
 
 def test_cancel_reaches_the_workers(cluster):
