@@ -197,6 +197,12 @@ class Settings(BaseSettings):
         "another worker (the first was killed); must exceed the longest item. The API sends a task the broker "
         "lost again after it: set it alike on both.",
     )
+    job_runner_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="In-process jobs: a server not seen alive for this long is taken for dead, and the items it "
+        "left running are taken up by another (or by itself, restarted under another host name or port).",
+    )
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)

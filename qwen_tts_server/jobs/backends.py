@@ -19,7 +19,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from ..config import Settings
-from .runner import JobRunner
+from .runner import IN_PROCESS, JobRunner
 from .store import JobStore
 from .sweeper import LostTaskSweeper
 
@@ -37,7 +37,7 @@ class JobBackend(Protocol):
 
 def runner_name(settings) -> str:
     """The in-process runner's name in the store: what it takes back after a restart."""
-    return f"api:{socket.gethostname()}:{settings.port}"
+    return f"{IN_PROCESS}{socket.gethostname()}:{settings.port}"
 
 
 def job_concurrency(settings: Settings) -> int:

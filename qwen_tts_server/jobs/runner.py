@@ -18,6 +18,7 @@ from .webhook import send_webhook
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often the runner looks for new items and cancelled ones
+IN_PROCESS = "api:"  # the start of every in-process runner's name (backends.runner_name)
 ENGINE_FAULT_RETRIES = 3  # an item waits for this many engine rebuilds after device faults, then fails
 
 
@@ -30,15 +31,18 @@ class JobRunner:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._beats: asyncio.Task[None] | None = None
 
     # --- the in-process backend: claim queued items from the store ---
 
     async def start(self) -> None:
         """Take back what this runner left running when it last stopped, then start claiming."""
+        await asyncio.to_thread(self.store.beat, self.worker)
         taken_back = await asyncio.to_thread(self.store.requeue_worker, self.worker)
         if taken_back:
             log.info("job items taken back after a restart", extra={"count": taken_back})
         self._loop_task = asyncio.create_task(self._claim_loop())
+        self._beats = asyncio.create_task(self._beat_loop())
 
     def wake(self) -> None:
         """New items were queued (or a job cancelled): look now rather than at the next poll."""
@@ -46,10 +50,11 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop claiming and stop running items; they go back to the queue for the next start."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for loop in (self._loop_task, self._beats):
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
         running = list(self._running)
         for task in self._running.values():
             task.cancel()
@@ -69,6 +74,23 @@ class JobRunner:
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
+
+    async def _beat_loop(self) -> None:
+        """Say this runner is alive, and take up what dead in-process runners left running: a server
+        killed without its shutdown, perhaps back under another host name (a new container), would
+        otherwise leave its items running for ever."""
+        lease_s = self.svc.settings.job_runner_lease_s
+        while True:
+            await asyncio.sleep(lease_s / 4)
+            try:
+                await asyncio.to_thread(self.store.beat, self.worker)
+                taken = await asyncio.to_thread(self.store.requeue_dead, IN_PROCESS, lease_s)
+            except Exception:
+                log.exception("job runner heartbeat failed")
+                continue
+            if taken:
+                log.warning("job items of a runner that died taken up", extra={"count": taken})
+                self.wake()
 
     def _spawn(self, item: Item) -> None:
         task = asyncio.create_task(self.run(item))

@@ -85,6 +85,16 @@ items_table = sa.Table(
     sa.Index("job_items_state", "state", "job_id"),
 )
 
+# In-process runners say here that they are alive, so that another can take up what a dead one left running
+# (a server killed without its shutdown, perhaps back under another host name). A table of its own: an
+# existing database gains it without a migration.
+runners_table = sa.Table(
+    "job_runners",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+
 
 @dataclass(frozen=True)
 class NewItem:
@@ -353,6 +363,32 @@ class JobStore:
                 .where(items_table.c.state == ItemState.RUNNING.value, items_table.c.worker == worker)
                 .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
             ).rowcount
+
+    def beat(self, runner: str) -> None:
+        """Record that `runner` is alive now."""
+        now = self._clock()
+        with self._db.begin() as conn:
+            seen = runners_table.update().where(runners_table.c.name == runner).values(seen_at=now)
+            if not conn.execute(seen).rowcount:
+                conn.execute(runners_table.insert().values(name=runner, seen_at=now))
+
+    def requeue_dead(self, prefix: str, lease_s: float) -> int:
+        """Put back every item left running by a runner named `prefix`... that has not beaten for `lease_s`
+        (or ever); forget such runners. Returns how many items went back."""
+        dead_before = self._clock() - lease_s
+        alive = sa.select(runners_table.c.name).where(runners_table.c.seen_at >= dead_before)
+        with self._db.begin() as conn:
+            taken = conn.execute(
+                items_table.update()
+                .where(
+                    items_table.c.state == ItemState.RUNNING.value,
+                    items_table.c.worker.startswith(prefix, autoescape=True),
+                    items_table.c.worker.not_in(alive),
+                )
+                .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
+            ).rowcount
+            conn.execute(runners_table.delete().where(runners_table.c.seen_at < dead_before))
+        return taken
 
     def finish(
         self,

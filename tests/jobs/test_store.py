@@ -150,3 +150,24 @@ def test_queued_ids_are_the_items_no_runner_has_started(database_url):
     expected = [store.items(first.id)[1].id, store.items(third.id)[0].id]  # oldest job first
     assert store.queued_ids(10) == expected
     assert store.queued_ids(1) == expected[:1]
+
+
+def test_items_of_a_dead_runner_go_back_to_the_queue(database_url):
+    clock = [1000.0]
+    store = JobStore(database_url, clock=lambda: clock[0])
+    store.create(new_items(5), owner=None, label=None, webhook_url=None)
+    store.beat("api:host-a:8000")
+    store.beat("api:host-b:8000")
+    mine = store.claim(2, "api:host-a:8000")
+    theirs = store.claim(1, "api:host-b:8000")
+    orphan = store.claim(1, "api:gone:8000")  # a runner that never beat here (an older version)
+    celery = store.claim(1, "worker:host-c:42:cuda:0")  # the broker redelivers those: not ours to take
+    assert store.requeue_dead("api:", lease_s=60) == 1  # only the one nobody has seen
+    clock[0] += 61
+    store.beat("api:host-b:8000")  # b lives on, a died
+    assert store.requeue_dead("api:", lease_s=60) == 2
+    states = store.open_states([i.id for i in mine + theirs + orphan + celery])
+    assert [states[i.id] for i in mine] == [ItemState.QUEUED] * 2
+    assert states[theirs[0].id] is ItemState.RUNNING and states[celery[0].id] is ItemState.RUNNING
+    store.beat("api:host-a:8000")  # back (restarted under the same name): a row again, nothing to take
+    assert store.requeue_dead("api:", lease_s=60) == 0

@@ -10,7 +10,8 @@ import zipfile
 
 import soundfile as sf
 
-from qwen_tts_server.jobs.store import ItemState
+from qwen_tts_server.config import Settings
+from qwen_tts_server.jobs.store import ItemState, JobStore, NewItem
 
 from ..support import error_of, sine_wav, upload, wait_until_idle, words
 
@@ -192,6 +193,22 @@ def test_a_restart_resumes_unfinished_items(make_client, tmp_path):
     assert view["status"] == "completed"
     assert [item["custom_id"] for item in view["items"]] == ["0", "1", "2", "3"]
     assert all(item["attempts"] >= 1 for item in view["items"])
+
+
+def test_items_a_killed_server_left_running_are_taken_up(make_client, tmp_path):
+    """A server killed without its shutdown leaves its items running under its name; back under another
+    name (a new container's host name, another port), the server takes them up once the lease is over."""
+    data_dir = tmp_path / "shared-data"
+    data_dir.mkdir()
+    store = JobStore(Settings(data_dir=data_dir).metadata_url)
+    spec = {"text": "Hello there.", "speaker": "vivian", "max_new_tokens": 6}
+    items = [NewItem("custom_voice", spec, str(i)) for i in range(3)]
+    job = store.create(items, owner=None, label=None, webhook_url=None)
+    assert len(store.claim(2, "api:a-container-gone:8000")) == 2  # what the killed server left
+    client = make_client(data_dir=data_dir, job_runner_lease_s=2.0)
+    view = wait_for_end(client, job.id, timeout_s=60)
+    assert view["status"] == "completed"
+    assert sorted(item["attempts"] for item in view["items"]) == [1, 2, 2]
 
 
 def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_client):
