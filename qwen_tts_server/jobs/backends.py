@@ -88,18 +88,18 @@ class CeleryBackend:
         self.resent = resent
         self.sweep_interval_s = restore_interval_s(settings)
         self.sweeper = LostTaskSweeper(
-            store, waiting=self.waiting, send=self.publish, grace_s=redelivery_grace_s(settings)
+            store, waiting=self.waiting, send=self.resend, grace_s=redelivery_grace_s(settings)
         )
         self._sweeps: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         self._sweeps = asyncio.create_task(self._sweep_loop())
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._sweeps is not None:
-            self._sweeps.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeps
+            await self._sweeps  # ends after the sweep under way, if any: none publishes after close
         await asyncio.to_thread(self.app.close)
 
     async def submitted(self, job_id: str) -> None:
@@ -109,12 +109,19 @@ class CeleryBackend:
     async def cancelled(self, job_id: str) -> None:
         return None  # workers see the cancelled state in the store and stop those items
 
-    def publish(self, item_ids: Sequence[str]) -> None:
+    def publish(self, item_ids: Sequence[str], *, resent: bool = False) -> None:
+        """One task per item; `resent`: tasks that run only an item nobody has started (sweeper.py)."""
         from .celery_app import TASK_NAME
 
         with self.app.producer_or_acquire() as producer:
             for item_id in item_ids:
-                self.app.send_task(TASK_NAME, args=[item_id], producer=producer)
+                args = [item_id, True] if resent else [item_id]
+                self.app.send_task(TASK_NAME, args=args, producer=producer)
+
+    def resend(self, item_ids: Sequence[str]) -> None:
+        self.publish(item_ids, resent=True)
+        if self.resent is not None:
+            self.resent.inc(len(item_ids))
 
     def waiting(self) -> int:
         """Tasks in the broker's queue that no worker has taken yet."""
@@ -129,12 +136,11 @@ class CeleryBackend:
                 raise
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_interval_s)
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.sweep_interval_s)
+                return
             try:
-                resent = await asyncio.to_thread(self.sweeper.sweep)
-            except Exception:
-                log.exception("looking for job items the broker lost failed")
-                continue
-            if resent and self.resent is not None:
-                self.resent.inc(len(resent))
+                await asyncio.to_thread(self.sweeper.sweep)
+            except Exception as exc:  # the broker or the database is away: look again at the next interval
+                log.warning("looking for job items the broker lost failed: %s", exc)

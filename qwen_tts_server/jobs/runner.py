@@ -145,6 +145,10 @@ class JobRunner:
                     raise
                 await asyncio.sleep(exc.retry_after_s)
 
+    def runs(self, item_id: str) -> bool:
+        """Whether this runner is running the item now."""
+        return item_id in self._running
+
     def track(self, item: Item, task: asyncio.Task[None]) -> None:
         """Watch a task started by someone else (a Celery delivery) for cancellation."""
         self._running[item.id] = task

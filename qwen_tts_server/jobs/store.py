@@ -323,14 +323,16 @@ class JobStore:
         self._mark_started({row["job_id"] for row in rows}, now)
         return [_item({**row, "state": ItemState.RUNNING.value, "started_at": now}) for row in rows]
 
-    def start(self, item_id: str, worker: str) -> Item | None:
+    def start(self, item_id: str, worker: str, *, take_over: bool = True) -> Item | None:
         """Mark an item running for `worker` (a delivered task); None if it is already finished or
-        cancelled (nothing to run). A running item is taken over: its earlier worker is gone."""
+        cancelled (nothing to run). A running item is taken over (a task delivered again: its earlier
+        worker is gone), unless `take_over` is off (a task sent again for an item nobody had started)."""
         now = self._clock()
+        states = OPEN_ITEM_STATES if take_over else (ItemState.QUEUED.value,)
         with self._db.begin() as conn:
             updated = conn.execute(
                 items_table.update()
-                .where(items_table.c.id == item_id, items_table.c.state.in_(OPEN_ITEM_STATES))
+                .where(items_table.c.id == item_id, items_table.c.state.in_(states))
                 .values(
                     state=ItemState.RUNNING.value,
                     worker=worker,

@@ -2,12 +2,16 @@
 
 A broker can lose a task. Redis hands a task over with BRPOP and records it as unacknowledged only
 afterwards, so a worker killed in between takes the task with it (celery/kombu#305); a Redis restart
-without persistence loses the whole queue; an API killed between storing a job and publishing its
-tasks never publishes them. The job store is the record of what must run, so the API compares the
-two. While the broker's queue is empty, an item the store still has as queued is either in a
-worker's hands (started within moments, or delivered again after the visibility timeout if that
-worker died) or lost. An item still queued `grace_s` after such a look is sent again. A duplicate
-costs little: a worker skips an item already finished, and the store keeps the first result.
+without persistence loses the tasks waiting in the queue; an API killed between storing a job and
+publishing its tasks never publishes them. The job store is the record of what must run, so the API
+compares the two. While the broker's queue is empty, an item the store has as queued (nobody started
+it) is in a worker's hands, about to start (or to be delivered again after the visibility timeout, if
+that worker died), or lost. An item still queued `grace_s` later, at a look that finds the queue
+empty again, is sent again, as a task that runs only an item nobody has started (`store.start` with
+`take_over` off): copies from several API replicas, or a task that was only late, run it once.
+
+Lost tasks are found once the queue drains: while tasks wait in it, an item missing from it cannot be
+told from one waiting its turn.
 """
 
 from __future__ import annotations
@@ -43,22 +47,19 @@ class LostTaskSweeper:
         self._suspects: dict[str, float] = {}  # item id -> when it was queued in the store, not in the broker
 
     def sweep(self) -> list[str]:
-        """Send again the suspects still queued after the grace; then, if the broker's queue is empty,
+        """If the broker's queue is empty: send again the suspects still queued after the grace, then
         note the items the store has as queued. Returns the ids sent again."""
-        lost = self._lost()
+        if self.waiting() > 0:
+            return []  # tasks wait their turn: nothing can be told lost now (suspects keep their time)
+        now = self.clock()
+        due = [item_id for item_id, seen in self._suspects.items() if now - seen >= self.grace_s]
+        states = self.store.open_states(due)
+        lost = [item_id for item_id in due if states.get(item_id) is ItemState.QUEUED]
         if lost:
             log.warning("job items lost by the broker: sent again", extra={"count": len(lost)})
             self.send(lost)
-        if self.waiting() == 0:
-            now = self.clock()
-            for item_id in self.store.queued_ids(MAX_SUSPECTS - len(self._suspects)):
-                self._suspects.setdefault(item_id, now)
-        return lost
-
-    def _lost(self) -> list[str]:
-        now = self.clock()
-        due = [item_id for item_id, seen in self._suspects.items() if now - seen >= self.grace_s]
-        for item_id in due:
+        for item_id in due:  # after the send: a failed one is tried again at the next look
             del self._suspects[item_id]
-        states = self.store.open_states(due)
-        return [item_id for item_id in due if states.get(item_id) is ItemState.QUEUED]
+        for item_id in self.store.queued_ids(MAX_SUSPECTS - len(self._suspects)):
+            self._suspects.setdefault(item_id, now)
+        return lost

@@ -57,12 +57,15 @@ class Worker:
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def run_item(self, item_id: str) -> None:
-        """A delivered task: take the item over and run it to its end (or its cancellation)."""
-        assert self.svc is not None
-        item = self.svc.jobs.start(item_id, self.name)
+    def run_item(self, item_id: str, resent: bool = False) -> None:
+        """A delivered task: take the item over and run it to its end (or its cancellation). A task the
+        API sent again (`resent`: the broker had lost the first) runs only an item nobody has started."""
+        assert self.svc is not None and self.runner is not None
+        if self.runner.runs(item_id):
+            return  # a second delivery of an item this worker is running
+        item = self.svc.jobs.start(item_id, self.name, take_over=not resent)
         if item is None:
-            return  # finished or cancelled already (a second delivery, or a cancelled job)
+            return  # finished, cancelled or running elsewhere already (a second delivery, a cancelled job)
         self.call(self._run(item))
 
     async def _run(self, item: Item) -> None:
@@ -89,8 +92,8 @@ def run_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     worker = Worker(settings, name)
 
     @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True)
-    def run_item(item_id: str) -> None:
-        worker.run_item(item_id)
+    def run_item(item_id: str, resent: bool = False) -> None:
+        worker.run_item(item_id, resent)
 
     worker.start()
     log.info(

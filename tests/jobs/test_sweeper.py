@@ -26,33 +26,37 @@ def new_items(n: int) -> list[NewItem]:
     return [NewItem(mode="custom_voice", spec={"text": f"t{i}", "speaker": "vivian"}) for i in range(n)]
 
 
-def published(backend: CeleryBackend) -> list[str]:
-    """The item ids of the tasks waiting in the broker, taken off the queue."""
-    ids = []
+def published(backend: CeleryBackend) -> list[list]:
+    """The arguments of the tasks waiting in the broker, taken off the queue."""
+    tasks = []
     with backend.app.connection_for_read() as conn, conn.SimpleQueue(QUEUE) as queue:
         while True:
             try:
                 message = queue.get(timeout=0.5)
             except queue.Empty:
-                return ids
+                return tasks
             args, _kwargs, _embed = message.payload
-            ids += args
+            tasks.append(args)
             message.ack()
+
+
+def sweeper_of(backend: CeleryBackend, clock: list[float]) -> LostTaskSweeper:
+    return LostTaskSweeper(
+        backend.store, waiting=backend.waiting, send=backend.resend, grace_s=GRACE_S, clock=lambda: clock[0]
+    )
 
 
 def test_items_queued_in_the_store_but_not_in_the_broker_are_sent_again(backend):
     clock = [0.0]
     store = backend.store
-    sweeper = LostTaskSweeper(
-        store, waiting=backend.waiting, send=backend.publish, grace_s=GRACE_S, clock=lambda: clock[0]
-    )
+    sweeper = sweeper_of(backend, clock)
     lost = store.create(new_items(3), owner=None, label=None, webhook_url=None)  # never published
     ids = [item.id for item in store.items(lost.id)]
+    cancelled = store.create(new_items(1), owner=None, label=None, webhook_url=None)
     assert backend.waiting() == 0
     assert sweeper.sweep() == []  # noted, not sent: they may be in a worker's hands
     assert store.start(ids[0], "worker-a") is not None  # one was: a worker started it
-    cancelled = store.create(new_items(1), owner=None, label=None, webhook_url=None)
-    store.cancel(cancelled.id)
+    store.cancel(cancelled.id)  # and one job was cancelled meanwhile
 
     clock[0] = GRACE_S - 1
     assert sweeper.sweep() == []  # not yet
@@ -61,20 +65,27 @@ def test_items_queued_in_the_store_but_not_in_the_broker_are_sent_again(backend)
     assert backend.waiting() == 2
     clock[0] = 3 * GRACE_S
     assert sweeper.sweep() == []  # the queue holds them now: nothing is suspected
-    assert sorted(published(backend)) == sorted(ids[1:])
+    assert sorted(published(backend)) == sorted([item_id, True] for item_id in ids[1:])
 
 
-def test_items_waiting_in_the_broker_are_not_suspected(backend):
+def test_a_task_published_after_the_look_is_not_sent_again_while_it_waits(backend):
     clock = [0.0]
     store = backend.store
-    sweeper = LostTaskSweeper(
-        store, waiting=backend.waiting, send=backend.publish, grace_s=GRACE_S, clock=lambda: clock[0]
-    )
+    sweeper = sweeper_of(backend, clock)
     job = store.create(new_items(2), owner=None, label=None, webhook_url=None)
     ids = [item.id for item in store.items(job.id)]
+    assert sweeper.sweep() == []  # between storing the job and publishing it: noted
     backend.publish(ids)
-    assert backend.waiting() == 2
-    assert sweeper.sweep() == []
     clock[0] = 10 * GRACE_S
     assert sweeper.sweep() == []  # a long queue is not a lost one
-    assert published(backend) == ids
+    assert published(backend) == [[item_id] for item_id in ids]
+
+
+def test_a_task_sent_again_runs_only_an_item_nobody_started(backend):
+    store = backend.store
+    job = store.create(new_items(2), owner=None, label=None, webhook_url=None)
+    first, second = (item.id for item in store.items(job.id))
+    assert store.start(first, "worker-a") is not None
+    assert store.start(first, "worker-b", take_over=False) is None  # a copy sent again: not a second run
+    assert store.start(first, "worker-c") is not None  # a task delivered again: its worker died
+    assert store.start(second, "worker-b", take_over=False) is not None
