@@ -201,7 +201,8 @@ class Settings(BaseSettings):
         60.0,
         gt=0,
         description="In-process jobs: a server not seen alive for this long is taken for dead, and the items it "
-        "left running are taken up by another (or by itself, restarted under another host name or port).",
+        "left running are taken up by another (or by itself, restarted under another host name or port). Keep "
+        "it above the longest database outage and the hosts' clock differences.",
     )
     file_ttl_s: float = Field(24 * 3600.0, gt=0)
     cleanup_interval_s: float = Field(60.0, gt=0)

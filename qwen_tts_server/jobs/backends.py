@@ -25,6 +25,7 @@ from .sweeper import LostTaskSweeper
 
 log = logging.getLogger(__name__)
 
+STOP_WAIT_S = 10.0  # how long a stopping API waits for a sweep under way
 NOT_FOUND = "404"  # AMQP's reply code for a queue that does not exist (kombu's Redis gives it as text)
 
 
@@ -98,8 +99,8 @@ class CeleryBackend:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._sweeps is not None:
-            await self._sweeps  # ends after the sweep under way, if any: none publishes after close
+        if self._sweeps is not None:  # it ends after the sweep under way, so none publishes after close
+            await asyncio.wait({self._sweeps}, timeout=STOP_WAIT_S)  # unless the broker hangs it
         await asyncio.to_thread(self.app.close)
 
     async def submitted(self, job_id: str) -> None:

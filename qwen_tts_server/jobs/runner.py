@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from ..errors import EngineFailed, Overloaded, ServiceError
 from .items import Outcome, run_item
@@ -59,7 +60,7 @@ class JobRunner:
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
-        await asyncio.to_thread(self.store.requeue, running)
+        await asyncio.to_thread(self.store.requeue, running, self.worker)
 
     async def _claim_loop(self) -> None:
         while True:
@@ -80,13 +81,18 @@ class JobRunner:
         killed without its shutdown, perhaps back under another host name (a new container), would
         otherwise leave its items running for ever."""
         lease_s = self.svc.settings.job_runner_lease_s
+        last_beat = time.monotonic()
         while True:
             await asyncio.sleep(lease_s / 4)
             try:
                 await asyncio.to_thread(self.store.beat, self.worker)
-                taken = await asyncio.to_thread(self.store.requeue_dead, IN_PROCESS, lease_s)
-            except Exception:
-                log.exception("job runner heartbeat failed")
+                # This runner's own beats were held up (the database was away, or this process stalled):
+                # the others' were too, likely. Take nothing this time; they beat again meanwhile.
+                held_up = time.monotonic() - last_beat > lease_s / 2
+                last_beat = time.monotonic()
+                taken = 0 if held_up else await asyncio.to_thread(self.store.requeue_dead, IN_PROCESS, lease_s)
+            except Exception as exc:
+                log.warning("job runner heartbeat failed: %s", exc)
                 continue
             if taken:
                 log.warning("job items of a runner that died taken up", extra={"count": taken})
@@ -144,10 +150,6 @@ class JobRunner:
                 if faults > ENGINE_FAULT_RETRIES:
                     raise
                 await asyncio.sleep(exc.retry_after_s)
-
-    def runs(self, item_id: str) -> bool:
-        """Whether this runner is running the item now."""
-        return item_id in self._running
 
     def track(self, item: Item, task: asyncio.Task[None]) -> None:
         """Watch a task started by someone else (a Celery delivery) for cancellation."""

@@ -323,16 +323,22 @@ class JobStore:
         self._mark_started({row["job_id"] for row in rows}, now)
         return [_item({**row, "state": ItemState.RUNNING.value, "started_at": now}) for row in rows]
 
-    def start(self, item_id: str, worker: str, *, take_over: bool = True) -> Item | None:
-        """Mark an item running for `worker` (a delivered task); None if it is already finished or
-        cancelled (nothing to run). A running item is taken over (a task delivered again: its earlier
-        worker is gone), unless `take_over` is off (a task sent again for an item nobody had started)."""
+    def start(self, item_id: str, worker: str, *, take_over_after_s: float | None = 0.0) -> Item | None:
+        """Mark an item running for `worker` (a delivered task); None if there is nothing to run: it is
+        finished or cancelled, or running and not to be taken over. A run started over `take_over_after_s`
+        ago is taken over (a task delivered again after the visibility timeout: its worker is gone);
+        None: never (a task sent again for an item nobody had started)."""
         now = self._clock()
-        states = OPEN_ITEM_STATES if take_over else (ItemState.QUEUED.value,)
+        runnable = items_table.c.state == ItemState.QUEUED.value
+        if take_over_after_s is not None:
+            stale = sa.and_(
+                items_table.c.state == ItemState.RUNNING.value, items_table.c.started_at <= now - take_over_after_s
+            )
+            runnable = sa.or_(runnable, stale)
         with self._db.begin() as conn:
             updated = conn.execute(
                 items_table.update()
-                .where(items_table.c.id == item_id, items_table.c.state.in_(states))
+                .where(items_table.c.id == item_id, runnable)
                 .values(
                     state=ItemState.RUNNING.value,
                     worker=worker,
@@ -346,14 +352,19 @@ class JobStore:
         self._mark_started({row["job_id"]}, now)
         return _item(row)
 
-    def requeue(self, item_ids: Sequence[str]) -> None:
-        """Put running items back in the queue (their runner stops without finishing them)."""
+    def requeue(self, item_ids: Sequence[str], worker: str) -> None:
+        """Put back in the queue the items `worker` is running (it stops without finishing them); those
+        another runner has taken up since are left to it."""
         if not item_ids:
             return
         with self._db.begin() as conn:
             conn.execute(
                 items_table.update()
-                .where(items_table.c.id.in_(list(item_ids)), items_table.c.state == ItemState.RUNNING.value)
+                .where(
+                    items_table.c.id.in_(list(item_ids)),
+                    items_table.c.state == ItemState.RUNNING.value,
+                    items_table.c.worker == worker,
+                )
                 .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
             )
 
@@ -375,8 +386,9 @@ class JobStore:
                 conn.execute(runners_table.insert().values(name=runner, seen_at=now))
 
     def requeue_dead(self, prefix: str, lease_s: float) -> int:
-        """Put back every item left running by a runner named `prefix`... that has not beaten for `lease_s`
-        (or ever); forget such runners. Returns how many items went back."""
+        """Put back every item started over `lease_s` ago by a runner named `prefix`... not seen for
+        `lease_s` (or ever: a server of an older version, which does not beat, loses only items older
+        than the lease); forget such runners. Returns how many items went back."""
         dead_before = self._clock() - lease_s
         alive = sa.select(runners_table.c.name).where(runners_table.c.seen_at >= dead_before)
         with self._db.begin() as conn:
@@ -386,6 +398,7 @@ class JobStore:
                     items_table.c.state == ItemState.RUNNING.value,
                     items_table.c.worker.startswith(prefix, autoescape=True),
                     items_table.c.worker.not_in(alive),
+                    items_table.c.started_at < dead_before,
                 )
                 .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
             ).rowcount

@@ -8,7 +8,8 @@ compares the two. While the broker's queue is empty, an item the store has as qu
 it) is in a worker's hands, about to start (or to be delivered again after the visibility timeout, if
 that worker died), or lost. An item still queued `grace_s` later, at a look that finds the queue
 empty again, is sent again, as a task that runs only an item nobody has started (`store.start` with
-`take_over` off): copies from several API replicas, or a task that was only late, run it once.
+no take-over): copies from several API replicas run it once, and a late first task takes over only a
+run as old as a dead worker's would be (jobs/worker.py).
 
 Lost tasks are found once the queue drains: while tasks wait in it, an item missing from it cannot be
 told from one waiting its turn.

@@ -39,6 +39,12 @@ class Worker:
         self.svc: Services | None = None
         self.runner: JobRunner | None = None
         self._watcher: asyncio.Future[None] | None = None
+        # A task delivered again takes over a run only if that run is old enough to be the one whose worker
+        # died (redelivery comes a visibility timeout after the first delivery), not a copy that the API
+        # sent again and that started just before.
+        self.take_over_after_s = settings.job_visibility_timeout_s / 2
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, threading.Event] = {}  # items this worker's threads are running
 
     def start(self) -> None:
         self._thread.start()
@@ -59,14 +65,27 @@ class Worker:
 
     def run_item(self, item_id: str, resent: bool = False) -> None:
         """A delivered task: take the item over and run it to its end (or its cancellation). A task the
-        API sent again (`resent`: the broker had lost the first) runs only an item nobody has started."""
-        assert self.svc is not None and self.runner is not None
-        if self.runner.runs(item_id):
-            return  # a second delivery of an item this worker is running
-        item = self.svc.jobs.start(item_id, self.name, take_over=not resent)
-        if item is None:
-            return  # finished, cancelled or running elsewhere already (a second delivery, a cancelled job)
-        self.call(self._run(item))
+        API sent again (`resent`: the broker had lost the first) runs only an item nobody has started.
+
+        A second delivery of an item this worker is running waits for that run instead of running it
+        again, and is acknowledged only then: on Redis both deliveries share one unacknowledged record,
+        which must outlive the run in case this worker dies."""
+        assert self.svc is not None
+        with self._lock:
+            running = self._in_flight.get(item_id)
+            if running is None:
+                self._in_flight[item_id] = done = threading.Event()
+        if running is not None:
+            running.wait()
+            return
+        try:
+            item = self.svc.jobs.start(item_id, self.name, take_over_after_s=None if resent else self.take_over_after_s)
+            if item is not None:  # else finished, cancelled or running elsewhere already
+                self.call(self._run(item))
+        finally:
+            with self._lock:
+                del self._in_flight[item_id]
+            done.set()
 
     async def _run(self, item: Item) -> None:
         assert self.runner is not None

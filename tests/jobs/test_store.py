@@ -160,14 +160,17 @@ def test_items_of_a_dead_runner_go_back_to_the_queue(database_url):
     store.beat("api:host-b:8000")
     mine = store.claim(2, "api:host-a:8000")
     theirs = store.claim(1, "api:host-b:8000")
-    orphan = store.claim(1, "api:gone:8000")  # a runner that never beat here (an older version)
+    older = store.claim(1, "api:old-version:8000")  # a runner that never beats (an older version)
     celery = store.claim(1, "worker:host-c:42:cuda:0")  # the broker redelivers those: not ours to take
-    assert store.requeue_dead("api:", lease_s=60) == 1  # only the one nobody has seen
-    clock[0] += 61
+    clock[0] += 30
+    assert store.requeue_dead("api:", lease_s=60) == 0  # the older runner's item is younger than the lease
+    clock[0] += 31
     store.beat("api:host-b:8000")  # b lives on, a died
-    assert store.requeue_dead("api:", lease_s=60) == 2
-    states = store.open_states([i.id for i in mine + theirs + orphan + celery])
-    assert [states[i.id] for i in mine] == [ItemState.QUEUED] * 2
+    assert store.requeue_dead("api:", lease_s=60) == 3
+    states = store.open_states([i.id for i in mine + theirs + older + celery])
+    assert [states[i.id] for i in mine + older] == [ItemState.QUEUED] * 3
     assert states[theirs[0].id] is ItemState.RUNNING and states[celery[0].id] is ItemState.RUNNING
-    store.beat("api:host-a:8000")  # back (restarted under the same name): a row again, nothing to take
-    assert store.requeue_dead("api:", lease_s=60) == 0
+    store.requeue([theirs[0].id], "api:host-a:8000")  # a stopping runner puts back only its own items
+    assert store.open_states([theirs[0].id])[theirs[0].id] is ItemState.RUNNING
+    store.requeue([theirs[0].id], "api:host-b:8000")
+    assert store.open_states([theirs[0].id])[theirs[0].id] is ItemState.QUEUED

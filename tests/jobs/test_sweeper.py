@@ -81,11 +81,15 @@ def test_a_task_published_after_the_look_is_not_sent_again_while_it_waits(backen
     assert published(backend) == [[item_id] for item_id in ids]
 
 
-def test_a_task_sent_again_runs_only_an_item_nobody_started(backend):
-    store = backend.store
+def test_a_task_sent_again_runs_only_an_item_nobody_started(postgres_url):
+    clock = [1000.0]
+    store = JobStore(postgres_url, clock=lambda: clock[0])
     job = store.create(new_items(2), owner=None, label=None, webhook_url=None)
     first, second = (item.id for item in store.items(job.id))
     assert store.start(first, "worker-a") is not None
-    assert store.start(first, "worker-b", take_over=False) is None  # a copy sent again: not a second run
-    assert store.start(first, "worker-c") is not None  # a task delivered again: its worker died
-    assert store.start(second, "worker-b", take_over=False) is not None
+    assert store.start(first, "worker-b", take_over_after_s=None) is None  # a copy sent again: no second run
+    clock[0] += 10
+    assert store.start(first, "worker-c", take_over_after_s=450) is None  # a late task: the run is too young
+    clock[0] += 450
+    assert store.start(first, "worker-c", take_over_after_s=450) is not None  # delivered again: a-worker died
+    assert store.start(second, "worker-b", take_over_after_s=None) is not None

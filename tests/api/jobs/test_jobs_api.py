@@ -200,11 +200,12 @@ def test_items_a_killed_server_left_running_are_taken_up(make_client, tmp_path):
     name (a new container's host name, another port), the server takes them up once the lease is over."""
     data_dir = tmp_path / "shared-data"
     data_dir.mkdir()
-    store = JobStore(Settings(data_dir=data_dir).metadata_url)
+    store = JobStore(Settings(data_dir=data_dir).metadata_url, clock=lambda: time.time() - 10)  # 10 s ago
     spec = {"text": "Hello there.", "speaker": "vivian", "max_new_tokens": 6}
     items = [NewItem("custom_voice", spec, str(i)) for i in range(3)]
     job = store.create(items, owner=None, label=None, webhook_url=None)
-    assert len(store.claim(2, "api:a-container-gone:8000")) == 2  # what the killed server left
+    store.beat("api:a-container-gone:8000")  # it was alive, and running two items, when it was killed
+    assert len(store.claim(2, "api:a-container-gone:8000")) == 2
     client = make_client(data_dir=data_dir, job_runner_lease_s=2.0)
     view = wait_for_end(client, job.id, timeout_s=60)
     assert view["status"] == "completed"
