@@ -85,6 +85,14 @@ class Overloaded(ServiceError):
         self.retry_after_s = retry_after_s
 
 
+class QueueUnavailable(ServiceError):
+    """The job queue's broker cannot be reached: nothing was queued; try again after `retry_after_s`."""
+
+    status_code = 503
+    error_type = "queue_unavailable"
+    retry_after_s = 10
+
+
 class DeadlineExceeded(ServiceError):
     """The request's own `timeout_s` passed; its work was cancelled."""
 

@@ -19,6 +19,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from ..config import Settings
+from ..errors import QueueUnavailable
 from .runner import IN_PROCESS, JobRunner
 from .store import JobStore
 from .sweeper import LostTaskSweeper
@@ -104,8 +105,18 @@ class CeleryBackend:
         await asyncio.to_thread(self.app.close)
 
     async def submitted(self, job_id: str) -> None:
+        """Publish the job's tasks; QueueUnavailable if the broker cannot be reached (after Celery's
+        own retries): the caller forgets the job, and a task already out finds no item to run."""
+        from kombu.exceptions import OperationalError
+
         items = await asyncio.to_thread(self.store.items, job_id)
-        await asyncio.to_thread(self.publish, [item.id for item in items])
+        try:
+            await asyncio.to_thread(self.publish, [item.id for item in items])
+        except OperationalError as exc:
+            log.warning("the job queue's broker is unreachable: %s", exc)
+            raise QueueUnavailable(
+                "the job queue is unreachable (its broker is down); nothing was queued: retry"
+            ) from exc
 
     async def cancelled(self, job_id: str) -> None:
         return None  # workers see the cancelled state in the store and stop those items

@@ -268,6 +268,12 @@ class JobStore:
             self._close_if_over(conn, job_id, now)
         return running
 
+    def delete(self, job_id: str) -> None:
+        """Forget a job and its items (one that could not be queued)."""
+        with self._db.begin() as conn:
+            conn.execute(items_table.delete().where(items_table.c.job_id == job_id))
+            conn.execute(jobs_table.delete().where(jobs_table.c.id == job_id))
+
     def delete_before(self, cutoff: float) -> int:
         """Forget jobs that finished before `cutoff` (their outputs expire with the files' TTL)."""
         with self._db.begin() as conn:

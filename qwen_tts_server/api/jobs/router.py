@@ -15,7 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ...errors import InvalidRequest, NotFound, Overloaded
+from ...errors import InvalidRequest, NotFound, Overloaded, QueueUnavailable
 from ...jobs.items import check_items
 from ...jobs.store import Item, Job
 from ...jobs.webhook import check_webhook_url, send_webhook
@@ -57,7 +57,11 @@ async def submit(request: Request, raw_items: list, options: dict, label: str | 
         await check_webhook_url(webhook, svc.settings)
     new_items = await check_items(svc, raw_items, options, owner(request))
     job = await asyncio.to_thread(svc.jobs.create, new_items, owner=owner(request), label=label, webhook_url=webhook)
-    await svc.job_backend.submitted(job.id)
+    try:
+        await svc.job_backend.submitted(job.id)
+    except QueueUnavailable:
+        await asyncio.to_thread(svc.jobs.delete, job.id)  # no job the client does not know of
+        raise
     return job
 
 

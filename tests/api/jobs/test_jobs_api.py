@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import time
 import zipfile
 
@@ -210,6 +211,20 @@ def test_items_a_killed_server_left_running_are_taken_up(make_client, tmp_path):
     view = wait_for_end(client, job.id, timeout_s=60)
     assert view["status"] == "completed"
     assert sorted(item["attempts"] for item in view["items"]) == [1, 2, 2]
+
+
+def test_a_job_the_broker_cannot_take_is_a_503_and_leaves_nothing(make_client):
+    with socket.socket() as s:  # a port nothing listens on: the broker is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = make_client(broker_url=f"redis://127.0.0.1:{port}/0")
+    items = [{"text": "Hello there."}]
+    response = client.post(
+        "/api/v1/jobs", json={"items": items, "options": {"mode": "custom_voice", "speaker": "vivian"}}
+    )
+    assert response.status_code == 503, response.text
+    assert error_of(response)["type"] == "queue_unavailable" and response.headers["retry-after"] == "10"
+    assert client.get("/api/v1/jobs").json() == []  # no job left behind that nothing would run
 
 
 def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_client):
