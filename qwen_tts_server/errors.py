@@ -93,6 +93,14 @@ class QueueUnavailable(ServiceError):
     retry_after_s = 10
 
 
+class StorageUnavailable(ServiceError):
+    """The metadata database cannot be reached, or stays busy: try again after `retry_after_s`."""
+
+    status_code = 503
+    error_type = "storage_unavailable"
+    retry_after_s = 5
+
+
 class DeadlineExceeded(ServiceError):
     """The request's own `timeout_s` passed; its work was cancelled."""
 

@@ -24,6 +24,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+# What the database raises when it is down, unreachable or busy past its timeouts (not a wrong statement):
+# the API answers these with 503 storage_unavailable and Retry-After instead of an internal error.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    sa.exc.OperationalError,  # connection refused or lost, server shutting down; SQLite: database is locked
+    sa.exc.InterfaceError,  # the driver's connection is gone
+    sa.exc.TimeoutError,  # no pooled connection came free in time
+)
+
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
 _BUSY_TIMEOUT_S = 30
