@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+
+import sqlalchemy as sa
 
 
 class Relay:
@@ -57,3 +60,15 @@ class Relay:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def relayed(url: str) -> Iterator[tuple[Relay, str]]:
+    """A relay open to the service at `url` (a SQLAlchemy or Redis URL), and `url` through it."""
+    parsed = sa.make_url(url)
+    relay = Relay((parsed.host or "127.0.0.1", parsed.port or 5432))
+    relay.open()
+    try:
+        yield relay, parsed.set(port=relay.port).render_as_string(hide_password=False)
+    finally:
+        relay.close()

@@ -5,18 +5,12 @@ closes (every connection and the listening port) and opens again."""
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-
-from ..relay import Relay
+from ..relay import relayed
 from .support import error_of
 
 
 def test_a_database_outage_is_a_503_to_retry_and_the_server_serves_again(make_client, postgres_url):
-    url = sa.make_url(postgres_url)
-    relay = Relay((url.host or "127.0.0.1", url.port or 5432))
-    relay.open()
-    try:
-        through_relay = url.set(port=relay.port).render_as_string(hide_password=False)
+    with relayed(postgres_url) as (relay, through_relay):
         client = make_client(database_url=through_relay)
         assert client.get("/api/v1/jobs").status_code == 200
 
@@ -27,5 +21,3 @@ def test_a_database_outage_is_a_503_to_retry_and_the_server_serves_again(make_cl
 
         relay.open()  # and comes back, on the same port
         assert client.get("/api/v1/jobs").status_code == 200
-    finally:
-        relay.close()

@@ -10,12 +10,11 @@ import time
 import zipfile
 
 import soundfile as sf
-import sqlalchemy as sa
 
 from qwen_tts_server.config import Settings
 from qwen_tts_server.jobs.store import ItemState, JobStore, NewItem
 
-from ...relay import Relay
+from ...relay import relayed
 from ..support import error_of, sine_wav, upload, wait_until_idle, words
 
 HEADERS = {"Authorization": "Bearer key-a"}
@@ -230,11 +229,7 @@ def test_a_job_the_broker_cannot_take_is_a_503_and_leaves_nothing(make_client):
 
 
 def test_a_database_outage_mid_job_delays_its_items_and_loses_none(make_client, postgres_url):
-    url = sa.make_url(postgres_url)
-    relay = Relay((url.host or "127.0.0.1", url.port or 5432))
-    relay.open()
-    try:
-        through_relay = url.set(port=relay.port).render_as_string(hide_password=False)
+    with relayed(postgres_url) as (relay, through_relay):
         client = make_client(database_url=through_relay, max_slots=1, job_concurrency=1)
         items = [{"text": words(20), "custom_id": str(i)} for i in range(2)]
         options = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 60}
@@ -250,8 +245,6 @@ def test_a_database_outage_mid_job_delays_its_items_and_loses_none(make_client, 
         view = wait_for_end(client, job["id"])
         assert view["status"] == "completed", view["progress"]
         assert all(item["status"] == "done" and item["file_id"] for item in view["items"])
-    finally:
-        relay.close()
 
 
 def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_client):
