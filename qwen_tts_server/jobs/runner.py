@@ -12,7 +12,7 @@ import logging
 import time
 
 from ..errors import EngineFailed, Overloaded, ServiceError
-from ..storage.database import UNAVAILABLE_ERRORS
+from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff, through_outages
 from .items import Outcome, run_item
 from .store import Item, ItemState, JobStore
 from .webhook import send_webhook
@@ -22,18 +22,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often the runner looks for new items and cancelled ones
 IN_PROCESS = "api:"  # the start of every in-process runner's name (backends.runner_name)
 ENGINE_FAULT_RETRIES = 3  # an item waits for this many engine rebuilds after device faults, then fails
-
-
-class StorageOutage:
-    """Waits between tries of a store call while the database is away: 0.5 s, doubling up to 30 s."""
-
-    def __init__(self) -> None:
-        self.wait_s = 0.5
-
-    async def wait(self, exc: Exception) -> None:
-        log.warning("the job store is unavailable (%s); trying again in %.1f s", type(exc).__name__, self.wait_s)
-        await asyncio.sleep(self.wait_s)
-        self.wait_s = min(2 * self.wait_s, 30.0)
 
 
 class JobRunner:
@@ -153,7 +141,7 @@ class JobRunner:
         and try again: a busy server delays a job, it does not fail its items. An engine rebuilt after a
         device fault is waited for too, a few times: one CUDA error must not fail a whole job."""
         faults = 0
-        outage = StorageOutage()
+        outage = OutageBackoff()
         while True:
             try:
                 return await run_item(self.svc, item, item.owner)
@@ -175,13 +163,7 @@ class JobRunner:
     async def _finish(self, item: Item, **result: object) -> bool:
         """Record the item's outcome, through a database outage: an item whose result could not be
         written would stay running for ever (its runner lives on), and its job never end."""
-        outage = StorageOutage()
-        while True:
-            try:
-                finished = await asyncio.to_thread(self.store.finish, item.id, **result)  # type: ignore[arg-type]
-                break
-            except UNAVAILABLE_ERRORS as exc:
-                await outage.wait(exc)
+        finished = await through_outages(self.store.finish, item.id, **result)
         if finished.job_over:
             await send_webhook(self.store, self.svc.settings, item.job_id)
         return finished.recorded

@@ -14,6 +14,7 @@ from ..api.jobs.protocol import job_view
 from ..api.signing import UrlSigner
 from ..config import Settings
 from ..net import pinned_request
+from ..storage.database import through_outages
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,12 @@ async def check_webhook_url(url: str, settings: Settings) -> None:
 
 async def send_webhook(store: JobStore, settings: Settings, job_id: str) -> bool:
     """POST the finished job to its webhook, if it has one and no one sent it yet. True if delivered."""
-    url = await asyncio.to_thread(store.claim_webhook, job_id)
+    url = await through_outages(store.claim_webhook, job_id)  # a database outage delays it, never drops it
     if url is None:
         return False
-    payload = await asyncio.to_thread(webhook_payload, store, settings, job_id)
+    payload = await through_outages(webhook_payload, store, settings, job_id)
     ok = await _post(url, payload, settings)
-    await asyncio.to_thread(store.webhook_done, job_id, ok)
+    await through_outages(store.webhook_done, job_id, ok)
     return ok
 
 

@@ -17,12 +17,19 @@ share the file; PostgreSQL is for replicas on several hosts.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What the database raises when it is down, unreachable or busy past its timeouts (not a wrong statement):
 # the API answers these with 503 storage_unavailable and Retry-After instead of an internal error.
@@ -58,6 +65,29 @@ def open_database(url: str, metadata: sa.MetaData | None = None) -> sa.Engine:
 def autocommit(engine: sa.Engine) -> sa.Engine:
     """`engine` (same pool) with every statement its own transaction: for reads (see the module doc)."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+class OutageBackoff:
+    """Waits between tries while the database is down or busy: 0.5 s, doubling up to 30 s."""
+
+    def __init__(self) -> None:
+        self.wait_s = 0.5
+
+    async def wait(self, exc: Exception) -> None:
+        log.warning("the database is unavailable (%s); trying again in %.1f s", type(exc).__name__, self.wait_s)
+        await asyncio.sleep(self.wait_s)
+        self.wait_s = min(2 * self.wait_s, 30.0)
+
+
+async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)` in a thread, tried again while the database is down or busy: for
+    background work that must not drop what it has to write (job results)."""
+    backoff = OutageBackoff()
+    while True:
+        try:
+            return await asyncio.to_thread(call, *args, **kwargs)
+        except UNAVAILABLE_ERRORS as exc:
+            await backoff.wait(exc)
 
 
 def close_databases() -> None:
