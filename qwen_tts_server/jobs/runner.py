@@ -64,6 +64,7 @@ class JobRunner:
         await asyncio.to_thread(self.store.requeue, running, self.worker)
 
     async def _claim_loop(self) -> None:
+        outage = OutageBackoff()
         while True:
             try:
                 free = self.concurrency - len(self._running)
@@ -71,6 +72,9 @@ class JobRunner:
                     for item in await asyncio.to_thread(self.store.claim, free, self.worker):
                         self._spawn(item)
                 await self.stop_cancelled()
+                outage = OutageBackoff()
+            except UNAVAILABLE_ERRORS as exc:  # one line a try, slower and slower, not a traceback twice a second
+                await outage.wait(exc)
             except Exception:
                 log.exception("job runner step failed")
             self._wake.clear()

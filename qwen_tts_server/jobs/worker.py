@@ -20,6 +20,7 @@ from typing import Any
 
 from ..api.services import Services, close_services, open_services
 from ..config import Settings
+from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff
 from .backends import job_concurrency
 from .celery_app import QUEUE, TASK_NAME, make_celery
 from .runner import POLL_S, JobRunner
@@ -96,9 +97,13 @@ class Worker:
 
     async def _watch_cancelled(self) -> None:
         assert self.runner is not None
+        outage = OutageBackoff()
         while True:
             try:
                 await self.runner.stop_cancelled()
+                outage = OutageBackoff()
+            except UNAVAILABLE_ERRORS as exc:
+                await outage.wait(exc)
             except Exception:
                 log.exception("checking for cancelled items failed")
             await asyncio.sleep(POLL_S)
