@@ -12,12 +12,14 @@ import sqlalchemy as sa
 
 
 class Relay:
-    """Forwards 127.0.0.1:<port> to `target`; `close()` drops every connection and stops listening."""
+    """Forwards 127.0.0.1:<port> to `target`; `close()` drops every connection and stops listening, and
+    `open()` listens again on the same port."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.port = 0
         self._sockets: list[socket.socket] = []
+        self._open = False
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -26,20 +28,25 @@ class Relay:
         listener.bind(("127.0.0.1", self.port))
         listener.listen()
         self.port = listener.getsockname()[1]
+        with self._lock:
+            self._open = True
         self._track(listener)
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def close(self) -> None:
         with self._lock:
-            sockets, self._sockets = self._sockets, []
+            sockets, self._sockets, self._open = self._sockets, [], False
         for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            _drop(sock)
 
-    def _track(self, sock: socket.socket) -> None:
+    def _track(self, sock: socket.socket) -> bool:
+        """Keep `sock` to drop at `close()`; a socket that arrives once the relay is closed is dropped now."""
         with self._lock:
-            self._sockets.append(sock)
+            if self._open:
+                self._sockets.append(sock)
+                return True
+        _drop(sock)
+        return False
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -47,9 +54,15 @@ class Relay:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed
-            upstream = socket.create_connection(self.target)
-            self._track(client)
-            self._track(upstream)
+            if not self._track(client):
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                _drop(client)
+                continue
+            if not self._track(upstream):
+                continue
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -60,6 +73,12 @@ class Relay:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+def _drop(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 @contextlib.contextmanager

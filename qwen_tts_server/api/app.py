@@ -50,8 +50,10 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await services.job_backend.stop()
-            await close_services(services)
+            try:
+                await services.job_backend.stop()
+            finally:
+                await close_services(services)
 
     app = FastAPI(
         title="Qwen3-TTS server",

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError, StorageUnavailable
 from ..logs import request_id_var
-from ..storage.database import UNAVAILABLE_ERRORS
+from ..storage.database import UNAVAILABLE_ERRORS, is_unavailable
 from .error_shapes import error_body
 
 log = logging.getLogger("qwen_tts_server.api.app")
@@ -39,14 +39,17 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = {"retry-after": str(retry_after)} if retry_after is not None else None
         return _error_response(request, exc.status_code, exc.error_type, exc.message, exc.field, headers=headers)
 
-    async def storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        """An outage (down, unreachable, busy) is a 503 to retry; any other database error an internal one."""
+        if not is_unavailable(exc):
+            return _internal_error(request.scope, exc, _request_id_of(request.scope) or "-")
         cause = getattr(exc, "orig", None) or exc
         first_line = (str(cause).splitlines() or [""])[0]
         log.warning("the metadata database failed: %s: %s", type(cause).__name__, first_line)
         return await service_error(request, StorageUnavailable("the server's database is unreachable or busy; retry"))
 
     for error in UNAVAILABLE_ERRORS:
-        app.add_exception_handler(error, storage_unavailable)
+        app.add_exception_handler(error, database_error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,6 @@ same schema and plan as the route's (api/plans.py) at submission, so a bad item 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from ..api.plans import Plan, plan_clone, plan_custom_voice, plan_voice_design, store_output
 from ..api.schemas import CustomVoiceRequest, SynthesisOptions, VoiceCloneRequest, VoiceDesignRequest
 from ..api.speech import Speech
+from ..engine.types import SynthesisResult
 from ..errors import InvalidRequest, ServiceError
 from .store import Item, NewItem
 
@@ -97,13 +97,27 @@ async def check_items(
     return out
 
 
-async def run_item(svc, item: Item, owner: str | None) -> Outcome:
-    """Generate one item whole and store its audio as an output file."""
+@dataclass(frozen=True)
+class Generated:
+    """An item's audio, not stored yet."""
+
+    result: SynthesisResult
+    response_format: str
+    name: str
+
+
+async def generate_item(svc, item: Item, owner: str | None) -> Generated:
+    """Generate one item whole."""
     body = SCHEMAS[item.mode].model_validate(item.spec)
     plan = await plan_item(svc, item.mode, body, owner)
     model = await svc.engine.model_for(plan.model, plan.mode)
     items = await plan.build(model)
     [result] = await Speech(svc.engine, model, plan.mode, body.sampling(svc.settings)).whole(items)
-    name = item.custom_id or f"{item.job_id}-{item.idx:05d}"
-    record, _ = await asyncio.to_thread(store_output, svc.files, result, body.response_format, name)
+    return Generated(result, body.response_format, item.custom_id or f"{item.job_id}-{item.idx:05d}")
+
+
+def save_item(svc, generated: Generated) -> Outcome:
+    """Store an item's audio as an output file (blocking: run it in a thread)."""
+    result = generated.result
+    record, _ = store_output(svc.files, result, generated.response_format, generated.name)
     return Outcome(record.id, round(result.duration_s, 6), result.finish_reason.value)

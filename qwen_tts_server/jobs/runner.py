@@ -12,8 +12,8 @@ import logging
 import time
 
 from ..errors import EngineFailed, Overloaded, ServiceError
-from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff, through_outages
-from .items import Outcome, run_item
+from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff, is_unavailable, through_outages
+from .items import Generated, Outcome, generate_item, save_item
 from .store import Item, ItemState, JobStore
 from .webhook import send_webhook
 
@@ -61,10 +61,13 @@ class JobRunner:
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
-        await asyncio.to_thread(self.store.requeue, running, self.worker)
+        try:
+            await asyncio.to_thread(self.store.requeue, running, self.worker)
+        except Exception as exc:  # the database is away: the next start takes them back (requeue_worker)
+            log.warning("job items left running at shutdown (%s): taken back at the next start", exc)
 
     async def _claim_loop(self) -> None:
-        outage = OutageBackoff()
+        outage, pause_s = OutageBackoff(), POLL_S
         while True:
             try:
                 free = self.concurrency - len(self._running)
@@ -72,14 +75,15 @@ class JobRunner:
                     for item in await asyncio.to_thread(self.store.claim, free, self.worker):
                         self._spawn(item)
                 await self.stop_cancelled()
-                outage = OutageBackoff()
-            except UNAVAILABLE_ERRORS as exc:  # one line a try, slower and slower, not a traceback twice a second
-                await outage.wait(exc)
-            except Exception:
-                log.exception("job runner step failed")
+                outage, pause_s = OutageBackoff(), POLL_S
+            except Exception as exc:
+                if is_unavailable(exc):  # one line a try, slower and slower, not a traceback twice a second
+                    pause_s = outage.next_wait(exc)
+                else:
+                    log.exception("job runner step failed")
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_S)
+                await asyncio.wait_for(self._wake.wait(), pause_s)
 
     async def _beat_loop(self) -> None:
         """Say this runner is alive, and take up what dead in-process runners left running: a server
@@ -141,15 +145,24 @@ class JobRunner:
                 await asyncio.to_thread(self.svc.files.delete, outcome.file_id)
 
     async def _run_when_admitted(self, item: Item) -> Outcome:
-        """Run the item; while the engine's queue is full (synchronous traffic has it), wait as it says
+        """Generate the item, then store its audio; a database outage delays the storing, and the audio
+        waits for it (it is not generated again)."""
+        generated = await self._generate(item)
+        return await through_outages(save_item, self.svc, generated)
+
+    async def _generate(self, item: Item) -> Generated:
+        """Generate the item; while the engine's queue is full (synchronous traffic has it), wait as it says
         and try again: a busy server delays a job, it does not fail its items. An engine rebuilt after a
-        device fault is waited for too, a few times: one CUDA error must not fail a whole job."""
+        device fault is waited for too, a few times: one CUDA error must not fail a whole job; and the
+        database, if it is away when the item's voice is looked up."""
         faults = 0
         outage = OutageBackoff()
         while True:
             try:
-                return await run_item(self.svc, item, item.owner)
-            except UNAVAILABLE_ERRORS as exc:  # the database went away mid-item: run it again once it is back
+                return await generate_item(self.svc, item, item.owner)
+            except UNAVAILABLE_ERRORS as exc:
+                if not is_unavailable(exc):
+                    raise
                 await outage.wait(exc)
             except Overloaded as exc:
                 await asyncio.sleep(exc.retry_after_s)

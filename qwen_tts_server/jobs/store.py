@@ -442,9 +442,24 @@ class JobStore:
                 )
             ).rowcount
             if not updated:
-                return Finished(recorded=False, job_over=False)
+                return self._finished_before(conn, item_id, state, file_id, error)
             over = self._close_if_over(conn, job_id, now)
         return Finished(recorded=True, job_over=over)
+
+    @staticmethod
+    def _finished_before(
+        conn: sa.Connection, item_id: str, state: ItemState, file_id: str | None, error: str | None
+    ) -> Finished:
+        """A finish that finds the item ended: recorded if it ended with this very outcome (this call is
+        the retry of one whose commit went through but whose reply was lost), else not."""
+        row = conn.execute(
+            sa.select(items_table.c.state, items_table.c.file_id, items_table.c.error, jobs_table.c.finished_at)
+            .join(jobs_table, jobs_table.c.id == items_table.c.job_id)
+            .where(items_table.c.id == item_id)
+        ).one_or_none()
+        if row is None or (row.state, row.file_id, row.error) != (state.value, file_id, error):
+            return Finished(recorded=False, job_over=False)
+        return Finished(recorded=True, job_over=row.finished_at is not None)
 
     def _job_of(self, item_id: str) -> str | None:
         with self._reads.connect() as conn:
@@ -476,21 +491,24 @@ class JobStore:
         with self._reads.connect() as conn:
             return {row[0]: ItemState(row[1]) for row in conn.execute(query)}
 
-    def claim_webhook(self, job_id: str) -> str | None:
-        """The job's webhook URL if this caller is the one to send it (at most one sender per job)."""
+    def claim_webhook(self, job_id: str, claim: str) -> str | None:
+        """The job's webhook URL if this caller is the one to send it (at most one sender per job). `claim`
+        (a few characters, the same on every try) makes a retry after a lost reply find its own claim."""
+        mine = f"sending:{claim}"[:16]
         with self._db.begin() as conn:
-            updated = conn.execute(
+            conn.execute(
                 jobs_table.update()
                 .where(
                     jobs_table.c.id == job_id,
                     jobs_table.c.webhook_url.is_not(None),
                     jobs_table.c.webhook_state.is_(None),
                 )
-                .values(webhook_state="sending")
-            ).rowcount
-            if not updated:
-                return None
-            return conn.execute(sa.select(jobs_table.c.webhook_url).where(jobs_table.c.id == job_id)).scalar_one()
+                .values(webhook_state=mine)
+            )
+            row = conn.execute(
+                sa.select(jobs_table.c.webhook_url, jobs_table.c.webhook_state).where(jobs_table.c.id == job_id)
+            ).one_or_none()
+        return row.webhook_url if row is not None and row.webhook_state == mine else None
 
     def webhook_done(self, job_id: str, ok: bool) -> None:
         with self._db.begin() as conn:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import httpx
 
@@ -33,7 +34,8 @@ async def check_webhook_url(url: str, settings: Settings) -> None:
 
 async def send_webhook(store: JobStore, settings: Settings, job_id: str) -> bool:
     """POST the finished job to its webhook, if it has one and no one sent it yet. True if delivered."""
-    url = await through_outages(store.claim_webhook, job_id)  # a database outage delays it, never drops it
+    claim = uuid.uuid4().hex[:8]
+    url = await through_outages(store.claim_webhook, job_id, claim)  # a database outage delays it, never drops it
     if url is None:
         return False
     payload = await through_outages(webhook_payload, store, settings, job_id)

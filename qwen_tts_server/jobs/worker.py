@@ -20,7 +20,7 @@ from typing import Any
 
 from ..api.services import Services, close_services, open_services
 from ..config import Settings
-from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff
+from ..storage.database import OutageBackoff, is_unavailable
 from .backends import job_concurrency
 from .celery_app import QUEUE, TASK_NAME, make_celery
 from .runner import POLL_S, JobRunner
@@ -102,10 +102,11 @@ class Worker:
             try:
                 await self.runner.stop_cancelled()
                 outage = OutageBackoff()
-            except UNAVAILABLE_ERRORS as exc:
-                await outage.wait(exc)
-            except Exception:
-                log.exception("checking for cancelled items failed")
+            except Exception as exc:
+                if is_unavailable(exc):
+                    await outage.wait(exc)
+                else:
+                    log.exception("checking for cancelled items failed")
             await asyncio.sleep(POLL_S)
 
 

@@ -31,13 +31,33 @@ import sqlalchemy as sa
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What the database raises when it is down, unreachable or busy past its timeouts (not a wrong statement):
-# the API answers these with 503 storage_unavailable and Retry-After instead of an internal error.
-UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
-    sa.exc.OperationalError,  # connection refused or lost, server shutting down; SQLite: database is locked
-    sa.exc.InterfaceError,  # the driver's connection is gone
-    sa.exc.TimeoutError,  # no pooled connection came free in time
-)
+# The exception types a database outage arrives as; `is_unavailable` tells an outage from a lasting fault
+# (a missing table, a read-only file), which is an internal error and not worth a retry.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutError)
+# PostgreSQL's SQLSTATEs for "the server is not there or not taking this now": connection exceptions (class
+# 08), admin or crash shutdown and cannot-connect-now, too many connections, serialization failure,
+# deadlock, lock not available, and a read-only transaction (a standby after a failover).
+_PG_TRANSIENT_CLASSES = ("08",)
+_PG_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03", "25006"})
+_SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database is down, unreachable or busy for now: worth a 503 and a retry."""
+    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated or isinstance(exc, sa.exc.InterfaceError):
+        return True
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith(_PG_TRANSIENT_CLASSES) or sqlstate in _PG_TRANSIENT_STATES
+    if type(orig).__module__.startswith("psycopg"):  # no SQLSTATE: no server answered (refused, reset)
+        return isinstance(exc, sa.exc.OperationalError)
+    return isinstance(exc, sa.exc.OperationalError) and any(m in str(orig) for m in _SQLITE_TRANSIENT)
+
 
 _engines: dict[str, sa.Engine] = {}
 _lock = threading.Lock()
@@ -73,20 +93,27 @@ class OutageBackoff:
     def __init__(self) -> None:
         self.wait_s = 0.5
 
-    async def wait(self, exc: Exception) -> None:
-        log.warning("the database is unavailable (%s); trying again in %.1f s", type(exc).__name__, self.wait_s)
-        await asyncio.sleep(self.wait_s)
-        self.wait_s = min(2 * self.wait_s, 30.0)
+    def next_wait(self, exc: BaseException) -> float:
+        """The wait before the next try (logged as one line, not a traceback)."""
+        wait_s = self.wait_s
+        log.warning("the database is unavailable (%s); trying again in %.1f s", type(exc).__name__, wait_s)
+        self.wait_s = min(2 * wait_s, 30.0)
+        return wait_s
+
+    async def wait(self, exc: BaseException) -> None:
+        await asyncio.sleep(self.next_wait(exc))
 
 
 async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`call(*args, **kwargs)` in a thread, tried again while the database is down or busy: for
-    background work that must not drop what it has to write (job results)."""
+    background work that must not drop what it has to write (job results). Other errors raise."""
     backoff = OutageBackoff()
     while True:
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
         except UNAVAILABLE_ERRORS as exc:
+            if not is_unavailable(exc):
+                raise
             await backoff.wait(exc)
 
 

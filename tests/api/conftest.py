@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from qwen_tts_server.api.app import create_app
 
+from ..relay import Relay, relayed
 from .support import settings_for
 
 
@@ -79,3 +80,11 @@ def make_live_server(tiny_models_dir: Path, tmp_path: Path) -> Iterator[Callable
 def live_server(make_live_server: Callable[..., tuple[str, FastAPI]]) -> tuple[str, FastAPI]:
     """A real uvicorn server on the default test settings: (base_url, app)."""
     return make_live_server()
+
+
+@pytest.fixture
+def postgres_relay(postgres_url: str) -> Iterator[tuple[Relay, str]]:
+    """A relay to the test's PostgreSQL database and the URL through it, to cut the database away from a
+    server. Ask for it before `make_client`: the relay then outlives the server's shutdown."""
+    with relayed(postgres_url) as pair:
+        yield pair

@@ -79,8 +79,22 @@ def test_cancel_stops_open_items_and_keeps_done_ones(database_url):
     assert store.open_states([second.id]) == {second.id: ItemState.CANCELLED}
     assert not store.finish(second.id, file_id="file-2", duration_s=1.0, finish_reason="eos").recorded
     assert store.claim(10, "w1") == [] and store.get(job.id).progress.queued == 0
-    assert store.claim_webhook(job.id) == "http://example.com/hook"
-    assert store.claim_webhook(job.id) is None  # one sender per job
+    assert store.claim_webhook(job.id, "a1b2c3d4") == "http://example.com/hook"
+    assert store.claim_webhook(job.id, "e5f6a7b8") is None  # one sender per job
+    assert store.claim_webhook(job.id, "a1b2c3d4") == "http://example.com/hook"  # its retry (a lost reply)
+
+
+def test_a_finish_tried_again_after_a_lost_reply_is_recorded_once(database_url):
+    store = JobStore(database_url)
+    job = store.create(new_items(1), owner=None, label=None, webhook_url=None)
+    [item] = store.claim(1, "w1")
+    first = store.finish(item.id, file_id="file-1", duration_s=1.0, finish_reason="eos")
+    assert first.recorded and first.job_over
+    again = store.finish(item.id, file_id="file-1", duration_s=1.0, finish_reason="eos")  # the same call again
+    assert again.recorded and again.job_over  # so the caller keeps its file and sends the webhook
+    other = store.finish(item.id, file_id="file-2", duration_s=1.0, finish_reason="eos")  # another run's
+    assert not other.recorded and not other.job_over
+    assert store.items(job.id)[0].file_id == "file-1"
 
 
 def test_owners_and_restart_requeue(database_url):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 import time
 import zipfile
@@ -14,7 +15,6 @@ import soundfile as sf
 from qwen_tts_server.config import Settings
 from qwen_tts_server.jobs.store import ItemState, JobStore, NewItem
 
-from ...relay import relayed
 from ..support import error_of, sine_wav, upload, wait_until_idle, words
 
 HEADERS = {"Authorization": "Bearer key-a"}
@@ -228,23 +228,25 @@ def test_a_job_the_broker_cannot_take_is_a_503_and_leaves_nothing(make_client):
     assert client.get("/api/v1/jobs").json() == []  # no job left behind that nothing would run
 
 
-def test_a_database_outage_mid_job_delays_its_items_and_loses_none(make_client, postgres_url):
-    with relayed(postgres_url) as (relay, through_relay):
-        client = make_client(database_url=through_relay, max_slots=1, job_concurrency=1)
-        items = [{"text": words(20), "custom_id": str(i)} for i in range(2)]
-        options = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 60}
-        job = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
-        direct = JobStore(postgres_url)  # the test's own view, around the relay
-        deadline = time.monotonic() + 60
-        while direct.get(job["id"]).progress.running == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        relay.close()  # the database goes away while an item generates: its file and result cannot be written
-        time.sleep(4.0)
-        relay.open()
-        view = wait_for_end(client, job["id"])
-        assert view["status"] == "completed", view["progress"]
-        assert all(item["status"] == "done" and item["file_id"] for item in view["items"])
+def test_a_database_outage_mid_job_delays_its_items_and_loses_none(postgres_relay, make_client, postgres_url, caplog):
+    relay, through_relay = postgres_relay
+    client = make_client(database_url=through_relay, max_slots=1, job_concurrency=1)
+    items = [{"text": words(20), "custom_id": str(i)} for i in range(2)]
+    options = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 60}
+    job = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
+    direct = JobStore(postgres_url)  # the test's own view, around the relay
+    deadline = time.monotonic() + 60
+    while direct.get(job["id"]).progress.running == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    caplog.set_level(logging.WARNING, logger="qwen_tts_server.storage.database")
+    relay.close()  # the database goes away while an item generates: its file and result cannot be written
+    time.sleep(4.0)
+    relay.open()
+    view = wait_for_end(client, job["id"])
+    assert view["status"] == "completed", view["progress"]
+    assert all(item["status"] == "done" and item["file_id"] for item in view["items"])
+    assert "the database is unavailable" in caplog.text  # the outage met a job item's writes: it waited
 
 
 def test_items_wait_for_room_instead_of_failing_when_the_engine_is_full(make_client):
