@@ -86,7 +86,7 @@ class Overloaded(ServiceError):
 
 
 class QueueUnavailable(ServiceError):
-    """The job queue's broker cannot be reached: nothing was queued; try again after `retry_after_s`."""
+    """The job queue's broker cannot be reached: the job was not accepted; try again after `retry_after_s`."""
 
     status_code = 503
     error_type = "queue_unavailable"

@@ -115,7 +115,7 @@ class CeleryBackend:
         except OperationalError as exc:
             log.warning("the job queue's broker is unreachable: %s", exc)
             raise QueueUnavailable(
-                "the job queue is unreachable (its broker is down); nothing was queued: retry"
+                "the job queue is unreachable (its broker is down); the job was not accepted: retry"
             ) from exc
 
     async def cancelled(self, job_id: str) -> None:
