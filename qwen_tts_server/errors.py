@@ -100,6 +100,9 @@ class StorageUnavailable(ServiceError):
     error_type = "storage_unavailable"
     retry_after_s = 5
 
+    def __init__(self, message: str = "the server's database is unreachable or busy; retry") -> None:
+        super().__init__(message)
+
 
 class DeadlineExceeded(ServiceError):
     """The request's own `timeout_s` passed; its work was cancelled."""

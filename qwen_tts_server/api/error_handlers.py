@@ -46,7 +46,7 @@ def install_error_handlers(app: FastAPI) -> None:
         cause = getattr(exc, "orig", None) or exc
         first_line = (str(cause).splitlines() or [""])[0]
         log.warning("the metadata database failed: %s: %s", type(cause).__name__, first_line)
-        return await service_error(request, StorageUnavailable("the server's database is unreachable or busy; retry"))
+        return await service_error(request, StorageUnavailable())
 
     for error in UNAVAILABLE_ERRORS:
         app.add_exception_handler(error, database_error)

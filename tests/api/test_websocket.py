@@ -129,6 +129,19 @@ def test_bad_messages_give_an_error_then_a_policy_close(live_server, messages, p
     assert wait_until_idle(app) == {}
 
 
+def test_a_database_outage_closes_with_1013_try_again_later(postgres_relay, make_live_server):
+    relay, through_relay = postgres_relay
+    base, app = make_live_server(database_url=through_relay)
+    relay.close()  # the session's lookup of a stored voice meets the outage
+    try:
+        texts, _, code = session(base, [{**CONFIG, "voice": "my-narrator"}])
+    finally:
+        relay.open()
+    error = check_error(texts, code, 1013)
+    assert error["code"] == "storage_unavailable", error
+    assert wait_until_idle(app) == {}
+
+
 def test_oversized_message_closes_with_1009(make_live_server):
     base, app = make_live_server(ws_max_message_bytes=1024)
     texts, _, code = session(base, [CONFIG, {"type": "input.text", "text": "x" * 2000}])

@@ -36,7 +36,8 @@ from pydantic import ValidationError
 
 from ...engine.engine import check_items
 from ...engine.types import FinishReason, SynthesisItem
-from ...errors import InvalidRequest, ServiceError, Unauthorized
+from ...errors import InvalidRequest, ServiceError, StorageUnavailable, Unauthorized
+from ...storage.database import is_unavailable
 from ...text.checks import checked_text
 from ...text.segment import SentenceBuffer
 from ..auth import is_valid, owner_of, presented_key
@@ -48,7 +49,7 @@ from .serving import PARAMS, input_tokens, resolve_mode, speech_item, stored_voi
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR = 1008, 1009, 1011
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_ERROR, CLOSE_TRY_AGAIN = 1008, 1009, 1011, 1013
 PENDING_TEXT = "..."  # stands for the session's text while the voice is checked; segments replace it
 
 
@@ -96,8 +97,11 @@ class SpeechSession:
         except SessionEnded:
             pass
         except ServiceError as exc:
-            await self._error(exc, CLOSE_TOO_BIG if exc.status_code == 413 else CLOSE_POLICY)
+            await self._error(exc, _close_code(exc))
         except Exception as exc:  # never leave a socket hanging on a bug
+            if is_unavailable(exc):  # the database is away: say so, and to come back
+                await self._error(StorageUnavailable(), CLOSE_TRY_AGAIN)
+                return
             log.exception("speech WebSocket session failed")
             await self._error(exc, CLOSE_ERROR)
         finally:
@@ -260,6 +264,16 @@ class SpeechSession:
         with contextlib.suppress(Exception):
             await self.ws.send_json({"type": "error", **body})
             await self.ws.close(code=code)
+
+
+def _close_code(exc: ServiceError) -> int:
+    """The close code of an error the client can act on: too big, try again later (the server is busy or a
+    part of it is away: 429, 503), or a request to fix."""
+    if exc.status_code == 413:
+        return CLOSE_TOO_BIG
+    if exc.status_code in (429, 503):
+        return CLOSE_TRY_AGAIN
+    return CLOSE_POLICY
 
 
 class _TooBig(ServiceError):
