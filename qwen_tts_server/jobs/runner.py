@@ -101,7 +101,10 @@ class JobRunner:
                 last_beat = time.monotonic()
                 taken = 0 if held_up else await asyncio.to_thread(self.store.requeue_dead, IN_PROCESS, lease_s)
             except Exception as exc:
-                log.warning("job runner heartbeat failed: %s", exc)
+                if is_unavailable(exc):  # as in the claim loop: one line for an outage, a traceback for a bug
+                    log.warning("job runner heartbeat failed: %s", type(exc).__name__)
+                else:
+                    log.exception("job runner heartbeat failed")
                 continue
             if taken:
                 log.warning("job items of a runner that died taken up", extra={"count": taken})

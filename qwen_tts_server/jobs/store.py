@@ -45,6 +45,7 @@ class JobState(str, Enum):
 
 
 OPEN_ITEM_STATES = (ItemState.QUEUED.value, ItemState.RUNNING.value)
+BACK_TO_QUEUE = {"state": ItemState.QUEUED.value, "worker": None, "started_at": None}  # a run given up
 
 metadata = sa.MetaData()
 
@@ -302,13 +303,7 @@ class JobStore:
         if limit <= 0:
             return []
         now = self._clock()
-        query = (
-            sa.select(items_table, jobs_table.c.owner)
-            .join(jobs_table, jobs_table.c.id == items_table.c.job_id)
-            .where(items_table.c.state == ItemState.QUEUED.value)
-            .order_by(jobs_table.c.created_at, items_table.c.idx)
-            .limit(limit)
-        )
+        query = _oldest_queued(limit, items_table, jobs_table.c.owner)
         if self._postgres:
             query = query.with_for_update(of=items_table, skip_locked=True)
         with self._db.begin() as conn:
@@ -371,7 +366,7 @@ class JobStore:
                     items_table.c.state == ItemState.RUNNING.value,
                     items_table.c.worker == worker,
                 )
-                .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
+                .values(**BACK_TO_QUEUE)
             )
 
     def requeue_worker(self, worker: str) -> int:
@@ -380,7 +375,7 @@ class JobStore:
             return conn.execute(
                 items_table.update()
                 .where(items_table.c.state == ItemState.RUNNING.value, items_table.c.worker == worker)
-                .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
+                .values(**BACK_TO_QUEUE)
             ).rowcount
 
     def beat(self, runner: str) -> None:
@@ -406,7 +401,7 @@ class JobStore:
                     items_table.c.worker.not_in(alive),
                     items_table.c.started_at < dead_before,
                 )
-                .values(state=ItemState.QUEUED.value, worker=None, started_at=None)
+                .values(**BACK_TO_QUEUE)
             ).rowcount
             conn.execute(runners_table.delete().where(runners_table.c.seen_at < dead_before))
         return taken
@@ -473,15 +468,8 @@ class JobStore:
 
     def queued_ids(self, limit: int) -> list[str]:
         """Up to `limit` items no runner has started, oldest job first (what a broker may have lost)."""
-        query = (
-            sa.select(items_table.c.id)
-            .join(jobs_table, jobs_table.c.id == items_table.c.job_id)
-            .where(items_table.c.state == ItemState.QUEUED.value)
-            .order_by(jobs_table.c.created_at, items_table.c.idx)
-            .limit(limit)
-        )
         with self._reads.connect() as conn:
-            return list(conn.execute(query).scalars())
+            return list(conn.execute(_oldest_queued(limit, items_table.c.id)).scalars())
 
     def open_states(self, item_ids: Sequence[str]) -> dict[str, ItemState]:
         """The current state of each of these items (runners poll it to stop cancelled work)."""
@@ -603,6 +591,18 @@ def _with_owner() -> sa.Select:
 
 def _owner_is(owner: str | None) -> sa.ColumnElement[bool]:
     return jobs_table.c.owner.is_(None) if owner is None else jobs_table.c.owner == owner
+
+
+def _oldest_queued(limit: int, *columns: Any) -> sa.Select:
+    """Up to `limit` queued items' `columns`, oldest job first and in item order: the order runners take
+    them in (claim) and the sweeper looks at them (queued_ids)."""
+    return (
+        sa.select(*columns)
+        .join(jobs_table, jobs_table.c.id == items_table.c.job_id)
+        .where(items_table.c.state == ItemState.QUEUED.value)
+        .order_by(jobs_table.c.created_at, items_table.c.idx)
+        .limit(limit)
+    )
 
 
 def _item(row: Any) -> Item:
