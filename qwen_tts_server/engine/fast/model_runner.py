@@ -239,11 +239,41 @@ def decode_layer(
     return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
 
 
-def cp_decode_layer(*args: Any) -> Tensor:
-    """`decode_layer` for the code predictor. A function of its own because torch.compile keeps which
-    dimensions are dynamic per code object: compiled through one function, the talker's and the code
+def cp_decode_step(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    position: Tensor,
+    k_caches: Sequence[Tensor],
+    v_caches: Sequence[Tensor],
+    scale: float,
+    layers: Sequence[tuple[tuple[Any, ...], tuple[Any, ...]]],
+    norm: Tensor,
+    eps: float,
+    head: Tensor,
+) -> Tensor:
+    """One codebook of the code predictor for B rows at one position `x` [B, 1, h]: every layer (`layers` holds
+    each one's `attn_args`, `out_args`), the final norm and that codebook's `head`. Returns fp32 logits [B, V],
+    a new contiguous tensor (what the compiled sampler was compiled for).
+
+    One function, not one call per layer: compiled, each layer's residual add fuses into the next layer's
+    norm and the last one into the final norm, and the fp32 cast into the head's output, ~7 kernels fewer per
+    codebook, ~100 a frame. A function of its own, apart from `decode_layer`, because torch.compile keeps
+    which dimensions are dynamic per code object: through one function, the talker's and the code
     predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
-    return decode_layer(*args)
+    for (attn_args, out_args), k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
+        x = decode_layer(x, cos, sin, mask, position, k_cache, v_cache, scale, attn_args, out_args)
+    hidden = F.rms_norm(x[:, 0], (x.shape[-1],), norm, eps)
+    return F.linear(hidden, head).float()
+
+
+def frame_embedding(embed0: Tensor, codes: Tensor, tables: Sequence[Tensor]) -> Tensor:
+    """The sum of a frame's 16 code embeddings [B, h] (the talker's next input, before its text part):
+    `embed0` (codebook 0's, from the talker's table) and codebooks 1..15 `codes` [B, 15] looked up in
+    `tables` (the code predictor's). Stacked and summed as upstream does; compiled, one kernel, not 17."""
+    parts = [embed0] + [F.embedding(codes[:, j], table) for j, table in enumerate(tables)]
+    return torch.stack(parts, dim=1).sum(1)
 
 
 class ModelRunner:
@@ -280,6 +310,8 @@ class ModelRunner:
 
         cp = self.code_predictor
         self.cp_layers = [LayerWeights(layer) for layer in cp.model.layers]
+        self.cp_step_layers = [(w.attn_args, w.out_args) for w in self.cp_layers]  # as cp_decode_step takes them
+        self.cp_tables = [table.weight for table in cp.model.codec_embedding]  # codebooks 1..15's embeddings
         self.cp_head_dim = self.cp_layers[0].head_dim
         self.cp_scaling = cp.model.layers[0].self_attn.scaling
         cp_shape = (max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
@@ -297,7 +329,8 @@ class ModelRunner:
         self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
         self.layer_out: Callable[..., Tensor] = layer_out
         self.decode_layer: Callable[..., Tensor] = decode_layer
-        self.cp_decode_layer: Callable[..., Tensor] = cp_decode_layer
+        self.cp_decode_step: Callable[..., Tensor] = cp_decode_step
+        self.frame_embedding: Callable[..., Tensor] = frame_embedding
         if compile:
             self.enable_compile()
 
@@ -310,18 +343,20 @@ class ModelRunner:
         specialises sizes 1). The talker's KV length is marked dynamic before the first compile (`decode`),
         but reading the whole cache (`kv_len == max_len`) is a contiguous slice, which compiles apart: the
         warm-up runs the first and the last KV bucket (`FastEngine._compile_warm_up`). The talker's and
-        the code predictor's decode layers are compiled apart (`cp_decode_layer`): their weights differ in
+        the code predictor's decode steps are compiled apart (`cp_decode_step`): their weights differ in
         shape. (Prefill's `attn_in` / `layer_out` are still shared by both models.)
         """
         allow_recompiles()
         self.attn_in = torch.compile(attn_in)
         self.layer_out = torch.compile(layer_out)
         self.decode_layer = torch.compile(decode_layer)
-        self.cp_decode_layer = torch.compile(cp_decode_layer)
+        self.cp_decode_step = torch.compile(cp_decode_step)
+        self.frame_embedding = torch.compile(frame_embedding)
 
     def disable_compile(self) -> None:
         self.attn_in, self.layer_out = attn_in, layer_out
-        self.decode_layer, self.cp_decode_layer = decode_layer, cp_decode_layer
+        self.decode_layer, self.cp_decode_step = decode_layer, cp_decode_step
+        self.frame_embedding = frame_embedding
 
     @property
     def compiled(self) -> bool:
@@ -469,7 +504,7 @@ class ModelRunner:
         As upstream: prefill [past_hidden, talker embedding of code0] (through
         small_to_mtp_projection) at positions 0-1; codebook j (1..15) comes from lm_head[j-1], and
         for j >= 2 the step's input is codec_embedding[j-2] of codebook j-1 (at position j).
-        `sample(j, logits)` picks codebook j.
+        `sample(j, logits)` picks codebook j from fp32 logits [B, V], each a new contiguous tensor.
         Returns codes [B, 15] and the next talker input [B, H]: the sum of the frame's 16 code
         embeddings (the caller adds the trailing text hidden or tts_pad).
         """
@@ -477,38 +512,35 @@ class ModelRunner:
             raise ValueError(f"{past_hidden.shape[0]} rows exceed the code predictor cache ({self.max_slots})")
         cp = self.code_predictor
         embed0 = self.talker.get_input_embeddings()(code0)
-        x = cp.small_to_mtp_projection(torch.stack((past_hidden, embed0), dim=1))
-        codes = []
-        for j in range(NUM_CODE_GROUPS - 1):
-            if j > 0:
-                x = cp.small_to_mtp_projection(cp.model.codec_embedding[j - 1](codes[-1])[:, None])
-            hidden = self._cp_forward(x, start=0 if j == 0 else j + 1)
-            codes.append(sample(j + 1, F.linear(hidden, cp.lm_head[j].weight)[:, -1]))
-        frame = [embed0] + [cp.model.codec_embedding[j](codes[j]) for j in range(NUM_CODE_GROUPS - 1)]
-        return torch.stack(codes, dim=1), torch.stack(frame, dim=1).sum(1)
+        codes = [sample(1, self._cp_prefill(cp.small_to_mtp_projection(torch.stack((past_hidden, embed0), dim=1))))]
+        for j in range(1, NUM_CODE_GROUPS - 1):
+            x = cp.small_to_mtp_projection(cp.model.codec_embedding[j - 1](codes[-1])[:, None])
+            codes.append(sample(j + 1, self._cp_step(x, position=j + 1, head=cp.lm_head[j].weight)))
+        stacked = torch.stack(codes, dim=1)
+        return stacked, self.frame_embedding(embed0, stacked, self.cp_tables)
 
-    def _cp_forward(self, x: Tensor, start: int) -> Tensor:
-        """Code predictor layers over `x` [B, S, h] at positions start..start+S-1 (static ints).
-
-        Rows are batch rows, not slots: the cache holds one frame and every frame overwrites it.
-        Returns the final-normed hidden states [B, S, h] (the head runs over all of them, as
-        upstream's does, so prefill logits round exactly like upstream's). One position (every
-        codebook after the first) goes through `decode_layer`; a later position's stale keys from
-        the previous frame are masked out.
-        """
+    def _cp_prefill(self, x: Tensor) -> Tensor:
+        """The code predictor over its first two positions `x` [B, 2, h] (written to its cache rows 0..B-1):
+        codebook 1's fp32 logits [B, V] from the last position. The head runs over both positions, as
+        upstream's does, so the logits round exactly like upstream's (a one-row matmul may not)."""
         B, S, _ = x.shape
-        end = start + S
-        cos, sin = self.cp_cos[start:end], self.cp_sin[start:end]
-        for i, w in enumerate(self.cp_layers):
-            k_cache, v_cache = self.cp_k_cache[i], self.cp_v_cache[i]
-            if S == 1:
-                args = (self.cp_positions[start], k_cache, v_cache, self.cp_scaling)
-                x = self.cp_decode_layer(x, cos, sin, self.cp_masks[start], *args, w.attn_args, w.out_args)
-                continue
+        cos, sin = self.cp_cos[:S], self.cp_sin[:S]
+        for w, k_cache, v_cache in zip(self.cp_layers, self.cp_k_cache, self.cp_v_cache, strict=True):
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            k_cache[:B, :, start:end] = k
-            v_cache[:B, :, start:end] = v
-            keys, values = k_cache[:B, :, :end], v_cache[:B, :, :end]
+            k_cache[:B, :, :S] = k
+            v_cache[:B, :, :S] = v
+            keys, values = k_cache[:B, :, :S], v_cache[:B, :, :S]
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True)
             x = self.layer_out(x, o, *w.out_args)
-        return F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)
+        hidden = F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)
+        logits = F.linear(hidden, self.code_predictor.lm_head[0].weight)[:, -1]
+        return logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    def _cp_step(self, x: Tensor, position: int, head: Tensor) -> Tensor:
+        """One later codebook: `x` [B, 1, h] at `position` (2..15) over the cache positions before it (a later
+        position's stale keys from the previous frame are masked out); fp32 logits [B, V] of `head`.
+        Rows are batch rows, not slots: the cache holds one frame and every frame overwrites it."""
+        cos, sin = self.cp_cos[position : position + 1], self.cp_sin[position : position + 1]
+        caches = (self.cp_k_cache, self.cp_v_cache)
+        args = (self.cp_masks[position], self.cp_positions[position], *caches, self.cp_scaling, self.cp_step_layers)
+        return self.cp_decode_step(x, cos, sin, *args, self.cp_norm.weight, self.cp_norm.variance_epsilon, head)

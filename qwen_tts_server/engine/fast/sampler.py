@@ -317,14 +317,12 @@ class Sampler:
     def code_predictor(
         self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
     ) -> Tensor:
-        """Codebook `codebook` (1..15) for B rows with the subtalker options."""
-        if self.compiled:
-            # Always a new contiguous tensor: `logits` is a [:, -1] slice (of two positions after the code
-            # predictor's prefill, of one after its decode steps), which `.float()` keeps as a view in fp32,
-            # and whose strides it keeps at one row in any dtype. torch.compile compiles each layout apart.
-            scores = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        else:
-            scores = logits.float()
+        """Codebook `codebook` (1..15) for B rows with the subtalker options, from logits [B, V]."""
+        scores = logits.float()
+        if self.compiled and scores.stride() != (scores.shape[1], 1):
+            # torch.compile compiles each layout apart. The runner hands over new fp32 [B, V] tensors; a
+            # [:, -1] slice of [B, S, V] logits keeps its strides through `.float()`, even at one row.
+            scores = scores.to(memory_format=torch.contiguous_format, copy=True)
         return self._choose(scores, *_columns(params), step, self.codebooks[codebook], plan.candidates)
 
 

@@ -84,3 +84,5 @@ def test_compiled_sampler_serves_prefill_and_frame_inputs_with_one_compile() -> 
             before = frames()
             sampler.code_predictor(cp_step[:, -1], table.span(head), step, 2, plan)
             assert frames() == before, f"{size} rows: a decode step's logits recompiled the prefill's"
+            sampler.code_predictor(torch.randn(size, vocab), table.span(head), step, 3, plan)  # as the runner's
+            assert frames() == before, f"{size} rows: fp32 [B, V] logits recompiled the sliced ones'"
