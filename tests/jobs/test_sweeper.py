@@ -8,8 +8,10 @@ import pytest
 from qwen_tts_server.config import Settings
 from qwen_tts_server.jobs.backends import CeleryBackend
 from qwen_tts_server.jobs.celery_app import QUEUE
-from qwen_tts_server.jobs.store import JobStore, NewItem
+from qwen_tts_server.jobs.store import JobStore
 from qwen_tts_server.jobs.sweeper import LostTaskSweeper
+
+from .test_store import new_items
 
 GRACE_S = 30.0
 
@@ -20,10 +22,6 @@ def backend(postgres_url, redis_url, tmp_path):
     backend = CeleryBackend(JobStore(postgres_url), settings)
     yield backend
     backend.app.close()
-
-
-def new_items(n: int) -> list[NewItem]:
-    return [NewItem(mode="custom_voice", spec={"text": f"t{i}", "speaker": "vivian"}) for i in range(n)]
 
 
 def published(backend: CeleryBackend) -> list[list]:
