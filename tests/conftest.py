@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spin-waiting
 # against another busy process made a decode step 100x slower (2.6 s instead of 26 ms a frame).
 # The environment variable also reaches server subprocesses started by tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -56,3 +57,25 @@ def redis_url() -> Iterator[str]:
     """An empty Redis database number for this test (tests/services.py), flushed after; skips without Redis."""
     with services.redis_url() as url:
         yield url
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Callable[[Path, int], Path]]:
+    """`small_disk(folder, kib)` mounts a tmpfs of that size at `folder`: a real filesystem that fills up, so
+    writes fail with ENOSPC as on a full disk. Needs root (the README's test command runs as root); a test
+    that cannot mount one fails, it does not skip. Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, kib: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.fail(f"could not mount a {kib} KiB tmpfs at {folder} (run the tests as root): {done.stderr}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -9,7 +9,6 @@ whose blob is missing.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -26,11 +25,11 @@ import sqlalchemy as sa
 from qwen_tts_server.errors import NotFound
 
 from .database import autocommit, open_database
+from .disk import TMP_PREFIX, write_atomically
 
 FileKind = Literal["upload", "output"]
 _KINDS = frozenset(get_args(FileKind))
 _ID_RE = re.compile(r"file-[0-9a-f]{32}")
-_TMP_PREFIX = ".tmp-"
 # Temp files and row-less blobs younger than this may belong to a put() in flight (possibly in
 # another worker process sharing the directory), so cleanup leaves them alone.
 ORPHAN_GRACE_S = 15 * 60.0
@@ -159,7 +158,7 @@ class FileRegistry:
         if ttl <= 0:
             raise ValueError("ttl_s must be > 0")
         file_id = f"file-{uuid.uuid4().hex}"
-        self._write_blob(file_id, data)
+        write_atomically(self._blob_path(file_id), data)
         now = self._clock()
         record = FileRecord(
             id=file_id,
@@ -254,34 +253,12 @@ class FileRegistry:
     def _blob_path(self, file_id: str) -> Path:
         return self.root / file_id
 
-    def _write_blob(self, file_id: str, data: bytes) -> None:
-        tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._blob_path(file_id))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._fsync_dir()
-
-    def _fsync_dir(self) -> None:
-        """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-        with contextlib.suppress(OSError):
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
     def _sweep_orphans(self) -> None:
         cutoff = time.time() - ORPHAN_GRACE_S  # file mtimes are wall-clock, whatever self._clock is
         stale: list[str] = []
         for entry in os.scandir(self.root):
             name = entry.name
-            is_tmp = name.startswith(_TMP_PREFIX)
+            is_tmp = name.startswith(TMP_PREFIX)
             if not (is_tmp or is_file_id(name)) or not entry.is_file(follow_symlinks=False):
                 continue
             try:

@@ -16,9 +16,7 @@ are matched.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import os
 import re
 import time
 import uuid
@@ -35,6 +33,7 @@ from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
 
 from .database import autocommit, open_database
+from .disk import write_atomically
 
 VoiceMode = Literal["icl", "x_vector"]
 VoiceSource = Literal["upload", "file", "url", "path", "design"]
@@ -44,7 +43,6 @@ MAX_NAME_CHARS = 64
 # Letters and digits (any script), then also spaces, '-', '_' and '.'; no space at either end.
 _NAME_RE = re.compile(r"[^\W_](?:[\w .\-]*[\w.\-])?")
 _ID_RE = re.compile(r"voice-[0-9a-f]{32}")
-_TMP_PREFIX = ".tmp-"
 _SUFFIX = ".safetensors"
 FORMAT = "qwen-tts-server.voice/1"
 
@@ -223,7 +221,7 @@ class VoiceStore:
             duration_s=None if duration_s is None else round(float(duration_s), 6),
             created_at=self._clock(),
         )
-        self._write_blob(record.id, _serialize(record, prompt))
+        write_atomically(self._blob_path(record.id), _serialize(record, prompt))
         try:
             with self._engine.begin() as conn:
                 conn.execute(voices_table.insert().values(**(asdict(record) | {"owner": owner or _NO_OWNER})))
@@ -305,24 +303,6 @@ class VoiceStore:
         if not is_voice_id(voice_id):
             raise ValueError(f"not a voice id: {voice_id!r}")
         return self.root / f"{voice_id}{_SUFFIX}"
-
-    def _write_blob(self, voice_id: str, data: bytes) -> None:
-        tmp = self.root / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._blob_path(voice_id))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        with contextlib.suppress(OSError):  # make the rename durable (POSIX)
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def _serialize(record: VoiceRecord, prompt: VoicePrompt) -> bytes:

@@ -74,3 +74,19 @@ def test_files_survive_a_restart(make_client, tmp_path):
     meta = second.get(f"/api/v1/files/{output['file_id']}", headers={"accept": "application/json"}).json()
     assert meta["kind"] == "output"
     assert second.get(f"/api/v1/files/{output['file_id']}/content").status_code == 200
+
+
+def test_a_full_disk_is_a_507_that_says_so_and_leaves_nothing_behind(make_client, small_disk):
+    """The files folder on a real 128 KiB filesystem: an upload that does not fit fails with 507
+    `storage_full` and Retry-After (the server's problem, not a 500 or the client's), and its partial file
+    is gone: the next upload that fits is stored."""
+    data_dir = make_client.tmp / "data"
+    files = small_disk(data_dir / "files", 128)
+    client = make_client(data_dir=data_dir)
+    too_big = client.post("/api/v1/files/upload", files={"file": ("long.wav", sine_wav(4.0), "audio/wav")})
+    assert too_big.status_code == 507 and too_big.headers["retry-after"] == "60"
+    error = error_of(too_big)
+    assert error["type"] == "storage_full" and "disk is full" in error["message"]
+    assert list(files.iterdir()) == []
+    file_id = upload(client, sine_wav(1.5))
+    assert client.get(f"/api/v1/files/{file_id}/content").content == sine_wav(1.5)

@@ -19,6 +19,7 @@ from ...errors import InvalidRequest, NotFound, Overloaded, QueueUnavailable
 from ...jobs.items import check_items
 from ...jobs.store import Item, Job
 from ...jobs.webhook import check_webhook_url, send_webhook
+from ...storage.disk import disk_full_as_storage_full
 from ..deps import file_url, owner, services
 from ..json_body import OffLoopJSONRoute
 from .protocol import JobCreate, JobView, item_view, job_view
@@ -186,7 +187,19 @@ async def job_archive(job_id: str, request: Request, svc=Depends(services)) -> F
 
 
 def _zip(svc, job: Job, items: list[Item]) -> str:
-    fd, path = tempfile.mkstemp(prefix="qtts-job-", suffix=".zip")
+    """The job's outputs and a manifest as a zip in a temporary file (the response deletes it once sent; a
+    failure here, a full disk included, leaves nothing behind)."""
+    with disk_full_as_storage_full():
+        fd, path = tempfile.mkstemp(prefix="qtts-job-", suffix=".zip")
+        try:
+            _write_zip(fd, svc, job, items)
+        except BaseException:
+            os.unlink(path)
+            raise
+    return path
+
+
+def _write_zip(fd: int, svc, job: Job, items: list[Item]) -> None:
     manifest: list[dict] = []
     with os.fdopen(fd, "wb") as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         for item in items:
@@ -203,4 +216,3 @@ def _zip(svc, job: Job, items: list[Item]) -> str:
                     entry["archive_error"] = exc.message
             manifest.append(entry)
         archive.writestr("manifest.json", json.dumps({"job_id": job.id, "items": manifest}, indent=1))
-    return path
