@@ -209,7 +209,8 @@ def decode_layer(
     sin: Tensor,
     mask: Tensor,
     positions: Tensor,
-    kv: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
     scale: float,
     attn_args: tuple[Any, ...],
     out_args: tuple[Any, ...],
@@ -218,10 +219,9 @@ def decode_layer(
     """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write at
     `positions` ([B], or [1] for all rows), attention over the cache positions `mask` covers, MLP.
 
-    `kv` is the layer's cache, keys and values in one tensor [2, rows, kv_heads, L, hd]. Row b lives in
-    cache row b (keys read in place), or in `slots[b]` when given (gathered). One function, so that
-    compiled the cache write (keys and values in one scatter) fuses into the RoPE kernel and the mask
-    into the softmax: a layer is a dozen kernels, not the ~16 of separate calls.
+    Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
+    function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
+    softmax: a layer is a dozen kernels, not the ~16 of separate calls.
 
     How many cache positions it reads is the mask's last dimension, not an int argument: compiled, a
     tensor dimension can be marked dynamic before the first call (`ModelRunner.decode`), an int cannot.
@@ -230,11 +230,12 @@ def decode_layer(
     B = x.shape[0]
     q, k, v = attn_in(x, cos, sin, *attn_args)
     rows = torch.arange(B, device=x.device) if slots is None else slots
-    kv[:, rows, :, positions] = torch.stack((k[:, :, 0], v[:, :, 0]), dim=1)  # indexed: [B, 2, kv_heads, hd]
+    k_cache[rows, :, positions] = k[:, :, 0]
+    v_cache[rows, :, positions] = v[:, :, 0]
     if slots is None:
-        keys, values = kv[0, :B, :, :kv_len], kv[1, :B, :, :kv_len]
+        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
     else:
-        keys, values = kv[0, slots, :, :kv_len], kv[1, slots, :, :kv_len]
+        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
     return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
 
 
@@ -244,7 +245,8 @@ def cp_decode_step(
     sin: Tensor,
     mask: Tensor,
     position: Tensor,
-    kv: Tensor,
+    k_caches: Sequence[Tensor],
+    v_caches: Sequence[Tensor],
     scale: float,
     layers: Sequence[tuple[tuple[Any, ...], tuple[Any, ...]]],
     norm: Tensor,
@@ -252,18 +254,16 @@ def cp_decode_step(
     head: Tensor,
 ) -> Tensor:
     """One codebook of the code predictor for B rows at one position `x` [B, 1, h]: every layer (`layers` holds
-    each one's `attn_args`, `out_args`; `kv` is the whole cache [K/V, layer, row, head, position, dim], one
-    input, not a view per layer: views of one tensor as several inputs would alias), the final norm and that
-    codebook's `head`. Returns fp32 logits [B, V], a new contiguous tensor (what the compiled sampler was
-    compiled for).
+    each one's `attn_args`, `out_args`), the final norm and that codebook's `head`. Returns fp32 logits [B, V],
+    a new contiguous tensor (what the compiled sampler was compiled for).
 
     One function, not one call per layer: compiled, each layer's residual add fuses into the next layer's
     norm and the last one into the final norm, and the fp32 cast into the head's output, ~7 kernels fewer per
     codebook, ~100 a frame. A function of its own, apart from `decode_layer`, because torch.compile keeps
     which dimensions are dynamic per code object: through one function, the talker's and the code
     predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
-    for i, (attn_args, out_args) in enumerate(layers):
-        x = decode_layer(x, cos, sin, mask, position, kv[:, i], scale, attn_args, out_args)
+    for (attn_args, out_args), k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
+        x = decode_layer(x, cos, sin, mask, position, k_cache, v_cache, scale, attn_args, out_args)
     hidden = F.rms_norm(x[:, 0], (x.shape[-1],), norm, eps)
     return F.linear(hidden, head).float()
 
@@ -302,7 +302,6 @@ class ModelRunner:
         # (compaction) is one copy, not one per layer and K/V (56 for 1.7B, on the step thread).
         shape = (2, len(self.layers), max_slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.kv_layers = list(self.kv.unbind(1))  # each layer's [K/V, row, head, position, dim] (decode_layer)
         self.k_cache, self.v_cache = list(self.kv[0]), list(self.kv[1])
         self.cos, self.sin = rope_tables(talker.model.rotary_emb, max_len, self.dtype)
         self.key_positions = torch.arange(max_len, device=self.device)
@@ -315,9 +314,9 @@ class ModelRunner:
         self.cp_tables = [table.weight for table in cp.model.codec_embedding]  # codebooks 1..15's embeddings
         self.cp_head_dim = self.cp_layers[0].head_dim
         self.cp_scaling = cp.model.layers[0].self_attn.scaling
-        cp_shape = (2, len(self.cp_layers), max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
-        self.cp_kv = torch.zeros(cp_shape, device=self.device, dtype=self.dtype)  # laid out as the talker's
-        self.cp_k_cache, self.cp_v_cache = list(self.cp_kv[0]), list(self.cp_kv[1])
+        cp_shape = (max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
+        self.cp_k_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
+        self.cp_v_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
         self.cp_cos, self.cp_sin = rope_tables(cp.model.rotary_emb, CP_CACHE_LEN, self.dtype)
         self.cp_norm = cp.model.norm
 
@@ -455,8 +454,8 @@ class ModelRunner:
         mask = (self.key_positions[None, :kv_len] <= positions[:, None])[:, None, None, :]
         if self.compiled:
             mark_dynamic(mask, 3)  # one compile for every KV bucket but `max_len` (see enable_compile)
-        for w, kv in zip(self.layers, self.kv_layers, strict=True):
-            args = (positions, kv, self.scaling, w.attn_args, w.out_args, slots)
+        for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
+            args = (positions, k_cache, v_cache, self.scaling, w.attn_args, w.out_args, slots)
             x = self.decode_layer(x, cos, sin, mask, *args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
@@ -475,13 +474,13 @@ class ModelRunner:
     @property
     def cache_bytes(self) -> int:
         """Memory of the talker's KV cache and the code predictor's."""
-        return sum(t.numel() * t.element_size() for t in (self.kv, self.cp_kv))
+        tensors = [self.kv, *self.cp_k_cache, *self.cp_v_cache]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Let go of the caches (the engine stopped): their memory is free once no graph holds it."""
-        self.kv, self.cp_kv = self.kv.new_empty(0), self.cp_kv.new_empty(0)
-        self.kv_layers, self.k_cache, self.v_cache = [], [], []
-        self.cp_k_cache, self.cp_v_cache = [], []
+        self.kv = self.kv.new_empty(0)
+        self.k_cache, self.v_cache, self.cp_k_cache, self.cp_v_cache = [], [], [], []
 
     def read_positions(self, positions: Tensor) -> list[Tensor]:
         """Rows 0..B-1's K/V at `positions` [B] (what one decode step would overwrite)."""
@@ -542,5 +541,6 @@ class ModelRunner:
         position's stale keys from the previous frame are masked out); fp32 logits [B, V] of `head`.
         Rows are batch rows, not slots: the cache holds one frame and every frame overwrites it."""
         cos, sin = self.cp_cos[position : position + 1], self.cp_sin[position : position + 1]
-        args = (self.cp_masks[position], self.cp_positions[position], self.cp_kv, self.cp_scaling, self.cp_step_layers)
+        caches = (self.cp_k_cache, self.cp_v_cache)
+        args = (self.cp_masks[position], self.cp_positions[position], *caches, self.cp_scaling, self.cp_step_layers)
         return self.cp_decode_step(x, cos, sin, *args, self.cp_norm.weight, self.cp_norm.variance_epsilon, head)
