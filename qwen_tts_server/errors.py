@@ -105,17 +105,14 @@ class StorageUnavailable(ServiceError):
 
 
 class StorageFull(ServiceError):
-    """The server's disk (or its quota) is full: nothing was stored. Not the client's fault; an operator
-    frees space, or expiring files make room."""
+    """The server's disk (or its quota) is full, so what the request had to write was not written. Not the
+    client's fault; an operator frees space, or expiring files make room."""
 
     status_code = 507
     error_type = "storage_full"
     retry_after_s = 60
 
-    def __init__(
-        self,
-        message: str = "the server's disk is full, so nothing was stored; retry later (an operator must free space)",
-    ) -> None:
+    def __init__(self, message: str = "the server's disk is full; retry later (an operator must free space)") -> None:
         super().__init__(message)
 
 

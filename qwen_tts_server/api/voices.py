@@ -268,13 +268,17 @@ async def create_designed(
         sample_text=text,
         language=lang,
     )
-    sample = await asyncio.to_thread(
-        svc.files.put,
-        wav,
-        kind="output",
-        filename=f"voice-sample-{record.id}.wav",
-        media_type=MEDIA_TYPES["wav"],
-        duration_s=result.duration_s,
-        sample_rate=result.sample_rate,
-    )
+    try:
+        sample = await asyncio.to_thread(
+            svc.files.put,
+            wav,
+            kind="output",
+            filename=f"voice-sample-{record.id}.wav",
+            media_type=MEDIA_TYPES["wav"],
+            duration_s=result.duration_s,
+            sample_rate=result.sample_rate,
+        )
+    except BaseException:  # e.g. a full disk: no voice without its sample, and the client's retry finds the name free
+        await asyncio.to_thread(svc.voices.delete, record.id, owner)
+        raise
     return record, {"sample_file_id": sample.id, "sample_url": file_url(request, sample.id)}

@@ -2,21 +2,24 @@
 
 A blob goes to a temporary name in its folder, is flushed to the disk, then renamed over its final name: a
 crash leaves either the old state or the new one, never half a file (the temporary files a crash leaves
-start with `TMP_PREFIX`; the stores sweep them). A disk that is full (or a quota that is used up) is the
-server's problem, not the client's request: it becomes `StorageFull`, a 507 that says so, instead of an
-internal error.
+start with `TMP_PREFIX`; the file registry sweeps them, the voice store does not yet). A disk that is full (or
+a quota that is used up) is the server's problem, not the client's request: it becomes `StorageFull`, a 507
+that says so, instead of an internal error, and a warning in the log for the operator.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StorageFull
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -29,6 +32,7 @@ def disk_full_as_storage_full() -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:
+            log.warning("the disk is full: %s (%s)", exc.strerror, exc.filename or "no file name")
             raise StorageFull() from exc
         raise
 
@@ -38,11 +42,12 @@ def write_atomically(path: Path, data: bytes) -> None:
     `path`, then the rename flushed too. Nothing is left behind on any failure."""
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
-        with disk_full_as_storage_full(), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with disk_full_as_storage_full():  # a rename can need space too (a folder that grows)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

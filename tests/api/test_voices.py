@@ -119,6 +119,18 @@ def test_create_from_a_description(client):
     assert speech(client, "captain").status_code == 200
 
 
+def test_a_design_whose_sample_cannot_be_stored_leaves_no_voice(make_client, small_disk):
+    """The voice is stored, then its sample file: on a full disk (the files folder on a real 16 KiB
+    filesystem) the request is a 507, and the voice goes too, so the client's retry finds its name free."""
+    data_dir = make_client.tmp / "data"
+    small_disk(data_dir / "files", 16)
+    client = make_client(data_dir=data_dir)
+    body = {"description": "A gruff, low male voice", "sample_text": words(12), "language": "en", "model": BASE_06}
+    response = create(client, "captain", **body)
+    assert response.status_code == 507 and error_of(response)["type"] == "storage_full"
+    assert client.get("/api/v1/voices").json() == {"voices": []}
+
+
 def test_design_through_the_openai_prompt_type(client):
     response = client.post(
         "/v1/audio/voices",

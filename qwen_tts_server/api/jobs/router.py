@@ -10,6 +10,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -194,7 +195,7 @@ def _zip(svc, job: Job, items: list[Item]) -> str:
         try:
             _write_zip(fd, svc, job, items)
         except BaseException:
-            os.unlink(path)
+            Path(path).unlink(missing_ok=True)
             raise
     return path
 
