@@ -258,8 +258,8 @@ def cp_decode_step(
     a new contiguous tensor (what the compiled sampler was compiled for).
 
     One function, not one call per layer: compiled, each layer's residual add fuses into the next layer's
-    norm and the last one into the final norm, and the fp32 cast into the head's output, ~7 kernels fewer per
-    codebook, ~100 a frame. A function of its own, apart from `decode_layer`, because torch.compile keeps
+    norm and the last one into the final norm, and the fp32 cast into the head's output: 70 kernels fewer a
+    frame, 0.13 ms (H100, 2026-12-06). A function of its own, apart from `decode_layer`, because torch.compile keeps
     which dimensions are dynamic per code object: through one function, the talker's and the code
     predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
     for (attn_args, out_args), k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):

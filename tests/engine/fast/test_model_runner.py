@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen_tts_server.engine.fast.model_runner import decode_attention, decode_layer
+from qwen_tts_server.engine.fast.model_runner import ModelRunner, decode_attention, decode_layer
 
-from .test_engine_release import has_cpp_compiler
+from .test_engine_release import CUSTOM, has_cpp_compiler
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 96
 
@@ -74,4 +74,27 @@ def test_compiled_decode_layer_writes_the_cache_in_place() -> None:
     eager = _run(decode_layer)
     compiled = _run(torch.compile(decode_layer, dynamic=False))
     for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_code_predictor_matches_eager_and_writes_its_own_cache(load_tts) -> None:
+    """Compiled, a codebook's step is one graph (every layer, the final norm, the head): it must pick the codes
+    the eager step picks, sum the same frame embedding, and leave the keys and values in the runner's own
+    cache tensors (a compiled graph that wrote into copies would still return the right codes)."""
+    tts = load_tts(CUSTOM)
+    runners = [ModelRunner(tts, max_slots=3, max_len=32, compile=compile) for compile in (False, True)]
+    torch.manual_seed(2)
+    past_hidden = torch.randn(3, tts.model.talker.config.hidden_size)
+    code0 = torch.tensor([5, 17, 300])
+    with torch.inference_mode():
+        (eager_codes, eager_sum), (codes, embedding_sum) = (
+            runner.predict_codes(past_hidden, code0, lambda _, logits: logits.argmax(-1)) for runner in runners
+        )
+    assert torch.equal(codes, eager_codes)
+    torch.testing.assert_close(embedding_sum, eager_sum, rtol=1e-5, atol=1e-5)
+    eager, compiled = runners
+    caches = [runner.cp_k_cache + runner.cp_v_cache for runner in (compiled, eager)]
+    for got, expected in zip(*caches, strict=True):
+        assert got[:3].abs().sum() > 0  # written
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
