@@ -21,13 +21,19 @@ from typing import Any
 
 import torch
 
-from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.engine import MIN_FRAME_ROWS, FastEngine
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import Sequence
 from qwen_tts_server.engine.types import Mode, SamplingParams
 
 from .bench_engines import build_model, make_request
+
+
+def server_rows(batch: int) -> int:
+    """Rows for an engine that runs `batch` requests as a server does: a server has many rows, so on CUDA one
+    request's frame runs as MIN_FRAME_ROWS rows (the rest free); an engine of one row could not."""
+    return max(batch, MIN_FRAME_ROWS)
 
 
 def sync_device(device: torch.device) -> None:
@@ -110,7 +116,7 @@ def kernel_profile(tts: Any, batch: int, steps: int, *, compile: bool, rows: int
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine = FastEngine(tts, max_slots=batch, max_len=512, cuda_graphs=False, compile=compile)
+    engine = FastEngine(tts, max_slots=server_rows(batch), max_len=512, cuda_graphs=False, compile=compile)
     engine.warm_up()
     fill(engine, tts, batch, steps + 10)
     for _ in range(3):
@@ -177,7 +183,7 @@ def graph_parity(tts: Any, batch: int, frames: int, compile: bool) -> dict[str, 
 
 def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int) -> dict[str, Any]:
     """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs)."""
-    engine = FastEngine(tts, max_slots=batch, max_len=max_len, compile=compile)
+    engine = FastEngine(tts, max_slots=server_rows(batch), max_len=max_len, compile=compile)
     t0 = time.perf_counter()
     engine.warm_up()
     warm_s = time.perf_counter() - t0
