@@ -2,7 +2,7 @@
 
 A blob goes to a temporary name in its folder, is flushed to the disk, then renamed over its final name: a
 crash leaves either the old state or the new one, never half a file (the temporary files a crash leaves
-start with `TMP_PREFIX`; the file registry sweeps them, the voice store does not yet). A disk that is full (or
+start with `TMP_PREFIX`; both stores sweep them, `stale_files`). A disk that is full (or
 a quota that is used up) is the server's problem, not the client's request: it becomes `StorageFull`, a 507
 that says so, instead of an internal error, and a warning in the log for the operator.
 """
@@ -13,8 +13,9 @@ import contextlib
 import errno
 import logging
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StorageFull
@@ -22,6 +23,9 @@ from ..errors import StorageFull
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+# Temp files and row-less blobs younger than this may belong to a write in flight (possibly in another
+# process sharing the folder), so sweeps leave them alone.
+ORPHAN_GRACE_S = 15 * 60.0
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
@@ -52,6 +56,24 @@ def write_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def stale_files(folder: Path, wanted: Callable[[str], bool]) -> Iterator[Path]:
+    """The plain files of `folder` whose names `wanted` accepts, last written over ORPHAN_GRACE_S ago (file
+    times are the wall clock's)."""
+    cutoff = time.time() - ORPHAN_GRACE_S
+    for entry in os.scandir(folder):
+        if not wanted(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                yield Path(entry.path)
+        except FileNotFoundError:
+            continue
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(TMP_PREFIX)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import re
 import time
 import uuid
@@ -25,14 +24,11 @@ import sqlalchemy as sa
 from qwen_tts_server.errors import NotFound
 
 from .database import autocommit, open_database
-from .disk import TMP_PREFIX, write_atomically
+from .disk import is_temp_file, stale_files, write_atomically
 
 FileKind = Literal["upload", "output"]
 _KINDS = frozenset(get_args(FileKind))
 _ID_RE = re.compile(r"file-[0-9a-f]{32}")
-# Temp files and row-less blobs younger than this may belong to a put() in flight (possibly in
-# another worker process sharing the directory), so cleanup leaves them alone.
-ORPHAN_GRACE_S = 15 * 60.0
 
 # Epoch seconds and sizes: double precision and 64 bits on PostgreSQL, REAL and INTEGER on SQLite.
 _REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
@@ -254,22 +250,12 @@ class FileRegistry:
         return self.root / file_id
 
     def _sweep_orphans(self) -> None:
-        cutoff = time.time() - ORPHAN_GRACE_S  # file mtimes are wall-clock, whatever self._clock is
         stale: list[str] = []
-        for entry in os.scandir(self.root):
-            name = entry.name
-            is_tmp = name.startswith(TMP_PREFIX)
-            if not (is_tmp or is_file_id(name)) or not entry.is_file(follow_symlinks=False):
-                continue
-            try:
-                if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                    continue
-            except FileNotFoundError:
-                continue
-            if is_tmp:
-                Path(entry.path).unlink(missing_ok=True)
+        for path in stale_files(self.root, lambda name: is_temp_file(name) or is_file_id(name)):
+            if is_temp_file(path.name):
+                path.unlink(missing_ok=True)
             else:
-                stale.append(name)
+                stale.append(path.name)
         # Old blobs: one query a batch (not one per blob) for those that still have a row.
         for batch in _batches(stale):
             with self._reads.connect() as conn:

@@ -33,7 +33,7 @@ from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
 
 from .database import autocommit, open_database
-from .disk import write_atomically
+from .disk import is_temp_file, stale_files, write_atomically
 
 VoiceMode = Literal["icl", "x_vector"]
 VoiceSource = Literal["upload", "file", "url", "path", "design"]
@@ -181,6 +181,8 @@ class VoiceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._engine = open_database(database_url, metadata)  # shared pool: nothing of ours to close
         self._reads = autocommit(self._engine)
+        for path in stale_files(self.root, is_temp_file):  # what a crash mid-write left behind
+            path.unlink(missing_ok=True)
 
     # --- writes ---
 

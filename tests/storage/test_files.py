@@ -10,7 +10,8 @@ import pytest
 
 from qwen_tts_server.errors import NotFound
 from qwen_tts_server.storage.database import close_databases
-from qwen_tts_server.storage.files import ORPHAN_GRACE_S, FileRecord, FileRegistry, is_file_id
+from qwen_tts_server.storage.disk import ORPHAN_GRACE_S
+from qwen_tts_server.storage.files import FileRecord, FileRegistry, is_file_id
 
 
 class FakeClock:

@@ -14,7 +14,8 @@ import torch
 
 from qwen_tts_server.errors import Conflict, NotFound
 from qwen_tts_server.storage.database import close_databases
-from qwen_tts_server.storage.files import ORPHAN_GRACE_S, FileRegistry
+from qwen_tts_server.storage.disk import ORPHAN_GRACE_S
+from qwen_tts_server.storage.files import FileRegistry
 from qwen_tts_server.storage.voices import VoiceStore
 
 from .test_files import FakeClock, _put

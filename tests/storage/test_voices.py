@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from qwen_tts_server.engine.types import VoicePrompt
 from qwen_tts_server.errors import Conflict, InvalidRequest, NotFound
 from qwen_tts_server.storage.database import close_databases
+from qwen_tts_server.storage.disk import ORPHAN_GRACE_S
 from qwen_tts_server.storage.files import FileRegistry
 from qwen_tts_server.storage.voices import VoiceStore, check_name, is_voice_id
 
@@ -191,3 +194,18 @@ def test_a_missing_prompt_file_is_not_found(store: VoiceStore) -> None:
     store.path(rec.id).unlink()
     with pytest.raises(NotFound):
         store.load_prompt(rec.id)
+
+
+def test_a_start_removes_the_temp_files_a_crash_left_but_not_a_write_in_flight(paths: tuple[Path, str]) -> None:
+    """A crash between writing a prompt's temp file and renaming it leaves the temp file: the next start removes
+    it once it is older than a write could take; a younger one may be another replica's write in flight."""
+    store = VoiceStore(*paths)
+    kept = create(store)
+    stale, fresh = store.root / ".tmp-abc", store.root / ".tmp-def"
+    for path in (stale, fresh):
+        path.write_bytes(b"x")
+    old = time.time() - ORPHAN_GRACE_S - 10
+    os.utime(stale, (old, old))
+    restarted = VoiceStore(*paths)
+    assert not stale.exists() and fresh.exists()
+    assert torch.equal(restarted.load_prompt(kept.id).ref_code, prompt().ref_code)
