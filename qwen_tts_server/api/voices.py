@@ -15,6 +15,7 @@ storage/voices.py); its name then works as `voice` in `/v1/audio/speech` and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
@@ -279,6 +280,7 @@ async def create_designed(
             sample_rate=result.sample_rate,
         )
     except BaseException:  # e.g. a full disk: no voice without its sample, and the client's retry finds the name free
-        await asyncio.to_thread(svc.voices.delete, record.id, owner)
+        with contextlib.suppress(Exception):  # the sample's error is the one to report
+            await asyncio.to_thread(svc.voices.delete, record.id, owner)
         raise
     return record, {"sample_file_id": sample.id, "sample_url": file_url(request, sample.id)}
