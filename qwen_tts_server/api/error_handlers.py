@@ -13,9 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ServiceError, StorageUnavailable
+from ..errors import ServiceError, StorageFull, StorageUnavailable
 from ..logs import request_id_var
-from ..storage.database import UNAVAILABLE_ERRORS, is_unavailable
+from ..storage.database import UNAVAILABLE_ERRORS, is_disk_full, is_unavailable
 from .error_shapes import error_body
 
 log = logging.getLogger("qwen_tts_server.api.app")
@@ -40,13 +40,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, exc.status_code, exc.error_type, exc.message, exc.field, headers=headers)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
-        """An outage (down, unreachable, busy) is a 503 to retry; any other database error an internal one."""
-        if not is_unavailable(exc):
+        """An outage (down, unreachable, busy) is a 503 to retry, a full disk a 507; any other database error
+        an internal one."""
+        full = is_disk_full(exc)
+        if not (full or is_unavailable(exc)):
             return _internal_error(request.scope, exc, _request_id_of(request.scope) or "-")
         cause = getattr(exc, "orig", None) or exc
         first_line = (str(cause).splitlines() or [""])[0]
         log.warning("the metadata database failed: %s: %s", type(cause).__name__, first_line)
-        return await service_error(request, StorageUnavailable())
+        return await service_error(request, StorageFull() if full else StorageUnavailable())
 
     for error in UNAVAILABLE_ERRORS:
         app.add_exception_handler(error, database_error)

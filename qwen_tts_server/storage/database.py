@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import threading
 import zlib
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+
+from ..errors import StorageFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +43,7 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (sa.exc.DBAPIError, sa.exc.Tim
 _PG_TRANSIENT_CLASSES = ("08",)
 _PG_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03", "25006"})
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+_PG_DISK_FULL = "53100"
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -57,6 +61,17 @@ def is_unavailable(exc: BaseException) -> bool:
     if type(orig).__module__.startswith("psycopg"):  # no SQLSTATE: no server answered (refused, reset)
         return isinstance(exc, sa.exc.OperationalError)
     return isinstance(exc, sa.exc.OperationalError) and any(m in str(orig) for m in _SQLITE_TRANSIENT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the database's disk is full (SQLite's SQLITE_FULL, PostgreSQL's disk_full): the
+    server's storage, a 507 like a full files folder, and for background work worth waiting out."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) == _PG_DISK_FULL or getattr(orig, "sqlite_errorcode", None) == (
+        sqlite3.SQLITE_FULL
+    )
 
 
 _engines: dict[str, sa.Engine] = {}
@@ -88,7 +103,7 @@ def autocommit(engine: sa.Engine) -> sa.Engine:
 
 
 class OutageBackoff:
-    """Waits between tries while the database is down or busy: 0.5 s, doubling up to 30 s."""
+    """Waits between tries while the database is down or busy, or a disk is full: 0.5 s, doubling up to 30 s."""
 
     def __init__(self) -> None:
         self.wait_s = 0.5
@@ -96,7 +111,8 @@ class OutageBackoff:
     def next_wait(self, exc: BaseException) -> float:
         """The wait before the next try (logged as one line, not a traceback)."""
         wait_s = self.wait_s
-        log.warning("the database is unavailable (%s); trying again in %.1f s", type(exc).__name__, wait_s)
+        what = "a disk is full" if _disk_full(exc) else "the database is unavailable"
+        log.warning("%s (%s); trying again in %.1f s", what, type(exc).__name__, wait_s)
         self.wait_s = min(2 * wait_s, 30.0)
         return wait_s
 
@@ -105,16 +121,21 @@ class OutageBackoff:
 
 
 async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`call(*args, **kwargs)` in a thread, tried again while the database is down or busy: for
-    background work that must not drop what it has to write (job results). Other errors raise."""
+    """`call(*args, **kwargs)` in a thread, tried again while the database is down or busy, or while the disk
+    it writes to (files or database) is full: for background work that must not drop what it has to write
+    (a job item's audio, its result). Other errors raise."""
     backoff = OutageBackoff()
     while True:
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
-        except UNAVAILABLE_ERRORS as exc:
-            if not is_unavailable(exc):
+        except (*UNAVAILABLE_ERRORS, StorageFull) as exc:
+            if not (is_unavailable(exc) or _disk_full(exc)):
                 raise
             await backoff.wait(exc)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, StorageFull) or is_disk_full(exc)
 
 
 def close_databases() -> None:

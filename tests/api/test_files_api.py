@@ -90,3 +90,22 @@ def test_a_full_disk_is_a_507_that_says_so_and_leaves_nothing_behind(make_client
     assert list(files.iterdir()) == []
     file_id = upload(client, sine_wav(1.5))
     assert client.get(f"/api/v1/files/{file_id}/content").content == sine_wav(1.5)
+
+
+def test_a_full_database_disk_is_a_507_too(make_client, small_disk):
+    """SQLite's file on a real 512 KiB filesystem (the files folder elsewhere): uploads fill its log until
+    SQLite answers SQLITE_FULL; that upload is a 507 `storage_full`, not a 500, and reads still work."""
+    from qwen_tts_server.storage.database import sqlite_url
+
+    folder = small_disk(make_client.tmp / "db", 512)
+    client = make_client(database_url=sqlite_url(folder / "registry.sqlite3"))
+    stored, wav = [], sine_wav(1.5)
+    for _ in range(500):
+        response = client.post("/api/v1/files/upload", files={"file": ("a.wav", wav, "audio/wav")})
+        if response.status_code != 201:
+            break
+        stored.append(response.json()["file_id"])
+    assert stored, "the first upload already failed: the filesystem is too small for the schema"
+    assert response.status_code == 507, response.text
+    assert error_of(response)["type"] == "storage_full"
+    assert client.get(f"/api/v1/files/{stored[0]}/content").content == wav

@@ -294,3 +294,28 @@ def test_a_device_fault_delays_a_jobs_items_instead_of_failing_them(client, monk
     view = wait_for_end(client, created["id"])
     assert view["status"] == "completed" and view["progress"]["done"] == 3, view
     assert client.app.state.services.engine._fast[model].engine is not engine  # it was rebuilt
+
+
+def test_a_full_disk_mid_job_delays_its_items_and_loses_none(make_client, small_disk, caplog):
+    """The files folder on a real 1 MiB filesystem, filled but for 24 KiB: an item's audio cannot be stored, so
+    it waits (its audio kept, not generated again) instead of failing; once space is freed the job completes."""
+    data_dir = make_client.tmp / "data"
+    files = small_disk(data_dir / "files", 1024)
+    filler = files / "filler"
+    filler.write_bytes(bytes(1000 * 1024))
+    client = make_client(data_dir=data_dir, max_slots=1, job_concurrency=1)
+    caplog.set_level(logging.WARNING, logger="qwen_tts_server.storage.database")
+    items = [{"text": words(20), "custom_id": str(i)} for i in range(2)]
+    options = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 60, "response_format": "wav"}
+    job = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
+    deadline = time.monotonic() + 60
+    while "a disk is full" not in caplog.text:  # an item's audio met the full disk, and waits
+        status = client.get(f"/api/v1/jobs/{job['id']}").json()["status"]
+        assert status in ("queued", "running"), f"the job ended ({status}) while its audio could not be stored"
+        assert time.monotonic() < deadline, "no item met the full disk"
+        time.sleep(0.05)
+    assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "running"
+    filler.unlink()
+    view = wait_for_end(client, job["id"])
+    assert view["status"] == "completed", view["progress"]
+    assert all(item["status"] == "done" and item["file_id"] for item in view["items"])
