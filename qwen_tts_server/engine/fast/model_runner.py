@@ -255,7 +255,7 @@ def cp_decode_step(
 ) -> Tensor:
     """One codebook of the code predictor for B rows at one position `x` [B, 1, h]: every layer (`layers` holds
     each one's `attn_args`, `out_args`), the final norm and that codebook's `head`. Returns fp32 logits [B, V],
-    a new contiguous tensor (what the compiled sampler was compiled for).
+    a new contiguous tensor (the layout the compiled sampler takes without a copy).
 
     One function, not one call per layer: compiled, each layer's residual add fuses into the next layer's
     norm and the last one into the final norm, and the fp32 cast into the head's output: 70 kernels fewer a
@@ -504,7 +504,7 @@ class ModelRunner:
         As upstream: prefill [past_hidden, talker embedding of code0] (through
         small_to_mtp_projection) at positions 0-1; codebook j (1..15) comes from lm_head[j-1], and
         for j >= 2 the step's input is codec_embedding[j-2] of codebook j-1 (at position j).
-        `sample(j, logits)` picks codebook j from fp32 logits [B, V], each a new contiguous tensor.
+        `sample(j, logits)` picks codebook j from logits [B, V].
         Returns codes [B, 15] and the next talker input [B, H]: the sum of the frame's 16 code
         embeddings (the caller adds the trailing text hidden or tts_pad).
         """
@@ -521,8 +521,8 @@ class ModelRunner:
 
     def _cp_prefill(self, x: Tensor) -> Tensor:
         """The code predictor over its first two positions `x` [B, 2, h] (written to its cache rows 0..B-1):
-        codebook 1's fp32 logits [B, V] from the last position. The head runs over both positions, as
-        upstream's does, so the logits round exactly like upstream's (a one-row matmul may not)."""
+        codebook 1's logits [B, V] from the last position. The head runs over both positions, as upstream's
+        does, so the logits round exactly like upstream's (a one-row matmul may not)."""
         B, S, _ = x.shape
         cos, sin = self.cp_cos[:S], self.cp_sin[:S]
         for w, k_cache, v_cache in zip(self.cp_layers, self.cp_k_cache, self.cp_v_cache, strict=True):
@@ -533,8 +533,7 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True)
             x = self.layer_out(x, o, *w.out_args)
         hidden = F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)
-        logits = F.linear(hidden, self.code_predictor.lm_head[0].weight)[:, -1]
-        return logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return F.linear(hidden, self.code_predictor.lm_head[0].weight)[:, -1]
 
     def _cp_step(self, x: Tensor, position: int, head: Tensor) -> Tensor:
         """One later codebook: `x` [B, 1, h] at `position` (2..15) over the cache positions before it (a later

@@ -318,11 +318,14 @@ class Sampler:
         self, logits: Tensor, params: RowSampling, step: Tensor, codebook: int, plan: SamplingPlan = GENERIC_PLAN
     ) -> Tensor:
         """Codebook `codebook` (1..15) for B rows with the subtalker options, from logits [B, V]."""
-        scores = logits.float()
-        if self.compiled and scores.stride() != (scores.shape[1], 1):
-            # torch.compile compiles each layout apart. The runner hands over new fp32 [B, V] tensors; a
-            # [:, -1] slice of [B, S, V] logits keeps its strides through `.float()`, even at one row.
-            scores = scores.to(memory_format=torch.contiguous_format, copy=True)
+        canonical = logits.dtype == torch.float32 and logits.stride() == (logits.shape[1], 1)
+        if self.compiled and not canonical:
+            # torch.compile compiles each layout apart. The runner's decode steps hand over new fp32 [B, V]
+            # tensors; its prefill's [:, -1] slice of [B, S, V] logits keeps its strides through `.float()`,
+            # even at one row: one copy makes it fp32 and contiguous.
+            scores = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        else:
+            scores = logits.float()
         return self._choose(scores, *_columns(params), step, self.codebooks[codebook], plan.candidates)
 
 
