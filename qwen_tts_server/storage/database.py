@@ -64,8 +64,10 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the database's disk is full (SQLite's SQLITE_FULL, PostgreSQL's disk_full): the
-    server's storage, a 507 like a full files folder, and for background work worth waiting out."""
+    """Whether `exc` says a disk the server writes to is full: `StorageFull` (files, voices) or the database's
+    (SQLite's SQLITE_FULL, PostgreSQL's disk_full). A 507 to a client; for background work, worth waiting out."""
+    if isinstance(exc, StorageFull):
+        return True
     if not isinstance(exc, sa.exc.DBAPIError):
         return False
     orig = exc.orig
@@ -111,7 +113,7 @@ class OutageBackoff:
     def next_wait(self, exc: BaseException) -> float:
         """The wait before the next try (logged as one line, not a traceback)."""
         wait_s = self.wait_s
-        what = "a disk is full" if _disk_full(exc) else "the database is unavailable"
+        what = "a disk is full" if is_disk_full(exc) else "the database is unavailable"
         log.warning("%s (%s); trying again in %.1f s", what, type(exc).__name__, wait_s)
         self.wait_s = min(2 * wait_s, 30.0)
         return wait_s
@@ -129,13 +131,9 @@ async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> 
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
         except (*UNAVAILABLE_ERRORS, StorageFull) as exc:
-            if not (is_unavailable(exc) or _disk_full(exc)):
+            if not (is_unavailable(exc) or is_disk_full(exc)):
                 raise
             await backoff.wait(exc)
-
-
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, StorageFull) or is_disk_full(exc)
 
 
 def close_databases() -> None:
