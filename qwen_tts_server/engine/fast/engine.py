@@ -1,10 +1,11 @@
 """The fast engine's loop: continuous batching of codec frames over a static KV cache.
 
-Each `step()` queues one frame for every running request at once (code predictor for codebooks 1-15,
-talker step, codebook-0 sampling), then, while the GPU runs it, admits waiting requests into free rows
-(one packed prefill for all of them; they join from the next step), then reads the frame. A request
-that samples EOS, reaches its frame limit or is cancelled leaves at once; the last running request
-moves into its row, so running requests always hold rows 0..n-1
+Each `step()` admits waiting requests into free rows (one packed prefill for all of them), queues one
+frame for every running request at once (code predictor for codebooks 1-15, talker step, codebook-0
+sampling), then reads the frame the previous step queued: the GPU always has the next frame queued
+while the host reads one (readback). A request that samples EOS, reaches its frame limit or is
+cancelled leaves at once; the last running request moves into its row, so running requests always
+hold rows 0..n-1
 and a batch is the first rows of every tensor. Finished requests go to a codec thread, which
 decodes everything that finished since its last decode in bounded batches, on its own
 low-priority CUDA stream, so decoding never stalls the running streams' steps (see codec_worker).
@@ -48,6 +49,7 @@ from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
+from .readback import FrameReadback, PendingFrame
 from .rows import RowState
 from .sampler import PLANS, Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
@@ -221,19 +223,15 @@ class FastEngine:
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
         # Host seconds in the step's parts (see timing); the codec's are `codec_worker.seconds`.
         self.timer = PhaseTimer(STEP_PARTS)
-        self.gpu_frame_seconds = 0.0
-        self._frame_events = (
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
-        )
-        # The frame's output lands here (pinned, so the copy is queued behind the frame, not waited for).
-        width = NUM_CODE_GROUPS + 1  # a frame's codes and the EOS flag
-        self._out_host = torch.empty(max_slots, width, dtype=torch.long, pin_memory=True) if cuda else None
+        # Each frame's output goes to the host behind the frame; the step reads it one step later.
+        self.readback = FrameReadback(max_slots, NUM_CODE_GROUPS + 1, device)  # a frame's codes and EOS flag
+        self._in_flight: PendingFrame | None = None  # the frame queued last step, not read yet
 
     @property
     def seconds(self) -> dict[str, float]:
         """Seconds in each part of the loop (see timing): the step thread's host time per part, the
         frames' GPU time, and the codec thread's host time."""
-        return {**self.timer.seconds, "gpu_frame": self.gpu_frame_seconds, "codec": self.codec_worker.seconds}
+        return {**self.timer.seconds, "gpu_frame": self.readback.gpu_seconds, "codec": self.codec_worker.seconds}
 
     @property
     def codec_frames(self) -> int:
@@ -496,7 +494,8 @@ class FastEngine:
                 log.exception("on_failure callback failed")
 
     def _fail_all(self, exc: BaseException) -> None:
-        """Fail every request queued or running, freeing their rows."""
+        """Fail every request queued or running, freeing their rows (the frame in flight is nobody's now)."""
+        self._in_flight = None
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.error = exc
             self.scheduler.release(seq)
@@ -505,9 +504,12 @@ class FastEngine:
     # ----- the step -----
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Decode one frame for every running request; while the GPU runs it, admit and prefill newcomers
-        (they join from the next step), so a prefill's host work no longer stalls the running streams.
-        Returns the requests that finished."""
+        """Queue one frame for every running request, newcomers included, then read the frame queued by
+        the previous step: the GPU runs frame N+1 while the host reads frame N and hands out its audio,
+        so it never waits for the host between frames (readback). Returns the requests that finished.
+
+        A request that ends in frame N is in frame N+1 too (the host learns of its end only after
+        queueing N+1); that frame's row for it is computed and ignored, like a free row's."""
         if not self._codec_faults.empty():
             raise self._codec_faults.get_nowait()  # the loop stops the engine for good (see _fail_for_good)
         timer = self.timer
@@ -516,18 +518,19 @@ class FastEngine:
         chunks: list[CodecJob] = []
         try:
             self._compact()
-            running = list(self.scheduler.running)
             timer.lap("admit")
-            out = self._launch_frame(running) if running else None
-            timer.lap("launch")
-            admitted = self.scheduler.admit()  # into rows n.., after the frame's (padding) writes to them
+            admitted = self.scheduler.admit()  # into rows n.., queued behind the frame in flight
             if admitted:
                 self._admit(admitted, finished)
             timer.lap("prefill")
-            if out is not None:
-                self._collect_frame(running, out, finished)
-                chunks = self._stream_chunks(running)
+            running = list(self.scheduler.running)
+            previous, self._in_flight = self._in_flight, self._launch_frame(running) if running else None
+            timer.lap("launch")
+            if previous is not None and previous.live:
+                chunks = self._stream_chunks(self._collect_frame(previous, finished))
                 self.steps += 1
+            if self._in_flight is not None and not self._in_flight.live:
+                self._in_flight = None  # everyone in it just left: nobody reads it
         except BaseException as exc:
             # Requests already released this step (cancelled, or finished before the failure) are
             # no longer running, so `_fail_all` will not see them: fail them here.
@@ -560,8 +563,10 @@ class FastEngine:
         dst = to_device([m[2] for m in moves], self.device)
         text = max(seq.prompt.trailing.reshape(-1, self.rows.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
         self.rows.move(src, dst, text)
-        written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves)
-        self.runner.move_rows(src, dst, min(written + 1, self.max_len))
+        # KV positions written: one per prompt position and frame read, and one by the frame in flight
+        # (queued before these copies, so they copy what it writes).
+        written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves) + 1
+        self.runner.move_rows(src, dst, min(written, self.max_len))
 
     def _admit(self, admitted: list[Sequence], finished: list[Sequence]) -> None:
         """Prefill newcomers. If that fails (short of a device fault), only they fail: the prefill writes
@@ -621,46 +626,43 @@ class FastEngine:
         mark_seen(seen, code0)
         return code0
 
-    def _launch_frame(self, running: list[Sequence]) -> Tensor:
-        """Queue one frame for every running request (rows 0..n-1) and, on CUDA, the copy of its output to
-        the host right behind it; returns the output without waiting for it (see `_collect_frame`)."""
+    def _launch_frame(self, running: list[Sequence]) -> PendingFrame:
+        """Queue one frame for every running request (rows 0..n-1) and the copy of its output to the host
+        right behind it; returns without waiting for either (see `_collect_frame`)."""
         n = len(running)
         self.batch_sizes.append(n)
         if self.on_step is not None:
             self.on_step(n)
         size = next(b for b in self.buckets if b >= n)
-        needed = max(seq.prompt_len + seq.num_frames for seq in running) + 1  # positions 0..this step's
-        kv_len = next(k for k in self.kv_buckets if k >= needed)
+        kv_len = next(k for k in self.kv_buckets if k >= self._positions_read(running))
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
         plans = (
             SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts]),
             SamplingPlan.of([o.subtalker_do_sample for o in opts], [o.subtalker_top_k for o in opts]),
         )
-        events = self._frame_events
-        if events is not None:
-            events[0].record()
-        out = self._run_frame(size, kv_len, plans)
-        if events is not None:
-            self._out_host[:n].copy_(out[:n], non_blocking=True)
-            events[1].record()  # the frame and its copy: what `_collect_frame` waits for, nothing queued later
-        return out
+        started = self.readback.begin()
+        return self.readback.queue(running, self._run_frame(size, kv_len, plans), started)
 
-    def _collect_frame(self, running: list[Sequence], out: Tensor, finished: list[Sequence]) -> None:
-        """The one host read of the step (frames and EOS flags together); requests that end are released
-        and added to `finished`."""
-        n = len(running)
-        events = self._frame_events
-        if events is not None:
-            events[1].synchronize()
-            out_host = self._out_host[:n].clone()  # the next step's copy reuses the buffer
-            self.gpu_frame_seconds += events[0].elapsed_time(events[1]) / 1000
-        else:
-            out_host = out[:n].cpu()
+    def _positions_read(self, running: list[Sequence]) -> int:
+        """KV positions the next frame reads: up to each row's own, which counts the frame in flight
+        (queued, not read yet) as well as the frames read. `submit`'s frame limit keeps it within
+        max_len even for a request whose last frame is in flight."""
+        ahead = set(self._in_flight.running) if self._in_flight is not None else set()
+        return max(seq.prompt_len + seq.num_frames + (seq in ahead) for seq in running) + 1
+
+    def _collect_frame(self, frame: PendingFrame, finished: list[Sequence]) -> list[Sequence]:
+        """The one host read of the step (frames and EOS flags together) for the requests of `frame` still
+        running; those that end are released and added to `finished`. Returns the ones that were running."""
+        out_host = self.readback.read(frame)
         self.timer.lap("gpu_wait")
         frames_host, eos_host = out_host[:, :-1], out_host[:, -1].tolist()
         now = time.perf_counter()
-        for i, seq in enumerate(running):
+        running = []
+        for i, seq in enumerate(frame.running):
+            if seq.status is not SequenceStatus.RUNNING:  # cancelled since the frame was queued
+                continue
+            running.append(seq)
             seq.frames.append(frames_host[i])
             if seq.first_frame_at is None:
                 seq.first_frame_at = now
@@ -673,6 +675,7 @@ class FastEngine:
                 self.scheduler.release(seq)
                 seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
                 finished.append(seq)
+        return running
 
     def _run_frame(self, size: int, kv_len: int, plans: tuple[SamplingPlan, SamplingPlan]) -> Tensor:
         """The frame through its CUDA graph, or eagerly. If a compiled frame fails, compile is turned

@@ -1,18 +1,19 @@
 """Where the step loop's time goes: host seconds per part, accumulated, read by metrics and benchmarks.
 
-A step is admit (the inbox and row compaction) -> launch (the frame's graph replay or eager kernels, not
-waited for) -> prefill (admitting newcomers and their prefill, while the GPU runs the frame) -> gpu_wait (the
-one host read, which waits for the frame to finish) -> deliver (callbacks, stream chunks, hand-off to the
-codec thread). If `gpu_wait` dominates, the step is GPU-bound; if the others do, the host (Python, the GIL)
-is. `gpu_frame` is the frame's own duration on the GPU (CUDA events around it), which grows when other work
-(codec decode, another model) shares the GPU.
+A step is admit (the inbox and row compaction) -> prefill (admitting newcomers and their prefill) ->
+launch (the frame's graph replay or eager kernels, not waited for) -> gpu_wait (the one host read, of the
+frame the previous step queued: it waits for that frame to finish) -> deliver (callbacks, stream chunks,
+hand-off to the codec thread). The GPU runs the previous frame meanwhile, so the host's parts cost the
+streams nothing while they take less than a frame. If `gpu_wait` dominates, the step is GPU-bound; if the
+others do, the host (Python, the GIL) is. `gpu_frame` is the frame's own duration on the GPU (CUDA events
+around it), which grows when other work (codec decode, another model) shares the GPU.
 """
 
 from __future__ import annotations
 
 import time
 
-STEP_PARTS = ("admit", "launch", "prefill", "gpu_wait", "deliver")
+STEP_PARTS = ("admit", "prefill", "launch", "gpu_wait", "deliver")
 
 
 class PhaseTimer:

@@ -331,27 +331,47 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts, monkeypatch, m
         assert seq.num_frames == min(len(codes), seq.max_frames)
 
 
-def test_a_newcomer_is_prefilled_while_the_running_frame_is_decoded(load_tts):
-    """A step decodes the running rows' frame first and prefills arrivals behind it (on the GPU the
-    prefill's host work overlaps the frame): the newcomer gets its first frame at the next step, and
-    every request still produces upstream's codes."""
+def test_a_newcomer_joins_the_frame_queued_in_its_admission_step(load_tts):
+    """A step prefills arrivals, queues a frame for every running row, newcomers included, and reads the
+    frame the previous step queued (on the GPU the next frame runs while the host reads one): the newcomer's
+    first frame is read at the next step, and every request still produces upstream's codes."""
     tts = load_tts(CUSTOM)
     items = custom_items()[:2]
     expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items]
     engine = FastEngine(tts, max_slots=4, max_len=512)
     first = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[0], GREEDY))
-    engine.step()  # prefill only: nothing was running
+    engine.step()  # prefill and frame 1 queued; nothing to read yet
     assert first.status is SequenceStatus.RUNNING and first.num_frames == 0
     engine.step()
     second = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[1], GREEDY))
-    engine.step()  # the first one's frame 2, and the second one's prefill
+    engine.step()  # the second one's prefill, a frame of two rows queued, the first one's frame 2 read
     assert (first.num_frames, second.num_frames) == (2, 0) and second.status is SequenceStatus.RUNNING
     engine.step()
     assert (first.num_frames, second.num_frames) == (3, 1)
-    assert list(engine.batch_sizes) == [1, 1, 2]
+    assert list(engine.batch_sizes) == [1, 1, 2, 2]
     run_to_end(engine, [first, second])
     for seq, codes in zip((first, second), expected, strict=True):
         assert torch.equal(codes_of(seq), codes)
+
+
+def test_a_frame_is_read_after_the_next_one_is_queued(load_tts):
+    """The GPU never waits for the host between frames: when the host reads frame j, frame j+1 is already
+    queued. A request that ends in frame j is in frame j+1 too (its row computed and ignored), and it gets
+    exactly its own frames."""
+    tts = load_tts(CUSTOM)
+    item = custom_items()[0]
+    engine = FastEngine(tts, max_slots=2, max_len=512)
+    queued_when_read: list[int] = []
+    seq = make_seq(
+        tts, Mode.CUSTOM_VOICE, item, GREEDY, on_frame=lambda s, f: queued_when_read.append(len(engine.batch_sizes))
+    )
+    seq.max_frames = 5
+    engine.submit(seq)
+    run_to_end(engine, [seq])
+    assert queued_when_read == [2, 3, 4, 5, 6]
+    assert seq.num_frames == 5 and seq.finish_reason is FinishReason.LENGTH
+    expected = reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0]
+    assert torch.equal(codes_of(seq), expected[:5])
 
 
 def test_a_failed_prefill_fails_only_its_own_requests(load_tts):
