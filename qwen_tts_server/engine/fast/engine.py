@@ -51,7 +51,7 @@ from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
 from .readback import FrameReadback, PendingFrame
 from .rows import RowState
-from .sampler import PLANS, Sampler, SamplingPlan, mark_seen
+from .sampler import PLANS, SORT_ROWS_MAX, Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import AudioStream, Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
@@ -336,15 +336,17 @@ class FastEngine:
         second for any size (a batch of one row is always a compile of its own), every KV length but
         `max_len` (marked dynamic before its first compile, see `ModelRunner.decode`; the whole cache is a
         contiguous slice, compiled apart) and every packed prefill length (dynamic from the second call on).
-        So: frames at the two smallest batch buckets (1 and 2; on CUDA 2 and 4), each at the first and the
-        last KV bucket, and prefill of one prompt and of two, with codebook 0 sampled
-        as `_prefill` does (`_first_code`). Prefill writes KV into rows 0-1: warm_up runs before any
-        request is admitted."""
+        So: frames at the two smallest batch buckets (1 and 2; on CUDA 2 and 4) and at the first above
+        SORT_ROWS_MAX (the sampler's top-k branches on the batch size), each at the first and the last KV
+        bucket, and prefill of one prompt and of two, with codebook 0 sampled as `_prefill` does
+        (`_first_code`). Prefill writes KV into rows 0-1: warm_up runs before any request is admitted."""
         width = self.rows.hidden.shape[-1]
         kv_lens = sorted({self.kv_buckets[0], self.kv_buckets[-1]})
+        above = [b for b in self.buckets if b > SORT_ROWS_MAX][:1]
+        sizes = sorted({*self.buckets[:2], *above})
         for plans in variants:
             with self.preserved_rows(self.buckets[-1]):
-                for size, kv_len in itertools.product(self.buckets[:2], kv_lens):
+                for size, kv_len in itertools.product(sizes, kv_lens):
                     self.frame(size, kv_len, plans)
             for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
                 prompts = [torch.zeros(n, width, device=self.device, dtype=self.rows.hidden.dtype) for n in lengths]

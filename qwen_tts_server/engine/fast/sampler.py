@@ -186,20 +186,24 @@ def _top_k_top_p(scores: Tensor, top_k: Tensor, top_p: Tensor, candidates: int) 
 
 
 SORT_CHUNK = 512  # torch.compile sorts rows of at most this many in registers: one Triton kernel, fused
+# The sorts win only for a frame of few rows. H200, same call (bench.profile_step --kernels-only, 2026-12-06),
+# kernel ms per frame with sorts against aten's topk: 5.21 vs 5.48 at one request (two rows), 6.21 vs 5.80 at
+# 16 rows, 7.48 vs 7.03 at 64 rows, where the chunks' second sort alone takes 0.71 ms.
+SORT_ROWS_MAX = 2
 
 
 def top_candidates(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """The `n` largest scores of each row of [B, V], descending, and their ids: `scores.topk(n)`, computed as
-    two sorts of rows of at most SORT_CHUNK (each chunk of the vocabulary, then the chunks' `n` best), which
-    torch.compile turns into Triton kernels fused with the sampler's elementwise work. aten's top-k is a
-    radix select plus a sort, two launches of ~19 and ~5 us even for one row, 16 times a frame: 0.38 ms of a
-    frame's 5.75 ms of kernels at one row (H200 kernel profile, 2026-12-04). Exact: each of a row's `n` largest
-    is among the `n` largest of its own chunk (which of several equal scores is kept is unspecified, as for
-    topk). Shapes the chunks do not fit (the whole vocabulary, a vocabulary that is not a multiple of the
-    chunk) use topk."""
+    """The `n` largest scores of each row of [B, V], descending, and their ids: `scores.topk(n)`, computed for
+    up to SORT_ROWS_MAX rows as two sorts of rows of at most SORT_CHUNK (each chunk of the vocabulary, then the
+    chunks' `n` best), which torch.compile turns into Triton kernels fused with the sampler's elementwise work.
+    aten's top-k is a radix select plus a sort, two launches of ~19 and ~5 us even for one row, 16 times a
+    frame. Exact: each of a row's `n` largest is among the `n` largest of its own chunk (which of several equal
+    scores is kept is unspecified, as for topk). More rows, or shapes the chunks do not fit (the whole
+    vocabulary, a vocabulary that is not a multiple of the chunk), use topk. Compiled with a dynamic batch,
+    the row count is a guard: the warm-up runs a batch on each side (`FastEngine._compile_warm_up`)."""
     rows, vocab = scores.shape
     chunks = vocab // SORT_CHUNK
-    if chunks < 2 or vocab % SORT_CHUNK or chunks * n > SORT_CHUNK:
+    if rows > SORT_ROWS_MAX or chunks < 2 or vocab % SORT_CHUNK or chunks * n > SORT_CHUNK:
         return scores.topk(n, dim=-1)
     values, ids = scores.reshape(rows, chunks, SORT_CHUNK).sort(dim=-1, descending=True)
     offsets = torch.arange(0, vocab, SORT_CHUNK, device=scores.device)[:, None]

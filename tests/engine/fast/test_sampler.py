@@ -21,6 +21,7 @@ from qwen_tts_server.engine.fast.model_runner import ModelRunner
 from qwen_tts_server.engine.fast.prompt import build_prompt
 from qwen_tts_server.engine.fast.sampler import (
     PLANS,
+    SORT_ROWS_MAX,
     RowSampling,
     Sampler,
     SamplingPlan,
@@ -129,12 +130,14 @@ def test_warpers_match_hf(settings: list[tuple[float, int, float]], vocab: int) 
         assert torch.equal(ours[i], row[0]), i
 
 
+@pytest.mark.parametrize("rows", [1, SORT_ROWS_MAX, 64])  # up to SORT_ROWS_MAX: two sorts of chunks
 @pytest.mark.parametrize("vocab", [2048, 3072, 4096, 400])
-def test_top_candidates_are_topk_in_chunks(vocab: int) -> None:
-    """The narrow plan's candidates (two sorts of chunks, for the compiled sampler) are exactly topk's: the
-    same scores in the same order, each with its own id (which of two equal scores comes first is free)."""
+def test_top_candidates_are_topk_in_chunks(vocab: int, rows: int) -> None:
+    """The narrow plan's candidates (for a few rows two sorts of chunks, for the compiled sampler) are exactly
+    topk's: the same scores in the same order, each with its own id (which of two equal scores comes first is
+    free)."""
     torch.manual_seed(vocab)
-    scores = torch.randn(64, vocab) * 3
+    scores = torch.randn(rows, vocab) * 3
     scores[:, :100] = float("-inf")  # suppressed ids, as the talker has
     scores[:3, 500:700] = 1.5  # ties across the cut
     values, ids = top_candidates(scores, 64)
