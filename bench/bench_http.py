@@ -947,9 +947,10 @@ def markdown(data: dict[str, Any]) -> str:
     if profile:
         out += [
             "Where the server's engine step goes (from its `/metrics` counters over each run; milliseconds per "
-            "step): the step thread's host time in admit (inbox, compaction), launch (graph replay), prefill "
-            "(since 2026-12-04 while the GPU runs the frame; before, ahead of it), gpu_wait (the one host read, "
-            "waiting for the frame) and deliver (callbacks, chunks, hand-off to the codec thread), which sum to "
+            "step): the step thread's host time in admit (inbox, compaction), prefill, launch (graph replay), "
+            "gpu_wait (the one host read, waiting for the frame; since 2026-12-06 the frame the previous step "
+            "queued, so the host's other parts overlap the GPU's work) and deliver (callbacks, chunks, hand-off "
+            "to the codec thread), which sum to "
             "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time, gc the "
             "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more.",
             "",

@@ -50,7 +50,7 @@ def fill(engine: FastEngine, tts: Any, batch: int, frames: int) -> list[Sequence
         )
         seq = Sequence(prompt_for_item(tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
         seqs.append(engine.submit(seq))
-    engine.step()  # admits and prefills everyone, decodes the first frame
+    engine.step()  # admits and prefills everyone, queues the first frame
     return seqs
 
 

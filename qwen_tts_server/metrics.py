@@ -28,7 +28,7 @@ class EngineCollector(Collector):
         )
         seconds = CounterMetricFamily(
             "qtts_engine_seconds",
-            "Fast-engine loop seconds by part: the step thread's host time (admit, launch, prefill, gpu_wait, "
+            "Fast-engine loop seconds by part: the step thread's host time (admit, prefill, launch, gpu_wait, "
             "deliver), the frames' GPU time (gpu_frame), the codec thread's host time (codec)",
             labels=["model", "device", "part"],
         )

@@ -40,9 +40,7 @@ def check_result(fast: FastBench) -> dict[str, Any]:
 
 def test_graph_check_admits_every_row_in_the_first_step_of_both_runs(fast: FastBench) -> None:
     result = check_result(fast)
-    # All rows from the first frame, all holding exactly FRAMES frames; the step that reads the last frame
-    # has already queued one more (its rows ignored: the host learns they ended only when it reads).
-    one_batch = [ROWS] * (FRAMES + 1)
+    one_batch = [ROWS] * FRAMES  # all rows from the first step, all holding exactly FRAMES frames
     assert result["batch_sizes"] == {"eager": one_batch, "graphs": one_batch}
     assert result["same_batches"]
     assert result["identical"], result  # fp32 eager twice over the same batches: bit-exact
@@ -59,5 +57,5 @@ def test_rows_share_a_batch_even_when_submitting_is_slow(fast: FastBench, monkey
 
     monkeypatch.setattr(FastBench, "_submit", slow_submit)
     result = check_result(fast)
-    one_batch = [ROWS] * (FRAMES + 1)  # as above
+    one_batch = [ROWS] * FRAMES
     assert result["batch_sizes"] == {"eager": one_batch, "graphs": one_batch}

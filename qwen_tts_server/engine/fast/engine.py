@@ -2,15 +2,14 @@
 
 Each `step()` admits waiting requests into free rows (one packed prefill for all of them), queues one
 frame for every running request at once (code predictor for codebooks 1-15, talker step, codebook-0
-sampling), then reads the frame the previous step queued: the GPU always has the next frame queued
-while the host reads one (readback). A request that samples EOS, reaches its frame limit or is
-cancelled leaves at once; the last running request moves into its row, so running requests always
-hold rows 0..n-1
-and a batch is the first rows of every tensor. Finished requests go to a codec thread, which
-decodes everything that finished since its last decode in bounded batches, on its own
-low-priority CUDA stream, so decoding never stalls the running streams' steps (see codec_worker).
-Streaming requests hand the codec thread their frames in chunks while they run: a small first
-chunk at once, then chunks doubling up to the largest size. The codec thread decodes the chunks
+sampling), then on CUDA reads the frame the previous step queued: the GPU always has the next frame
+queued while the host reads one (readback; on the CPU a step reads its own frame). A request that samples
+EOS, reaches its frame limit or is cancelled leaves at once; the last running request moves into its
+row, so running requests always hold rows 0..n-1 and a batch is the first rows of every tensor.
+Finished requests go to a codec thread, which decodes everything that finished since its last decode in
+bounded batches, on its own low-priority CUDA stream, so decoding never stalls the running streams'
+steps (see codec_worker). Streaming requests hand the codec thread their frames in chunks while they
+run: a small first chunk at once, then chunks doubling up to the largest size. The codec thread decodes the chunks
 queued since its last call together, and a stream's steady chunks wait briefly for other streams'
 (codec_worker), so that one batched call serves many streams.
 
@@ -134,6 +133,7 @@ class FastEngine:
         stream_first_frames: int = 2,
         stream_decoder: str = "stateful",
         trace: StepTrace | None = None,
+        pipeline: bool | None = None,
     ) -> None:
         self.tts = tts
         self.trace = trace
@@ -223,8 +223,11 @@ class FastEngine:
         self.on_step: Callable[[int], None] | None = None  # called with each step's batch size (metrics)
         # Host seconds in the step's parts (see timing); the codec's are `codec_worker.seconds`.
         self.timer = PhaseTimer(STEP_PARTS)
-        # Each frame's output goes to the host behind the frame; the step reads it one step later.
+        # Each frame's output goes to the host behind the frame. Pipelined, a step reads the frame the
+        # previous step queued, so the GPU never waits for the host; on the CPU a frame has run by the time
+        # it is queued, and reading it a step later would only delay every frame by one.
         self.readback = FrameReadback(max_slots, NUM_CODE_GROUPS + 1, device)  # a frame's codes and EOS flag
+        self.pipeline = cuda if pipeline is None else pipeline
         self._in_flight: PendingFrame | None = None  # the frame queued last step, not read yet
 
     @property
@@ -287,6 +290,7 @@ class FastEngine:
         )
 
     def _warm_up_codec(self) -> None:
+        """Capture the whole-decode graphs and the streaming decoder's (most of a 1.7B load's warm-up)."""
         t0 = time.perf_counter()
         try:
             self.codec.warm_up()
@@ -425,7 +429,14 @@ class FastEngine:
     def _release(self) -> None:
         """Let go of the engine's device memory now that no thread runs on it: the frame, codec and
         streaming-decoder graphs (and their memory pools), the KV caches and the per-row state. A
-        caller that still holds the engine (a request in flight at an unload) holds a husk."""
+        caller that still holds the engine (a request in flight at an unload) holds a husk. The last
+        frame the loop queued may still be running on the step stream: it must finish before the caching
+        allocator hands its KV cache and row state to other work."""
+        if self.step_stream is not None:
+            try:
+                self.step_stream.synchronize()
+            except RuntimeError:  # a device fault: nothing runs on this GPU any more
+                log.exception("waiting for the last frame at release failed")
         self.graphs = None
         self.on_step = None
         for owner in (self.codec, self.streaming_decoder, self.prefill):
@@ -497,7 +508,7 @@ class FastEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows (the frame in flight is nobody's now)."""
-        self._in_flight = None
+        self._drop_in_flight()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.error = exc
             self.scheduler.release(seq)
@@ -507,11 +518,12 @@ class FastEngine:
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Queue one frame for every running request, newcomers included, then read the frame queued by
-        the previous step: the GPU runs frame N+1 while the host reads frame N and hands out its audio,
-        so it never waits for the host between frames (readback). Returns the requests that finished.
+        the previous step (`pipeline`, on CUDA): the GPU runs frame N+1 while the host reads frame N and
+        hands out its audio, so it never waits for the host between frames (readback). Without
+        `pipeline` a step reads the frame it queued. Returns the requests that finished.
 
-        A request that ends in frame N is in frame N+1 too (the host learns of its end only after
-        queueing N+1); that frame's row for it is computed and ignored, like a free row's."""
+        Pipelined, a request that ends in frame N is in frame N+1 too (the host learns of its end only
+        after queueing N+1); that frame's row for it is computed and ignored, like a free row's."""
         if not self._codec_faults.empty():
             raise self._codec_faults.get_nowait()  # the loop stops the engine for good (see _fail_for_good)
         timer = self.timer
@@ -526,13 +538,14 @@ class FastEngine:
                 self._admit(admitted, finished)
             timer.lap("prefill")
             running = list(self.scheduler.running)
-            previous, self._in_flight = self._in_flight, self._launch_frame(running) if running else None
+            launched = self._launch_frame(running, ahead=self._in_flight) if running else None
             timer.lap("launch")
-            if previous is not None and previous.live:
-                chunks = self._stream_chunks(self._collect_frame(previous, finished))
-                self.steps += 1
-            if self._in_flight is not None and not self._in_flight.live:
-                self._in_flight = None  # everyone in it just left: nobody reads it
+            previous = self._in_flight if self.pipeline else launched
+            self._in_flight = launched if self.pipeline else None
+            if previous is not None:
+                chunks = self._read_frame(previous, finished)
+            if self._in_flight is not None and not self._live(self._in_flight):
+                self._drop_in_flight()  # everyone in it just left: nobody reads it
         except BaseException as exc:
             # Requests already released this step (cancelled, or finished before the failure) are
             # no longer running, so `_fail_all` will not see them: fail them here.
@@ -628,7 +641,24 @@ class FastEngine:
         mark_seen(seen, code0)
         return code0
 
-    def _launch_frame(self, running: list[Sequence]) -> PendingFrame:
+    def _read_frame(self, frame: PendingFrame, finished: list[Sequence]) -> list[CodecJob]:
+        """Read a queued frame for its requests still running (if any) and make their stream chunks."""
+        if not self._live(frame):
+            self.readback.forget(frame)
+            return []
+        self.steps += 1
+        return self._stream_chunks(self._collect_frame(frame, finished))
+
+    @staticmethod
+    def _live(frame: PendingFrame) -> bool:
+        """Whether any request of `frame` still wants it (all may have left since it was queued)."""
+        return any(seq.status is SequenceStatus.RUNNING for seq in frame.running)
+
+    def _drop_in_flight(self) -> None:
+        self.readback.forget(self._in_flight)
+        self._in_flight = None
+
+    def _launch_frame(self, running: list[Sequence], ahead: PendingFrame | None) -> PendingFrame:
         """Queue one frame for every running request (rows 0..n-1) and the copy of its output to the host
         right behind it; returns without waiting for either (see `_collect_frame`)."""
         n = len(running)
@@ -636,22 +666,23 @@ class FastEngine:
         if self.on_step is not None:
             self.on_step(n)
         size = next(b for b in self.buckets if b >= n)
-        kv_len = next(k for k in self.kv_buckets if k >= self._positions_read(running))
+        kv_len = next(k for k in self.kv_buckets if k >= self._positions_read(running, ahead))
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
         plans = (
             SamplingPlan.of([o.do_sample for o in opts], [o.top_k for o in opts]),
             SamplingPlan.of([o.subtalker_do_sample for o in opts], [o.subtalker_top_k for o in opts]),
         )
-        started = self.readback.begin()
-        return self.readback.queue(running, self._run_frame(size, kv_len, plans), started)
+        self.readback.begin()
+        return self.readback.queue(running, self._run_frame(size, kv_len, plans))
 
-    def _positions_read(self, running: list[Sequence]) -> int:
-        """KV positions the next frame reads: up to each row's own, which counts the frame in flight
-        (queued, not read yet) as well as the frames read. `submit`'s frame limit keeps it within
-        max_len even for a request whose last frame is in flight."""
-        ahead = set(self._in_flight.running) if self._in_flight is not None else set()
-        return max(seq.prompt_len + seq.num_frames + (seq in ahead) for seq in running) + 1
+    @staticmethod
+    def _positions_read(running: list[Sequence], ahead: PendingFrame | None) -> int:
+        """KV positions the next frame reads: up to each row's own, which counts the frame `ahead` (queued,
+        not read yet) as well as the frames read. `submit`'s frame limit keeps it within max_len even
+        for a request whose last frame is in flight."""
+        queued = set(ahead.running) if ahead is not None else set()
+        return max(seq.prompt_len + seq.num_frames + (seq in queued) for seq in running) + 1
 
     def _collect_frame(self, frame: PendingFrame, finished: list[Sequence]) -> list[Sequence]:
         """The one host read of the step (frames and EOS flags together) for the requests of `frame` still
@@ -728,7 +759,7 @@ class FastEngine:
         next_code0 = self._code0(logits, slice(size), next_step, talker_plan)
         rows.hidden[:size].copy_(hidden)
         rows.code0[:size].copy_(next_code0)
-        position.add_(1).clamp_(max=self.max_len - 1)  # only free rows ever reach the clamp
+        position.add_(1).clamp_(max=self.max_len - 1)  # only free and ignored rows ever reach the clamp
         rows.frame_index[:size].copy_(next_step)
         return torch.cat((frames, (next_code0 == self.eos_id)[:, None].long()), dim=1)
 

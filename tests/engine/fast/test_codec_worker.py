@@ -130,13 +130,15 @@ def streaming_seq(tts, item, frames: int, chunks: list, finished: list):
 @pytest.mark.parametrize("decoder", ["stateful", "context"])
 def test_streamed_chunks_come_early_in_ticks_and_add_up_to_the_whole_audio(load_tts, decoder):
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=4, max_len=256, stream_chunk_frames=4, stream_decoder=decoder)
+    engine = FastEngine(
+        tts, max_slots=4, max_len=256, stream_chunk_frames=4, stream_decoder=decoder, pipeline=True
+    )  # as on CUDA: a step reads the frame the step before queued
     chunks, finished = [], []
     seq = engine.submit(streaming_seq(tts, custom_items()[0], 23, chunks, finished))
-    engine.step()  # prefill (a newcomer joins from the next step)
-    engine.step()  # frame 1
+    engine.step()  # prefill, frame 1 queued
+    engine.step()  # frame 1 read
     assert chunks == []
-    engine.step()  # frame 2: the first chunk goes out at once
+    engine.step()  # frame 2 read: the first chunk goes out at once
     assert [len(c) for c in chunks] == [2 * 1920]
     run_to_end(engine, [seq])
     sizes = [len(c) // 1920 for c in chunks]

@@ -136,11 +136,12 @@ def test_greedy_codes_equal_the_reference_alone_and_in_a_mixed_batch(load_tts, c
         assert len(many.audio) == len(want) * 1920
 
 
-def test_requests_joining_and_leaving_mid_batch_keep_their_codes(load_tts, clone_voice):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_requests_joining_and_leaving_mid_batch_keep_their_codes(load_tts, clone_voice, pipeline):
     tts = load_tts(BASE)
     items = clone_items(clone_voice)
     expected = [reference_codes(tts, Mode.VOICE_CLONE, [item], GREEDY)[0] for item in items]
-    engine = FastEngine(tts, max_slots=2, max_len=512)  # fewer slots than requests: the third waits
+    engine = FastEngine(tts, max_slots=2, max_len=512, pipeline=pipeline)  # fewer slots than requests: the third waits
     first = engine.submit(make_seq(tts, Mode.VOICE_CLONE, items[2], GREEDY))
     for _ in range(3):
         engine.step()
@@ -197,11 +198,12 @@ def test_a_short_request_submitted_later_finishes_first(load_tts):
     assert short.num_frames == 4 and long.num_frames > 3 + 4
 
 
-def test_a_cancelled_request_frees_its_slot_and_the_others_continue_unchanged(load_tts):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_cancelled_request_frees_its_slot_and_the_others_continue_unchanged(load_tts, pipeline):
     tts = load_tts(CUSTOM)
     items = custom_items()
     expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items]
-    engine = FastEngine(tts, max_slots=3, max_len=512)
+    engine = FastEngine(tts, max_slots=3, max_len=512, pipeline=pipeline)
     seqs = [engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)) for item in (items[3], items[1], items[0])]
     engine.step()
     engine.step()
@@ -307,7 +309,8 @@ def test_a_throwaway_frame_under_preserved_rows_changes_nothing(load_tts):
 
 
 @pytest.mark.parametrize("move_bytes", [model_runner.MOVE_BYTES, 1], ids=["one copy", "a copy per layer"])
-def test_requests_leaving_in_any_order_keep_their_codes(load_tts, monkeypatch, move_bytes):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_requests_leaving_in_any_order_keep_their_codes(load_tts, pipeline, monkeypatch, move_bytes):
     """Rows are compacted whenever a request leaves; four requests of different lengths, one joining
     late, each still produce upstream's codes (rows moved in one copy, or layer by layer as when
     many long rows move at once)."""
@@ -319,7 +322,7 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts, monkeypatch, m
         reference_codes(tts, Mode.CUSTOM_VOICE, [item], dataclasses.replace(GREEDY, max_new_tokens=n + 1))[0]
         for item, n in zip(items, lengths, strict=True)
     ]
-    engine = FastEngine(tts, max_slots=3, max_len=512)
+    engine = FastEngine(tts, max_slots=3, max_len=512, pipeline=pipeline)
     seqs = []
     for item, n in zip(items, lengths, strict=True):
         seq = make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY)
@@ -331,36 +334,41 @@ def test_requests_leaving_in_any_order_keep_their_codes(load_tts, monkeypatch, m
         assert seq.num_frames == min(len(codes), seq.max_frames)
 
 
-def test_a_newcomer_joins_the_frame_queued_in_its_admission_step(load_tts):
-    """A step prefills arrivals, queues a frame for every running row, newcomers included, and reads the
-    frame the previous step queued (on the GPU the next frame runs while the host reads one): the newcomer's
-    first frame is read at the next step, and every request still produces upstream's codes."""
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_newcomer_joins_the_frame_queued_in_its_admission_step(load_tts, pipeline):
+    """A step prefills arrivals and queues a frame for every running row, newcomers included; it reads that
+    frame (on the CPU) or the one the previous step queued (pipelined, as on CUDA: the next frame runs while
+    the host reads one). Every request still produces upstream's codes."""
+    lag = int(pipeline)  # frames queued and not read yet after a step
     tts = load_tts(CUSTOM)
     items = custom_items()[:2]
     expected = [reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0] for item in items]
-    engine = FastEngine(tts, max_slots=4, max_len=512)
+    engine = FastEngine(tts, max_slots=4, max_len=512, pipeline=pipeline)
     first = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[0], GREEDY))
-    engine.step()  # prefill and frame 1 queued; nothing to read yet
-    assert first.status is SequenceStatus.RUNNING and first.num_frames == 0
+    engine.step()  # prefill and frame 1
+    assert first.status is SequenceStatus.RUNNING and first.num_frames == 1 - lag
     engine.step()
     second = engine.submit(make_seq(tts, Mode.CUSTOM_VOICE, items[1], GREEDY))
-    engine.step()  # the second one's prefill, a frame of two rows queued, the first one's frame 2 read
-    assert (first.num_frames, second.num_frames) == (2, 0) and second.status is SequenceStatus.RUNNING
+    engine.step()  # the second one's prefill, then a frame of two rows
+    assert (first.num_frames, second.num_frames) == (3 - lag, 1 - lag) and second.status is SequenceStatus.RUNNING
     engine.step()
-    assert (first.num_frames, second.num_frames) == (3, 1)
+    assert (first.num_frames, second.num_frames) == (4 - lag, 2 - lag)
     assert list(engine.batch_sizes) == [1, 1, 2, 2]
     run_to_end(engine, [first, second])
     for seq, codes in zip((first, second), expected, strict=True):
         assert torch.equal(codes_of(seq), codes)
 
 
-def test_a_frame_is_read_after_the_next_one_is_queued(load_tts):
-    """The GPU never waits for the host between frames: when the host reads frame j, frame j+1 is already
-    queued. A request that ends in frame j is in frame j+1 too (its row computed and ignored), and it gets
-    exactly its own frames."""
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_frame_is_read_after_the_next_one_is_queued(load_tts, pipeline):
+    """Pipelined (the default on CUDA), the GPU never waits for the host between frames: when the host reads
+    frame j, frame j+1 is already queued. A request that ends in frame j is in frame j+1 too (its row computed
+    and ignored), and it gets exactly its own frames. On the CPU a step reads the frame it queued: a frame
+    has run by the time it is queued, and reading it later would only delay it."""
+    lag = int(pipeline)
     tts = load_tts(CUSTOM)
     item = custom_items()[0]
-    engine = FastEngine(tts, max_slots=2, max_len=512)
+    engine = FastEngine(tts, max_slots=2, max_len=512, pipeline=pipeline)
     queued_when_read: list[int] = []
     seq = make_seq(
         tts, Mode.CUSTOM_VOICE, item, GREEDY, on_frame=lambda s, f: queued_when_read.append(len(engine.batch_sizes))
@@ -368,7 +376,7 @@ def test_a_frame_is_read_after_the_next_one_is_queued(load_tts):
     seq.max_frames = 5
     engine.submit(seq)
     run_to_end(engine, [seq])
-    assert queued_when_read == [2, 3, 4, 5, 6]
+    assert queued_when_read == [j + lag for j in range(1, 6)]
     assert seq.num_frames == 5 and seq.finish_reason is FinishReason.LENGTH
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0]
     assert torch.equal(codes_of(seq), expected[:5])
