@@ -78,7 +78,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import peers
-from qwen_tts_server.engine.fast.timing import STEP_PARTS
+from qwen_tts_server.engine.fast.timing import REQUEST_PHASES, STEP_PARTS
 
 T_START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
@@ -392,7 +392,8 @@ def ms(value: float | None) -> float | None:
 
 async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
     """The server's fast-engine counters from /metrics (summed over models and devices): steps, seconds per
-    part of the loop, and the batch-size histogram's sum and count. Empty if /metrics cannot be read."""
+    part of the loop, the batch-size histogram's sum and count, and finished requests with their seconds per
+    phase. Empty if /metrics cannot be read."""
     if client is None:
         return {}
     try:
@@ -408,6 +409,10 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
                 key = sample.labels["part"]
             elif sample.name in ("qtts_batch_size_sum", "qtts_batch_size_count"):
                 key = sample.name.removeprefix("qtts_")
+            elif sample.name == "qtts_engine_request_phase_seconds_sum":
+                key = REQUEST_KEY + sample.labels["phase"]
+            elif sample.name == "qtts_engine_request_phase_seconds_count" and sample.labels["phase"] == "queue":
+                key = REQUESTS  # every phase counts the same requests
             elif sample.name == "qtts_gc_pause_seconds_total":
                 key = "gc"
             elif sample.name == "qtts_gc_long_pauses_total":
@@ -426,16 +431,23 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
         return None
     delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
     batches = delta.get("batch_size_count", 0.0)
+    per_request = {k: delta.pop(k) for k in list(delta) if k.startswith(REQUEST_KEY)}
+    requests = delta.pop(REQUESTS, 0.0)
     parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", LONG_GC, *BATCH_KEYS)}
     return {
         "steps": int(steps),
         "mean_batch": round(delta.get("batch_size_sum", 0.0) / batches, 1) if batches else None,
         "ms_per_step": parts,
         "long_gc_pauses": int(delta[LONG_GC]) if LONG_GC in delta else None,
+        "requests": int(requests),
+        "ms_per_request": {k.removeprefix(REQUEST_KEY): round(1000 * v / requests, 1) for k, v in per_request.items()}
+        if requests
+        else None,
     }
 
 
 BATCH_KEYS = ("batch_size_sum", "batch_size_count")
+REQUEST_KEY, REQUESTS = "request_", "requests"  # finished requests' seconds per phase, and how many
 LONG_GC = "gc_long_pauses"  # the server's garbage-collector pauses of 50 ms or more (a count, not seconds)
 
 
@@ -857,6 +869,21 @@ def profile_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def request_table(data: dict[str, Any]) -> str:
+    """Per run, where a finished request's time went on the server, mean milliseconds per phase (see
+    `engine.fast.timing.RequestPhases`); empty when no run has them."""
+    profiles = [(key, s.get("step_profile") or {}) for key, s in data["sections"].items()]
+    rows = [(key, p) for key, p in profiles if p.get("ms_per_request")]
+    if not rows:
+        return ""
+    head = ["run", "requests", *REQUEST_PHASES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, p in rows:
+        cells = [key, p["requests"], *(fmt(p["ms_per_request"].get(x)) for x in REQUEST_PHASES)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, Any]]:
     m = data["metrics"]
     c = data["settings"]["headline_concurrency"]
@@ -955,6 +982,18 @@ def markdown(data: dict[str, Any]) -> str:
             "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more.",
             "",
             profile,
+            "",
+        ]
+    requests = request_table(data)
+    if requests:
+        out += [
+            "Where a finished request's time went on the server (the same counters; mean milliseconds a request): "
+            "queue (submit to admission: a free row and the admission wait), first_frame (admission to its first "
+            "frame read), frames (first to last frame), tail (last frame to its last audio handed out). Under a "
+            "closed loop every phase but frames is time a row could serve someone; HTTP and prompt building come "
+            "before the queue.",
+            "",
+            requests,
             "",
         ]
     return "\n".join(out + report_footer(data))

@@ -6,13 +6,14 @@ import weakref
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from .collector import PAUSES
 
-# One fast engine's counters: (model, device, steps, seconds per part of its loop).
-EngineReport = tuple[str, str, int, dict[str, float]]
+# One fast engine's counters: (model, device, steps, seconds per part of its loop, and its finished requests:
+# how many, and their seconds summed per phase, see engine.fast.timing.RequestPhases).
+EngineReport = tuple[str, str, int, dict[str, float], tuple[int, dict[str, float]]]
 
 
 class EngineCollector(Collector):
@@ -32,16 +33,25 @@ class EngineCollector(Collector):
             "deliver), the frames' GPU time (gpu_frame), the codec thread's host time (codec)",
             labels=["model", "device", "part"],
         )
+        phases = SummaryMetricFamily(
+            "qtts_engine_request_phase_seconds",
+            "Fast engine: where finished requests' time went, submit to finish: queue (to admission), first_frame "
+            "(admission to first frame), frames (first to last frame), tail (last frame to its last audio out)",
+            labels=["model", "device", "phase"],
+        )
         for ref in self.sources:
             source = ref()
             if source is None:  # that engine is gone
                 continue
-            for model, device, count, parts in source():
+            for model, device, count, parts, (requests, phase_seconds) in source():
                 steps.add_metric([model, device], count)
                 for part, value in parts.items():
                     seconds.add_metric([model, device, part], value)
+                for phase, value in phase_seconds.items():
+                    phases.add_metric([model, device, phase], count_value=requests, sum_value=value)
         yield steps
         yield seconds
+        yield phases
 
 
 class Metrics:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
 from .support import error_of, sine_wav
 
 
@@ -25,6 +29,23 @@ def test_metrics_count_requests_audio_and_loads(client):
         assert name in text
     assert 'qtts_model_loads_total{model="Qwen3-TTS-12Hz-1.7B-CustomVoice",result="ok"} 1.0' in text
     assert 'route="/api/v1/custom-voice",status="200"' in text
+
+
+def test_metrics_say_where_a_finished_requests_time_went(client):
+    """Per model, the fast engine's finished requests: how many, and their seconds from submit to finish in
+    four phases (queue, first frame, frames, tail), which together fit inside the request's own time."""
+    t0 = time.perf_counter()
+    assert client.post("/api/v1/custom-voice", json={"text": "Time me.", "speaker": "ryan"}).status_code == 200
+    wall = time.perf_counter() - t0
+    phases = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name == "qtts_engine_request_phase_seconds":
+            for sample in family.samples:
+                phases.setdefault(sample.labels["phase"], {})[sample.name.rsplit("_", 1)[1]] = sample.value
+    assert set(phases) == {"queue", "first_frame", "frames", "tail"}
+    assert all(p["count"] == 1 for p in phases.values())
+    assert all(p["sum"] >= 0 for p in phases.values()) and phases["frames"]["sum"] > 0
+    assert sum(p["sum"] for p in phases.values()) <= wall
 
 
 def test_a_load_freezes_its_objects_out_of_the_collector_and_metrics_count_its_pauses(make_client):

@@ -92,6 +92,12 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
         assert s["ok"] == s["requests"] > 0 and s["exact_lengths"], (name, s)
         assert 0 < s["ttfa_ms_p50"] <= s["latency_ms_p50"], (name, s)
     assert sections["stream_single"]["audio_s_expected"] == pytest.approx(0.48)
+    # The server's own account of each finished request (its /metrics phases) fits inside the client's latency.
+    for name in ("stream_single", "whole_single"):
+        s = sections[name]
+        profile = s["step_profile"]
+        assert profile["requests"] == s["requests"], (name, profile)
+        assert 0 < sum(profile["ms_per_request"].values()) <= s["latency_ms_p95"], (name, profile, s)
     # The first audio byte of a stream comes before its end (when the server streams that route).
     if report["api"]["streamed"]:
         assert sections["stream_single"]["ttfa_ms_median"] < sections["stream_single"]["latency_ms_median"]
@@ -110,3 +116,4 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     text = docs.read_text()
     assert DOCS_START in text and DOCS_END in text and report["commit"] in text
     assert "| reference | tiny-CustomVoice |" in text
+    assert "| run | requests | queue | first_frame | frames | tail |" in text

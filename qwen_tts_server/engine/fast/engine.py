@@ -24,6 +24,7 @@ new one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import queue
@@ -54,7 +55,7 @@ from .sampler import PLANS, SORT_ROWS_MAX, Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import AudioStream, Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
-from .timing import STEP_PARTS, PhaseTimer
+from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,13 @@ def _on_stream(stream: Any) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-def finish_sequence(seq: Sequence, reason: FinishReason) -> None:
-    """Mark a request finished and tell its owner. A plain function, not a method: the codec thread
-    that calls it then holds no reference to the engine."""
+def finish_sequence(seq: Sequence, reason: FinishReason, phases: RequestPhases | None = None) -> None:
+    """Mark a request finished, count where its time went (`phases`), and tell its owner. A plain function,
+    not a method: the codec thread that calls it then holds no reference to the engine."""
     seq.status = SequenceStatus.FINISHED
     seq.finish_reason = reason
+    if phases is not None and reason is not FinishReason.CANCELLED and seq.error is None:
+        phases.record(seq, time.perf_counter())
     if seq.on_finish is not None:
         try:
             seq.on_finish(seq)
@@ -207,6 +210,9 @@ class FastEngine:
             codec_faults.put(exc)
             wake.set()
 
+        # Where finished requests' time went (metrics); filled where they finish, on either thread.
+        self.request_phases = RequestPhases()
+        self._finish = functools.partial(finish_sequence, phases=self.request_phases)
         self.codec_worker = CodecWorker(
             self.codec,
             chunks,
@@ -215,7 +221,7 @@ class FastEngine:
             wait_s=codec_wait_s,
             running=lambda: len(scheduler.running),
             streams=lambda: sum(seq.stream is not None for seq in list(scheduler.running)),
-            finish=finish_sequence,
+            finish=self._finish,
             device_fault=device_fault,
         )
         self.steps = 0
@@ -705,6 +711,7 @@ class FastEngine:
                 except Exception:  # a caller's callback must not take the step down
                     log.exception("on_frame callback failed")
             if eos_host[i] or seq.num_frames >= seq.max_frames:
+                seq.last_frame_at = now
                 self.scheduler.release(seq)
                 seq.finish_reason = FinishReason.EOS if eos_host[i] else FinishReason.LENGTH
                 finished.append(seq)
@@ -819,5 +826,3 @@ class FastEngine:
             else:
                 self._finish(seq, seq.finish_reason or FinishReason.CANCELLED)
         self.codec_worker.put(jobs)
-
-    _finish = staticmethod(finish_sequence)

@@ -83,10 +83,11 @@ class Sequence:
     audio: object = None  # float32 samples once decoded
     error: BaseException | None = None
     ready: Any = None  # CUDA event recorded at submit: the prompt's tensors are ready on the GPU
-    # time.perf_counter() at submit, admission (prefill) and first frame: where first-frame latency goes.
+    # time.perf_counter() at submit, admission (prefill), first and last frame read (timing.RequestPhases).
     submitted_at: float | None = None
     admitted_at: float | None = None
     first_frame_at: float | None = None
+    last_frame_at: float | None = None
 
     @property
     def prompt_len(self) -> int:

@@ -11,7 +11,13 @@ around it), which grows when other work (codec decode, another model) shares the
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
 
 STEP_PARTS = ("admit", "prefill", "launch", "gpu_wait", "deliver")
 
@@ -30,3 +36,34 @@ class PhaseTimer:
         now = time.perf_counter()
         self.seconds[part] += now - self._last
         self._last = now
+
+
+# Where a request's time goes, submit to finish (seconds summed over requests; see RequestPhases).
+REQUEST_PHASES = ("queue", "first_frame", "frames", "tail")
+
+
+class RequestPhases:
+    """Where requests' time goes between submit and finish, summed over those that ended with their frames
+    (EOS or their limit; not cancelled, not failed): queue (submit to admission: a free row and the admission wait),
+    first_frame (admission to its first frame read: prefill and the first frame), frames (first frame read to
+    last), tail (last frame read to finished: its last audio decoded and handed out). Under a closed loop of
+    clients every phase but `frames` is time a row could be serving someone. Written by the step and codec
+    threads, read by metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.seconds = dict.fromkeys(REQUEST_PHASES, 0.0)
+
+    def record(self, seq: Sequence, now: float) -> None:
+        marks = (seq.submitted_at, seq.admitted_at, seq.first_frame_at, seq.last_frame_at, now)
+        if any(mark is None for mark in marks):
+            return
+        with self._lock:
+            self.count += 1
+            for phase, (start, end) in zip(REQUEST_PHASES, itertools.pairwise(marks), strict=True):
+                self.seconds[phase] += end - start  # type: ignore[operator]
+
+    def snapshot(self) -> tuple[int, dict[str, float]]:
+        with self._lock:
+            return self.count, dict(self.seconds)

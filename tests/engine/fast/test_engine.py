@@ -22,6 +22,7 @@ from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import FastRuntime, resolve_sampling
 from qwen_tts_server.engine.fast.sampler import SamplingPlan
 from qwen_tts_server.engine.fast.sequence import FinishReason, Sequence, SequenceStatus
+from qwen_tts_server.engine.fast.timing import REQUEST_PHASES
 from qwen_tts_server.engine.reference import ReferenceRunner
 from qwen_tts_server.engine.registry import LoadedModel, describe
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
@@ -380,6 +381,25 @@ def test_a_frame_is_read_after_the_next_one_is_queued(load_tts, pipeline):
     assert seq.num_frames == 5 and seq.finish_reason is FinishReason.LENGTH
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, [item], GREEDY)[0]
     assert torch.equal(codes_of(seq), expected[:5])
+
+
+def test_finished_requests_count_where_their_time_went_and_cancelled_ones_do_not(load_tts):
+    """`request_phases` (for /metrics) sums each finished request's submit-to-finish time in four phases;
+    a cancelled request is not counted."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=512)
+    kept = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
+    kept.max_frames = 4
+    gone = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[1], GREEDY)
+    engine.submit(kept), engine.submit(gone)
+    engine.step()
+    engine.cancel(gone)
+    run_to_end(engine, [kept, gone])
+    count, seconds = engine.request_phases.snapshot()
+    assert count == 1 and set(seconds) == set(REQUEST_PHASES)
+    assert kept.submitted_at <= kept.admitted_at <= kept.first_frame_at < kept.last_frame_at
+    assert seconds["frames"] == pytest.approx(kept.last_frame_at - kept.first_frame_at)
+    assert seconds["queue"] == pytest.approx(kept.admitted_at - kept.submitted_at) and seconds["tail"] >= 0
 
 
 def test_a_failed_prefill_fails_only_its_own_requests(load_tts):
