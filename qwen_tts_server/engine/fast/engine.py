@@ -661,6 +661,7 @@ class FastEngine:
         return any(seq.status is SequenceStatus.RUNNING for seq in frame.running)
 
     def _drop_in_flight(self) -> None:
+        """Nobody reads the frame in flight (its requests left, or all failed): free its buffer."""
         self.readback.forget(self._in_flight)
         self._in_flight = None
 

@@ -3,8 +3,8 @@
 A step is admit (the inbox and row compaction) -> prefill (admitting newcomers and their prefill) ->
 launch (the frame's graph replay or eager kernels, not waited for) -> gpu_wait (the one host read, of the
 frame the previous step queued: it waits for that frame to finish) -> deliver (callbacks, stream chunks,
-hand-off to the codec thread). The GPU runs the previous frame meanwhile, so the host's parts cost the
-streams nothing while they take less than a frame. If `gpu_wait` dominates, the step is GPU-bound; if the
+hand-off to the codec thread). On CUDA the GPU runs the previous frame meanwhile, so the host's parts cost
+the streams nothing while they take less than a frame. If `gpu_wait` dominates, the step is GPU-bound; if the
 others do, the host (Python, the GIL) is. `gpu_frame` is the frame's own duration on the GPU (CUDA events
 around it), which grows when other work (codec decode, another model) shares the GPU.
 """
@@ -44,11 +44,11 @@ REQUEST_PHASES = ("queue", "first_frame", "frames", "tail")
 
 class RequestPhases:
     """Where requests' time goes between submit and finish, summed over those that ended with their frames
-    (EOS or their limit; not cancelled, not failed): queue (submit to admission: a free row and the admission wait),
-    first_frame (admission to its first frame read: prefill and the first frame), frames (first frame read to
-    last), tail (last frame read to finished: its last audio decoded and handed out). Under a closed loop of
-    clients every phase but `frames` is time a row could be serving someone. Written by the step and codec
-    threads, read by metrics."""
+    (EOS or their limit; not cancelled, not failed): queue (submit to admission: a free row and the admission
+    wait), first_frame (admission to its first frame read: prefill and the first frame), frames (first frame
+    read to last), tail (last frame read to finished: its last audio decoded and handed out). Under a closed
+    loop of clients every phase but `frames` is time a row could be serving someone. Written by the step and
+    codec threads, read by metrics."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
