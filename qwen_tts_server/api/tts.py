@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -34,6 +35,8 @@ from .schemas import (
 )
 from .speech import Speech
 from .streaming import audio_stream_response
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1", tags=["synthesis"], route_class=OffLoopJSONRoute)
 
@@ -150,9 +153,7 @@ async def _whole(
     loaded = time.perf_counter()
     results = await Speech(svc.engine, model, plan.mode, sampling).whole(items)
     generated = time.perf_counter()
-    out = await asyncio.gather(
-        *(asyncio.to_thread(_store, request, svc, body, i, ids[i], result, inline) for i, result in enumerate(results))
-    )
+    out = await _store_all(request, svc, body, ids, results, inline)
     done = time.perf_counter()
     return SynthesisResponse(
         model=model.name,
@@ -166,6 +167,30 @@ async def _whole(
         performance=round(done - started, 4),
         warnings=warnings or None,
     )
+
+
+async def _store_all(
+    request: Request, svc, body: SynthesisOptions, ids: list[str | None], results: list[SynthesisResult], inline: bool
+) -> list[AudioItem]:
+    """Store every item's output, or none: if one cannot be stored (a full disk), the ones that were are
+    deleted again, so the error the client gets leaves no files behind that it was never told of."""
+    stored = await asyncio.gather(
+        *(asyncio.to_thread(_store, request, svc, body, i, ids[i], result, inline) for i, result in enumerate(results)),
+        return_exceptions=True,
+    )
+    failures = [item for item in stored if isinstance(item, BaseException)]
+    if not failures:
+        return stored  # type: ignore[return-value]
+    await asyncio.to_thread(_delete_outputs, svc.files, [item for item in stored if isinstance(item, AudioItem)])
+    raise failures[0]
+
+
+def _delete_outputs(files, items: list[AudioItem]) -> None:
+    for item in items:
+        try:
+            files.delete(item.file_id)
+        except Exception:  # it expires with its TTL anyway; the client gets the store's own error
+            log.warning("could not delete output %s after a failed store", item.file_id, exc_info=True)
 
 
 def _store(

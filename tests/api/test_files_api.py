@@ -92,6 +92,21 @@ def test_a_full_disk_is_a_507_that_says_so_and_leaves_nothing_behind(make_client
     assert client.get(f"/api/v1/files/{file_id}/content").content == sine_wav(1.5)
 
 
+def test_a_request_whose_outputs_do_not_all_fit_leaves_none_of_them(make_client, small_disk):
+    """Five outputs of 12-20 KB each (greedy: the tiny checkpoint ends them after 3-5 frames), stored at once
+    on a 32 KiB files folder: one or two fit, the others do not. The request is a 507 and the outputs that
+    were stored are deleted again, so nothing is left that the client was never told of; the room they took
+    is free for the next request."""
+    data_dir = make_client.tmp / "data"
+    files = small_disk(data_dir / "files", 32)
+    client = make_client(data_dir=data_dir)
+    body = {"speaker": "ryan", "do_sample": False, "subtalker_do_sample": False, "response_format": "wav"}
+    response = client.post("/api/v1/custom-voice", json=body | {"text": ["One.", "Two.", "Three.", "Four.", "Five."]})
+    assert response.status_code == 507 and error_of(response)["type"] == "storage_full", response.text
+    assert list(files.iterdir()) == []
+    assert client.post("/api/v1/custom-voice", json=body | {"text": "One."}).status_code == 200
+
+
 def test_a_full_database_disk_is_a_507_too(make_client, small_disk):
     """SQLite's file on a real 512 KiB filesystem (the files folder elsewhere): uploads fill its log until
     SQLite answers SQLITE_FULL; that upload is a 507 `storage_full`, not a 500, and reads still work."""
