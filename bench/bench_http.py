@@ -425,7 +425,9 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
 
 def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
     """Where the server's step time went during a run: steps, mean batch, and milliseconds per step in each
-    part of the engine loop (host time of the step thread, the frame's GPU time, the codec thread's host time)."""
+    part of the engine loop (host time of the step thread, the frame's GPU time, the codec thread's host time);
+    then the requests the engine finished in the run and their mean milliseconds per phase (an engine request
+    is one utterance: a WebSocket session or a text split into segments counts one per segment)."""
     steps = after.get("steps", 0.0) - before.get("steps", 0.0)
     if steps <= 0:
         return None
@@ -441,7 +443,7 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "long_gc_pauses": int(delta[LONG_GC]) if LONG_GC in delta else None,
         "requests": int(requests),
         "ms_per_request": {k.removeprefix(REQUEST_KEY): round(1000 * v / requests, 1) for k, v in per_request.items()}
-        if requests
+        if requests > 0
         else None,
     }
 

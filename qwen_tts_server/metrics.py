@@ -17,8 +17,8 @@ EngineReport = tuple[str, str, int, dict[str, float], tuple[int, dict[str, float
 
 
 class EngineCollector(Collector):
-    """The fast engines' step counts and loop seconds per part, read from the engines at scrape time
-    (they count on their own threads; nothing is pushed per step)."""
+    """The fast engines' step counts, loop seconds per part and finished requests' phases, read from the
+    engines at scrape time (they count on their own threads; nothing is pushed per step)."""
 
     def __init__(self) -> None:
         self.sources: list[weakref.WeakMethod[Callable[[], list[EngineReport]]]] = []  # engines' report methods

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -35,6 +37,10 @@ from .schemas import (
 )
 from .speech import Speech
 from .streaming import audio_stream_response
+
+if TYPE_CHECKING:
+    from ..storage.files import FileRegistry
+    from .services import Services
 
 log = logging.getLogger(__name__)
 
@@ -170,26 +176,54 @@ async def _whole(
 
 
 async def _store_all(
-    request: Request, svc, body: SynthesisOptions, ids: list[str | None], results: list[SynthesisResult], inline: bool
+    request: Request,
+    svc: Services,
+    body: SynthesisOptions,
+    ids: list[str | None],
+    results: list[SynthesisResult],
+    inline: bool,
 ) -> list[AudioItem]:
     """Store every item's output, or none: if one cannot be stored (a full disk), the ones that were are
-    deleted again, so the error the client gets leaves no files behind that it was never told of."""
-    stored = await asyncio.gather(
+    deleted again, so the error the client gets leaves no files behind that it was never told of. The same
+    when the request is cancelled (client gone, deadline) while storing: the stores finish in their threads,
+    then what they stored goes."""
+    stores = asyncio.gather(
         *(asyncio.to_thread(_store, request, svc, body, i, ids[i], result, inline) for i, result in enumerate(results)),
         return_exceptions=True,
     )
-    failures = [item for item in stored if isinstance(item, BaseException)]
-    if not failures:
-        return stored  # type: ignore[return-value]
-    await asyncio.to_thread(_delete_outputs, svc.files, [item for item in stored if isinstance(item, AudioItem)])
-    raise failures[0]
+    try:
+        outcomes = await asyncio.shield(stores)
+    except asyncio.CancelledError:
+        stores.add_done_callback(functools.partial(_delete_when_stored, svc.files))
+        raise
+    stored = [item for item in outcomes if isinstance(item, AudioItem)]
+    if len(stored) == len(outcomes):
+        return stored
+    failures = [item for item in outcomes if isinstance(item, BaseException)]
+    for other in failures[1:]:
+        log.warning("storing another output of the request failed too", exc_info=other)
+    await asyncio.to_thread(_delete_outputs, svc.files, stored)
+    error = failures[0]
+    try:
+        raise error
+    finally:
+        del error, failures, outcomes  # the traceback holds this frame: no cycle through it
 
 
-def _delete_outputs(files, items: list[AudioItem]) -> None:
+def _delete_when_stored(files: FileRegistry, stores: asyncio.Future[list[AudioItem | BaseException]]) -> None:
+    """After a cancelled request's stores finished: delete what they stored, off the event loop."""
+    if not stores.cancelled():
+        stored = [item for item in stores.result() if isinstance(item, AudioItem)]
+        asyncio.get_running_loop().run_in_executor(None, _delete_outputs, files, stored)
+
+
+def _delete_outputs(files: FileRegistry, items: list[AudioItem]) -> None:
+    """Delete outputs the client was never told of. A failure only logs: the file expires with its TTL, and
+    the client gets the error that made the request fail, not this one."""
     for item in items:
         try:
             files.delete(item.file_id)
-        except Exception:  # it expires with its TTL anyway; the client gets the store's own error
+        except Exception:
             log.warning("could not delete output %s after a failed store", item.file_id, exc_info=True)
 
 

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import types
+
+import numpy as np
+import pytest
+
+from qwen_tts_server.api import tts
+from qwen_tts_server.api.schemas import SynthesisOptions
+from qwen_tts_server.engine.types import SynthesisResult
+from qwen_tts_server.storage.database import sqlite_url
+from qwen_tts_server.storage.files import FileRegistry
 
 from .support import error_of, sine_wav, upload
 
@@ -92,7 +103,7 @@ def test_a_full_disk_is_a_507_that_says_so_and_leaves_nothing_behind(make_client
     assert client.get(f"/api/v1/files/{file_id}/content").content == sine_wav(1.5)
 
 
-def test_a_request_whose_outputs_do_not_all_fit_leaves_none_of_them(make_client, small_disk):
+def test_a_request_whose_outputs_do_not_all_fit_leaves_none_of_them(make_client, small_disk, monkeypatch):
     """Five outputs of 12-20 KB each (greedy: the tiny checkpoint ends them after 3-5 frames), stored at once
     on a 32 KiB files folder: one or two fit, the others do not. The request is a 507 and the outputs that
     were stored are deleted again, so nothing is left that the client was never told of; the room they took
@@ -100,10 +111,17 @@ def test_a_request_whose_outputs_do_not_all_fit_leaves_none_of_them(make_client,
     data_dir = make_client.tmp / "data"
     files = small_disk(data_dir / "files", 32)
     client = make_client(data_dir=data_dir)
+    deleted, delete = [], FileRegistry.delete
+
+    def counted_delete(self, file_id):
+        deleted.append(file_id)
+        delete(self, file_id)
+
+    monkeypatch.setattr(FileRegistry, "delete", counted_delete)
     body = {"speaker": "ryan", "do_sample": False, "subtalker_do_sample": False, "response_format": "wav"}
     response = client.post("/api/v1/custom-voice", json=body | {"text": ["One.", "Two.", "Three.", "Four.", "Five."]})
     assert response.status_code == 507 and error_of(response)["type"] == "storage_full", response.text
-    assert list(files.iterdir()) == []
+    assert deleted and list(files.iterdir()) == [], "no output fitted: the test proved nothing"
     assert client.post("/api/v1/custom-voice", json=body | {"text": "One."}).status_code == 200
 
 
@@ -124,3 +142,37 @@ def test_a_full_database_disk_is_a_507_too(make_client, small_disk):
     assert response.status_code == 507, response.text
     assert error_of(response)["type"] == "storage_full"
     assert client.get(f"/api/v1/files/{stored[0]}/content").content == wav
+
+
+def test_outputs_stored_while_their_request_is_cancelled_are_deleted(tmp_path, monkeypatch):
+    """A request cancelled (client gone, deadline) while its outputs are being stored: the stores finish in
+    their threads, and what they stored is deleted, since nobody will ever be told of it."""
+    files = FileRegistry(tmp_path / "files", sqlite_url(tmp_path / "registry.sqlite3"), default_ttl_s=3600.0)
+    store, stored = tts._store, []
+
+    def slow_store(*args):
+        time.sleep(0.3)  # the cancel lands while the real store below runs
+        item = store(*args)
+        stored.append(item.file_id)
+        return item
+
+    monkeypatch.setattr(tts, "_store", slow_store)
+    monkeypatch.setattr(tts, "file_url", lambda request, file_id, expires_at: f"/api/v1/files/{file_id}")
+    svc = types.SimpleNamespace(files=files)
+    body = SynthesisOptions(response_format="wav")
+    results = [SynthesisResult(np.zeros(2400, dtype=np.float32), 24000, 1) for _ in range(3)]
+
+    async def cancel_while_storing() -> None:
+        task = asyncio.create_task(tts._store_all(None, svc, body, [None] * 3, results, False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the stores finish, then their outputs are deleted off the event loop
+            await asyncio.sleep(0.05)
+            if len(stored) == 3 and not files.list("output"):
+                break
+
+    asyncio.run(cancel_while_storing())
+    assert len(stored) == 3, "the stores did not run: nothing to delete"
+    assert files.list("output") == [] and list((tmp_path / "files").iterdir()) == []

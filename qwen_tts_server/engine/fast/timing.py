@@ -56,14 +56,18 @@ class RequestPhases:
         self.seconds = dict.fromkeys(REQUEST_PHASES, 0.0)
 
     def record(self, seq: Sequence, now: float) -> None:
-        marks = (seq.submitted_at, seq.admitted_at, seq.first_frame_at, seq.last_frame_at, now)
-        if any(mark is None for mark in marks):
+        """Add a request that finishes at `now`. One that never reached a mark (e.g. no frame read) has no
+        phases to split: it is left out."""
+        marks = [seq.submitted_at, seq.admitted_at, seq.first_frame_at, seq.last_frame_at, now]
+        times = [mark for mark in marks if mark is not None]
+        if len(times) < len(marks):
             return
         with self._lock:
             self.count += 1
-            for phase, (start, end) in zip(REQUEST_PHASES, itertools.pairwise(marks), strict=True):
-                self.seconds[phase] += end - start  # type: ignore[operator]
+            for phase, (start, end) in zip(REQUEST_PHASES, itertools.pairwise(times), strict=True):
+                self.seconds[phase] += end - start
 
     def snapshot(self) -> tuple[int, dict[str, float]]:
+        """How many requests were recorded, and their seconds per phase, read together."""
         with self._lock:
             return self.count, dict(self.seconds)

@@ -402,6 +402,24 @@ def test_finished_requests_count_where_their_time_went_and_cancelled_ones_do_not
     assert seconds["queue"] == pytest.approx(kept.admitted_at - kept.submitted_at) and seconds["tail"] >= 0
 
 
+def test_a_request_whose_audio_fails_to_decode_is_not_counted_as_finished(load_tts, monkeypatch):
+    """A request with all its frames whose decode fails (here: injected into the real engine's codec) ends
+    with an error: `request_phases` counts only requests that got their audio."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=512)
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
+    seq.max_frames = 3
+
+    def broken(batch):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(engine.codec, "decode", broken)
+    engine.submit(seq)
+    run_to_end(engine, [seq])
+    assert seq.last_frame_at is not None and isinstance(seq.error, RuntimeError)
+    assert engine.request_phases.snapshot()[0] == 0
+
+
 def test_a_failed_prefill_fails_only_its_own_requests(load_tts):
     """A step's prefill that raises (here: injected into the real engine's runner) fails the requests it was
     admitting; the one already running keeps its row and produces upstream's codes."""
