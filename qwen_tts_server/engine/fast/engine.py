@@ -584,9 +584,8 @@ class FastEngine:
         dst = to_device([m[2] for m in moves], self.device)
         text = max(seq.prompt.trailing.reshape(-1, self.rows.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
         self.rows.move(src, dst, text)
-        # KV positions written: one per prompt position and frame read, and one by the frame in flight
-        # (queued before these copies, so they copy what it writes).
-        written = max(seq.prompt_len + seq.num_frames for seq, _, _ in moves) + 1
+        # The frame in flight is queued before these copies, so they copy what it writes.
+        written = self._positions_written([seq for seq, _, _ in moves], self._in_flight)
         self.runner.move_rows(src, dst, min(written, self.max_len))
 
     def _admit(self, admitted: list[Sequence], finished: list[Sequence]) -> None:
@@ -673,7 +672,7 @@ class FastEngine:
         if self.on_step is not None:
             self.on_step(n)
         size = next(b for b in self.buckets if b >= n)
-        kv_len = next(k for k in self.kv_buckets if k >= self._positions_read(running, ahead))
+        kv_len = next(k for k in self.kv_buckets if k >= self._positions_written(running, ahead) + 1)  # + its own
         # Host-side facts about the batch's options let sampling skip work it does not need.
         opts = [s.sampling for s in running]
         plans = (
@@ -684,12 +683,13 @@ class FastEngine:
         return self.readback.queue(running, self._run_frame(size, kv_len, plans))
 
     @staticmethod
-    def _positions_read(running: list[Sequence], ahead: PendingFrame | None) -> int:
-        """KV positions the next frame reads: up to each row's own, which counts the frame `ahead` (queued,
-        not read yet) as well as the frames read. `submit`'s frame limit keeps it within max_len even
-        for a request whose last frame is in flight."""
+    def _positions_written(seqs: list[Sequence], ahead: PendingFrame | None) -> int:
+        """KV positions written so far in the rows of `seqs`, the most of any: the prompt's, one per frame
+        read, and one by the frame `ahead` (queued, not read yet) for the rows in it. A frame reads these
+        and writes the next; `submit`'s frame limit keeps that within max_len even for a request whose last
+        frame is in flight."""
         queued = set(ahead.running) if ahead is not None else set()
-        return max(seq.prompt_len + seq.num_frames + (seq in queued) for seq in running) + 1
+        return max(seq.prompt_len + seq.num_frames + (seq in queued) for seq in seqs)
 
     def _collect_frame(self, frame: PendingFrame, finished: list[Sequence]) -> list[Sequence]:
         """The one host read of the step (frames and EOS flags together) for the requests of `frame` still
