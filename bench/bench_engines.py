@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bench.tables import markdown_table
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.memory import WORKSPACE_BYTES, auto_slots, row_bytes
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
@@ -817,8 +818,7 @@ def results_table(results: dict[str, dict[str, Any]], concurrency: list[int]) ->
             cells += [r.get(f"audio_s_per_s_c{c}") for c in concurrency]
             cells += [r.get(f"ttff_ms_p95_c{top}"), r["peak_gib"]]
             rows.append([engine, label, *(fmt_cell(v) for v in cells)])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return markdown_table(head, rows)
 
 
 def fmt_cell(value: Any) -> str:

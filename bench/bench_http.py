@@ -78,6 +78,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import peers
+from bench.tables import markdown_table
 from qwen_tts_server.engine.fast.timing import REQUEST_PHASES, STEP_PARTS
 
 T_START = time.perf_counter()
@@ -836,7 +837,7 @@ def fmt(value: Any) -> str:
 def sections_table(data: dict[str, Any]) -> str:
     head = ["run", "clients", "requests", "audio-s/s", "first audio p50 / p95 ms", "latency p50 / p95 ms"]
     head += ["worst gap ms", "starved"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for key, s in data["sections"].items():
         mode, kind = key.split("_", 1)
         label = f"{ROW_LABELS.get(mode, mode)} {kind}"
@@ -847,8 +848,8 @@ def sections_table(data: dict[str, Any]) -> str:
         requests = f"{s.get('ok', 0)}/{s['requests']}"
         cells = [label, s["clients"], requests, fmt(s.get("audio_s_per_s")), first, latency]
         cells += [fmt(s.get("worst_gap_ms")) if streamed else "-", fmt(s.get("starved_streams")) if streamed else "-"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 PROFILE_PARTS = (*STEP_PARTS, "gpu_frame", "codec", "gc")  # the step thread's, the GPU's, codec's, collector's
@@ -861,14 +862,15 @@ def profile_table(data: dict[str, Any]) -> str:
     if not rows:
         return ""
     head = ["run", "steps", "mean batch", "step ms", *PROFILE_PARTS, "gc pauses >= 50 ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for key, p in rows:
         ms = p["ms_per_step"]
         step = sum(ms.get(part, 0.0) for part in STEP_PARTS)
-        cells = [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
-        cells.append(fmt(p.get("long_gc_pauses")))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        cells.append(
+            [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
+            + [fmt(p.get("long_gc_pauses"))]
+        )
+    return markdown_table(head, cells)
 
 
 def request_table(data: dict[str, Any]) -> str:
@@ -879,11 +881,9 @@ def request_table(data: dict[str, Any]) -> str:
     if not rows:
         return ""
     head = ["run", "requests", *REQUEST_PHASES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, p in rows:
-        cells = [key, p["requests"], *(fmt(p["ms_per_request"].get(x)) for x in REQUEST_PHASES)]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        head, ([key, p["requests"], *(fmt(p["ms_per_request"].get(x)) for x in REQUEST_PHASES)] for key, p in rows)
+    )
 
 
 def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, Any]]:

@@ -92,6 +92,7 @@ from bench.bench_http import (
     targets_table,
     update_docs,
 )
+from bench.tables import markdown_table
 
 DOCS_MARKERS = ("<!-- jobs-bench:start -->", "<!-- jobs-bench:end -->")
 MIB = 1024**2
@@ -448,23 +449,20 @@ def job_row(job: dict[str, Any]) -> list[str]:
 def job_table(data: dict[str, Any]) -> str:
     head = ["run", "items at once (max seen)", "done / failed", "wall s", "audio-s/s", "vs sync"]
     head += ["first item s", "event gap max / p99 ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if data.get("job"):
-        lines.append("| " + " | ".join(job_row(data["job"])) + " |")
-    return "\n".join(lines)
+    return markdown_table(head, [job_row(data["job"])] if data.get("job") else [])
 
 
 def memory_table(data: dict[str, Any]) -> str:
     head = ["stage", "models loaded", "server counts MiB", "GPU memory.used MiB", "server processes' GPU MiB"]
     head.append("server resident (host) MiB")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for snap in data.get("memory", []):
         label = MEMORY_STAGES.get(snap["stage"], snap["stage"])
         loaded = len(snap["loaded"]) if "loaded" in snap else "-"
         cells = [label, loaded, fmt(mib(snap.get("server_used_bytes")))]
         cells += [fmt(snap.get("gpu_used_mib")), fmt(snap.get("server_process_mib")), fmt(snap.get("server_rss_mib"))]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def tables(data: dict[str, Any]) -> str:

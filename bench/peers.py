@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_engines import PEER
+from bench.tables import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("reference", PEER)
@@ -100,12 +101,18 @@ def table(peers: dict[str, Any], fmt: Callable[[Any], str]) -> str:
     c = next(iter(engines.values()))["concurrency"]
     head = ["engine (in process, no HTTP)", "model", "x real time, one stream", "first audio ms, one stream"]
     head += [f"audio-s/s c{c}", f"first audio p95 ms c{c}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for engine, r in engines.items():
-        cells = [engine, r["model"], fmt(r["xrt_single"]), fmt(r["ttff_ms_single"])]
-        cells += [fmt(r["audio_s_per_s"]), fmt(r["ttff_ms_p95"])]
-        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [
+            engine,
+            r["model"],
+            fmt(r["xrt_single"]),
+            fmt(r["ttff_ms_single"]),
+            fmt(r["audio_s_per_s"]),
+            fmt(r["ttff_ms_p95"]),
+        ]
+        for engine, r in engines.items()
+    ]
+    return markdown_table(head, rows)
 
 
 def present(peers: dict[str, Any] | None) -> str | None:
