@@ -71,25 +71,11 @@ class RowState:
 
     def set_sampling(self, idx: Tensor | slice, options: list[SequenceSampling]) -> None:
         """Rows `idx`' options for the talker (codebook 0) and the code predictor (codebooks 1-15)."""
-        talker = {
-            "do_sample": [o.do_sample for o in options],
-            "temperature": [o.temperature for o in options],
-            "top_k": [o.top_k for o in options],
-            "top_p": [o.top_p for o in options],
-            "repetition_penalty": [o.repetition_penalty for o in options],
-            "seed": [o.seed for o in options],
-        }
-        sub = {
-            "do_sample": [o.subtalker_do_sample for o in options],
-            "temperature": [o.subtalker_temperature for o in options],
-            "top_k": [o.subtalker_top_k for o in options],
-            "top_p": [o.subtalker_top_p for o in options],
-            "repetition_penalty": [1.0] * len(options),
-            "seed": [o.seed for o in options],
-        }
-        for params, values in ((self.talker_params, talker), (self.sub_params, sub)):
+        talker = [o.talker_columns() for o in options]
+        predictor = [o.predictor_columns() for o in options]
+        for params, values in ((self.talker_params, talker), (self.sub_params, predictor)):
             for name, column in params.columns().items():
-                column[idx] = to_device(values[name], self.device, column.dtype)
+                column[idx] = to_device([v[name] for v in values], self.device, column.dtype)
 
     def release(self) -> None:
         """Let go of the large tensors (the engine stopped)."""

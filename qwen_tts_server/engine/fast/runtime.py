@@ -22,40 +22,32 @@ from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
 from .trace import StepTrace
 
-# Upstream's hard defaults, used where the checkpoint's generation_config says nothing.
-_DEFAULTS = {
-    "do_sample": True,
-    "temperature": 0.9,
-    "top_k": 50,
-    "top_p": 1.0,
-    "repetition_penalty": 1.05,
-    "subtalker_dosample": True,
-    "subtalker_temperature": 0.9,
-    "subtalker_top_k": 50,
-    "subtalker_top_p": 1.0,
-}
+_UPSTREAM = SequenceSampling()  # upstream's hard defaults
+_OPTIONS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "subtalker_do_sample",
+    "subtalker_temperature",
+    "subtalker_top_k",
+    "subtalker_top_p",
+)
+_CONFIG_NAMES = {"subtalker_do_sample": "subtalker_dosample"}  # how generation_config.json spells it
 
 
 def resolve_sampling(sampling: SamplingParams, generate_defaults: dict[str, Any]) -> SequenceSampling:
     """Request options over checkpoint defaults over upstream's; a missing seed is drawn at random."""
 
-    def pick(name: str, value: object) -> Any:
-        if value is not None:
-            return value
-        return generate_defaults.get(name, _DEFAULTS[name])
+    def pick(name: str) -> Any:
+        value = getattr(sampling, name)
+        if value is None:
+            value = generate_defaults.get(_CONFIG_NAMES.get(name, name), getattr(_UPSTREAM, name))
+        return type(getattr(_UPSTREAM, name))(value)  # bool, float or int, as the field is
 
-    return SequenceSampling(
-        do_sample=bool(pick("do_sample", sampling.do_sample)),
-        temperature=float(pick("temperature", sampling.temperature)),
-        top_k=int(pick("top_k", sampling.top_k)),
-        top_p=float(pick("top_p", sampling.top_p)),
-        repetition_penalty=float(pick("repetition_penalty", sampling.repetition_penalty)),
-        subtalker_do_sample=bool(pick("subtalker_dosample", sampling.subtalker_do_sample)),
-        subtalker_temperature=float(pick("subtalker_temperature", sampling.subtalker_temperature)),
-        subtalker_top_k=int(pick("subtalker_top_k", sampling.subtalker_top_k)),
-        subtalker_top_p=float(pick("subtalker_top_p", sampling.subtalker_top_p)),
-        seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
-    )
+    seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
+    return SequenceSampling(**{name: pick(name) for name in _OPTIONS}, seed=seed)
 
 
 class FastRuntime:

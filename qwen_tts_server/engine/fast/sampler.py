@@ -50,14 +50,15 @@ class RowSampling:
         rows: int,
         *,
         do_sample: bool | Sequence[bool] = True,
-        temperature: float | Sequence[float] = 0.9,
-        top_k: int | Sequence[int] = 50,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
         top_p: float | Sequence[float] = 1.0,
         repetition_penalty: float | Sequence[float] = 1.0,
         seed: int | Sequence[int] = 0,
         device: torch.device | str = "cpu",
     ) -> RowSampling:
-        """Build from scalars (same for every row) or per-row sequences; defaults are upstream's."""
+        """Build from scalars (same for every row) or per-row sequences. The defaults sample with no filter
+        (a table's first values); a request's options, upstream's defaults included, are `SequenceSampling`'s."""
 
         def col(value: Any, dtype: torch.dtype) -> Tensor:
             values = list(value) if isinstance(value, Sequence) else [value] * rows

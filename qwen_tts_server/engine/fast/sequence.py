@@ -26,7 +26,10 @@ class SequenceStatus(str, Enum):
 
 @dataclass(frozen=True)
 class SequenceSampling:
-    """Resolved decoding options of one request (checkpoint defaults already applied)."""
+    """Resolved decoding options of one request (checkpoint defaults already applied).
+
+    The field defaults are upstream's hard defaults, the one copy of them: what a request gets where neither
+    it nor the checkpoint's generation_config says (`runtime.resolve_sampling`)."""
 
     do_sample: bool = True
     temperature: float = 0.9
@@ -39,6 +42,28 @@ class SequenceSampling:
     subtalker_top_p: float = 1.0
     seed: int = 0
     min_frames: int = 0  # EOS is ignored before this many frames (benchmarks force exact lengths)
+
+    def talker_columns(self) -> dict[str, Any]:
+        """The options of codebook 0 (the talker), named as `RowSampling`'s columns."""
+        return {
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+        }
+
+    def predictor_columns(self) -> dict[str, Any]:
+        """The options of codebooks 1-15 (the code predictor): upstream applies no repetition penalty there."""
+        return {
+            "do_sample": self.subtalker_do_sample,
+            "temperature": self.subtalker_temperature,
+            "top_k": self.subtalker_top_k,
+            "top_p": self.subtalker_top_p,
+            "repetition_penalty": 1.0,
+            "seed": self.seed,
+        }
 
 
 @dataclass(eq=False)

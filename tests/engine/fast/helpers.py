@@ -20,10 +20,11 @@ from torch import Tensor
 from qwen_tts_server.engine.fast.model_runner import ModelRunner
 from qwen_tts_server.engine.fast.prompt import Prompt
 from qwen_tts_server.engine.fast.sampler import GENERIC_PLAN, RowSampling, Sampler, SamplingPlan
+from qwen_tts_server.engine.fast.sequence import SequenceSampling
 
 # Upstream's defaults (generation_config of the checkpoints); rows override some of them.
-TALKER_DEFAULTS = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05, seed=0)
-SUB_DEFAULTS = dict(do_sample=True, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.0, seed=0)
+TALKER_DEFAULTS = SequenceSampling().talker_columns()
+SUB_DEFAULTS = SequenceSampling().predictor_columns()
 
 
 @dataclass

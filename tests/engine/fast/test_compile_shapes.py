@@ -61,7 +61,7 @@ def test_compiled_sampler_serves_prefill_and_frame_inputs_with_one_compile() -> 
     sampler.enable_compile()
     plan = SamplingPlan(64)
     # The engine's per-row tables: made outside inference mode, once.
-    table = RowSampling.make(rows, do_sample=[True, False, True, True], seed=[1, 2, 3, 4])
+    table = RowSampling.make(rows, do_sample=[True, False, True, True], top_k=50, seed=[1, 2, 3, 4])
     seen = torch.zeros(rows, vocab, dtype=torch.bool)
     with torch.inference_mode():
         for size in (2, 1):
