@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from bench.bench_engines import build_speech_tokenizer, sync_device
+from qwen_tts_server.engine.fast.chunking import stream_chunk_sizes
 from qwen_tts_server.engine.fast.codec import CodecDecoder
-from qwen_tts_server.engine.fast.engine import batch_buckets, stream_chunk_sizes
+from qwen_tts_server.engine.fast.engine import batch_buckets
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
 

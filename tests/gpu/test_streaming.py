@@ -82,7 +82,7 @@ def measure(engine: FastEngine, exact_decoder: Any, r: Request) -> dict[str, Any
     whole = engine.codec.decode([codes])[0]
     with no_tf32(), torch.inference_mode():
         exact = exact_decoder(codes.T[None].to(engine.device))[0, 0].float().cpu().numpy()
-        exact_streamed = streamed_exactly(exact_decoder, codes, schedule(r.frames, engine.chunk_sizes))
+        exact_streamed = streamed_exactly(exact_decoder, codes, schedule(r.frames, engine.chunker.sizes))
     assert streamed.shape == whole.shape == exact.shape == (r.frames * engine.codec.samples_per_frame,), "lengths"
     return {
         "frames": r.frames,

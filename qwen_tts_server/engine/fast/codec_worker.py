@@ -8,7 +8,7 @@ kinds of job share each batch:
   that finished since the last decode; under load it waits up to `wait_s` for company, since the
   codec is several times more efficient eight rows at a time than one);
 - chunk: frames [start, end) of a streaming request. A chunk is urgent (decoded at once) unless
-  its stream is well ahead of real time (`patient`, see `FastEngine._stream_chunks`); a stream's
+  its stream is well ahead of real time (`patient`, see chunking); a stream's
   last chunk is always urgent. Patient chunks wait up to `wait_s` for other streams' while more
   streams run than are in hand: streams start at different steps, so each step hands over only the
   few whose chunk just filled (~5 of 64), and small groups cost the codec several times more GPU

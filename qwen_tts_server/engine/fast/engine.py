@@ -39,8 +39,9 @@ import torch
 from torch import Tensor
 
 from ...errors import EngineFailed, ModelUnavailable
-from ..types import FRAME_RATE_HZ, FinishReason
+from ..types import FinishReason
 from .capture import engine_stream
+from .chunking import StreamChunker, stream_chunk_sizes
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
 from .faults import as_seen_by_client, device_works, engine_failed, is_device_fault
@@ -53,7 +54,7 @@ from .readback import FrameReadback, PendingFrame
 from .rows import RowState
 from .sampler import PLANS, SORT_ROWS_MAX, Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
-from .sequence import AudioStream, Sequence, SequenceStatus
+from .sequence import Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
@@ -67,21 +68,6 @@ KV_BUCKET_MIN = 256  # KV read lengths are 256, 512, 1024, ... up to max_len
 # switch interval (5 ms) lets a busy thread (prompt building, codec decode, the event loop) hold
 # it that long each time: up to +5 ms a step.
 GIL_SWITCH_INTERVAL_S = 0.0005
-# A stream's chunk may wait for other streams' in the codec thread (codec_worker) only while the stream is
-# at least this far ahead of real time, besides the wait itself: its listener never runs dry.
-PATIENT_LEAD_S = 1.0
-
-
-def stream_chunk_sizes(first: int, largest: int) -> list[int]:
-    """A stream's chunk sizes in frames: `first`, then doubling up to `largest`, which repeats.
-
-    Each chunk takes about as many steps to generate as it has frames, and the steps are several
-    times faster than real time, so a chunk twice the size of the one before still arrives before
-    that one has played: the player never starves, and most of the audio goes in large chunks."""
-    sizes = [min(first, largest)]
-    while sizes[-1] < largest:
-        sizes.append(min(sizes[-1] * 2, largest))
-    return sizes
 
 
 def batch_buckets(max_slots: int, *, min_rows: int = 1) -> list[int]:
@@ -148,7 +134,7 @@ class FastEngine:
             self.sampler.enable_compile()
         self.scheduler = Scheduler(max_slots, max_prefill_tokens, admit_wait_s)
         self.max_len = max_len
-        self.chunk_sizes = stream_chunk_sizes(stream_first_frames, stream_chunk_frames)
+        self.chunker = StreamChunker(stream_chunk_sizes(stream_first_frames, stream_chunk_frames), codec_wait_s)
         self.codec = CodecDecoder(
             tts.model.speech_tokenizer, graphs=cuda_graphs is not False, max_batch_frames=codec_batch_frames
         )
@@ -194,7 +180,7 @@ class FastEngine:
         if compile_codec and self.streaming_decoder is not None:
             self.streaming_decoder.enable_compile()  # compiles at warm-up, before its graphs are captured
         chunks: ChunkDecoder = (
-            StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunk_sizes))
+            StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunker.sizes))
             if self.streaming_decoder is not None
             else ContextChunkDecoder(self.codec)
         )
@@ -329,7 +315,7 @@ class FastEngine:
 
     def _try_capture(self, decoder: StreamingDecoder) -> bool:
         try:
-            decoder.capture_all(self.stream_buckets, self.chunk_sizes)
+            decoder.capture_all(self.stream_buckets, self.chunker.sizes)
             return True
         except Exception as exc:
             if is_device_fault(exc) and not device_works(self.device):
@@ -652,7 +638,7 @@ class FastEngine:
             self.readback.forget(frame)
             return []
         self.steps += 1
-        return self._stream_chunks(self._collect_frame(frame, finished))
+        return self.chunker.chunks(self._collect_frame(frame, finished), time.perf_counter())
 
     @staticmethod
     def _live(frame: PendingFrame) -> bool:
@@ -785,34 +771,6 @@ class FastEngine:
             self.runner.write_positions(positions, kv)
 
     # ----- results -----
-    def _stream_chunks(self, running: list[Sequence]) -> list[CodecJob]:
-        """Chunks of the streams still running, each as soon as its frames exist, in the sizes of
-        `chunk_sizes` only, so every chunk decode is a captured graph; the codec thread decodes all
-        chunks queued since its last call together."""
-        jobs = []
-        now = time.perf_counter()
-        for seq in running:
-            stream = seq.stream
-            if stream is None or seq.status is SequenceStatus.FINISHED:
-                continue
-            size = self.chunk_sizes[min(stream.chunks, len(self.chunk_sizes) - 1)]
-            if seq.num_frames - stream.sent >= size:
-                patient = self._lead_s(stream, now) > PATIENT_LEAD_S + self.codec_worker.wait_s
-                jobs.append(CodecJob(seq, stream.sent, stream.sent + size, patient=patient))
-                if stream.first_sent_at is None:
-                    stream.first_sent_at = now
-                stream.sent += size
-                stream.chunks += 1
-        return jobs
-
-    @staticmethod
-    def _lead_s(stream: AudioStream, now: float) -> float:
-        """How far ahead of real time a stream is: the audio handed to the codec so far, less the time
-        since its first chunk was (about when its listener began to play it)."""
-        if stream.first_sent_at is None:
-            return 0.0
-        return stream.sent / FRAME_RATE_HZ - (now - stream.first_sent_at)
-
     def _deliver(self, finished: list[Sequence], chunks: list[CodecJob] | None = None) -> None:
         """Hand streaming chunks and finished requests to the codec thread (or, with no threads
         running, decode here); requests with nothing to decode finish at once."""
@@ -820,8 +778,7 @@ class FastEngine:
         for seq in finished:
             ended = seq.finish_reason is not FinishReason.CANCELLED and seq.frames
             if ended and seq.stream is not None:
-                jobs.append(CodecJob(seq, seq.stream.sent, seq.num_frames, final=True))
-                seq.stream.sent = seq.num_frames
+                jobs.append(self.chunker.last(seq))
             elif ended and seq.decode_audio:
                 jobs.append(CodecJob(seq, 0, seq.num_frames, final=True))
             else:

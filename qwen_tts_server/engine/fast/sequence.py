@@ -71,7 +71,7 @@ class AudioStream:
     """A request whose audio goes out while it is generated, chunk by chunk.
 
     The step thread hands the codec thread each chunk as soon as its frames exist, in the sizes of
-    `FastEngine.chunk_sizes` (small first: the listener hears audio at once and the next chunk always
+    `StreamChunker.sizes` (small first: the listener hears audio at once and the next chunk always
     arrives before the audio so far has played). `on_audio` runs on the codec thread with each chunk's
     float32 samples, in order; the last chunk comes before `on_finish`.
     """

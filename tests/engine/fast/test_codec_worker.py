@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwen_tts_server.engine.fast.codec_worker import CodecJob
-from qwen_tts_server.engine.fast.engine import FastEngine, stream_chunk_sizes
+from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 from qwen_tts_server.engine.types import Mode, SamplingParams
@@ -93,12 +93,6 @@ def test_a_request_the_codec_cannot_decode_fails_alone(load_tts):
     assert good.error is None and np.asarray(good.audio).size == 3 * 1920
     assert bad.error is not None and bad.status is SequenceStatus.FINISHED
     assert good.status is SequenceStatus.FINISHED and good.finish_reason is FinishReason.LENGTH
-
-
-def test_chunks_start_small_and_double_up_to_the_largest():
-    assert stream_chunk_sizes(2, 12) == [2, 4, 8, 12]
-    assert stream_chunk_sizes(3, 3) == [3]
-    assert stream_chunk_sizes(5, 4) == [4]
 
 
 class CountingDecoder:
@@ -186,11 +180,6 @@ def test_a_chunk_may_wait_only_while_its_stream_is_well_ahead_of_real_time(load_
     # 12.5 frames a second: 14 frames (1.12 s) in hand before the first chunk that can be patient
     assert patient[:4] == [False] * 4 and not handed[-1].patient and handed[-1].final
     assert True in patient and patient[patient.index(True) : -1] == [True] * (len(patient) - 1 - patient.index(True))
-
-    stream = AudioStream(on_audio=lambda *_: None, sent=25, first_sent_at=100.0)  # 2 s of audio handed over
-    assert FastEngine._lead_s(stream, now=100.5) == pytest.approx(1.5)  # half a second in: 1.5 s ahead
-    assert FastEngine._lead_s(stream, now=103.0) == pytest.approx(-1.0)  # three seconds in: behind
-    assert FastEngine._lead_s(AudioStream(on_audio=lambda *_: None), now=5.0) == 0.0  # nothing sent yet
 
 
 def test_a_cancelled_stream_gets_no_more_audio_and_frees_its_row(load_tts):
