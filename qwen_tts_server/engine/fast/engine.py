@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 import queue
 import sys
@@ -44,7 +43,7 @@ from .capture import engine_stream
 from .chunking import StreamChunker, stream_chunk_sizes
 from .codec import CodecDecoder
 from .codec_worker import ChunkDecoder, CodecJob, CodecWorker, ContextChunkDecoder, StatefulChunkDecoder
-from .faults import as_seen_by_client, device_works, engine_failed, is_device_fault
+from .faults import as_seen_by_client, engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
@@ -52,12 +51,13 @@ from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
 from .readback import FrameReadback, PendingFrame
 from .rows import RowState
-from .sampler import PLANS, SORT_ROWS_MAX, Sampler, SamplingPlan, mark_seen
+from .sampler import Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -238,118 +238,13 @@ class FastEngine:
         """GPU memory this engine allocated for its caches and per-row state."""
         return self.runner.cache_bytes + self.rows.bytes
 
-    @torch.inference_mode()
     def warm_up(self, *, codec: bool = True) -> None:
-        """Do now everything a request would otherwise wait for: compile every sampling plan, capture
-        the codec and streaming-decoder graphs, and the frame graph of every (batch bucket, KV bucket,
-        plan pair). With plans a closed set (`PLANS`), no client's options can make a step compile or
-        capture later. Logs its progress. Call before `start()`: the compile warm-up writes into rows
-        that no request holds yet. `codec=False` leaves the codec's graphs out (benchmarks of the frame
-        alone: they take two minutes of a 1.7B warm-up).
-        """
-        t0 = time.perf_counter()
-        if self.runner.compiled:
-            log.info("fast engine warm-up: compiling the frame, prefill and sampling plans")
-            try:
-                self._compile_warm_up([(plan, plan) for plan in PLANS])
-            except Exception:
-                log.exception("torch.compile failed; the fast engine continues without it")
-                self.runner.disable_compile()
-                self.sampler.disable_compile()
-            log.info(f"fast engine warm-up: compiled in {time.perf_counter() - t0:.1f} s")
-        if codec:
-            self._warm_up_codec()
-        if self.graphs is not None:
-            try:
-                self.graphs.capture_all()
-            except RuntimeError:
-                self._drop_graphs()
-        if self.prefill is not None and self.graphs is not None:
-            try:
-                self.prefill.capture_all(self.graphs.pool)  # writes into row 0: no request holds it yet
-            except Exception as exc:
-                if is_device_fault(exc) and not device_works(self.device):
-                    raise
-                log.exception("prefill graph capture failed; prefill runs eagerly")
-                self.prefill.release_graphs()
-        log.info(
-            f"fast engine warm-up done in {time.perf_counter() - t0:.1f} s",
-            extra={
-                "frame_graphs": len(self.graphs or ()),
-                "prefill_graphs": len(self.prefill or ()),
-                "compiled": self.runner.compiled,
-            },
-        )
+        """Do now everything a request would otherwise wait for (see warmup). Call before `start()`: the
+        compile warm-up writes into rows that no request holds yet. `codec=False` leaves the codec's graphs
+        out (benchmarks of the frame alone: they take two minutes of a 1.7B warm-up)."""
+        warm_up(self, codec=codec)
 
-    def _warm_up_codec(self) -> None:
-        """Capture the whole-decode graphs and the streaming decoder's (most of a 1.7B load's warm-up)."""
-        t0 = time.perf_counter()
-        try:
-            self.codec.warm_up()
-        except RuntimeError:
-            log.exception("codec graph capture failed; codec decode continues without graphs")
-            self.codec.use_graphs = False
-        log.info(f"fast engine warm-up: {len(self.codec)} codec graphs captured in {time.perf_counter() - t0:.1f} s")
-        t0 = time.perf_counter()
-        self._capture_stream_decoder()
-        if self.streaming_decoder is not None:
-            count, seconds = len(self.streaming_decoder), time.perf_counter() - t0
-            log.info(f"fast engine warm-up: {count} streaming decoder graphs captured in {seconds:.1f} s")
-
-    def _capture_stream_decoder(self) -> None:
-        """On CUDA, graph the streaming decoder for every chunk size a stream produces, at every batch
-        bucket from one row (`stream_buckets`). A group of streams is padded to the next captured row
-        count, so coarse buckets waste the codec's GPU time: under a closed loop of 64 streams each step's
-        group of ~5 steady chunks ran as 16 rows (1, 4, 16, 64 were the buckets), about three rows computed
-        for each one used, on the GPU the frames need."""
-        decoder = self.streaming_decoder
-        if decoder is None or not self.codec.use_graphs:
-            return
-        if self._try_capture(decoder) or not decoder.compiled:
-            return
-        # Outside the except block: its traceback no longer holds the failed capture's graph and pool.
-        decoder.release_graphs()
-        decoder.disable_compile()
-        torch.cuda.empty_cache()
-        self._try_capture(decoder)
-
-    def _try_capture(self, decoder: StreamingDecoder) -> bool:
-        try:
-            decoder.capture_all(self.stream_buckets, self.chunker.sizes)
-            return True
-        except Exception as exc:
-            if is_device_fault(exc) and not device_works(self.device):
-                raise
-            if decoder.compiled:
-                log.exception("the compiled streaming decoder failed; capturing it again without torch.compile")
-            else:
-                log.exception("streaming decoder graph capture failed; chunks without a graph decode eagerly")
-            return False
-
-    def _compile_warm_up(self, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:
-        """Run every compiled path once per sampling variant, so that no request ever waits for a compile
-        and graph capture never compiles. A function's first compile is for its first batch size, the
-        second for any size (a batch of one row is always a compile of its own), every KV length but
-        `max_len` (marked dynamic before its first compile, see `ModelRunner.decode`; the whole cache is a
-        contiguous slice, compiled apart) and every packed prefill length (dynamic from the second call on).
-        So: frames at the two smallest batch buckets (1 and 2; on CUDA 2 and 4) and at the first above
-        SORT_ROWS_MAX (the sampler's top-k branches on the batch size), each at the first and the last KV
-        bucket, and prefill of one prompt and of two, with codebook 0 sampled as `_prefill` does
-        (`_first_code`). Prefill writes KV into rows 0-1: warm_up runs before any request is admitted."""
-        width = self.rows.hidden.shape[-1]
-        kv_lens = sorted({self.kv_buckets[0], self.kv_buckets[-1]})
-        above = [b for b in self.buckets if b > SORT_ROWS_MAX][:1]
-        sizes = sorted({*self.buckets[:2], *above})
-        for plans in variants:
-            with self.preserved_rows(self.buckets[-1]):
-                for size, kv_len in itertools.product(sizes, kv_lens):
-                    self.frame(size, kv_len, plans)
-            for lengths in ([7], [9, 5][: self.scheduler.max_slots]):
-                prompts = [torch.zeros(n, width, device=self.device, dtype=self.rows.hidden.dtype) for n in lengths]
-                _, logits = self.runner.prefill_many(list(range(len(prompts))), prompts)
-                self._first_code(logits, slice(0, len(prompts)), plans[0])
-
-    def _drop_graphs(self) -> None:
+    def drop_graphs(self) -> None:
         """A frame that cannot be captured still runs: fall back to eager for good, and say so."""
         log.exception("CUDA graph capture failed; the fast engine continues without graphs")
         self.graphs = None
@@ -610,13 +505,13 @@ class FastEngine:
         rows.min_frames[span] = to_device([o.min_frames for o in options], self.device)
         rows.seen[span] = False
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
-        code0 = self._first_code(logits, span, plan)
+        code0 = self.first_code(logits, span, plan)
         rows.hidden[span] = hidden
         rows.code0[span] = code0
         rows.position[span] = to_device([seq.prompt_len for seq in seqs], self.device)
         rows.frame_index[span] = 0
 
-    def _first_code(self, logits: Tensor, span: slice, plan: SamplingPlan) -> Tensor:
+    def first_code(self, logits: Tensor, span: slice, plan: SamplingPlan) -> Tensor:
         """Codebook 0 of the first frame of the requests just prefilled into rows `span`, from their prompts'
         last logits (see `_code0`)."""
         step = torch.zeros(span.stop - span.start, dtype=torch.long, device=self.device)
@@ -714,7 +609,7 @@ class FastEngine:
                 if is_device_fault(exc):  # the GPU failed, not the graphs or compile: no fallback helps
                     raise
                 if not self.runner.compiled:
-                    self._drop_graphs()
+                    self.drop_graphs()
                     return self.frame(size, kv_len, plans)
                 log.exception("a frame failed with torch.compile; continuing without it")
                 self.runner.disable_compile()

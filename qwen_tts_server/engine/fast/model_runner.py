@@ -342,7 +342,7 @@ class ModelRunner:
         of compiles serve them all. A batch of one row is always a compile of its own (torch.compile
         specialises sizes 1). The talker's KV length is marked dynamic before the first compile (`decode`),
         but reading the whole cache (`kv_len == max_len`) is a contiguous slice, which compiles apart: the
-        warm-up runs the first and the last KV bucket (`FastEngine._compile_warm_up`). The talker's and
+        warm-up runs the first and the last KV bucket (`warmup._compile_everything`). The talker's and
         the code predictor's decode steps are compiled apart (`cp_decode_step`): their weights differ in
         shape. (Prefill's `attn_in` / `layer_out` are still shared by both models.)
         """

@@ -201,7 +201,7 @@ def top_candidates(scores: Tensor, n: int) -> tuple[Tensor, Tensor]:
     frame. Exact: each of a row's `n` largest is among the `n` largest of its own chunk (which of several equal
     scores is kept is unspecified, as for topk). More rows, or shapes the chunks do not fit (the whole
     vocabulary, a vocabulary that is not a multiple of the chunk), use topk. Compiled with a dynamic batch,
-    the row count is a guard: the warm-up runs a batch on each side (`FastEngine._compile_warm_up`)."""
+    the row count is a guard: the warm-up runs a batch on each side (`warmup._compile_everything`)."""
     rows, vocab = scores.shape
     chunks = vocab // SORT_CHUNK
     if rows > SORT_ROWS_MAX or chunks < 2 or vocab % SORT_CHUNK or chunks * n > SORT_CHUNK:

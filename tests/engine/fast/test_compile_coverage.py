@@ -61,6 +61,6 @@ def test_nothing_serving_can_reach_compiles_after_the_warm_up(load_tts):
                 check(f"prefill {type(prefill).__name__} {lengths}", start)
                 for plan in PLANS:
                     start = frames()
-                    engine._first_code(logits, slice(first, MAX_SLOTS), plan)
+                    engine.first_code(logits, slice(first, MAX_SLOTS), plan)
                     check(f"codebook 0 after prefill {lengths} into rows {first}.., plan {plan}", start)
     assert compiled == []

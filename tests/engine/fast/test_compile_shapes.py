@@ -5,7 +5,7 @@ after warm-up stalls serving. So the compiled functions must not recompile for w
 code: the KV length of a decode step (but reading the whole cache, a contiguous slice, which compiles
 apart), whether the sampler's rows are the first rows of the engine's per-row tables (a frame) or the rows
 just admitted (prefill), or whether the code predictor's logits are the last of two positions
-(its prefill) or of one (its decode steps). The whole check (after `FastEngine._compile_warm_up`, frames at
+(its prefill) or of one (its decode steps). The whole check (after `warmup._compile_everything`, frames at
 every batch and KV bucket and plan pair and prefills of several lengths and counts convert no new frame) needs
 the whole warm-up, ~90 s of CPU compiles on 2 cores: too slow for this suite.
 """
