@@ -418,6 +418,10 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
                 key = "gc"
             elif sample.name == "qtts_gc_long_pauses_total":
                 key = LONG_GC
+            elif sample.name in ("qtts_event_loop_lag_seconds_sum", "qtts_event_loop_lag_seconds_count"):
+                key = sample.name.removeprefix("qtts_event_")
+            elif sample.name == "qtts_event_loop_lag_seconds_bucket" and sample.labels["le"] == LOOP_LAG_LONG:
+                key = LOOP_ON_TIME
             else:
                 continue
             counters[key] = counters.get(key, 0.0) + sample.value
@@ -428,7 +432,8 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
     """Where the server's step time went during a run: steps, mean batch, and milliseconds per step in each
     part of the engine loop (host time of the step thread, the frame's GPU time, the codec thread's host time);
     then the requests the engine finished in the run and their mean milliseconds per phase (an engine request
-    is one utterance: a WebSocket session or a text split into segments counts one per segment)."""
+    is one utterance: a WebSocket session or a text split into segments counts one per segment); and how late
+    the server's event loop woke its probe (api/loop_lag.py): the mean, and how many times over 50 ms."""
     steps = after.get("steps", 0.0) - before.get("steps", 0.0)
     if steps <= 0:
         return None
@@ -436,12 +441,15 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
     batches = delta.get("batch_size_count", 0.0)
     per_request = {k: delta.pop(k) for k in list(delta) if k.startswith(REQUEST_KEY)}
     requests = delta.pop(REQUESTS, 0.0)
+    probes, lag_s, on_time = (delta.pop(k, 0.0) for k in LOOP_KEYS)
     parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", LONG_GC, *BATCH_KEYS)}
     return {
         "steps": int(steps),
         "mean_batch": round(delta.get("batch_size_sum", 0.0) / batches, 1) if batches else None,
         "ms_per_step": parts,
         "long_gc_pauses": int(delta[LONG_GC]) if LONG_GC in delta else None,
+        "loop_lag_ms_mean": round(1000 * lag_s / probes, 2) if probes > 0 else None,
+        "loop_lags_over_50ms": int(probes - on_time) if probes > 0 else None,
         "requests": int(requests),
         "ms_per_request": {k.removeprefix(REQUEST_KEY): round(1000 * v / requests, 1) for k, v in per_request.items()}
         if requests > 0
@@ -452,6 +460,9 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
 BATCH_KEYS = ("batch_size_sum", "batch_size_count")
 REQUEST_KEY, REQUESTS = "request_", "requests"  # finished requests' seconds per phase, and how many
 LONG_GC = "gc_long_pauses"  # the server's garbage-collector pauses of 50 ms or more (a count, not seconds)
+# The server's event-loop probe (api/loop_lag.py): wake-ups, seconds late in all, and those at most 50 ms late.
+LOOP_KEYS = ("loop_lag_seconds_count", "loop_lag_seconds_sum", "loop_on_time")
+LOOP_ON_TIME, LOOP_LAG_LONG = LOOP_KEYS[2], "0.05"
 
 
 def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
@@ -856,19 +867,29 @@ PROFILE_PARTS = (*STEP_PARTS, "gpu_frame", "codec", "gc")  # the step thread's, 
 
 
 def profile_table(data: dict[str, Any]) -> str:
-    """Per run, the server's engine step in milliseconds per part (see `step_profile`); empty when no run
-    has a profile."""
+    """Per run, the server's engine step in milliseconds per part (see `step_profile`), then how late the
+    server's event loop ran what was due (mean per probe, and probes over 50 ms late); empty when no run has
+    a profile."""
     rows = [(key, s["step_profile"]) for key, s in data["sections"].items() if s.get("step_profile")]
     if not rows:
         return ""
-    head = ["run", "steps", "mean batch", "step ms", *PROFILE_PARTS, "gc pauses >= 50 ms"]
+    head = [
+        "run",
+        "steps",
+        "mean batch",
+        "step ms",
+        *PROFILE_PARTS,
+        "gc pauses >= 50 ms",
+        "loop lag ms",
+        "loop lags > 50 ms",
+    ]
     cells = []
     for key, p in rows:
         ms = p["ms_per_step"]
         step = sum(ms.get(part, 0.0) for part in STEP_PARTS)
         cells.append(
             [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
-            + [fmt(p.get("long_gc_pauses"))]
+            + [fmt(p.get(k)) for k in ("long_gc_pauses", "loop_lag_ms_mean", "loop_lags_over_50ms")]
         )
     return markdown_table(head, cells)
 

@@ -93,6 +93,12 @@ class Metrics:
             "qtts_job_items_resent_total", "Job items sent to the workers again: the broker had lost them", registry=r
         )
         self.streams = Gauge("qtts_streams", "Audio streams in progress (HTTP and WebSocket)", registry=r)
+        self.loop_lag = Histogram(
+            "qtts_event_loop_lag_seconds",
+            "How much later than due the event loop ran a probe that wakes every 25 ms (see api/loop_lag.py)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
         self.engines = EngineCollector()
         r.register(self.engines)
         PAUSES.install()  # process-wide, like the collector it counts

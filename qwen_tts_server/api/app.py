@@ -19,6 +19,7 @@ from .error_handlers import install_error_handlers
 from .jobs import queue as jobs_queue
 from .jobs import router as jobs_router
 from .limits import BodyLimit
+from .loop_lag import watch_event_loop
 from .middleware import OPEN_PATHS, install_request_context
 from .openai import router as openai_router
 from .openai import voices_router as openai_voices_router
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
         services.job_backend = job_backend(services)
         app.state.services = services
         cleanup = asyncio.create_task(_cleanup_loop(services, settings.cleanup_interval_s))
+        loop_lag = asyncio.create_task(watch_event_loop(services.metrics.loop_lag))
         await services.job_backend.start()
         for line in await asyncio.to_thread(_startup_report, services):
             log.info(line)
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = N
             yield
         finally:
             services.ready = False
-            for task in (cleanup, preload):
+            for task in (cleanup, loop_lag, preload):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
