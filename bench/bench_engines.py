@@ -745,49 +745,38 @@ class Report:
         out += [f"Versions: {json.dumps(d['versions'])}", "", self.table(), ""]
         if d["checks"]:
             out += ["## Greedy parity: fast vs. reference", ""]
-            out += [
-                "| model | rows x frames | cb0 equal | all 16 equal | first cb0 divergence | first divergence |",
-                "|---|---|---|---|---|---|",
-            ]
-            for label, c in d["checks"].items():
-                out.append(
-                    f"| {label} | {c['rows']} x {c['frames']} | {c['cb0_equal_fraction']} | "
-                    f"{c['all_equal_fraction']} | {c['first_cb0_divergence_frame']} | {c['first_divergence_frame']} |"
-                )
-            out.append("")
+            head = ["model", "rows x frames", "cb0 equal", "all 16 equal", "first cb0 divergence", "first divergence"]
+            keys = ("cb0_equal_fraction", "all_equal_fraction", "first_cb0_divergence_frame", "first_divergence_frame")
+            rows = ([label, f"{c['rows']} x {c['frames']}", *(c[k] for k in keys)] for label, c in d["checks"].items())
+            out += [markdown_table(head, rows), ""]
         sustained = {label: r["sustained"] for label, r in d["results"].get("fast", {}).items() if r.get("sustained")}
         if sustained:
             out += ["## Fast engine, sustained concurrency (closed loop: each finish submits the next request)", ""]
-            out += ["| model | clients | requests | window s | audio-s/s | ttff p95 ms |", "|---|---|---|---|---|---|"]
-            for label, r in sustained.items():
-                cells = (r["clients"], r["requests"], r["window_s"], r["audio_s_per_s"], r["ttff_ms_p95"])
-                out.append(f"| {label} | " + " | ".join(str(c) for c in cells) + " |")
-            out.append("")
+            head = ["model", "clients", "requests", "window s", "audio-s/s", "ttff p95 ms"]
+            keys = ("clients", "requests", "window_s", "audio_s_per_s", "ttff_ms_p95")
+            out += [markdown_table(head, ([label, *(r[k] for k in keys)] for label, r in sustained.items())), ""]
         if d.get("graph_checks"):
             out += ["## CUDA graph replay vs. eager (same engine, same seeded requests)", ""]
-            out += ["| model | rows x frames | identical |", "|---|---|---|"]
-            for label, c in d["graph_checks"].items():
-                out.append(f"| {label} | {c['rows']} x {c['frames']} | {c['identical']} |")
-            out.append("")
+            rows = ([label, f"{c['rows']} x {c['frames']}", c["identical"]] for label, c in d["graph_checks"].items())
+            out += [markdown_table(["model", "rows x frames", "identical"], rows), ""]
         if d.get("fast_engine"):
-            out += ["## Fast engine set-up", "", "| model | max_slots | max_len | compiled | graphs | warm-up s |"]
-            out.append("|---|---|---|---|---|---|")
-            for label, f in d["fast_engine"].items():
-                cells = (f["max_slots"], f["max_len"], f["compiled"], f["graphs"], f["warm_up_s"])
-                out.append(f"| {label} | " + " | ".join(str(c) for c in cells) + " |")
-            out.append("")
+            out += ["## Fast engine set-up", ""]
+            head = ["model", "max_slots", "max_len", "compiled", "graphs", "warm-up s"]
+            keys = ("max_slots", "max_len", "compiled", "graphs", "warm_up_s")
+            out += [markdown_table(head, ([label, *(f[k] for k in keys)] for label, f in d["fast_engine"].items())), ""]
         if d.get("vram"):
             out += ["## Fast engine GPU memory (GiB) by max_slots", ""]
-            out += ["| model | max_len | weights+codec | MiB per row | max_slots | estimate | allocated | peak |"]
-            out.append("|---|---|---|---|---|---|---|---|")
-            for label, v in d["vram"].items():
-                for r in v["by_max_slots"]:
-                    cells = (r.get("estimate_gib"), r.get("allocated_gib"), r.get("peak_gib", r.get("error")))
-                    out.append(
-                        f"| {label} | {v['max_len']} | {v['weights_and_codec_gib']} | {v['row_mib']} | "
-                        f"{r['max_slots']} | " + " | ".join(fmt_cell(c) for c in cells) + " |"
-                    )
-            out.append("")
+            head = ["model", "max_len", "weights+codec", "MiB per row", "max_slots", "estimate", "allocated", "peak"]
+            rows = (
+                [label, v["max_len"], v["weights_and_codec_gib"], v["row_mib"], r["max_slots"]]
+                + [
+                    fmt_cell(c)
+                    for c in (r.get("estimate_gib"), r.get("allocated_gib"), r.get("peak_gib", r.get("error")))
+                ]
+                for label, v in d["vram"].items()
+                for r in v["by_max_slots"]
+            )
+            out += [markdown_table(head, rows), ""]
             autos = ", ".join(f"{label}: {v['auto_max_slots']}" for label, v in d["vram"].items())
             out += [
                 "max_slots the server picks on this card for a first model (auto_slots: half of 90% of the "

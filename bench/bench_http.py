@@ -949,9 +949,7 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
 
 
 def targets_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| target | measured | |", "|---|---|---|"]
-    lines += [f"| {r['target']} | {fmt(r['value'])} | {r['status']} |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(["target", "measured", "status"], ([r["target"], fmt(r["value"]), r["status"]] for r in rows))
 
 
 def markdown(data: dict[str, Any]) -> str:
