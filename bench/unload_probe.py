@@ -1,4 +1,4 @@
-"""Where GPU memory goes at unload: load a model through the server's engine (TTSEngine, as `serve` does),
+"""Where GPU memory goes at unload: load a model through the server's Synthesizer (as `serve` does),
 warm it the way traffic does (compile, frame graphs, a batch, a stream), unload it, and report CUDA memory
 (allocated: live tensors; reserved: the caching allocator's pool; nvidia-smi's used: everything the process
 holds, CUDA context and library workspaces included) at each step, then which live CUDA tensors remain and
@@ -30,7 +30,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from bench.bench_jobs import gpu_used_mib
 from qwen_tts_server.config import Settings
-from qwen_tts_server.engine.engine import TTSEngine
+from qwen_tts_server.engine.synthesizer import Synthesizer
 from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
 
 MIB = 1024**2
@@ -142,20 +142,20 @@ def clear_cublas_workspaces() -> bool:
     return True
 
 
-async def warm(engine: TTSEngine, name: str) -> None:
-    model = await engine.model_for(name, Mode.CUSTOM_VOICE)
+async def warm(synthesizer: Synthesizer, name: str) -> None:
+    model = await synthesizer.model_for(name, Mode.CUSTOM_VOICE)
     texts = ["A first sentence to warm up.", "Another one, a little longer than the first one."]
     for batch in (1, 8, 32):
         items = [SynthesisItem(text=texts[i % 2], language="english", speaker="vivian") for i in range(batch)]
-        await engine.synthesize(model, Mode.CUSTOM_VOICE, items, SamplingParams(max_new_tokens=24, seed=batch))
+        await synthesizer.synthesize(model, Mode.CUSTOM_VOICE, items, SamplingParams(max_new_tokens=24, seed=batch))
     stream_item = SynthesisItem(text=texts[1], language="english", speaker="vivian")
-    async for _chunk in engine.stream(model, Mode.CUSTOM_VOICE, stream_item, SamplingParams(max_new_tokens=24)):
+    async for _chunk in synthesizer.stream(model, Mode.CUSTOM_VOICE, stream_item, SamplingParams(max_new_tokens=24)):
         pass
 
 
 async def probe(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(models_dir=Path(args.models_dir), download_source="none", device="cuda", log_json=False)
-    engine = TTSEngine(settings)
+    engine = Synthesizer(settings)
     rows = [snapshot("before load")]
     report: dict[str, Any] = {"model": args.model, "torch": torch.__version__, "rows": rows}
     for cycle in (1, 2):

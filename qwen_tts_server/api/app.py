@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from .. import __version__, web
 from ..config import Settings
-from ..engine.engine import TTSEngine
+from ..engine.synthesizer import Synthesizer
 from ..jobs.backends import CeleryBackend, InProcessBackend, JobBackend, job_concurrency
 from . import compat, docs, files, models, system, tts, voices
 from .error_handlers import install_error_handlers
@@ -29,12 +29,12 @@ from .services import Services, close_services, open_services, preload_models
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, engine: TTSEngine | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, synthesizer: Synthesizer | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await open_services(settings, engine)
+        services = await open_services(settings, synthesizer)
         services.job_backend = job_backend(services)
         app.state.services = services
         cleanup = asyncio.create_task(_cleanup_loop(services, settings.cleanup_interval_s))
@@ -96,7 +96,7 @@ def job_backend(services: Services) -> JobBackend:
 def _startup_report(services: Services) -> list[str]:
     """What a newcomer needs to see at start: the engine, the models on disk and what happens to the
     others (downloaded on first use, or not at all). Reads the models folder: run it in a thread."""
-    registry = services.engine.registry
+    registry = services.synthesizer.registry
     options = registry.options
     lines = [f"engine: {services.settings.engine} on {options.device} ({options.dtype}); models load on first use"]
     lines += registry.startup_report()

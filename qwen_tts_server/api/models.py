@@ -33,7 +33,7 @@ _ACTIONS = ("load", "unload")
 async def list_models(svc=Depends(services)):
     """Every known model (published, configured in QTTS_EXTRA_MODELS, or found in the models folder)
     with its state: available, downloading (with bytes so far and total), loading, loaded or failed."""
-    registry = svc.engine.registry
+    registry = svc.synthesizer.registry
     budget = svc.settings.memory_budget_gb
     return {
         "models": [dataclasses.asdict(status) for status in registry.statuses()],
@@ -42,7 +42,7 @@ async def list_models(svc=Depends(services)):
             "budget_bytes": int(budget * 1024**3) if budget else None,
             "device": registry.options.device,
             "dtype": registry.options.dtype,
-            "devices": svc.engine.device_loads(),  # per device (the budget applies to each): memory and work
+            "devices": svc.synthesizer.device_loads(),  # per device (the budget applies to each): memory and work
         },
         "downloads": {
             "source": svc.settings.download_source,
@@ -66,7 +66,7 @@ async def action_needs_post(name: str):
 @router.get("/{name:path}")
 async def describe_model(name: str, svc=Depends(services)):
     """State of one known model (404 for any other name); when loaded, also its speakers and languages."""
-    registry = svc.engine.registry
+    registry = svc.synthesizer.registry
     status = registry.status(name)
     body = dataclasses.asdict(status)
     loaded = {m.name: m for m in registry.loaded()}.get(status.name)
@@ -86,9 +86,9 @@ async def load_model(name: str, svc=Depends(services)):
     """Load a model now, with its engine's whole warm-up: when this answers, requests for it wait for
     nothing. One that is not on disk starts downloading: 202 with the download's progress (poll this or
     GET /api/v1/models), and POST again once it is `available`."""
-    registry = svc.engine.registry
+    registry = svc.synthesizer.registry
     try:
-        model = await svc.engine.load(name)
+        model = await svc.synthesizer.load(name)
     except ModelDownloading as exc:
         body = dataclasses.asdict(registry.status(exc.progress.name))
         body["message"] = exc.message
@@ -100,8 +100,8 @@ async def load_model(name: str, svc=Depends(services)):
 async def unload_model(name: str, svc=Depends(services)):
     """Unload a model: it takes no new work (503 with Retry-After meanwhile), running work gets
     QTTS_UNLOAD_TIMEOUT_S to finish, and the answer comes once its memory is released."""
-    unloaded = await svc.engine.unload(name)
-    return {"name": svc.engine.registry.key(name), "unloaded": unloaded}
+    unloaded = await svc.synthesizer.unload(name)
+    return {"name": svc.synthesizer.registry.key(name), "unloaded": unloaded}
 
 
 @speakers_router.get("/speakers")
@@ -109,7 +109,7 @@ async def list_speakers(svc=Depends(services)):
     """What every known model speaks, without loading any: its type, speakers (CustomVoice models),
     languages and whether it takes `instruct`, from the loaded model or its `config.json` on disk
     (`null` for a model not on disk yet), and the model each endpoint uses by default."""
-    registry = svc.engine.registry
+    registry = svc.synthesizer.registry
     s = svc.settings
     defaults = {
         "custom_voice": s.default_custom_voice_model,

@@ -134,9 +134,9 @@ async def plan_clone(
         audio = {**dict(zip(fetch, resolved, strict=True)), **{ref: given[ref] for ref in unique if ref in given}}
         prompts = {}
         for ref in unique:
-            prompts[ref] = await svc.engine.voice_prompt(model, audio[ref])
+            prompts[ref] = await svc.synthesizer.voice_prompt(model, audio[ref])
         for voice in {v.id: v for v in voices if v is not None}.values():
-            prompts[voice.id] = await lookup.prompt(svc.engine, model, voice)
+            prompts[voice.id] = await lookup.prompt(svc.synthesizer, model, voice)
         items = []
         for t, lang, ref, voice, rt, xv in zip(texts, languages, refs, voices, ref_texts, x_vector, strict=True):
             if voice is not None:

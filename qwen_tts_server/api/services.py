@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 
 from ..audio.sources import ReferenceAudioResolver
 from ..config import Settings
-from ..engine.engine import TTSEngine
-from ..engine.pool import DevicePool, build_engine
+from ..engine.pool import DevicePool, build_synthesizer
 from ..engine.registry import ModelDownloading
+from ..engine.synthesizer import Synthesizer
 from ..errors import ServiceError
 from ..jobs.store import JobStore
 from ..metrics import Metrics
@@ -33,7 +33,7 @@ class Services:
     metrics: Metrics
     files: FileRegistry
     resolver: ReferenceAudioResolver
-    engine: TTSEngine | DevicePool
+    synthesizer: Synthesizer | DevicePool  # what runs synthesis: one device's, or a pool of them
     voices: VoiceStore
     jobs: JobStore
     job_backend: JobBackend | None = None  # the API server's (set at start-up)
@@ -42,10 +42,10 @@ class Services:
     preload_errors: dict[str, str] = field(default_factory=dict)  # those that failed, and why
 
 
-async def open_services(settings: Settings, engine: TTSEngine | DevicePool | None = None) -> Services:
-    """Open the stores (creating their tables) and build the engine (models load on first use)."""
+async def open_services(settings: Settings, synthesizer: Synthesizer | DevicePool | None = None) -> Services:
+    """Open the stores (creating their tables) and build the synthesizer (models load on first use)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    metrics = engine.metrics if engine is not None else Metrics()
+    metrics = synthesizer.metrics if synthesizer is not None else Metrics()
     url = settings.metadata_url
     files = await asyncio.to_thread(FileRegistry, settings.files_dir, url, settings.file_ttl_s)
     voices = await asyncio.to_thread(VoiceStore, settings.voices_dir, url)
@@ -55,7 +55,7 @@ async def open_services(settings: Settings, engine: TTSEngine | DevicePool | Non
         metrics=metrics,
         files=files,
         resolver=ReferenceAudioResolver(files, settings),
-        engine=engine or build_engine(settings, metrics),  # a pool of engines when QTTS_DEVICES lists several
+        synthesizer=synthesizer or build_synthesizer(settings, metrics),  # a pool when QTTS_DEVICES lists several
         voices=voices,
         jobs=jobs,
     )
@@ -79,7 +79,7 @@ async def preload_models(svc: Services) -> None:
 async def _preload(svc: Services, name: str) -> bool:
     while True:
         try:
-            await svc.engine.load(name)
+            await svc.synthesizer.load(name)
         except ModelDownloading as exc:
             await asyncio.sleep(exc.retry_after_s)
             continue
@@ -98,5 +98,5 @@ async def _preload(svc: Services, name: str) -> bool:
 
 
 async def close_services(svc: Services) -> None:
-    await asyncio.to_thread(svc.engine.close)  # joins the engines' threads: off the loop
+    await asyncio.to_thread(svc.synthesizer.close)  # joins the engines' threads: off the loop
     await asyncio.to_thread(close_databases)

@@ -24,8 +24,8 @@ import numpy as np
 from ..audio.encoders import open_encoder
 from ..audio.join import SegmentJoiner, join_segments
 from ..audio.tempo import TempoChanger, change_tempo
-from ..engine.engine import TTSEngine, check_items
 from ..engine.registry import LoadedModel
+from ..engine.synthesizer import Synthesizer, check_items
 from ..engine.types import SAMPLES_PER_FRAME, AudioChunk, FinishReason, Mode, SamplingParams, SynthesisItem
 from ..engine.types import SynthesisResult as Result
 from ..text.segment import split_text
@@ -51,14 +51,14 @@ def _worse(a: FinishReason, b: FinishReason | None) -> FinishReason:
 class Speech:
     """One model's requests, as the routes see them."""
 
-    def __init__(self, engine: TTSEngine, model: LoadedModel, mode: Mode, sampling: SamplingParams) -> None:
-        self.engine = engine
+    def __init__(self, synthesizer: Synthesizer, model: LoadedModel, mode: Mode, sampling: SamplingParams) -> None:
+        self.synthesizer = synthesizer
         self.model = model
         self.mode = mode
         self.sampling = sampling
-        self.segment_chars = engine.settings.segment_chars
+        self.segment_chars = synthesizer.settings.segment_chars
         # The item's bound when the request set one; each segment may run to the server's cap.
-        self.bound = engine.frame_limit(model.info, sampling) if sampling.max_new_tokens is not None else None
+        self.bound = synthesizer.frame_limit(model.info, sampling) if sampling.max_new_tokens is not None else None
 
     async def whole(self, items: list[SynthesisItem], speed: float = 1.0) -> list[Result]:
         """Every item's audio; all segments of all items go to the engine together."""
@@ -68,7 +68,7 @@ class Speech:
         # Segments of one item share a seed; single-segment items keep theirs unset, so the reference
         # engine can still merge unseeded requests into one batch.
         sampling = with_seed(self.sampling) if len(flat) > len(items) else self.sampling
-        results = iter(await self.engine.synthesize(self.model, self.mode, flat, sampling))
+        results = iter(await self.synthesizer.synthesize(self.model, self.mode, flat, sampling))
         return [self._joined([next(results) for _ in plan], speed) for plan in plans]
 
     def _joined(self, parts: list[Result], speed: float) -> Result:
@@ -149,7 +149,7 @@ class Speech:
         engine row at a time; then None (the end), or the error the segment source raised."""
         try:
             async for segment in segments:
-                pump = _Pump(self.engine.stream(self.model, self.mode, segment, sampling))
+                pump = _Pump(self.synthesizer.stream(self.model, self.mode, segment, sampling))
                 try:
                     await pumps.put(pump)
                     await pump.generated.wait()

@@ -30,23 +30,25 @@ async def ready(request: Request):
     svc = getattr(request.app.state, "services", None)
     if svc is None or not svc.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    engine = svc.engine
-    loaded = list(dict.fromkeys(m.name for m in engine.registry.loaded()))  # once, if on several devices
+    synthesizer = svc.synthesizer
+    loaded = list(dict.fromkeys(m.name for m in synthesizer.registry.loaded()))  # once, if on several devices
     failed = {name: why for name, why in svc.preload_errors.items() if name not in loaded}  # up since: fine
     if svc.preloading:  # with the errors of those being retried (a failed download)
         body = {"status": "loading", "loading_models": svc.preloading, "preload_errors": failed}
         return JSONResponse(body, status_code=503)
     if failed:
         return JSONResponse({"status": "failed", "preload_errors": failed}, status_code=503)
-    if engine.engine_failures:
-        return JSONResponse({"status": "engine_failed", "engine_failures": engine.engine_failures}, status_code=503)
-    saturated = engine.gate.saturated()
+    if synthesizer.engine_failures:
+        return JSONResponse(
+            {"status": "engine_failed", "engine_failures": synthesizer.engine_failures}, status_code=503
+        )
+    saturated = synthesizer.gate.saturated()
     body = {
         "status": "saturated" if saturated else "ready",
         "loaded_models": loaded,
-        "queue_depth": engine.queue_depth,
+        "queue_depth": synthesizer.queue_depth,
         "saturated_models": saturated,
-        "devices": engine.device_loads(),  # per device: its models' items in flight against their rows
+        "devices": synthesizer.device_loads(),  # per device: its models' items in flight against their rows
     }
     return JSONResponse(body, status_code=503 if saturated else 200)
 

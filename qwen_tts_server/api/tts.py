@@ -112,12 +112,12 @@ async def _synthesize(
         _check_streamable(body, plan.n)
 
     async def prepare() -> tuple[LoadedModel, list[SynthesisItem]]:
-        model = await svc.engine.model_for(plan.model, plan.mode)
+        model = await svc.synthesizer.model_for(plan.model, plan.mode)
         return model, await plan.build(model)
 
     if body.stream:
         model, items = await until_disconnect(request, prepare(), svc.metrics, body.timeout_s)
-        speech = Speech(svc.engine, model, plan.mode, sampling)
+        speech = Speech(svc.synthesizer, model, plan.mode, sampling)
         return await audio_stream_response(
             request, speech.stream(items[0]), body.response_format, model.info.sample_rate, body.timeout_s
         )
@@ -157,7 +157,7 @@ async def _whole(
     ids = custom_ids(body.custom_id, plan.n)
     model, items = await prepare()
     loaded = time.perf_counter()
-    results = await Speech(svc.engine, model, plan.mode, sampling).whole(items)
+    results = await Speech(svc.synthesizer, model, plan.mode, sampling).whole(items)
     generated = time.perf_counter()
     out = await _store_all(request, svc, body, ids, results, inline)
     done = time.perf_counter()

@@ -194,8 +194,8 @@ async def create_from_reference(
     """Compute the prompt of `reference` (decoded already) with the Base model and store it, with
     `details` (a designed voice's description, sample text and language)."""
     (transcript,) = check_texts("ref_text", ref_text, 1, svc.settings.max_text_chars, required=False)
-    model = await svc.engine.model_for(model_name or svc.settings.default_voice_clone_model, Mode.VOICE_CLONE)
-    prompt = await svc.engine.voice_prompt(model, reference)
+    model = await svc.synthesizer.model_for(model_name or svc.settings.default_voice_clone_model, Mode.VOICE_CLONE)
+    prompt = await svc.synthesizer.voice_prompt(model, reference)
     return await asyncio.to_thread(
         svc.voices.create,
         name=name,
@@ -235,11 +235,11 @@ async def create_designed(
         sample_text = SAMPLE_TEXTS.get(lang, SAMPLE_TEXTS["english"])
     (text,) = check_texts("sample_text", sample_text, 1, s.max_text_chars)
     assert description is not None and text is not None
-    designer = await svc.engine.model_for(design_model or s.default_voice_design_model, Mode.VOICE_DESIGN)
+    designer = await svc.synthesizer.model_for(design_model or s.default_voice_design_model, Mode.VOICE_DESIGN)
     # The sample must fit the reference length the Base model takes: it may run to max_ref_audio_s.
     sampling = SamplingParams(seed=seed, max_new_tokens=max(1, int(s.max_ref_audio_s * FRAME_RATE_HZ)))
     item = SynthesisItem(text=text, language=lang, instruct=description)
-    (result,) = await Speech(svc.engine, designer, Mode.VOICE_DESIGN, sampling).whole([item])
+    (result,) = await Speech(svc.synthesizer, designer, Mode.VOICE_DESIGN, sampling).whole([item])
     if result.finish_reason is not FinishReason.EOS or result.duration_s > s.max_ref_audio_s:
         raise InvalidRequest(
             f"the designed sample did not end within {s.max_ref_audio_s:g} s (the longest reference this server "

@@ -1,11 +1,11 @@
-"""DevicePool: one TTSEngine per device of this host, behind the face the API already knows.
+"""DevicePool: one Synthesizer per device of this host, behind the face the API already knows.
 
-Why one process with an engine per GPU, rather than a process per GPU behind a load balancer: the
-engines share the event loop, the files, the voice library and the metrics, and a request can go to
+Why one process with a synthesizer per GPU, rather than a process per GPU behind a load balancer: the
+synthesizers share the event loop, the files, the voice library and the metrics, and a request can go to
 the GPU whose rows are free now (every admission gate is in this process), which a balancer cannot
 see. Jobs and work spread over several hosts go through the queue and its workers instead.
 
-Each engine is independent: its own registry (models, memory budget, `QTTS_MEMORY_BUDGET_GB` per
+Each synthesizer is independent: its own registry (models, memory budget, `QTTS_MEMORY_BUDGET_GB` per
 device), fast engines (KV cache, graphs), voice-prompt cache (prompts are tensors on its device) and
 admission gate. The pool only decides where a request goes:
 
@@ -19,13 +19,13 @@ admission gate. The pool only decides where a request goes:
 - Only when every loaded device would refuse the request (its queue is full too) does the request
   wait for a device still coming up; with none left, the least loaded device answers 429.
 - The LoadedModel returned belongs to one device's registry: `synthesize`, `stream` and the voice
-  prompts go to that device's engine, so a request, its segments and its prompt stay on one GPU.
+  prompts go to that device's synthesizer, so a request, its segments and its prompt stay on one GPU.
 
 Loading from the API (POST .../load) brings the model up on every device; unloading frees it on
 every device; the model list shows the devices a model is loaded on. Downloads run once, through the
 first device's registry.
 
-With one device the server uses a TTSEngine directly (`build_engine`): nothing here is in its path.
+With one device the server uses a Synthesizer directly (`build_synthesizer`): nothing here is in its path.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from ..audio.sources import ReferenceAudio
 from ..config import Settings
 from ..errors import NotFound, ServiceError
 from ..metrics import Metrics
-from .engine import TTSEngine
 from .registry import LoadedModel, ModelRegistry, ModelState, ModelStatus, RuntimeOptions, gone
+from .synthesizer import Synthesizer
 from .types import AudioChunk, Mode, ModelInfo, SamplingParams, SynthesisItem, SynthesisResult, VoicePrompt
 
 log = logging.getLogger(__name__)
@@ -54,16 +54,16 @@ log = logging.getLogger(__name__)
 WARM_RETRY_S = 30.0  # a device that failed to bring a model up is not tried in the background sooner
 
 
-def build_engine(settings: Settings, metrics: Metrics | None = None) -> TTSEngine | DevicePool:
-    """The server's engine: a TTSEngine on `device` (or the one entry of `devices`), or a pool of
-    one engine per device when several are listed."""
+def build_synthesizer(settings: Settings, metrics: Metrics | None = None) -> Synthesizer | DevicePool:
+    """The server's synthesizer: a Synthesizer on `device` (or the one entry of `devices`), or a pool of
+    one per device when several are listed."""
     use_compile_cache(settings)
     if len(settings.devices) > 1:
         return DevicePool(settings, metrics=metrics)
     if settings.devices:
         check_devices(settings.devices)
         settings = settings.model_copy(update={"device": settings.devices[0], "devices": []})
-    return TTSEngine(settings, metrics=metrics)
+    return Synthesizer(settings, metrics=metrics)
 
 
 def use_compile_cache(settings: Settings) -> None:
@@ -90,17 +90,17 @@ def check_devices(devices: list[str]) -> None:
         except (RuntimeError, ValueError) as exc:
             raise ServiceError(f"QTTS_DEVICES: '{name}' is not a device (use cpu, cuda or cuda:N): {exc}") from exc
         if device.type != "cuda":
-            continue  # several CPU engines are allowed: tests run a pool on `cpu,cpu`
+            continue  # several CPU synthesizers are allowed: tests run a pool on `cpu,cpu`
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             raise ServiceError(f"QTTS_DEVICES: '{name}' is not on this host ({count} CUDA device(s) visible)")
-        if (device.index or 0) in gpus:  # two engines would split one GPU's memory without knowing it
+        if (device.index or 0) in gpus:  # two synthesizers would split one GPU's memory without knowing it
             raise ServiceError(f"QTTS_DEVICES: GPU {device.index or 0} is listed twice")
         gpus.add(device.index or 0)
 
 
 def device_settings(settings: Settings, device: str) -> Settings:
-    """One engine's settings: everything shared, but its own device."""
+    """One synthesizer's settings: everything shared, but its own device."""
     return settings.model_copy(update={"device": device, "devices": []})
 
 
@@ -109,7 +109,7 @@ class _View:
     """One device as routing sees one model on it, at one moment."""
 
     index: int
-    engine: TTSEngine
+    synthesizer: Synthesizer
     loaded: bool  # loaded there, and its engine started (not still coming up)
     pending: bool  # loading there, or its engine starting
     unloading: bool
@@ -132,15 +132,15 @@ class _View:
 
 
 class DevicePool:
-    """Several engines, one per device, with the methods the API uses of a TTSEngine."""
+    """Several synthesizers, one per device, with the methods the API uses of a Synthesizer."""
 
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
         check_devices(settings.devices)
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.engines = [TTSEngine(device_settings(settings, d), metrics=self.metrics) for d in settings.devices]
+        self.synthesizers = [Synthesizer(device_settings(settings, d), metrics=self.metrics) for d in settings.devices]
         self.registry = PoolRegistry(self)
-        self.gate = PoolGate(self.engines)
+        self.gate = PoolGate(self.synthesizers)
         self._turn = 0
         self._warming: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._warm_failed: dict[tuple[int, str], float] = {}
@@ -151,52 +151,52 @@ class DevicePool:
         """The model on the device that should take this request (see the module's docstring)."""
         return await self.route(name).model_for(name, mode)
 
-    def route(self, name: str) -> TTSEngine:
-        """The engine the next request for `name` goes to; may start bringing the model up elsewhere."""
-        primary = self.engines[0].registry
+    def route(self, name: str) -> Synthesizer:
+        """The synthesizer the next request for `name` goes to; may start bringing the model up elsewhere."""
+        primary = self.synthesizers[0].registry
         key = self.registry.key(name)  # 404 for an unknown name, before any device is chosen
-        if not primary.is_local(key) and not any(e.registry.loaded_model(key) for e in self.engines):
-            return self.engines[0]  # not on disk: downloaded once, by the first device's registry
-        views = [self._view(i, key) for i in range(len(self.engines))]
+        if not primary.is_local(key) and not any(e.registry.loaded_model(key) for e in self.synthesizers):
+            return self.synthesizers[0]  # not on disk: downloaded once, by the first device's registry
+        views = [self._view(i, key) for i in range(len(self.synthesizers))]
         self._turn += 1
         loaded = [v for v in views if v.loaded]
         free = [v for v in loaded if v.free_row]
         if free:
-            return self._least_loaded(free).engine
+            return self._least_loaded(free).synthesizer
         started = self._warm_another(views, key)  # every loaded device's rows are busy (or none has it)
         open_ = [v for v in loaded if not v.saturated]
         if open_:
-            return self._least_loaded(open_).engine  # queue there while another device comes up
+            return self._least_loaded(open_).synthesizer  # queue there while another device comes up
         pending = [v for v in views if v.pending] + ([started] if started is not None else [])
         if pending:
-            return pending[0].engine  # wait for a device coming up rather than be refused
+            return pending[0].synthesizer  # wait for a device coming up rather than be refused
         cold = [v for v in views if v.cold]
         if cold:
-            return min(cold, key=lambda v: (v.held_bytes, v.index)).engine  # load it with this request
-        return self._least_loaded(loaded or views).engine  # every device is full: its gate says 429
+            return min(cold, key=lambda v: (v.held_bytes, v.index)).synthesizer  # load it with this request
+        return self._least_loaded(loaded or views).synthesizer  # every device is full: its gate says 429
 
     def _view(self, index: int, key: str) -> _View:
-        engine = self.engines[index]
-        registry = engine.registry
+        synthesizer = self.synthesizers[index]
+        registry = synthesizer.registry
         model = registry.loaded_model(key)
         warming = (index, key) in self._warming
-        load = engine.gate.load(key)
+        load = synthesizer.gate.load(key)
         rows = load.rows or (self.settings.max_batch_size if self.settings.engine == "reference" else 0)
         return _View(
             index=index,
-            engine=engine,
+            synthesizer=synthesizer,
             loaded=model is not None and not warming and not registry.is_unloading(key),
             pending=registry.is_loading(key) or warming,
             unloading=registry.is_unloading(key),
             in_flight=load.in_flight,
             rows=rows,
-            capacity=rows + engine.gate.max_queue,
+            capacity=rows + synthesizer.gate.max_queue,
             held_bytes=registry.used_bytes() + registry.reserved_bytes(),
         )
 
     def _least_loaded(self, views: list[_View]) -> _View:
         """Fewest items in flight for its rows; equal ones take turns."""
-        n = len(self.engines)
+        n = len(self.synthesizers)
         return min(views, key=lambda v: (v.in_flight / max(v.rows, 1), (v.index - self._turn) % n))
 
     def _warm_another(self, views: list[_View], key: str) -> _View | None:
@@ -212,9 +212,10 @@ class DevicePool:
         task = asyncio.ensure_future(self._warm(best.index, key))
         self._warming[(best.index, key)] = task
         task.add_done_callback(lambda _t, k=(best.index, key): self._warming.pop(k, None))
+        device = best.synthesizer.registry.options.device
         log.info(
-            f"bringing model {key} up on {best.engine.registry.options.device} too (the other devices' rows are busy)",
-            extra={"model": key, "device": best.engine.registry.options.device},
+            f"bringing model {key} up on {device} too (the other devices' rows are busy)",
+            extra={"model": key, "device": device},
         )
         return best
 
@@ -231,20 +232,20 @@ class DevicePool:
             self._warm_failed.pop((index, key), None)
 
     async def _bring_up(self, index: int, key: str) -> LoadedModel:
-        engine = self.engines[index]
-        model = await engine.registry.get(key)
+        synthesizer = self.synthesizers[index]
+        model = await synthesizer.registry.get(key)
         if self.settings.engine == "fast":
-            await engine.fast_runtime(model)  # KV cache and graphs now, not on the first request routed here
+            await synthesizer.fast_runtime(model)  # KV cache and graphs now, not on the first request routed here
         return model
 
-    def _owner(self, model: LoadedModel) -> TTSEngine:
-        """The engine whose registry loaded `model`: its work and prompts must stay on that device."""
-        for engine in self.engines:
-            if engine.registry.holds(model):
-                return engine
+    def _owner(self, model: LoadedModel) -> Synthesizer:
+        """The synthesizer whose registry loaded `model`: its work and prompts must stay on that device."""
+        for synthesizer in self.synthesizers:
+            if synthesizer.registry.holds(model):
+                return synthesizer
         raise gone(model.name)
 
-    # ----- what the API calls, sent to the model's own engine -----
+    # ----- what the API calls, sent to the model's own synthesizer -----
     async def synthesize(
         self, model: LoadedModel, mode: Mode, items: list[SynthesisItem], sampling: SamplingParams
     ) -> list[SynthesisResult]:
@@ -266,17 +267,17 @@ class DevicePool:
         return await self._owner(model).stored_voice_prompt(model, cache_key, load)
 
     def frame_limit(self, info: ModelInfo, sampling: SamplingParams) -> int:
-        return self.engines[0].frame_limit(info, sampling)
+        return self.synthesizers[0].frame_limit(info, sampling)
 
     # ----- every device -----
     async def load(self, name: str) -> LoadedModel:
         """Load the model on every device and start its engines; the first device's model is returned.
         One not on disk starts downloading instead (ModelDownloading, as with one device)."""
         key = self.registry.key(name)
-        if not self.engines[0].registry.is_local(key):
-            return await self.engines[0].registry.get(key)
+        if not self.synthesizers[0].registry.is_local(key):
+            return await self.synthesizers[0].registry.get(key)
         results = await asyncio.gather(
-            *(self._bring_up(i, key) for i in range(len(self.engines))), return_exceptions=True
+            *(self._bring_up(i, key) for i in range(len(self.synthesizers))), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
@@ -289,48 +290,48 @@ class DevicePool:
         warming = [task for (_, k), task in list(self._warming.items()) if k == key]
         if warming:  # a device still coming up would keep the model after this unload
             await asyncio.gather(*warming, return_exceptions=True)
-        return any(await asyncio.gather(*(engine.unload(key) for engine in self.engines)))
+        return any(await asyncio.gather(*(synthesizer.unload(key) for synthesizer in self.synthesizers)))
 
     @property
     def queue_depth(self) -> int:
-        return sum(engine.queue_depth for engine in self.engines)
+        return sum(synthesizer.queue_depth for synthesizer in self.synthesizers)
 
     @property
     def engine_failures(self) -> dict[str, str]:
-        """Every device's models whose engine a device fault stopped (see TTSEngine.restart)."""
+        """Every device's models whose engine a device fault stopped (see Synthesizer.restart)."""
         return {
-            f"{name} on {engine.registry.options.device}": message
-            for engine in self.engines
-            for name, message in engine.engine_failures.items()
+            f"{name} on {synthesizer.registry.options.device}": message
+            for synthesizer in self.synthesizers
+            for name, message in synthesizer.engine_failures.items()
         }
 
     def device_loads(self) -> list[dict[str, Any]]:
-        return [engine.load_report() for engine in self.engines]
+        return [synthesizer.load_report() for synthesizer in self.synthesizers]
 
     def batch_sizes(self) -> list[int]:
-        return [size for engine in self.engines for size in engine.batch_sizes()]
+        return [size for synthesizer in self.synthesizers for size in synthesizer.batch_sizes()]
 
     def close(self) -> None:
-        """Stop every engine. Called from a worker thread while the event loop waits: background
+        """Stop every synthesizer. Called from a worker thread while the event loop waits: background
         bring-ups are cancelled on the loop."""
         if self._loop is not None:
             for task in list(self._warming.values()):
                 with contextlib.suppress(RuntimeError):  # the loop is already closed
                     self._loop.call_soon_threadsafe(task.cancel)
-        for engine in self.engines:
-            engine.close()
+        for synthesizer in self.synthesizers:
+            synthesizer.close()
 
 
 class PoolGate:
     """The pool's admission state as /ready reads it."""
 
-    def __init__(self, engines: list[TTSEngine]) -> None:
-        self._engines = engines
+    def __init__(self, synthesizers: list[Synthesizer]) -> None:
+        self._synthesizers = synthesizers
 
     def saturated(self) -> list[str]:
         """Models every device would refuse: saturated wherever loaded, and on no device that could
         still take them (a device without the model loads it for the next request instead)."""
-        return sorted(set.intersection(*(set(engine.gate.saturated()) for engine in self._engines)))
+        return sorted(set.intersection(*(set(s.gate.saturated()) for s in self._synthesizers)))
 
 
 class PoolRegistry:
@@ -343,11 +344,11 @@ class PoolRegistry:
 
     @property
     def _registries(self) -> list[ModelRegistry]:
-        return [engine.registry for engine in self._pool.engines]
+        return [s.registry for s in self._pool.synthesizers]
 
     @property
     def _primary(self) -> ModelRegistry:
-        return self._pool.engines[0].registry
+        return self._pool.synthesizers[0].registry
 
     @property
     def options(self) -> RuntimeOptions:

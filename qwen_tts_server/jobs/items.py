@@ -110,9 +110,9 @@ async def generate_item(svc, item: Item, owner: str | None) -> Generated:
     """Generate one item whole."""
     body = SCHEMAS[item.mode].model_validate(item.spec)
     plan = await plan_item(svc, item.mode, body, owner)
-    model = await svc.engine.model_for(plan.model, plan.mode)
+    model = await svc.synthesizer.model_for(plan.model, plan.mode)
     items = await plan.build(model)
-    [result] = await Speech(svc.engine, model, plan.mode, body.sampling(svc.settings)).whole(items)
+    [result] = await Speech(svc.synthesizer, model, plan.mode, body.sampling(svc.settings)).whole(items)
     return Generated(result, body.response_format, item.custom_id or f"{item.job_id}-{item.idx:05d}")
 
 

@@ -51,7 +51,7 @@ def loaded_model(client: TestClient, name: str):
     """The upstream model object the server loaded (to hook it in tests)."""
     response = client.post(f"/api/v1/models/{name}/load")
     assert response.status_code == 200, response.text
-    registry = client.app.state.services.engine.registry
+    registry = client.app.state.services.synthesizer.registry
     return {m.name: m for m in registry.loaded()}[name].tts
 
 
@@ -63,7 +63,7 @@ def error_of(response) -> dict:
 
 def largest_batch(client: TestClient) -> int:
     """The most items decoded together so far, on whichever engine the app runs."""
-    return max(client.app.state.services.engine.batch_sizes(), default=0)
+    return max(client.app.state.services.synthesizer.batch_sizes(), default=0)
 
 
 # ----- live-server helpers (streaming, lifecycle, OpenAI and WebSocket tests) -----
@@ -82,7 +82,7 @@ def words(n: int) -> str:
 def engine_work(app) -> dict[str, object]:
     """What the app's engine still holds: sequences running or waiting in each fast engine, items
     admitted by the gate, and the in-flight count. All empty or zero when it is idle."""
-    engine = app.state.services.engine
+    engine = app.state.services.synthesizer
     running = {name: len(rt.engine.scheduler.running) for name, rt in list(engine._fast.items())}
     waiting = {name: len(rt.engine.scheduler.waiting) for name, rt in list(engine._fast.items())}
     return {

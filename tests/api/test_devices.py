@@ -21,7 +21,7 @@ def native(text: str = "Hello there, how are you today?", **extra: object) -> di
 
 def test_two_devices_serve_requests_and_streams(make_client):
     client = make_client(devices="cpu,cpu", max_slots=2)
-    pool = client.app.state.services.engine
+    pool = client.app.state.services.synthesizer
     assert isinstance(pool, DevicePool)
 
     loaded = client.post(f"/api/v1/models/{CUSTOM_17}/load")
@@ -43,7 +43,7 @@ def test_two_devices_serve_requests_and_streams(make_client):
     for thread in threads:
         thread.join()
     assert codes == [200] * 4
-    assert all(sum(engine.batch_sizes()) > 0 for engine in pool.engines), "one device took every request"
+    assert all(sum(engine.batch_sizes()) > 0 for engine in pool.synthesizers), "one device took every request"
 
     streamed = client.post("/api/v1/custom-voice", json=native(stream=True, response_format="pcm"))
     assert streamed.status_code == 200 and len(streamed.content) > 0
@@ -57,14 +57,14 @@ def test_two_devices_serve_requests_and_streams(make_client):
 
     unloaded = client.post(f"/api/v1/models/{CUSTOM_17}/unload")
     assert unloaded.json() == {"name": CUSTOM_17, "unloaded": True}
-    assert all(not engine.registry.loaded() and not engine._fast for engine in pool.engines)
+    assert all(not engine.registry.loaded() and not engine._fast for engine in pool.synthesizers)
     listed = client.get("/api/v1/models").json()
     assert {m["state"] for m in listed["models"]} == {"available"} and listed["memory"]["used_bytes"] == 0
 
 
 def test_one_device_answers_as_before(client):
     """A single device keeps its plain engine; the model list and /ready only gain the per-device report."""
-    assert not isinstance(client.app.state.services.engine, DevicePool)
+    assert not isinstance(client.app.state.services.synthesizer, DevicePool)
     assert client.post("/api/v1/custom-voice", json=native()).status_code == 200
     ready = client.get("/ready").json()
     assert ready["loaded_models"] == [CUSTOM_17] and [d["device"] for d in ready["devices"]] == ["cpu"]

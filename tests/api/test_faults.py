@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
-from qwen_tts_server.engine import engine as engine_module
+from qwen_tts_server.engine import synthesizer as synthesizer_module
 
 from .support import CUSTOM_06, error_of
 
@@ -22,7 +22,7 @@ def body(text: str = "A fault.") -> dict:
 
 def inject_fault(client) -> object:
     """Make the model's current engine fail its next talker step with a device fault; returns that engine."""
-    runtime = client.app.state.services.engine._fast[CUSTOM_06]
+    runtime = client.app.state.services.synthesizer._fast[CUSTOM_06]
 
     def fault(*_args, **_kwargs):
         raise RuntimeError(ILLEGAL_ACCESS)
@@ -62,7 +62,7 @@ def test_a_device_fault_fails_its_requests_with_503_and_the_engine_comes_back(cl
         assert error_of(answer)["type"] == "engine_failed" and "retry" in error_of(answer)["message"]
         assert answer.headers["retry-after"] == "30"
     seen = wait_for_ready(client)
-    runtime = client.app.state.services.engine._fast[CUSTOM_06]
+    runtime = client.app.state.services.synthesizer._fast[CUSTOM_06]
     assert runtime.engine is not failed_engine and failed_engine.failure is not None
     assert client.post("/api/v1/custom-voice", json=body()).status_code == 200
     assert seen[-1] == "ready"
@@ -73,13 +73,13 @@ def test_a_device_fault_fails_its_requests_with_503_and_the_engine_comes_back(cl
 
 def test_ready_is_red_while_an_engine_cannot_be_rebuilt(client, monkeypatch):
     assert client.post(f"/api/v1/models/{CUSTOM_06}/load").status_code == 200
-    engine = client.app.state.services.engine
+    engine = client.app.state.services.synthesizer
 
     def dead_gpu(*_args, **_kwargs):
         raise RuntimeError(ILLEGAL_ACCESS)
 
     inject_fault(client)
-    monkeypatch.setattr(engine_module, "FastRuntime", dead_gpu)  # every rebuild meets the same dead GPU
+    monkeypatch.setattr(synthesizer_module, "FastRuntime", dead_gpu)  # every rebuild meets the same dead GPU
     assert client.post("/api/v1/custom-voice", json=body()).status_code == 503
     deadline = time.monotonic() + 30
     while "could not be restarted" not in str(engine.engine_failures) and time.monotonic() < deadline:
@@ -91,7 +91,7 @@ def test_ready_is_red_while_an_engine_cannot_be_rebuilt(client, monkeypatch):
 
 def test_a_device_fault_in_the_codec_thread_also_rebuilds_the_engine(client):
     assert client.post(f"/api/v1/models/{CUSTOM_06}/load").status_code == 200
-    failed_engine = client.app.state.services.engine._fast[CUSTOM_06].engine
+    failed_engine = client.app.state.services.synthesizer._fast[CUSTOM_06].engine
 
     def fault(*_args, **_kwargs):
         raise RuntimeError(ILLEGAL_ACCESS)
@@ -103,7 +103,7 @@ def test_a_device_fault_in_the_codec_thread_also_rebuilds_the_engine(client):
     while failed_engine.failure is None and time.monotonic() < deadline:  # its step loop stops it next
         time.sleep(0.01)
     assert failed_engine.failure is not None
-    engines = client.app.state.services.engine
+    engines = client.app.state.services.synthesizer
     while CUSTOM_06 in engines._fast and engines._fast[CUSTOM_06].engine is failed_engine:
         assert time.monotonic() < deadline, "the engine was not rebuilt"
         time.sleep(0.01)

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 
-from qwen_tts_server.engine import engine as engine_module
+from qwen_tts_server.engine import synthesizer as synthesizer_module
 from qwen_tts_server.engine.registry import memory_of
 
 from .support import BASE_06, CUSTOM_06, CUSTOM_17, error_of, metric
@@ -41,7 +41,7 @@ def test_concurrent_first_requests_load_once(client):
     for t in threads:
         t.join()
     assert codes == [200] * 4
-    assert client.app.state.services.engine.registry.load_count == 1
+    assert client.app.state.services.synthesizer.registry.load_count == 1
 
 
 def test_explicit_load_describe_unload(client):
@@ -111,7 +111,7 @@ def test_the_fast_engine_cache_counts_against_the_memory_budget(client):
         return model["memory_bytes"]
 
     client.post(f"/api/v1/models/{CUSTOM_06}/load")  # the engine starts with the load
-    engine = client.app.state.services.engine
+    engine = client.app.state.services.synthesizer
     runtime = engine._fast[CUSTOM_06]
     weights = memory_of(engine.registry.loaded_model(CUSTOM_06).tts)
     assert memory() == weights + runtime.engine.cache_bytes
@@ -144,7 +144,7 @@ def test_unknown_names_are_404_with_no_hub_call_no_entry_and_no_metric_series(ma
     attempts = _no_network(monkeypatch)
     # Downloads on, from the default org: still nothing may be fetched for a name that is not ours.
     client = make_client(models_dir=models, download_source="huggingface")
-    registry = client.app.state.services.engine.registry
+    registry = client.app.state.services.synthesizer.registry
     requests = [
         ("post", "/api/v1/custom-voice", {"text": "hi", "speaker": "ryan", "model": EVIL}),
         ("post", "/api/v1/custom-voice", {"text": "hi", "speaker": "ryan", "model": "Made-Up-Model"}),
@@ -232,16 +232,16 @@ def client_with_downloader(tmp_path, downloader, **overrides):
     from fastapi.testclient import TestClient
 
     from qwen_tts_server.api.app import create_app
-    from qwen_tts_server.engine.engine import TTSEngine
     from qwen_tts_server.engine.registry import ModelRegistry
+    from qwen_tts_server.engine.synthesizer import Synthesizer
 
     from .support import settings_for
 
     settings = settings_for(
         models_dir=tmp_path / "models", data_dir=tmp_path / "data", download_source="huggingface", **overrides
     )
-    engine = TTSEngine(settings, registry=ModelRegistry(settings, downloader=downloader))
-    return TestClient(create_app(settings, engine=engine))
+    engine = Synthesizer(settings, registry=ModelRegistry(settings, downloader=downloader))
+    return TestClient(create_app(settings, synthesizer=engine))
 
 
 def wait_for(check, timeout_s: float = 30.0):
@@ -332,7 +332,7 @@ def test_a_failed_download_is_reported_and_not_retried_at_once(tiny_models_dir, 
 def test_unload_frees_the_fast_engine_without_the_cycle_collector(client):
     ok = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": CUSTOM_06})
     assert ok.status_code == 200
-    engine = client.app.state.services.engine
+    engine = client.app.state.services.synthesizer
     runtime = engine._fast[CUSTOM_06]
     dead_runtime, dead_engine = weakref.ref(runtime), weakref.ref(runtime.engine)
     dead_codec = weakref.ref(runtime.engine.codec)
@@ -405,7 +405,7 @@ def test_preloaded_models_are_up_before_ready(make_client):
     assert ready.status_code == 200 and ready.json()["loaded_models"] == [CUSTOM_06], seen
     assert engine_rows(client, CUSTOM_06) > 0
     ok = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan", "model": CUSTOM_06})
-    assert ok.status_code == 200 and client.app.state.services.engine.registry.load_count == 1
+    assert ok.status_code == 200 and client.app.state.services.synthesizer.registry.load_count == 1
 
 
 def test_a_failed_preload_keeps_ready_red_and_says_why(make_client):
@@ -420,14 +420,14 @@ def test_a_request_that_gives_up_during_the_first_load_leaves_one_engine(client,
     """The engine's build (minutes on a GPU) outlives a caller that leaves: it is finished, kept and counted
     once, and the next request uses it instead of building a second one beside it."""
     body = {"text": "hi", "speaker": "ryan", "model": CUSTOM_06}
-    engine = client.app.state.services.engine
-    real = engine_module.FastRuntime
+    engine = client.app.state.services.synthesizer
+    real = synthesizer_module.FastRuntime
 
     def slow_build(*args, **kwargs):  # as long as a GPU's warm-up, relative to the request's time-out
         time.sleep(0.5)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "FastRuntime", slow_build)
+    monkeypatch.setattr(synthesizer_module, "FastRuntime", slow_build)
     client.portal.call(engine.registry.get, CUSTOM_06)  # the weights, not the engine: it is built on first use
     assert client.post("/api/v1/custom-voice", json=body | {"timeout_s": 0.2}).status_code == 504
     assert engine._builds, "the request should have given up while the engine was being built"

@@ -113,7 +113,7 @@ def test_first_bytes_arrive_while_the_engine_still_generates(make_live_server):
     base, app = make_live_server(segment_chars=2000)  # one segment: one sequence to watch
     client = client_for(base)
     client.audio.speech.create(model="tts-1", voice="alloy", input="Warm up.", response_format="pcm")
-    runtime = app.state.services.engine._fast[CUSTOM_17]
+    runtime = app.state.services.synthesizer._fast[CUSTOM_17]
     at_first_chunk = None
     received = []
     with client.audio.speech.with_streaming_response.create(

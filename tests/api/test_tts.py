@@ -149,7 +149,7 @@ def test_voice_clone_encodes_a_shared_reference_once(client):
         assert len(calls) == 1
     finally:
         hook.remove()
-    cache = client.app.state.services.engine.voice_cache
+    cache = client.app.state.services.synthesizer.voice_cache
     assert cache.misses == 1 and cache.hits >= 1
 
 

@@ -175,7 +175,7 @@ def test_a_service_error_carrying_a_surrogate_is_escaped_not_a_500(client, monke
     async def refuse(*args, **kwargs):
         raise InvalidRequest("speaker 'a\ud800b' is not available: choose one of ryan, vivian", field="spe\ud800")
 
-    monkeypatch.setattr(client.app.state.services.engine, "model_for", refuse)
+    monkeypatch.setattr(client.app.state.services.synthesizer, "model_for", refuse)
     response = client.post("/api/v1/custom-voice", json={"text": "hi", "speaker": "ryan"})
     assert response.status_code == 422, response.text
     error = error_of(response)  # valid UTF-8 JSON, the surrogate written out as text
@@ -191,7 +191,7 @@ def test_an_unexpected_error_is_a_500_with_the_request_id_and_the_client_goes_on
         calls.append(1)
         raise RuntimeError("bug \ud800 with a surrogate in its message")
 
-    engine = client.app.state.services.engine
+    engine = client.app.state.services.synthesizer
     original = engine.model_for
     monkeypatch.setattr(engine, "model_for", explode)
     # The TestClient raises server exceptions by default: none escapes the app any more.

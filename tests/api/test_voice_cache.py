@@ -34,7 +34,7 @@ def test_file_id_and_base64_of_the_same_bytes_share_one_entry(client, monkeypatc
     clone(client, file_id)
     assert (decoded, read) == ([1], [1])  # found by content before reading or decoding again
 
-    cache = client.app.state.services.engine.voice_cache
+    cache = client.app.state.services.synthesizer.voice_cache
     assert (len(cache), cache.misses, cache.hits) == (1, 1, 3)
     text = client.get("/metrics").text
     assert metric(text, "qtts_voice_prompt_cache_total", result="miss") == 1
@@ -52,7 +52,7 @@ def test_bad_audio_is_still_refused_and_not_cached(client):
             "/api/v1/voice-clone", json={"text": "hi", "ref_audio": bad, "ref_text": "w", "model": BASE_06}
         )
         assert response.status_code == 422 and response.json()["error"]["field"] == "ref_audio"
-    assert len(client.app.state.services.engine.voice_cache) == 0
+    assert len(client.app.state.services.synthesizer.voice_cache) == 0
 
 
 def test_a_stored_voice_shares_the_entry_of_its_audio(client):
@@ -62,7 +62,7 @@ def test_a_stored_voice_shares_the_entry_of_its_audio(client):
         "/api/v1/voices", json={"name": "narrator", "ref_audio": file_id, "ref_text": "w", "model": BASE_06}
     )
     assert response.status_code == 201, response.text
-    cache = client.app.state.services.engine.voice_cache
+    cache = client.app.state.services.synthesizer.voice_cache
     assert (len(cache), cache.misses) == (1, 1)
     clone(client, base64.b64encode(wav).decode())  # the voice's audio sent again: the same entry
     speech = client.post("/api/v1/voice-clone", json={"text": "hi", "voice": "narrator"})

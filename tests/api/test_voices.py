@@ -261,7 +261,7 @@ def test_survives_a_restart(make_client):
     assert after.status_code == 200, after.text
     assert after.content == before.content  # the stored prompt, exactly
     assert calls == []  # read from disk, not computed again
-    assert second.app.state.services.engine.voice_cache.misses == 1
+    assert second.app.state.services.synthesizer.voice_cache.misses == 1
 
 
 def test_duplicate_unknown_and_bad_input(client):

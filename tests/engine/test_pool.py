@@ -15,9 +15,9 @@ import pytest
 
 from qwen_tts_server.audio.codec_io import DecodedAudio
 from qwen_tts_server.audio.sources import ReferenceAudio
-from qwen_tts_server.engine.engine import TTSEngine
-from qwen_tts_server.engine.pool import DevicePool, build_engine, check_devices, use_compile_cache
+from qwen_tts_server.engine.pool import DevicePool, build_synthesizer, check_devices, use_compile_cache
 from qwen_tts_server.engine.registry import ModelState
+from qwen_tts_server.engine.synthesizer import Synthesizer
 from qwen_tts_server.engine.types import FinishReason, Mode, SamplingParams, SynthesisItem
 from qwen_tts_server.errors import ModelUnavailable, Overloaded, ServiceError
 
@@ -30,20 +30,20 @@ ITEM = SynthesisItem(text="Hello there, how are you today?", speaker="vivian")
 def run_pool(tiny_models_dir: Path, tmp_path: Path, test: Callable[[DevicePool], Awaitable[Any]], **overrides: Any):
     """Run `test` on a pool of two CPU engines, closing it at the end."""
     settings = settings_for(models_dir=tiny_models_dir, data_dir=tmp_path, devices="cpu,cpu", **overrides)
-    pool = build_engine(settings)
-    assert isinstance(pool, DevicePool) and len(pool.engines) == 2
+    pool = build_synthesizer(settings)
+    assert isinstance(pool, DevicePool) and len(pool.synthesizers) == 2
     try:
         return asyncio.run(test(pool))
     finally:
         pool.close()
 
 
-def served(engine: TTSEngine) -> int:
+def served(engine: Synthesizer) -> int:
     """Items this engine decoded (summed over its fast engines' steps)."""
     return sum(engine.batch_sizes())
 
 
-async def synth(pool: DevicePool, item: SynthesisItem = ITEM) -> TTSEngine:
+async def synth(pool: DevicePool, item: SynthesisItem = ITEM) -> Synthesizer:
     """One request as the API makes it: a model from `model_for`, then synthesis; returns the engine
     that served it."""
     model = await pool.model_for(CUSTOM_06, Mode.CUSTOM_VOICE)
@@ -61,10 +61,12 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None
 
 def test_one_device_is_a_plain_engine(tiny_models_dir: Path, tmp_path: Path) -> None:
     """No pool (and no indirection) unless several devices are listed."""
-    plain = build_engine(settings_for(models_dir=tiny_models_dir, data_dir=tmp_path))
-    listed = build_engine(settings_for(models_dir=tiny_models_dir, data_dir=tmp_path, device="auto", devices="cpu"))
+    plain = build_synthesizer(settings_for(models_dir=tiny_models_dir, data_dir=tmp_path))
+    listed = build_synthesizer(
+        settings_for(models_dir=tiny_models_dir, data_dir=tmp_path, device="auto", devices="cpu")
+    )
     try:
-        assert type(plain) is TTSEngine and type(listed) is TTSEngine
+        assert type(plain) is Synthesizer and type(listed) is Synthesizer
         assert listed.registry.options.device == "cpu"
     finally:
         plain.close()
@@ -83,16 +85,16 @@ def test_devices_this_host_lacks_fail_at_start() -> None:
 def test_concurrent_requests_spread_over_both_devices(tiny_models_dir: Path, tmp_path: Path) -> None:
     async def test(pool: DevicePool) -> None:
         model = await pool.load(CUSTOM_06)  # up on both devices, engines started
-        assert all(e.registry.loaded_model(CUSTOM_06) is not None for e in pool.engines)
+        assert all(e.registry.loaded_model(CUSTOM_06) is not None for e in pool.synthesizers)
         assert model.info.model_type == "custom_voice"
         owners = await asyncio.gather(*(synth(pool) for _ in range(4)))
-        assert {id(owner) for owner in owners} == {id(e) for e in pool.engines}, "one device took every request"
-        assert all(served(engine) > 0 for engine in pool.engines)  # both engines decoded items
+        assert {id(owner) for owner in owners} == {id(e) for e in pool.synthesizers}, "one device took every request"
+        assert all(served(engine) > 0 for engine in pool.synthesizers)  # both engines decoded items
         assert pool.queue_depth == 0
 
         status = pool.registry.status(CUSTOM_06)
         assert status.state is ModelState.LOADED and status.device == "cpu,cpu"
-        assert status.memory_bytes == sum(e.registry.used_bytes() for e in pool.engines)
+        assert status.memory_bytes == sum(e.registry.used_bytes() for e in pool.synthesizers)
         loads = pool.device_loads()
         assert [d["device"] for d in loads] == ["cpu", "cpu"]
         assert all(d["models"][CUSTOM_06]["rows"] == 2 for d in loads)
@@ -108,7 +110,7 @@ def test_a_stream_stays_on_its_device_and_ends_with_its_reason(tiny_models_dir: 
         assert chunks[-1].finish_reason in (FinishReason.EOS, FinishReason.LENGTH)
         assert sum(len(c.samples) for c in chunks) > 0 and len(chunks) > 2
         assert served(owner) > 0 and owner.queue_depth == 0
-        assert sum(served(e) for e in pool.engines) == served(owner)  # the other device did nothing
+        assert sum(served(e) for e in pool.synthesizers) == served(owner)  # the other device did nothing
 
     run_pool(tiny_models_dir, tmp_path, test)
 
@@ -119,18 +121,18 @@ def test_a_saturated_device_sends_new_work_to_the_other(tiny_models_dir: Path, t
 
     async def test(pool: DevicePool) -> None:
         first = await pool.model_for(CUSTOM_06, Mode.CUSTOM_VOICE)
-        assert pool._owner(first) is pool.engines[0]  # a cold pool starts on the first device only
+        assert pool._owner(first) is pool.synthesizers[0]  # a cold pool starts on the first device only
         stream = pool.stream(first, Mode.CUSTOM_VOICE, ITEM, GREEDY)
         await stream.__anext__()  # admitted: it holds the row until the stream is closed
-        assert pool.engines[0].gate.load(CUSTOM_06).saturated
-        assert pool.engines[1].registry.loaded_model(CUSTOM_06) is None
+        assert pool.synthesizers[0].gate.load(CUSTOM_06).saturated
+        assert pool.synthesizers[1].registry.loaded_model(CUSTOM_06) is None
         try:
-            assert await synth(pool) is pool.engines[1]
+            assert await synth(pool) is pool.synthesizers[1]
             assert pool.gate.saturated() == []  # the second device still takes work
         finally:
             await stream.aclose()
         with pytest.raises(Overloaded):  # the one engine, asked directly, refuses beyond its row
-            engine = pool.engines[0]
+            engine = pool.synthesizers[0]
             model = engine.registry.loaded_model(CUSTOM_06)
             held = engine.stream(model, Mode.CUSTOM_VOICE, ITEM, GREEDY)
             try:
@@ -152,11 +154,11 @@ def test_a_busy_device_brings_the_model_up_on_the_other_meanwhile(tiny_models_di
         await stream.__anext__()
         try:
             second = await pool.model_for(CUSTOM_06, Mode.CUSTOM_VOICE)
-            assert pool._owner(second) is pool.engines[0]  # queued where the model is
+            assert pool._owner(second) is pool.synthesizers[0]  # queued where the model is
             assert (1, CUSTOM_06) in pool._warming
             await wait_for(lambda: not pool._warming)
-            assert pool.engines[1].gate.load(CUSTOM_06).rows == 1  # loaded, and its engine started
-            assert await synth(pool) is pool.engines[1]
+            assert pool.synthesizers[1].gate.load(CUSTOM_06).rows == 1  # loaded, and its engine started
+            assert await synth(pool) is pool.synthesizers[1]
         finally:
             await stream.aclose()
 
@@ -169,10 +171,10 @@ def test_voice_prompts_are_computed_on_the_models_device(tiny_models_dir: Path, 
 
     async def test(pool: DevicePool) -> None:
         await pool.load(BASE_06)
-        model = pool.engines[1].registry.loaded_model(BASE_06)
+        model = pool.synthesizers[1].registry.loaded_model(BASE_06)
         prompt = await pool.voice_prompt(model, ReferenceAudio("sha256:test", audio=audio))
         assert prompt.ref_code is not None
-        assert len(pool.engines[1].voice_cache._entries) == 1 and not pool.engines[0].voice_cache._entries
+        assert len(pool.synthesizers[1].voice_cache._entries) == 1 and not pool.synthesizers[0].voice_cache._entries
 
     run_pool(tiny_models_dir, tmp_path, test)
 
@@ -180,15 +182,15 @@ def test_voice_prompts_are_computed_on_the_models_device(tiny_models_dir: Path, 
 def test_unload_frees_every_device(tiny_models_dir: Path, tmp_path: Path) -> None:
     async def test(pool: DevicePool) -> None:
         await pool.load(CUSTOM_06)
-        stale = pool.engines[1].registry.loaded_model(CUSTOM_06)
+        stale = pool.synthesizers[1].registry.loaded_model(CUSTOM_06)
         assert await pool.unload(f"Qwen/{CUSTOM_06}") is True
-        for engine in pool.engines:
+        for engine in pool.synthesizers:
             assert not engine.registry.loaded() and not engine._fast and engine.registry.used_bytes() == 0
         assert pool.registry.status(CUSTOM_06).state is ModelState.AVAILABLE
         assert await pool.unload(CUSTOM_06) is False
         with pytest.raises(ModelUnavailable, match="unloaded"):  # a request that looked it up before
             await pool.synthesize(stale, Mode.CUSTOM_VOICE, [ITEM], GREEDY)
-        assert await synth(pool) is pool.engines[0]  # loads again on demand
+        assert await synth(pool) is pool.synthesizers[0]  # loads again on demand
 
     run_pool(tiny_models_dir, tmp_path, test)
 

@@ -158,10 +158,10 @@ def test_unload_gives_up_waiting_after_its_time_out(tiny_models_dir: Path, tmp_p
 
 
 def test_a_model_evicted_between_lookup_and_use_is_a_503(tiny_models_dir: Path, tmp_path: Path) -> None:
-    from qwen_tts_server.engine.engine import TTSEngine
+    from qwen_tts_server.engine.synthesizer import Synthesizer
 
     settings = settings_for(models_dir=tiny_models_dir, data_dir=tmp_path)
-    engine = TTSEngine(settings)
+    engine = Synthesizer(settings)
 
     async def main() -> None:
         model = await engine.registry.get(CUSTOM_06)  # a request looked it up ...

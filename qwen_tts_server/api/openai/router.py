@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request, Response
 
 from ...audio.codec_io import MEDIA_TYPES
 from ...audio.encoders import STREAMABLE_FORMATS, check_output_format, encode_audio
-from ...engine.engine import check_items
 from ...engine.registry import PUBLISHED_MODELS, ModelState
+from ...engine.synthesizer import check_items
 from ...errors import InvalidRequest, ServiceError
 from ..deps import owner, services
 from ..json_body import OffLoopJSONRoute
@@ -50,14 +50,14 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
     try:
         voice = await stored_voice(svc, body, owner(request))
         model, mode = await until_disconnect(
-            request, resolve_mode(svc.engine, body, voice), svc.metrics, body.timeout_s
+            request, resolve_mode(svc.synthesizer, body, voice), svc.metrics, body.timeout_s
         )
         item = await until_disconnect(request, speech_item(svc, body, model, mode, voice), svc.metrics, body.timeout_s)
         check_items(model.info, mode, [item])
     except ServiceError as exc:
         exc.field = PARAMS.get(exc.field or "", exc.field)
         raise
-    speech = Speech(svc.engine, model, mode, sampling)
+    speech = Speech(svc.synthesizer, model, mode, sampling)
     rate = model.info.sample_rate
     if body.stream_format == "sse":
         tokens = input_tokens(model, item.text)
@@ -72,7 +72,7 @@ async def create_speech(body: SpeechRequest, request: Request) -> Response:
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """OpenAI's model names (served by the configured defaults) and every model this server knows."""
-    registry = services(request).engine.registry
+    registry = services(request).synthesizer.registry
     # A name some request asked for that failed to load, with no checkpoint, is no model of this server.
     statuses = registry.statuses()
     known = [s.name for s in statuses if s.state is not ModelState.FAILED or s.path or s.name in PUBLISHED_MODELS]

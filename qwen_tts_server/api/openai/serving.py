@@ -14,8 +14,8 @@ import copy
 from typing import TYPE_CHECKING, Any
 
 from ...config import Settings
-from ...engine.engine import TTSEngine
 from ...engine.registry import LoadedModel
+from ...engine.synthesizer import Synthesizer
 from ...engine.types import Mode, SynthesisItem
 from ...errors import InvalidRequest, NotFound
 from ...storage.voices import VoiceRecord
@@ -62,26 +62,26 @@ async def stored_voice(svc: Services, body: SpeechRequest, owner: str | None) ->
 
 
 async def resolve_mode(
-    engine: TTSEngine, body: SpeechRequest, voice: VoiceRecord | None = None
+    synthesizer: Synthesizer, body: SpeechRequest, voice: VoiceRecord | None = None
 ) -> tuple[LoadedModel, Mode]:
     """The model and mode; `voice`, a stored voice the request names, means cloning with its model."""
-    settings = engine.settings
+    settings = synthesizer.settings
     if voice is not None:
         if body.model not in OPENAI_MODELS:
             check_model_fits(voice, body.model)
-        return await engine.model_for(voice.model, Mode.VOICE_CLONE), Mode.VOICE_CLONE
+        return await synthesizer.model_for(voice.model, Mode.VOICE_CLONE), Mode.VOICE_CLONE
     if body.ref_audio is not None:
         mode = Mode.VOICE_CLONE
     else:
         name = model_name(settings, body.model, Mode.CUSTOM_VOICE)
-        kind = (await engine.registry.get(name)).info.model_type
+        kind = (await synthesizer.registry.get(name)).info.model_type
         mode = _MODES[kind]
         if mode is Mode.VOICE_CLONE:
             raise InvalidRequest(
                 f"model '{body.model}' clones voices: send ref_audio (and ref_text), or use a CustomVoice model",
                 field="ref_audio",
             )
-    return await engine.model_for(model_name(settings, body.model, mode), mode), mode
+    return await synthesizer.model_for(model_name(settings, body.model, mode), mode), mode
 
 
 async def speech_item(
@@ -134,7 +134,7 @@ async def _clone_item(
             "ref_audio is empty: send a file_id, an http(s) URL, base64 audio or an allowed path", field="ref_audio"
         )
     audio = await svc.resolver.resolve(ref, field="ref_audio", decode=False)  # decoded on a cache miss
-    prompt = await svc.engine.voice_prompt(model, audio)
+    prompt = await svc.synthesizer.voice_prompt(model, audio)
     return SynthesisItem(
         text=text, language=language, voice=prompt, ref_text=ref_text, x_vector_only=body.x_vector_only
     )
@@ -147,7 +147,7 @@ async def _stored_item(
         raise InvalidRequest("a stored voice takes no instructions: remove them", field="instructions")
     if body.ref_text is not None:
         raise InvalidRequest(f"voice '{voice.name}' carries its own transcript: remove ref_text", field="ref_text")
-    prompt = await VoiceLookup(store=svc.voices).prompt(svc.engine, model, voice)
+    prompt = await VoiceLookup(store=svc.voices).prompt(svc.synthesizer, model, voice)
     return SynthesisItem(
         text=text,
         language=language,

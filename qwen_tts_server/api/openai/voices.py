@@ -22,8 +22,8 @@ from ...errors import InvalidRequest
 from ...storage.voices import VoiceRecord, VoiceStore
 
 if TYPE_CHECKING:
-    from ...engine.engine import TTSEngine
     from ...engine.registry import LoadedModel
+    from ...engine.synthesizer import Synthesizer
     from ...engine.types import VoicePrompt
 
 # OpenAI voice -> built-in speaker, by the voice's character (English-capable speakers first).
@@ -96,12 +96,12 @@ class VoiceLookup:
         """Every built-in name `resolve` accepts, speakers first."""
         return [*self.speakers, *(v for v, s in OPENAI_VOICES.items() if s in self.speakers)]
 
-    async def prompt(self, engine: TTSEngine, model: LoadedModel, voice: VoiceRecord) -> VoicePrompt:
+    async def prompt(self, synthesizer: Synthesizer, model: LoadedModel, voice: VoiceRecord) -> VoicePrompt:
         """A stored voice's prompt on `model`'s device, through the voice-prompt cache (keyed by its
         audio's content, like any reference)."""
         assert self.store is not None
         store = self.store
-        return await engine.stored_voice_prompt(
+        return await synthesizer.stored_voice_prompt(
             model, f"sha256:{voice.audio_sha256}", lambda device: store.load_prompt(voice.id, device)
         )
 

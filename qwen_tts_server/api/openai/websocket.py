@@ -34,7 +34,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
-from ...engine.engine import check_items
+from ...engine.synthesizer import check_items
 from ...engine.types import FinishReason, SynthesisItem
 from ...errors import InvalidRequest, ServiceError, StorageUnavailable, Unauthorized
 from ...storage.database import is_unavailable
@@ -192,13 +192,13 @@ class SpeechSession:
     async def _prepare(self, config: SpeechRequest) -> tuple[Speech, SynthesisItem, str, Any]:
         try:
             voice = await stored_voice(self.svc, config, self.owner)
-            model, mode = await resolve_mode(self.svc.engine, config, voice)
+            model, mode = await resolve_mode(self.svc.synthesizer, config, voice)
             template = await speech_item(self.svc, config, model, mode, voice)
             check_items(model.info, mode, [template])
         except ServiceError as exc:
             exc.field = PARAMS.get(exc.field or "", exc.field)
             raise
-        speech = Speech(self.svc.engine, model, mode, config.sampling(self.settings))
+        speech = Speech(self.svc.synthesizer, model, mode, config.sampling(self.settings))
         await self.ws.send_json(
             {
                 "type": "session.ready",

@@ -68,7 +68,7 @@ def test_items_of_a_job_run_together_in_the_engine(make_client):
     view = wait_for_end(client, job["id"])
     assert view["status"] == "completed"
     # A job feeds the engine as many items as it has rows, not one request at a time.
-    assert max(client.app.state.services.engine.batch_sizes()) > 1
+    assert max(client.app.state.services.synthesizer.batch_sizes()) > 1
 
 
 def test_a_bad_item_is_a_422_naming_it_and_nothing_is_queued(client):
@@ -282,7 +282,7 @@ def test_a_device_fault_delays_a_jobs_items_instead_of_failing_them(client, monk
     monkeypatch.setattr(EngineFailed, "retry_after_s", 0.2)  # the 30 s a client is told, shortened
     model = "Qwen3-TTS-12Hz-1.7B-CustomVoice"
     assert client.post(f"/api/v1/models/{model}/load").status_code == 200
-    engine = client.app.state.services.engine._fast[model].engine
+    engine = client.app.state.services.synthesizer._fast[model].engine
 
     def fault(*_args, **_kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -293,7 +293,7 @@ def test_a_device_fault_delays_a_jobs_items_instead_of_failing_them(client, monk
     created = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
     view = wait_for_end(client, created["id"])
     assert view["status"] == "completed" and view["progress"]["done"] == 3, view
-    assert client.app.state.services.engine._fast[model].engine is not engine  # it was rebuilt
+    assert client.app.state.services.synthesizer._fast[model].engine is not engine  # it was rebuilt
 
 
 def test_a_full_disk_mid_job_delays_its_items_and_loses_none(make_client, small_disk, caplog):

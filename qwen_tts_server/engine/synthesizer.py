@@ -1,4 +1,4 @@
-"""TTSEngine: the one object the API talks to for synthesis.
+"""Synthesizer: the one object the API talks to for synthesis.
 
 It owns the model registry, the voice-prompt cache, and what runs the items: per loaded model a
 fast engine (continuous batching on its own threads, the default), or the reference runner behind
@@ -62,7 +62,7 @@ class BatchKey:
     sampling: SamplingParams
 
 
-class TTSEngine:
+class Synthesizer:
     def __init__(
         self,
         settings: Settings,
@@ -443,9 +443,9 @@ class TTSEngine:
         self._builder.shutdown(wait=False, cancel_futures=True)  # a build under way closes its engine when done
 
 
-def _restart_on_failure(engine: TTSEngine, name: str) -> Callable[[BaseException], None]:
+def _restart_on_failure(engine: Synthesizer, name: str) -> Callable[[BaseException], None]:
     """The fast engine's `on_failure` (called on its step thread): mark the model failed and restart its
-    engine on the event loop. Holds the TTSEngine weakly: a fast engine never keeps its owner alive."""
+    engine on the event loop. Holds the Synthesizer weakly: a fast engine never keeps its owner alive."""
     loop = asyncio.get_running_loop()
     owner = weakref.ref(engine)
 
