@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, Metric, SummaryMetricFam
 from prometheus_client.registry import Collector
 
 from .collector import PAUSES
+from .storage.database import OUTAGE_RETRIES
 
 # One fast engine's counters: (model, device, steps, seconds per part of its loop, and its finished requests:
 # how many, and their seconds summed per phase, see engine.fast.timing.RequestPhases).
@@ -52,6 +53,22 @@ class EngineCollector(Collector):
         yield steps
         yield seconds
         yield phases
+
+
+class OutageCollector(Collector):
+    """Background work's waits for an outage to pass (`storage.database.OUTAGE_RETRIES`, process-wide): a job
+    item whose audio meets a full disk keeps it and tries again, and this is where an operator sees that."""
+
+    def collect(self) -> Iterator[Metric]:
+        retries = CounterMetricFamily(
+            "qtts_outage_retries",
+            "Tries of background work (job items' audio and results, webhooks, the job runner) put off by an "
+            "outage: a disk full (disk_full) or the database down or busy (database_unavailable)",
+            labels=["reason"],
+        )
+        for reason, count in dict(OUTAGE_RETRIES.counts).items():
+            retries.add_metric([reason], count)
+        yield retries
 
 
 class Metrics:
@@ -103,6 +120,7 @@ class Metrics:
         r.register(self.engines)
         PAUSES.install()  # process-wide, like the collector it counts
         r.register(PAUSES)
+        r.register(OutageCollector())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

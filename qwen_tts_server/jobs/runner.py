@@ -12,7 +12,7 @@ import logging
 import time
 
 from ..errors import EngineFailed, Overloaded, ServiceError
-from ..storage.database import UNAVAILABLE_ERRORS, OutageBackoff, is_unavailable, through_outages
+from ..storage.database import OUTAGE_ERRORS, OutageBackoff, is_unavailable, through_outages
 from .items import Generated, Outcome, generate_item, save_item
 from .store import Item, ItemState, JobStore
 from .webhook import send_webhook
@@ -163,10 +163,8 @@ class JobRunner:
         while True:
             try:
                 return await generate_item(self.svc, item, item.owner)
-            except UNAVAILABLE_ERRORS as exc:
-                if not is_unavailable(exc):
-                    raise
-                await outage.wait(exc)
+            except OUTAGE_ERRORS as exc:
+                await outage.wait_out(exc)
             except Overloaded as exc:
                 await asyncio.sleep(exc.retry_after_s)
             except EngineFailed as exc:

@@ -104,6 +104,33 @@ def autocommit(engine: sa.Engine) -> sa.Engine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
+# What an outage worth waiting out (the database down or busy, a disk full) arrives as; `outage_of` tells.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE_ERRORS, StorageFull)
+
+
+def outage_of(exc: BaseException) -> str | None:
+    """ "disk_full" or "database_unavailable" when `exc` is an outage background work should wait out, else None."""
+    if is_disk_full(exc):
+        return "disk_full"
+    return "database_unavailable" if is_unavailable(exc) else None
+
+
+class OutageRetries:
+    """How many times background work has waited out an outage, by `outage_of`'s reason, in this process: a full
+    disk otherwise shows only in the log, while job items wait with their audio in hand (for /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts = {"disk_full": 0, "database_unavailable": 0}
+
+    def add(self, reason: str) -> None:
+        with self._lock:
+            self.counts[reason] += 1
+
+
+OUTAGE_RETRIES = OutageRetries()
+
+
 class OutageBackoff:
     """Waits between tries while the database is down or busy, or a disk is full: 0.5 s, doubling up to 30 s."""
 
@@ -111,15 +138,23 @@ class OutageBackoff:
         self.wait_s = 0.5
 
     def next_wait(self, exc: BaseException) -> float:
-        """The wait before the next try (logged as one line, not a traceback)."""
+        """The wait before the next try of an outage `exc` (logged as one line, not a traceback; counted)."""
         wait_s = self.wait_s
-        what = "a disk is full" if is_disk_full(exc) else "the database is unavailable"
+        reason = outage_of(exc) or "database_unavailable"
+        what = "a disk is full" if reason == "disk_full" else "the database is unavailable"
         log.warning("%s (%s); trying again in %.1f s", what, type(exc).__name__, wait_s)
+        OUTAGE_RETRIES.add(reason)
         self.wait_s = min(2 * wait_s, 30.0)
         return wait_s
 
     async def wait(self, exc: BaseException) -> None:
         await asyncio.sleep(self.next_wait(exc))
+
+    async def wait_out(self, exc: BaseException) -> None:
+        """Wait before the next try if `exc` is an outage (see `outage_of`); else raise it."""
+        if outage_of(exc) is None:
+            raise exc
+        await self.wait(exc)
 
 
 async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -130,10 +165,8 @@ async def through_outages(call: Callable[..., T], *args: Any, **kwargs: Any) -> 
     while True:
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
-        except (*UNAVAILABLE_ERRORS, StorageFull) as exc:
-            if not (is_unavailable(exc) or is_disk_full(exc)):
-                raise
-            await backoff.wait(exc)
+        except OUTAGE_ERRORS as exc:
+            await backoff.wait_out(exc)
 
 
 def close_databases() -> None:

@@ -11,6 +11,7 @@ import time
 import zipfile
 
 import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwen_tts_server.config import Settings
 from qwen_tts_server.jobs.store import ItemState, JobStore, NewItem
@@ -296,6 +297,15 @@ def test_a_device_fault_delays_a_jobs_items_instead_of_failing_them(client, monk
     assert client.app.state.services.synthesizer._fast[model].engine is not engine  # it was rebuilt
 
 
+def disk_full_retries(client) -> float:
+    text = client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qtts_outage_retries_total" and sample.labels["reason"] == "disk_full":
+                return sample.value
+    raise AssertionError("no qtts_outage_retries_total{reason=disk_full} in /metrics")
+
+
 def test_a_full_disk_mid_job_delays_its_items_and_loses_none(make_client, small_disk, caplog):
     """The files folder on a real 1 MiB filesystem, filled but for 24 KiB: an item's audio cannot be stored, so
     it waits (its audio kept, not generated again) instead of failing; once space is freed the job completes."""
@@ -305,6 +315,7 @@ def test_a_full_disk_mid_job_delays_its_items_and_loses_none(make_client, small_
     filler.write_bytes(bytes(1000 * 1024))
     client = make_client(data_dir=data_dir, max_slots=1, job_concurrency=1)
     caplog.set_level(logging.WARNING, logger="qwen_tts_server.storage.database")
+    retries_before = disk_full_retries(client)
     items = [{"text": words(20), "custom_id": str(i)} for i in range(2)]
     options = {"mode": "custom_voice", "speaker": "vivian", "max_new_tokens": 60, "response_format": "wav"}
     job = client.post("/api/v1/jobs", json={"items": items, "options": options}).json()
@@ -315,6 +326,7 @@ def test_a_full_disk_mid_job_delays_its_items_and_loses_none(make_client, small_
         assert time.monotonic() < deadline, "no item met the full disk"
         time.sleep(0.05)
     assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "running"
+    assert disk_full_retries(client) > retries_before  # what an operator's alert can watch
     filler.unlink()
     view = wait_for_end(client, job["id"])
     assert view["status"] == "completed", view["progress"]
