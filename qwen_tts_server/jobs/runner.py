@@ -156,8 +156,8 @@ class JobRunner:
     async def _generate(self, item: Item) -> Generated:
         """Generate the item; while the engine's queue is full (synchronous traffic has it), wait as it says
         and try again: a busy server delays a job, it does not fail its items. An engine rebuilt after a
-        device fault is waited for too, a few times: one CUDA error must not fail a whole job; and the
-        database, if it is away when the item's voice is looked up."""
+        device fault is waited for too, a few times: one CUDA error must not fail a whole job; and an outage
+        (the database away when the item's voice is looked up, or its disk full), as `through_outages` does."""
         faults = 0
         outage = OutageBackoff()
         while True:

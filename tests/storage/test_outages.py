@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
 
 from qwen_tts_server.errors import StorageFull
 from qwen_tts_server.storage import database
@@ -37,6 +38,18 @@ def test_a_full_disk_is_waited_out_and_counted(no_sleep) -> None:
     assert no_sleep == [0.5, 1.0]
     assert OUTAGE_RETRIES.counts["disk_full"] - before["disk_full"] == 2
     assert OUTAGE_RETRIES.counts["database_unavailable"] == before["database_unavailable"]
+
+
+def test_a_lasting_database_fault_raises_at_once_and_is_not_counted(no_sleep) -> None:
+    """An error of a database type that is no outage (a missing table) is a bug to see, not to wait out."""
+
+    def write() -> None:
+        raise sa.exc.OperationalError("SELECT 1", {}, Exception("no such table: items"))
+
+    before = dict(OUTAGE_RETRIES.counts)
+    with pytest.raises(sa.exc.OperationalError, match="no such table"):
+        asyncio.run(through_outages(write))
+    assert no_sleep == [] and OUTAGE_RETRIES.counts == before
 
 
 def test_any_other_error_raises_at_once_and_is_not_counted(no_sleep) -> None:

@@ -15,7 +15,16 @@ UPSTREAM = SequenceSampling()
 def test_upstream_defaults_fill_what_neither_request_nor_checkpoint_sets() -> None:
     resolved = resolve_sampling(SamplingParams(seed=7), {})
     assert resolved == dataclasses.replace(UPSTREAM, seed=7)
-    assert (resolved.temperature, resolved.top_k, resolved.repetition_penalty) == (0.9, 50, 1.05)
+    # Upstream's hard defaults (qwen-tts's generate_* keyword defaults), written out rather than read back
+    talker = (resolved.do_sample, resolved.temperature, resolved.top_k, resolved.top_p, resolved.repetition_penalty)
+    assert talker == (True, 0.9, 50, 1.0, 1.05)
+    predictor = (
+        resolved.subtalker_do_sample,
+        resolved.subtalker_temperature,
+        resolved.subtalker_top_k,
+        resolved.subtalker_top_p,
+    )
+    assert predictor == (True, 0.9, 50, 1.0)
 
 
 def test_the_checkpoint_overrides_upstream_and_the_request_overrides_both() -> None:

@@ -173,7 +173,9 @@ def test_talker_rules() -> None:
     logits[:, 3000] = 100.0  # suppressed (>= 2048, not EOS)
     logits[:, 2150] = 50.0  # EOS
     logits[:, 7] = 10.0
-    params = RowSampling.make(4, do_sample=[False, False, False, True], repetition_penalty=1.0, seed=5)
+    params = RowSampling.make(
+        4, do_sample=[False, False, False, True], temperature=0.9, top_k=50, repetition_penalty=1.0, seed=5
+    )
     seen = torch.zeros(4, 3072, dtype=torch.bool)
     tokens = sampler.talker(logits, params, seen, torch.tensor([0, 1, 2, 2]))
     assert tokens.tolist() == [7, 7, 2150, 2150]
