@@ -109,7 +109,7 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE_ERRORS, StorageFull)
 
 
 def outage_of(exc: BaseException) -> str | None:
-    """ "disk_full" or "database_unavailable" when `exc` is an outage background work should wait out, else None."""
+    """Why background work should wait `exc` out ("disk_full" or "database_unavailable"), or None: no outage."""
     if is_disk_full(exc):
         return "disk_full"
     return "database_unavailable" if is_unavailable(exc) else None
