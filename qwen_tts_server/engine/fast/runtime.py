@@ -8,6 +8,7 @@ their slots at the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,17 +24,9 @@ from .sequence import AudioStream, Sequence, SequenceSampling
 from .trace import StepTrace
 
 _UPSTREAM = SequenceSampling()  # upstream's hard defaults
-_OPTIONS = (
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "subtalker_do_sample",
-    "subtalker_temperature",
-    "subtalker_top_k",
-    "subtalker_top_p",
-)
+# The options a request, the checkpoint or upstream sets: every field but the seed (drawn when unset) and
+# min_frames (benchmarks only).
+_OPTIONS = tuple(f.name for f in dataclasses.fields(SequenceSampling) if f.name not in ("seed", "min_frames"))
 _CONFIG_NAMES = {"subtalker_do_sample": "subtalker_dosample"}  # how generation_config.json spells it
 
 
