@@ -96,7 +96,7 @@ def test_a_device_fault_in_the_codec_thread_also_rebuilds_the_engine(client):
     def fault(*_args, **_kwargs):
         raise RuntimeError(ILLEGAL_ACCESS)
 
-    failed_engine.codec.decode = fault  # decoding whole utterances to audio, on the codec thread
+    failed_engine.streaming_decoder.decode = fault  # decoding whole utterances to audio, on the codec thread
     answer = client.post("/api/v1/custom-voice", json=body())
     assert answer.status_code == 503 and error_of(answer)["type"] == "engine_failed"
     deadline = time.monotonic() + 30

@@ -3,7 +3,8 @@
 A stream's chunks start small (its listener hears audio at once) and double up to the largest size, which
 repeats; every chunk is one of these sizes (the last may be shorter), so every chunk decode is a captured
 graph. A chunk is `patient` (may wait in the codec thread for other streams' chunks, see codec_worker) only
-while its stream is well ahead of real time; a stream's first chunks and its last never are.
+while its stream is well ahead of real time; a stream's first chunks and its last never are. A stream nobody
+listens to (a whole utterance decoded while it runs) goes in the largest chunks, all patient but its last.
 """
 
 from __future__ import annotations
@@ -43,15 +44,22 @@ class StreamChunker:
             stream = seq.stream
             if stream is None or seq.status is SequenceStatus.FINISHED:
                 continue
-            size = self.sizes[min(stream.chunks, len(self.sizes) - 1)]
+            size = self.next_size(stream)
             if seq.num_frames - stream.sent >= size:
-                patient = lead_s(stream, now) > PATIENT_LEAD_S + self.wait_s
+                patient = not stream.listened or lead_s(stream, now) > PATIENT_LEAD_S + self.wait_s
                 jobs.append(CodecJob(seq, stream.sent, stream.sent + size, patient=patient))
                 if stream.first_sent_at is None:
                     stream.first_sent_at = now
                 stream.sent += size
                 stream.chunks += 1
         return jobs
+
+    def next_size(self, stream: AudioStream) -> int:
+        """The size of a stream's next chunk: the next in `sizes` (the last repeats), or the largest for a
+        stream nobody listens to yet."""
+        if not stream.listened:
+            return self.sizes[-1]
+        return self.sizes[min(stream.chunks, len(self.sizes) - 1)]
 
     @staticmethod
     def last(seq: Sequence) -> CodecJob:

@@ -6,7 +6,10 @@ kinds of job share each batch:
 
 - whole: a finished request that wants its utterance in one piece (decoded with everything else
   that finished since the last decode; under load it waits up to `wait_s` for company, since the
-  codec is several times more efficient eight rows at a time than one);
+  codec is several times more efficient eight rows at a time than one). Only with the context chunk
+  decoder: with the stateful one a whole utterance is a stream nobody listens to (`AudioStream`),
+  decoded in chunks while it runs and joined at its end, so its codec work never lands all at once
+  at its end, and the codec needs no graphs of its own for whole utterances;
 - chunk: frames [start, end) of a streaming request. A chunk is urgent (decoded at once) unless
   its stream is well ahead of real time (`patient`, see chunking); a stream's
   last chunk is always urgent. Patient chunks wait up to `wait_s` for other streams' while more
@@ -265,12 +268,25 @@ class CodecWorker:
         audio = self.chunks.decode_chunks(nonempty) if nonempty else []
         self.frames += sum(j.end - j.start for j in nonempty)
         for job, samples in zip(nonempty, audio, strict=True):
+            _deliver_chunk(job.seq, samples)
+        for job in jobs:
             stream = job.seq.stream
-            assert stream is not None
-            try:
-                stream.on_audio(job.seq, samples)
-            except Exception:  # a caller's callback must not take the codec thread down
-                log.exception("on_audio callback failed")
+            if job.final and stream is not None and not stream.listened:
+                job.seq.audio = np.concatenate(stream.parts) if stream.parts else np.zeros(0, np.float32)
+                stream.parts = []
+
+
+def _deliver_chunk(seq: Sequence, samples: np.ndarray) -> None:
+    """A chunk's audio to its listener, or, where nobody listens, to the parts of the request's audio."""
+    stream = seq.stream
+    assert stream is not None
+    if stream.on_audio is None:
+        stream.parts.append(samples)
+        return
+    try:
+        stream.on_audio(seq, samples)
+    except Exception:  # a caller's callback must not take the codec thread down
+        log.exception("on_audio callback failed")
 
 
 def _rounds(jobs: list[CodecJob]) -> list[list[CodecJob]]:

@@ -6,12 +6,13 @@ sampling), then on CUDA reads the frame the previous step queued: the GPU always
 queued while the host reads one (readback; on the CPU a step reads its own frame). A request that samples
 EOS, reaches its frame limit or is cancelled leaves at once; the last running request moves into its
 row, so running requests always hold rows 0..n-1 and a batch is the first rows of every tensor.
-Finished requests go to a codec thread, which decodes everything that finished since its last decode in
-bounded batches, on its own low-priority CUDA stream, so decoding never stalls the running streams'
-steps (see codec_worker). Streaming requests hand the codec thread their frames in chunks while they
-run: a small first chunk at once, then chunks doubling up to the largest size. The codec thread decodes the chunks
-queued since its last call together, and a stream's steady chunks wait briefly for other streams'
-(codec_worker), so that one batched call serves many streams.
+Requests hand a codec thread their frames in chunks while they run (on its own low-priority CUDA stream, so
+decoding never stalls the running streams' steps; see codec_worker): a streaming request a small first
+chunk at once, then chunks doubling up to the largest size; a whole utterance, with the stateful chunk
+decoder, the largest chunks, joined into its audio when it ends. The codec thread decodes the chunks queued
+since its last call together, and steady chunks wait briefly for other streams' (codec_worker), so that one
+batched call serves many streams. With the context chunk decoder a whole utterance is decoded once it has
+ended, with the others that ended since the last decode.
 
 Per-row state (hidden, pending codebook 0, position, frame counter, repetition mask, trailing
 text, sampling options) lives in static tensors, so the frame's tensor work takes no values back to
@@ -53,7 +54,7 @@ from .readback import FrameReadback, PendingFrame
 from .rows import RowState
 from .sampler import Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import AudioStream, Sequence, SequenceStatus
 from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
@@ -263,6 +264,8 @@ class FastEngine:
         if seq.prompt.trailing.shape[0] > self.max_len:
             raise ValueError(f"text of {seq.prompt.trailing.shape[0]} tokens exceeds max_len {self.max_len}")
         seq.max_frames = min(seq.max_frames, limit)
+        if seq.stream is None and seq.decode_audio and self.streaming_decoder is not None:
+            seq.stream = AudioStream()  # a whole utterance, decoded while it runs (see AudioStream)
         seq.submitted_at = time.perf_counter()
         if self.device.type == "cuda":
             seq.ready = torch.cuda.Event()

@@ -68,19 +68,29 @@ class SequenceSampling:
 
 @dataclass(eq=False)
 class AudioStream:
-    """A request whose audio goes out while it is generated, chunk by chunk.
+    """A request whose audio is decoded while it is generated, chunk by chunk.
 
     The step thread hands the codec thread each chunk as soon as its frames exist, in the sizes of
     `StreamChunker.sizes` (small first: the listener hears audio at once and the next chunk always
     arrives before the audio so far has played). `on_audio` runs on the codec thread with each chunk's
     float32 samples, in order; the last chunk comes before `on_finish`.
+
+    Without `on_audio` nobody listens yet: a whole utterance decoded while it runs, so that its codec work
+    is spread over its frames (in the largest chunks, each of which may wait for other streams') instead
+    of falling on its end. Its chunks are kept in `parts` and joined into the request's `audio` when its
+    last one is decoded.
     """
 
-    on_audio: Callable[[Sequence, Any], None]
+    on_audio: Callable[[Sequence, Any], None] | None = None
     sent: int = 0  # frames handed to the codec so far
     chunks: int = 0  # chunks handed to the codec so far
     first_sent_at: float | None = None  # perf_counter when its first chunk went to the codec
     state: Any = None  # the chunk decoder's per-stream state (decoder caches), made on first use
+    parts: list[Any] = field(default_factory=list)  # the chunks' audio so far, where nobody listens
+
+    @property
+    def listened(self) -> bool:
+        return self.on_audio is not None
 
 
 @dataclass(eq=False)

@@ -65,29 +65,31 @@ def warm_up(engine: FastEngine, *, codec: bool = True) -> None:
 
 
 def _warm_up_codec(engine: FastEngine) -> None:
-    """Capture the whole-decode graphs and the streaming decoder's (most of a 1.7B load's warm-up)."""
+    """Capture the streaming decoder's graphs, or, with the context chunk decoder, the whole-decode graphs
+    that it and whole utterances use (either is most of a 1.7B load's warm-up). With the stateful decoder
+    whole utterances decode through it too (see codec_worker): the whole-decode graphs would go unused."""
     t0 = time.perf_counter()
-    try:
-        engine.codec.warm_up()
-    except RuntimeError:
-        log.exception("codec graph capture failed; codec decode continues without graphs")
-        engine.codec.use_graphs = False
-    log.info(f"fast engine warm-up: {len(engine.codec)} codec graphs captured in {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    _capture_stream_decoder(engine)
-    if engine.streaming_decoder is not None:
-        count, seconds = len(engine.streaming_decoder), time.perf_counter() - t0
-        log.info(f"fast engine warm-up: {count} streaming decoder graphs captured in {seconds:.1f} s")
+    decoder = engine.streaming_decoder
+    if decoder is None:
+        try:
+            engine.codec.warm_up()
+        except RuntimeError:
+            log.exception("codec graph capture failed; codec decode continues without graphs")
+            engine.codec.use_graphs = False
+        log.info(f"fast engine warm-up: {len(engine.codec)} codec graphs captured in {time.perf_counter() - t0:.1f} s")
+        return
+    _capture_stream_decoder(engine, decoder)
+    seconds = time.perf_counter() - t0
+    log.info(f"fast engine warm-up: {len(decoder)} streaming decoder graphs captured in {seconds:.1f} s")
 
 
-def _capture_stream_decoder(engine: FastEngine) -> None:
+def _capture_stream_decoder(engine: FastEngine, decoder: StreamingDecoder) -> None:
     """On CUDA, graph the streaming decoder for every chunk size a stream produces, at every batch
     bucket from one row (`stream_buckets`). A group of streams is padded to the next captured row
     count, so coarse buckets waste the codec's GPU time: under a closed loop of 64 streams each step's
     group of ~5 steady chunks ran as 16 rows (1, 4, 16, 64 were the buckets), about three rows computed
     for each one used, on the GPU the frames need."""
-    decoder = engine.streaming_decoder
-    if decoder is None or not engine.codec.use_graphs:
+    if not engine.codec.use_graphs:
         return
     if _try_capture(engine, decoder) or not decoder.compiled:
         return

@@ -403,17 +403,18 @@ def test_finished_requests_count_where_their_time_went_and_cancelled_ones_do_not
 
 
 def test_a_request_whose_audio_fails_to_decode_is_not_counted_as_finished(load_tts, monkeypatch):
-    """A request with all its frames whose decode fails (here: injected into the real engine's codec) ends
-    with an error: `request_phases` counts only requests that got their audio."""
+    """A request with all its frames whose decode fails (here: injected into the real engine's streaming
+    decoder, which whole utterances go through) ends with an error: `request_phases` counts only requests
+    that got their audio."""
     tts = load_tts(CUSTOM)
     engine = FastEngine(tts, max_slots=2, max_len=512)
     seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
     seq.max_frames = 3
 
-    def broken(batch):
+    def broken(states, codes):
         raise RuntimeError("decode failed")
 
-    monkeypatch.setattr(engine.codec, "decode", broken)
+    monkeypatch.setattr(engine.streaming_decoder, "decode", broken)
     engine.submit(seq)
     run_to_end(engine, [seq])
     assert seq.last_frame_at is not None and isinstance(seq.error, RuntimeError)
