@@ -148,8 +148,9 @@ class Settings(BaseSettings):
     )
     stream_decoder: Literal["stateful", "context"] = Field(
         "stateful",
-        description="Streaming codec decode: stateful carries the decoder's causal state across chunks (exactly "
-        "the whole-utterance audio); context re-decodes 25 frames before each chunk (approximate).",
+        description="Codec decode in chunks: stateful carries the decoder's causal state across chunks (exactly "
+        "the whole-utterance audio), and decodes whole utterances in chunks too while they are generated; context "
+        "re-decodes 25 frames before each chunk (approximate) and decodes whole utterances in one piece at their end.",
     )
     ws_idle_timeout_s: float = Field(
         60.0, gt=0, description="WebSocket: a client that sends nothing for this long is disconnected."
