@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_http import DOCS_END, DOCS_START, Sample, update_docs
+from bench.bench_http import DOCS_END, DOCS_START, Bench, Budget, Sample, parse_args, update_docs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,19 @@ def test_worst_gap_is_how_long_a_real_time_player_starves() -> None:
     on_time.add(0.1, 9600)
     on_time.add(0.2, 9600)
     assert on_time.worst_gap_s == 0.0
+
+
+def test_a_warm_up_burst_at_a_new_concurrency_needs_only_a_few_requests_time() -> None:
+    """Before the first burst of 64 only the one-client rate is known: planning that burst at it would skip it
+    (and with it every c64 run) whenever less than 64 requests' time is left. Once a rate at 64 is seen, the
+    plan uses it."""
+    bench = Bench(parse_args(["--frames", "100"]), api=None, report=None, budget=Budget(100.0))  # type: ignore[arg-type]
+    bench.request_s = 0.63  # one 8 s request: 12.7x real time
+    bench.rate[("stream", 1)] = 12.7
+    assert bench.estimate_s("stream", 64, 64) == pytest.approx(512 / 12.7 * 1.3 + 3)  # 55 s: 64 requests at c1
+    assert bench.warm_up_estimate_s("stream", 64) == pytest.approx(3 * 0.63 + 5)
+    bench.rate[("stream", 64)] = 280.0
+    assert bench.warm_up_estimate_s("stream", 64) == pytest.approx(512 / 280 * 1.3 + 3)
 
 
 def test_docs_section_is_added_under_the_title_then_replaced(tmp_path: Path) -> None:
