@@ -10,9 +10,9 @@ kinds of job share each batch:
   decoder: with the stateful one a whole utterance is a stream nobody listens to (`AudioStream`),
   decoded in chunks while it runs and joined at its end, so its codec work never lands all at once
   at its end, and the codec needs no graphs of its own for whole utterances;
-- chunk: frames [start, end) of a streaming request. A chunk is urgent (decoded at once) unless
-  its stream is well ahead of real time (`patient`, see chunking); a stream's
-  last chunk is always urgent. Patient chunks wait up to `wait_s` for other streams' while more
+- chunk: frames [start, end) of a request decoded in chunks (`AudioStream`). A chunk is urgent (decoded
+  at once) unless its stream is well ahead of real time or nobody listens to it yet (`patient`, see
+  chunking); a stream's last chunk is always urgent. Patient chunks wait up to `wait_s` for other streams' while more
   streams run than are in hand: streams start at different steps, so each step hands over only the
   few whose chunk just filled (~5 of 64), and small groups cost the codec several times more GPU
   time per stream than large ones (one stream's 12-frame chunk ~3.6 ms, sixteen streams' ~15 ms in
@@ -39,7 +39,7 @@ import torch
 from ..types import SAMPLES_PER_FRAME, FinishReason, last_frames
 from .codec import CodecDecoder
 from .faults import as_seen_by_client, is_device_fault
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 from .stream_codec import StreamingDecoder
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class CodecWorker:
         self.stream = stream  # a CUDA stream, or None
         self.wait_s = wait_s
         self._running = running  # how many requests are running (read across threads: a hint)
-        self._streams = streams  # how many of them stream
+        self._streams = streams  # how many of them are decoded in chunks (streams, and whole utterances so decoded)
         self._finish = finish
         self._device_fault = device_fault  # told of a CUDA error here, so the engine stops and is rebuilt
         self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
@@ -222,12 +222,14 @@ class CodecWorker:
             if job.seq.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(job.seq.ready)  # the reference codes
         whole = [j for j in jobs if not j.is_chunk]
-        live = [j for j in jobs if j.is_chunk and (j.final or j.seq.status is not SequenceStatus.FINISHED)]
+        live = [j for j in jobs if j.is_chunk and not _abandoned(j.seq)]
         self._guarded(self._decode_whole, whole)
         for part in _rounds(live):  # a stream's chunks in order, never two of one stream in a call
             self._guarded(self._decode_chunks, part)
         for job in jobs:
             if job.final:
+                if job.seq.stream is not None:
+                    job.seq.stream.state = None  # its decoder caches (views of a batch's buffers): not needed again
                 self._finish(job.seq, job.seq.finish_reason or FinishReason.CANCELLED)
 
     def _guarded(self, decode: Callable[[list[CodecJob]], None], jobs: list[CodecJob]) -> None:
@@ -274,6 +276,12 @@ class CodecWorker:
             if job.final and stream is not None and not stream.listened:
                 job.seq.audio = np.concatenate(stream.parts) if stream.parts else np.zeros(0, np.float32)
                 stream.parts = []
+
+
+def _abandoned(seq: Sequence) -> bool:
+    """Whether nobody will take a request's audio any more: cancelled (client gone) or failed. A request that
+    ended with its frames (EOS, its limit) is finished too, but its chunks still in hand are its audio."""
+    return seq.finish_reason is FinishReason.CANCELLED or seq.error is not None
 
 
 def _deliver_chunk(seq: Sequence, samples: np.ndarray) -> None:

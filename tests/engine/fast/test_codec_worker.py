@@ -257,3 +257,36 @@ def test_a_whole_utterance_is_decoded_while_it_runs_with_the_stateful_decoder(lo
     whole = engine.codec.decode([torch.stack(seq.frames)])[0]
     assert seq.audio.shape == whole.shape == (23 * 1920,)
     assert np.abs(seq.audio - whole).max() < STATEFUL_TOLERANCE
+
+
+@pytest.mark.parametrize("listened", [True, False])
+def test_a_chunk_waiting_for_company_when_its_request_ends_is_still_decoded(load_tts, listened):
+    """A patient chunk waits in the codec thread for other streams'; its request may reach its last frame (EOS
+    or its limit: finished, not cancelled) meanwhile, and its last chunk then joins the same batch. Both are
+    decoded, in order: before, the waiting chunk was dropped as if its request had been cancelled, and the
+    listener lost those frames' audio with no error (every 64-stream run since 2026-12-03 had requests 12
+    frames short)."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
+    worker = engine.codec_worker
+    heard: list[np.ndarray] = []
+    seq, other = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
+    seq.stream = AudioStream(on_audio=(lambda _s, audio: heard.append(audio)) if listened else None)
+    seq.frames = [torch.randint(0, 2048, (16,)) for _ in range(17)]
+    other.stream = AudioStream()
+    engine.scheduler.running += [seq, other]  # another stream runs: a patient chunk waits for it
+    finished = threading.Event()
+    worker._finish = lambda s, reason: finished.set()
+    worker.start()
+    try:
+        worker.put([CodecJob(seq, 0, 12, patient=True)])
+        time.sleep(0.1)  # the chunk is waiting for company
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.EOS  # as `_collect_frame` leaves it
+        worker.put([CodecJob(seq, 12, 17, final=True)])
+        assert finished.wait(10)
+    finally:
+        worker.stop()
+    audio = np.concatenate(heard) if listened else seq.audio
+    assert seq.error is None and audio.shape == (17 * 1920,)
+    whole = engine.codec.decode([torch.stack(seq.frames)])[0]
+    assert np.abs(audio - whole).max() < STATEFUL_TOLERANCE
