@@ -489,6 +489,7 @@ def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
         "audio_s_per_request_min": round(min(audio), 3),
         "audio_s_expected": round(expected, 3),
         "exact_lengths": all(abs(a - expected) < 1e-6 for a in audio),
+        "short_requests": sum(s.audio_s < expected - 1e-6 and s.finish_reason != "eos" for s in ok),
         "streamed": all(s.streamed for s in ok),
         "audio_s_per_s_total": round(sum(audio) / max(last_end - first_start, 1e-9), 2),
         "ttfa_ms_p50": ms(pct([s.ttfa_s for s in ok], 50)),
@@ -1121,6 +1122,12 @@ class Bench:
         self.report.metrics.update(headline(mode, run.kind, run.clients, summary))
         if summary.get("errors"):
             self.report.data["errors"].append(f"{name}: {summary['errors']} failed, e.g. {summary['error_examples']}")
+        if summary.get("short_requests"):
+            self.report.data["errors"].append(
+                f"{name}: {summary['short_requests']} requests got less audio than their frames and did not end "
+                f"at EOS (shortest {summary['audio_s_per_request_min']} s of {summary['audio_s_expected']} s): "
+                "audio was lost"
+            )
         log(
             f"{name}: {summary['ok']}/{summary['requests']} ok, {fmt(summary.get('audio_s_per_s'))} audio-s/s, "
             f"ttfa p50/p95 {fmt(summary.get('ttfa_ms_p50'))}/{fmt(summary.get('ttfa_ms_p95'))} ms, latency p95 "

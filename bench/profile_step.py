@@ -49,6 +49,7 @@ def fill(engine: FastEngine, tts: Any, batch: int, frames: int) -> list[Sequence
             resolve_sampling(SamplingParams(seed=i), tts.generate_defaults), min_frames=frames
         )
         seq = Sequence(prompt_for_item(tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
+        seq.decode_audio = False  # the frame alone: a whole utterance's chunks would be decoded inside the step
         seqs.append(engine.submit(seq))
     engine.step()  # admits and prefills everyone, queues the first frame
     return seqs
@@ -185,7 +186,7 @@ def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int
     """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs)."""
     engine = FastEngine(tts, max_slots=server_rows(batch), max_len=max_len, compile=compile)
     t0 = time.perf_counter()
-    engine.warm_up(codec=False)  # no request ends while timed: the codec never runs
+    engine.warm_up(codec=False)  # the requests take their frames (`fill`): the codec never runs
     warm_s = time.perf_counter() - t0
     fill(engine, tts, batch, steps + 20)
     for _ in range(3):

@@ -112,9 +112,10 @@ class Settings(BaseSettings):
     codec_wait_ms: float = Field(
         100.0,
         ge=0,
-        description="Fast engine: while others run, a finished request (or a stream's steady chunk, once the stream "
-        "is well ahead of real time) waits up to this long for others to be decoded to audio with (the codec is "
-        "several times more efficient many at a time).",
+        description="Fast engine: while others run, a stream's steady chunk (once the stream is well ahead of real "
+        "time; a whole utterance's chunks always) waits up to this long for others to be decoded to audio with (the "
+        "codec is several times more efficient many at a time). With the context chunk decoder a finished whole "
+        "utterance waits likewise.",
     )
     max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")
     batch_window_ms: float = Field(

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_http import DOCS_END, DOCS_START, Bench, Budget, Sample, parse_args, update_docs
+from bench.bench_http import (
+    BYTES_PER_S,
+    DOCS_END,
+    DOCS_START,
+    Bench,
+    Budget,
+    Run,
+    Sample,
+    parse_args,
+    summarize,
+    update_docs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -132,3 +143,17 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     assert DOCS_START in text and DOCS_END in text and report["commit"] in text
     assert "| reference | tiny-CustomVoice |" in text
     assert "| run | requests | queue | first_frame | frames | tail |" in text
+
+
+def test_a_request_short_of_its_frames_that_did_not_end_at_eos_counts_as_lost_audio() -> None:
+    """Random weights run every request to its frame limit: a shorter one lost audio (the codec thread dropped a
+    chunk of 12 frames, 2026-12-03 to 12-06), unless it says it ended at EOS."""
+
+    def sample(seconds: float, reason: str | None = None) -> Sample:
+        s = Sample("whole", started=0.0, finished=1.0, finish_reason=reason)
+        s.add(1.0, int(seconds * BYTES_PER_S))
+        return s
+
+    run = Run([sample(8.0), sample(7.04), sample(7.04, "eos")], 0.0, 1.0, 3, "burst", False)
+    summary = summarize(run, frames=100, starve_s=0.0)
+    assert summary["short_requests"] == 1 and summary["audio_s_per_request_min"] == 7.04

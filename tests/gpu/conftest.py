@@ -123,7 +123,6 @@ class SharedEngine:
             admit_wait_s=0.04,  # the server's defaults (QTTS_ADMIT_WAIT_MS, QTTS_CODEC_WAIT_MS)
             codec_wait_s=0.1,
             compile=tier.compile,
-            codec_batch_frames=256,  # fewer codec graphs to capture than the server's 1024: faster warm-up
         )
         self.engine.warm_up()
         if tier.cuda:

@@ -409,7 +409,8 @@ def compiles() -> int:
 
 
 def captures(engine: FastEngine) -> dict[str, int]:
-    """CUDA graphs the engine holds: frame steps, whole-utterance codec decode, streaming codec decode."""
+    """CUDA graphs the engine holds: frame steps, whole-utterance codec decode (only with the context chunk
+    decoder), streaming codec decode."""
     stream = engine.streaming_decoder
     return {
         "frame": len(engine.graphs) if engine.graphs is not None else 0,

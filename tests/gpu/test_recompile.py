@@ -3,7 +3,7 @@
 Warm-up compiles the layer parts and the sampler for both sampling plans (`PLANS`: at most 64 candidates, or
 the whole vocabulary; greedy, temperature, top-k and top-p are data) at two batch sizes and two packed-prefill
 shapes (the first recompile marks those dimensions dynamic), and captures the frame graph of every (batch
-bucket, KV bucket, plan pair), the codec's and the streaming decoder's. A compile or a capture while serving
+bucket, KV bucket, plan pair) and the streaming decoder's. A compile or a capture while serving
 stalls every stream, so after warm-up none may happen: not at other batch sizes, prompt lengths, KV buckets,
 sampling options, nor with streams and whole-utterance decodes in the mix.
 

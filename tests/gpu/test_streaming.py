@@ -1,6 +1,7 @@
 """Streamed audio equals whole audio: the engine's streaming path (chunks decoded on the codec thread, the
 decoder's causal state carried from chunk to chunk, a stream's last chunk padded to a graphed length) against
-one whole decode of the same frames by the engine's whole-utterance codec path.
+one whole decode of the same frames by the engine's whole-utterance codec (`CodecDecoder`, which the
+context chunk decoder uses; without its graphs here).
 
 Two comparisons per request:
 

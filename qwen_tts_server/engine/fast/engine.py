@@ -242,7 +242,7 @@ class FastEngine:
     def warm_up(self, *, codec: bool = True) -> None:
         """Do now everything a request would otherwise wait for (see warmup). Call before `start()`: the
         compile warm-up writes into rows that no request holds yet. `codec=False` leaves the codec's graphs
-        out (benchmarks of the frame alone: they take two minutes of a 1.7B warm-up)."""
+        out (benchmarks of the frame alone: they take a minute or more of a 1.7B warm-up)."""
         warm_up(self, codec=codec)
 
     def drop_graphs(self) -> None:

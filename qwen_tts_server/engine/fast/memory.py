@@ -17,8 +17,9 @@ from .model_runner import CP_CACHE_LEN
 
 MAX_AUTO_SLOTS = 128  # the largest batch bucket; beyond it a frame is long enough to hurt latency
 GiB = 1024**3
-# Memory beyond weights and per-row caches: codec decode batches (bounded by codec_batch_frames),
-# the activations of one packed prefill, CUDA graph pools and allocator slack.
+# Memory beyond weights and per-row caches: codec decode batches (chunks; with the context decoder also whole
+# utterances, bounded by codec_batch_frames), the activations of one packed prefill, CUDA graph pools and
+# allocator slack.
 WORKSPACE_BYTES = 8 * GiB
 
 

@@ -109,7 +109,7 @@ class Sequence:
     on_frame: Callable[[Sequence, Tensor], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
     decode_audio: bool = True  # False: the caller takes the frames (a stream of codes); no codec decode
-    stream: AudioStream | None = None  # set: audio goes out in chunks as it is generated
+    stream: AudioStream | None = None  # set: its audio is decoded in chunks as it is generated (see AudioStream)
     id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int = -1
