@@ -121,11 +121,31 @@ class StatefulChunkDecoder:
         stream = seq.stream
         assert stream is not None
         if stream.state is None:
-            stream.state = self.decoder.new_state()
+            state = self.decoder.new_state()
             ref = seq.prompt.ref_code
             if ref is not None:
-                self.decoder.decode([stream.state], [ref.to(torch.long).cpu()])
+                self._prime(state, ref.to(torch.long).cpu())
+            stream.state = state  # only once primed: a priming that fails is not half kept
         return stream.state
+
+    def _prime(self, state: Any, codes: torch.Tensor) -> None:
+        """Run a clone's reference codes through its new state, their audio discarded, in chunk sizes with
+        captured graphs: at the reference's own length the decode would run eagerly, and cuDNN's benchmark
+        mode would time every new length, while every stream's chunks wait behind it."""
+        start = 0
+        for n in split_into_sizes(len(codes), self.sizes):
+            self.decoder.decode([state], [codes[start : start + n]])
+            start += n
+
+
+def split_into_sizes(frames: int, sizes: list[int]) -> list[int]:
+    """`frames` as a sum of `sizes` (the chunk sizes with captured graphs), largest first, with what none of
+    them fits (less than the smallest) last."""
+    pieces: list[int] = []
+    for size in sorted(sizes, reverse=True):
+        count, frames = divmod(frames, size)
+        pieces += [size] * count
+    return pieces + ([frames] if frames else [])
 
 
 class CodecWorker:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_tts_server.engine.fast.codec_worker import CodecJob
+from qwen_tts_server.engine.fast.codec_worker import CodecJob, StatefulChunkDecoder, split_into_sizes
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
@@ -290,3 +290,32 @@ def test_a_chunk_waiting_for_company_when_its_request_ends_is_still_decoded(load
     assert seq.error is None and audio.shape == (17 * 1920,)
     whole = engine.codec.decode([torch.stack(seq.frames)])[0]
     assert np.abs(audio - whole).max() < STATEFUL_TOLERANCE
+
+
+def test_a_length_is_split_into_the_graphed_chunk_sizes_largest_first():
+    assert split_into_sizes(37, [2, 4, 8, 12]) == [12, 12, 12, 1]
+    assert split_into_sizes(31, [12, 2, 8, 4]) == [12, 12, 4, 2, 1]
+    assert split_into_sizes(24, [2, 4, 8, 12]) == [12, 12]
+    assert split_into_sizes(5, []) == [5]
+    assert split_into_sizes(0, [2, 4]) == []
+
+
+def test_a_clones_state_primed_in_chunk_sizes_decodes_as_one_primed_at_once(load_tts):
+    """A voice clone's stream starts from its reference codes run through the decoder (their audio dropped).
+    Primed in graphed chunk sizes, its chunks decode as after one priming at the reference's own length."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    reference, chunk = torch.randint(0, 2048, (37, 16)), torch.randint(0, 2048, (12, 16))
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
+    seq.prompt = dataclasses.replace(seq.prompt, ref_code=reference)
+    seq.stream, seq.frames = AudioStream(), list(chunk)
+    decoder = engine.streaming_decoder
+    calls: list[int] = []
+    decode = decoder.decode
+    decoder.decode = lambda states, codes: (calls.append(len(codes[0])), decode(states, codes))[1]
+    ours = StatefulChunkDecoder(decoder, (2, 4, 8, 12)).decode_chunks([CodecJob(seq, 0, 12)])[0]
+    assert calls == [12, 12, 12, 1, 12]  # the reference in graphed sizes (and one frame left), then the chunk
+    alone = StreamingDecoder(engine.codec.decoder)
+    state = alone.new_state()
+    alone.decode([state], [reference])
+    np.testing.assert_allclose(ours, alone.decode([state], [chunk])[0], atol=STATEFUL_TOLERANCE, rtol=0)
