@@ -209,7 +209,8 @@ class StreamingDecoder:
 
     def decode(self, states: list[DecoderState], codes: list[Tensor]) -> list[np.ndarray]:
         """Each stream's next chunk ([T_i, 16] codes) to its T_i x 1920 float32 samples, updating
-        each state in place. Streams with equal T_i run as one batch; each stream may appear once."""
+        each state in place, or, if it raises, none. Streams with equal T_i run as one batch; each stream may
+        appear once."""
         if len(states) != len(codes):
             raise ValueError("one code chunk per state")
         if len({id(s) for s in states}) != len(states):
@@ -221,15 +222,24 @@ class StreamingDecoder:
             groups.setdefault(int(c.shape[0]), []).append(i)
         out = [np.zeros(0, dtype=np.float32) for _ in codes]
         pending: list[tuple[list[int], Tensor]] = []
-        with torch.inference_mode():
-            for frames, idx in groups.items():
-                if frames > 0:
-                    wav = self._decode_group([states[i] for i in idx], [codes[i] for i in idx])
-                    pending.append((idx, wav))
-        for idx, wav in pending:  # every group is queued before the first wait
-            audio = wav.float().cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = audio[row]
+        before = [(s.flat, s.position, s.frames) for s in states]
+        try:
+            with torch.inference_mode():
+                for frames, idx in groups.items():
+                    if frames > 0:
+                        wav = self._decode_group([states[i] for i in idx], [codes[i] for i in idx])
+                        pending.append((idx, wav))
+            for idx, wav in pending:  # every group is queued before the first wait
+                audio = wav.float().cpu().numpy()
+                for row, i in enumerate(idx):
+                    out[i] = audio[row]
+        except BaseException:
+            # All or nothing: a group decoded before the failure must not keep its new state, or decoding its
+            # chunk again (the codec thread retries a failed batch stream by stream) would start past it. The
+            # old states are intact: a decode adopts new tensors, never writes into the old ones.
+            for state, (flat, position, frames) in zip(states, before, strict=True):
+                state.flat, state.position, state.frames = flat, position, frames
+            raise
         return out
 
     def release_graphs(self) -> None:

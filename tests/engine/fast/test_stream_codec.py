@@ -125,6 +125,33 @@ def test_icl_priming_with_reference_codes(sharp_decoder: nn.Module) -> None:
     np.testing.assert_allclose(np.concatenate(parts), whole[ref.shape[0] * SPF :], atol=ATOL, rtol=0)
 
 
+def test_a_decode_that_fails_leaves_every_state_as_it_was(sharp_decoder: nn.Module, monkeypatch) -> None:
+    """Two streams with chunks of different lengths decode as two groups; the second group fails (e.g. out of
+    memory). The first group's stream keeps its old state, so its chunk, decoded again, gives the audio it
+    would have given."""
+    streaming = StreamingDecoder(sharp_decoder)
+    first, second = streaming.new_state(), streaming.new_state()
+    codes = [random_codes(4, seed=20), random_codes(2, seed=21)]
+    want = stream(StreamingDecoder(sharp_decoder), codes[0], [4])
+    group = streaming._decode_group
+    calls: list[int] = []
+
+    def second_fails(states, chunk):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return group(states, chunk)
+
+    monkeypatch.setattr(streaming, "_decode_group", second_fails)
+    before = (first.flat, first.position, first.frames)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        streaming.decode([first, second], codes)
+    assert calls == [0, 1] and second.frames == 0
+    assert first.flat is before[0] and first.position is before[1] and first.frames == before[2]
+    monkeypatch.undo()
+    np.testing.assert_allclose(streaming.decode([first], [codes[0]])[0], want, atol=ATOL, rtol=0)
+
+
 def test_empty_chunks_and_bad_shapes(decoder: nn.Module) -> None:
     streaming = StreamingDecoder(decoder)
     state = streaming.new_state()
