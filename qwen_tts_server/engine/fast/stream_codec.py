@@ -277,8 +277,14 @@ class StreamingDecoder:
     # ------------------------------------------------------------------ batching
 
     def _decode_group(self, states: list[DecoderState], codes: list[Tensor]) -> Tensor:
-        """One batch of streams with equal chunk lengths; returns their audio [n, T x 1920] on the device."""
+        """One batch of streams with equal chunk lengths; returns their audio [n, T x 1920] on the device.
+        More streams than the largest graph of their length has rows (streams that just ended, their last
+        chunk padded to this length, beside the ones now in their rows) run as several replays, not eagerly."""
         frames = int(codes[0].shape[0])
+        rows = max((r for r, t in self._graphs if t == frames), default=len(states))
+        if len(states) > rows:
+            parts = range(0, len(states), rows)
+            return torch.cat([self._decode_group(states[i : i + rows], codes[i : i + rows]) for i in parts])
         batch = torch.stack(codes).transpose(1, 2)  # [n, 16, T]
         graph = self._graph_for(len(states), frames)
         if graph is not None:

@@ -152,6 +152,35 @@ def test_a_decode_that_fails_leaves_every_state_as_it_was(sharp_decoder: nn.Modu
     np.testing.assert_allclose(streaming.decode([first], [codes[0]])[0], want, atol=ATOL, rtol=0)
 
 
+class EagerGraph:
+    """In place of a captured (rows, frames) graph on the CPU: the same step, run eagerly, for at most `rows`
+    streams (a replay pads to its rows), counting the streams of each replay."""
+
+    def __init__(self, streaming: StreamingDecoder, rows: int) -> None:
+        self.streaming, self.rows, self.replays = streaming, rows, []
+
+    def run(self, states: list, codes: Tensor) -> Tensor:
+        assert len(states) <= self.rows, "more streams than the graph has rows"
+        self.replays.append(len(states))
+        flat, position = torch.stack([s.flat for s in states]), torch.stack([s.position for s in states])
+        wav, new_flat, new_position = self.streaming.step(flat, position, codes)
+        StreamingDecoder._adopt(states, new_flat, new_position, codes.shape[-1])
+        return wav[:, 0]
+
+
+def test_more_streams_than_the_largest_graph_has_rows_run_as_several_replays(sharp_decoder: nn.Module) -> None:
+    """Streams that just ended (their last chunk padded to the chunk size) beside the ones now in their rows can
+    outnumber the engine's rows: they replay the largest graph several times instead of running eagerly."""
+    streaming = StreamingDecoder(sharp_decoder)
+    graph = EagerGraph(streaming, rows=2)
+    streaming._graphs[2, 4] = graph  # type: ignore[assignment]
+    codes = [random_codes(4, seed=30 + i) for i in range(5)]
+    audio = streaming.decode([streaming.new_state() for _ in codes], codes)
+    assert graph.replays == [2, 2, 1]
+    for chunk, wav in zip(codes, audio, strict=True):
+        np.testing.assert_allclose(wav, stream(StreamingDecoder(sharp_decoder), chunk, [4]), atol=ATOL, rtol=0)
+
+
 def test_empty_chunks_and_bad_shapes(decoder: nn.Module) -> None:
     streaming = StreamingDecoder(decoder)
     state = streaming.new_state()
