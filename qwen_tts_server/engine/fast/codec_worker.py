@@ -242,10 +242,10 @@ class CodecWorker:
             if job.seq.ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(job.seq.ready)  # the reference codes
         whole = [j for j in jobs if not j.is_chunk]
-        live = [j for j in jobs if j.is_chunk and not _abandoned(j.seq)]
         self._guarded(self._decode_whole, whole)
-        for part in _rounds(live):  # a stream's chunks in order, never two of one stream in a call
-            self._guarded(self._decode_chunks, part)
+        for part in _rounds([j for j in jobs if j.is_chunk]):  # a stream's chunks in order, one per call
+            # Checked each round: a request whose chunk failed in the round before gets no more audio.
+            self._guarded(self._decode_chunks, [j for j in part if not _abandoned(j.seq)])
         for job in jobs:
             if job.final:
                 if job.seq.stream is not None:

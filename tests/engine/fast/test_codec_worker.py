@@ -264,32 +264,50 @@ def test_a_chunk_waiting_for_company_when_its_request_ends_is_still_decoded(load
     """A patient chunk waits in the codec thread for other streams'; its request may reach its last frame (EOS
     or its limit: finished, not cancelled) meanwhile, and its last chunk then joins the same batch. Both are
     decoded, in order: before, the waiting chunk was dropped as if its request had been cancelled, and the
-    listener lost those frames' audio with no error (every 64-stream run since 2026-12-03 had requests 12
+    listener lost those frames' audio with no error (most 64-stream runs since 2026-12-03 had requests 12
     frames short)."""
     tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256, codec_wait_s=0.5)
-    worker = engine.codec_worker
+    engine = FastEngine(tts, max_slots=2, max_len=256)
     heard: list[np.ndarray] = []
-    seq, other = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
+    finished: list = []
+    seq = make_seq(tts, Mode.CUSTOM_VOICE, custom_items()[0], GREEDY)
     seq.stream = AudioStream(on_audio=(lambda _s, audio: heard.append(audio)) if listened else None)
     seq.frames = [torch.randint(0, 2048, (16,)) for _ in range(17)]
-    other.stream = AudioStream()
-    engine.scheduler.running += [seq, other]  # another stream runs: a patient chunk waits for it
-    finished = threading.Event()
-    worker._finish = lambda s, reason: finished.set()
-    worker.start()
-    try:
-        worker.put([CodecJob(seq, 0, 12, patient=True)])
-        time.sleep(0.1)  # the chunk is waiting for company
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.EOS  # as `_collect_frame` leaves it
-        worker.put([CodecJob(seq, 12, 17, final=True)])
-        assert finished.wait(10)
-    finally:
-        worker.stop()
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.EOS  # as `_collect_frame` leaves it
+    engine.codec_worker._finish = lambda s, reason: finished.append(reason)
+    engine.codec_worker.run([CodecJob(seq, 0, 12, patient=True), CodecJob(seq, 12, 17, final=True)])  # one batch
     audio = np.concatenate(heard) if listened else seq.audio
-    assert seq.error is None and audio.shape == (17 * 1920,)
+    assert finished == [FinishReason.EOS] and seq.error is None and audio.shape == (17 * 1920,)
     whole = engine.codec.decode([torch.stack(seq.frames)])[0]
     assert np.abs(audio - whole).max() < STATEFUL_TOLERANCE
+
+
+def test_a_cancelled_or_failed_requests_chunks_are_not_decoded(load_tts):
+    """Chunks still in hand when their request was cancelled (client gone) are dropped; so are a request's chunks
+    in the rounds after one of its chunks failed to decode. Its last job still finishes it, with its error."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    worker, decoded, finished = engine.codec_worker, [], []
+    decode_chunks = worker.chunks.decode_chunks
+
+    def failing_first(jobs: list[CodecJob]) -> list[np.ndarray]:
+        decoded.extend((job.seq.id, job.start) for job in jobs)
+        if any(job.start == 0 and job.seq is failed for job in jobs):
+            raise ValueError("bad codes")
+        return decode_chunks(jobs)
+
+    worker.chunks.decode_chunks = failing_first
+    worker._finish = lambda s, reason: finished.append((s.id, reason))
+    cancelled, failed = (make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2])
+    for seq in (cancelled, failed):
+        seq.stream = AudioStream()
+        seq.frames = [torch.randint(0, 2048, (16,)) for _ in range(17)]
+    cancelled.finish_reason = FinishReason.CANCELLED
+    failed.finish_reason = FinishReason.EOS
+    worker.run([CodecJob(cancelled, 0, 12), CodecJob(failed, 0, 12), CodecJob(failed, 12, 17, final=True)])
+    assert decoded == [(failed.id, 0)]  # the cancelled one never; the failed one's last chunk not after its error
+    assert finished == [(failed.id, FinishReason.EOS)] and isinstance(failed.error, ValueError)
+    assert failed.audio is None
 
 
 def test_a_length_is_split_into_the_graphed_chunk_sizes_largest_first():
