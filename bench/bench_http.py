@@ -931,7 +931,8 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
         ),
         row(f"streaming aggregate at c{c} >= 600 audio-s/s", agg, lambda v: v >= 600),
         row(
-            "the reference and faster-qwen3-tts in the same run (engine level)",
+            "the reference and faster-qwen3-tts in the same run (engine level"
+            + (f"; their own call, `{data['peers']['source']}`)" if (data.get("peers") or {}).get("source") else ")"),
             peers.present(data.get("peers")),
             lambda v: v == ", ".join(peers.ENGINES),
         ),
@@ -982,12 +983,18 @@ def markdown(data: dict[str, Any]) -> str:
         "Worst gap: how long a real-time player started at the first byte starved, worst stream.",
         "",
     ]
-    peer_rows = peers.table(data.get("peers") or {}, fmt)
+    peer_data = data.get("peers") or {}
+    peer_rows = peers.table(peer_data, fmt)
     if peer_rows:
+        where = (
+            f"in a call of their own, on {peer_data.get('card') or 'an unrecorded card'} "
+            f"(`bench/peers.py`, `{peer_data['source']}`"
+            if peer_data.get("source")
+            else "in the same call, after the server stopped (`bench/peers.py`"
+        )
         out += [
-            "The peers in the same call, after the server stopped (`bench/peers.py`: `bench.bench_engines` in "
-            "process, no HTTP, same request length; upstream does not stream, so its first audio is the whole "
-            "batch's audio; faster-qwen3-tts serves one request at a time):",
+            f"The peers {where}: `bench.bench_engines` in process, no HTTP, same request length; upstream does not "
+            "stream, so its first audio is the whole batch's audio; faster-qwen3-tts serves one request at a time):",
             "",
             peer_rows,
             "",
@@ -1359,6 +1366,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds of --max-seconds kept for the peers (upstream, faster-qwen3-tts) after the server stops; "
         "0: none (bench/peers.py)",
     )
+    p.add_argument(
+        "--peers-from",
+        default=None,
+        metavar="PEERS_JSON",
+        help="the peers' rows from a call of their own (`python -m bench.peers`), instead of --peers-s; "
+        "with --update-docs, added to RESULT_JSON (its targets redone: give --engine-c64 again if it had one)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()} - {1})
@@ -1410,6 +1424,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.update_docs:
         data = json.loads(Path(args.update_docs).read_text())
+        if args.peers_from:
+            data["peers"] = peers.load(Path(args.peers_from))
+            data["targets"] = targets(data, engine_figure(args.engine_c64, data["settings"]["model"]))
+            Path(args.update_docs).write_text(json.dumps(data, indent=1) + "\n")
         update_docs(Path(args.docs), data)
         print(markdown(data))
         return 0
@@ -1422,6 +1440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     models_dir = Path(args.models_dir) if args.models_dir else tmp / "models"
     server_log = Path(args.server_log) if args.server_log else tmp / "server.log"
     server = Server(args, models_dir, tmp / "data", server_log)
+    if args.peers_from:
+        report.data["peers"] = peers.load(Path(args.peers_from))
     log(f"{report.data['card']}, model {model}, commit {report.data['commit']}, budget {args.max_seconds:.0f} s")
     status = 0
     try:

@@ -30,10 +30,12 @@ _qtts_setup() {
   fi
   export PYTHONPATH="$PWD:/tmp/site_server:/tmp/site_official:/tmp/site_common${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1
-  local out
-  out=$(python3 -c "import fastapi, uvicorn, websockets, av, httpx, transformers, qwen_tts, qwen_tts_server; \
+  # Without the server group (the peers' call: bench.peers), only what bench_engines imports.
+  local out stack="fastapi, uvicorn, websockets, av, httpx, transformers, qwen_tts, qwen_tts_server"
+  [ -d "$wheels/server" ] || stack="transformers, qwen_tts, bench.bench_engines"
+  out=$(python3 -c "import $stack; \
 print('device_setup: python', __import__('sys').version.split()[0], '| torch', __import__('torch').__version__, \
-'| transformers', transformers.__version__, '| fastapi', fastapi.__version__)" 2>&1) || {
+'| transformers', transformers.__version__)" 2>&1) || {
     echo "$out" >&2
     return 1
   }

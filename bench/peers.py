@@ -6,11 +6,19 @@ Their rows are engine level (in process, no HTTP, a model built in memory with r
 peers offer has no server of ours in front of it, and the issue accepts that. The peer serves one request
 at a time, so its concurrent row is its requests one after the other (where the budget allows); upstream's
 is one padded batch (`bench_engines`). On the CPU (a tiny checkpoint) only the reference runs: the peer needs CUDA.
+
+On a fresh machine the server's load (compile, graph capture) and the peers do not both fit one device call. Then
+the peers run in a call of their own, on the same warm machine just before the server's:
+    python3 -m bench.peers --size 1.7B --frames 100 --concurrency 64 --budget-s 330 --out "$OUT"
+writes `<out>/<date>-<card>-peers.json`, and `bench_http --peers-from THAT.json` puts its rows beside the
+server's (saying where they came from).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
 import json
 import os
 import shlex
@@ -18,7 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +72,7 @@ def run(
         except (IndexError, OSError, ValueError) as exc:  # none written, or cut off mid-write
             result["error"] = f"no report from bench_engines ({type(exc).__name__})"
             return result
+    result["card"], result["date"] = data.get("card"), data.get("date")
     result["versions"] = data.get("versions", {})
     result["peer"] = data.get("peer", {})
     for engine in ENGINES:
@@ -120,3 +129,43 @@ def present(peers: dict[str, Any] | None) -> str | None:
     engines = (peers or {}).get("engines", {})
     ran = [engine for engine in ENGINES if (engines.get(engine) or {}).get("xrt_single") is not None]
     return ", ".join(ran) if peers else None
+
+
+def load(path: Path) -> dict[str, Any]:
+    """The peers' result saved by `main` (or the `peers` of a `bench_http` report), marked with its file, so
+    that a report it joins says the peers ran in a call of their own."""
+    data = json.loads(path.read_text())
+    result = data if "engines" in data else data.get("peers")
+    if not isinstance(result, dict) or "engines" not in result:
+        raise ValueError(f"{path}: no peers' result in it (no 'engines')")
+    return {**result, "source": path.name}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="the peers' rows alone (see the module's docstring)")
+    p.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
+    p.add_argument("--frames", type=int, default=100, help="codec frames per request, as bench_http's --frames")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--budget-s", type=float, default=330.0, help="all of it, stopping and saving included")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    args = p.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    result = run(
+        args.size, frames=args.frames, concurrency=args.concurrency, budget_s=args.budget_s, device=args.device, log=log
+    )
+    date = result.get("date") or datetime.date.today().isoformat()
+    card = str(result.get("card") or "unknown").replace(" ", "-")
+    path = Path(args.out) / f"{date}-{card}-peers.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result, lambda v: "-" if v is None else f"{v:,.3g}") or "no peer ran", flush=True)
+    print(f"wrote {path}", flush=True)
+    return 0 if result.get("engines") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+
+import pytest
 
 from bench import peers
 
@@ -44,3 +47,59 @@ def _alive(pid: int) -> bool:
     # A killed child of a killed parent is reaped by init; until then it is a zombie, not running.
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> None:
+    """On a fresh machine the server's load and the peers do not fit one device call: `python -m bench.peers`
+    saves their rows, and `bench_http --update-docs REPORT --peers-from THAT` adds them, naming the file."""
+    from bench import bench_http
+
+    peers_file = tmp_path / "2026-12-06-NVIDIA-H100-peers.json"
+    row = {"model": "m", "xrt_single": 3.8, "ttff_ms_single": 300.0, "concurrency": 64, "skipped": []}
+    engines = {"reference": {**row, "xrt_single": 0.7}, "faster-qwen3-tts": row}
+    peers_file.write_text(
+        json.dumps(
+            {
+                "card": "NVIDIA H100",
+                "command": "python -m bench.bench_engines",
+                "engines": {name: {**r, "audio_s_per_s": 25.0, "ttff_ms_p95": 1e4} for name, r in engines.items()},
+            }
+        )
+    )
+    report = tmp_path / "http.json"
+    settings = {"model": "m", "size": "1.7B", "frames": 100, "audio_s_per_request": 8.0, "text_chars": 10}
+    report.write_text(
+        json.dumps(
+            {
+                "card": "NVIDIA H100",
+                "date": "2026-12-06",
+                "commit": "abc1234",
+                "command": "python -m bench.bench_http",
+                "versions": {},
+                "settings": {**settings, "headline_concurrency": 64},
+                "server": {},
+                "api": {},
+                "metrics": {},
+                "sections": {},
+                "targets": [],
+            }
+        )
+    )
+    docs = tmp_path / "benchmarks.md"
+    argv = ["--update-docs", str(report), "--peers-from", str(peers_file), "--docs", str(docs)]
+    assert bench_http.main(argv) == 0
+
+    saved = json.loads(report.read_text())
+    assert saved["peers"]["source"] == peers_file.name and saved["peers"]["engines"]["reference"]["xrt_single"] == 0.7
+    target = next(t for t in saved["targets"] if "faster-qwen3-tts" in t["target"])
+    assert peers_file.name in target["target"] and target["status"] == "met"
+    text = docs.read_text()
+    assert f"in a call of their own, on NVIDIA H100 (`bench/peers.py`, `{peers_file.name}`" in text
+    assert "| faster-qwen3-tts | m | 3.80 | 300 | 25.0 | 10,000 |" in text
+
+
+def test_a_file_without_the_peers_rows_is_refused(tmp_path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"card": "NVIDIA H100", "sections": {}}))
+    with pytest.raises(ValueError, match="no peers' result"):
+        peers.load(bad)
