@@ -160,6 +160,7 @@ class CodecWorker:
         running: Callable[[], int],
         streams: Callable[[], int],
         finish: Callable[[Sequence, FinishReason], None],
+        stop: Callable[[Sequence], None] | None = None,
         device_fault: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.whole = whole
@@ -170,6 +171,7 @@ class CodecWorker:
         self._running = running  # how many requests are running (read across threads: a hint)
         self._streams = streams  # how many of them are decoded in chunks (streams, and whole utterances so decoded)
         self._finish = finish
+        self._stop = stop  # stops a running request whose audio failed (the engine's cancel)
         self._device_fault = device_fault  # told of a CUDA error here, so the engine stops and is rebuilt
         self._queue: queue.SimpleQueue[list[CodecJob] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -251,6 +253,10 @@ class CodecWorker:
                 if job.seq.stream is not None:
                     job.seq.stream.state = None  # its decoder caches (views of a batch's buffers): not needed again
                 self._finish(job.seq, job.seq.finish_reason or FinishReason.CANCELLED)
+            elif job.seq.error is not None and self._stop is not None:
+                # Its audio has a hole now: stop it, so its caller hears of the error at once and its row
+                # frees, instead of both waiting for frames that will never be heard (its last frame).
+                self._stop(job.seq)
 
     def _guarded(self, decode: Callable[[list[CodecJob]], None], jobs: list[CodecJob]) -> None:
         if not jobs:

@@ -191,11 +191,17 @@ class FastEngine:
         scheduler = self.scheduler
         # A device fault on the codec thread stops the step loop too (its next step raises it).
         self._codec_faults: queue.SimpleQueue[BaseException] = queue.SimpleQueue()
-        codec_faults, wake = self._codec_faults, self._wake
+        codec_faults, wake, inbox = self._codec_faults, self._wake, self._inbox
 
         def device_fault(exc: BaseException) -> None:
             codec_faults.put(exc)
             wake.set()
+
+        def stop(seq: Sequence) -> None:  # `cancel`, for the codec thread: no reference to the engine
+            inbox.put(("cancel", seq))
+            wake.set()
+
+        self._stop_request = stop
 
         # Where finished requests' time went (metrics); filled where they finish, on either thread.
         self.request_phases = RequestPhases()
@@ -209,6 +215,7 @@ class FastEngine:
             running=lambda: len(scheduler.running),
             streams=lambda: sum(seq.stream is not None for seq in list(scheduler.running)),
             finish=self._finish,
+            stop=stop,
             device_fault=device_fault,
         )
         self.steps = 0
@@ -280,9 +287,9 @@ class FastEngine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a request (client gone): its row frees at the next step, the others carry on."""
-        self._inbox.put(("cancel", seq))
-        self._wake.set()
+        """Stop a request (client gone, or its audio failed): its row frees at the next step, the others carry
+        on."""
+        self._stop_request(seq)
 
     def start(self) -> None:
         """Run the step loop on its own thread, and codec decode on another so it never stalls a step."""

@@ -310,6 +310,34 @@ def test_a_cancelled_or_failed_requests_chunks_are_not_decoded(load_tts):
     assert failed.audio is None
 
 
+@pytest.mark.parametrize("listened", [True, False])
+def test_a_request_whose_chunk_failed_stops_at_once_and_frees_its_row(load_tts, listened):
+    """A chunk that fails to decode leaves a hole in its request's audio. The request then stops at the next
+    step with that error: its caller hears of it at once and its row frees, the other request goes on. Before,
+    it ran on to its last frame (60 here), every later chunk dropped, and only then failed."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)
+    decode_chunks = engine.codec_worker.chunks.decode_chunks
+    chunks, finished = [], []
+    bad, good = (streaming_seq(tts, item, 60, chunks, finished) for item in custom_items()[:2])
+    if not listened:
+        bad.stream = AudioStream()  # a whole utterance, decoded in chunks while it runs
+
+    def failing(jobs: list[CodecJob]) -> list[np.ndarray]:
+        if any(job.seq is bad for job in jobs):
+            raise ValueError("bad codes")
+        return decode_chunks(jobs)
+
+    engine.codec_worker.chunks.decode_chunks = failing
+    for seq in (bad, good):
+        engine.submit(seq)
+    run_to_end(engine, [bad])
+    assert finished == [bad] and isinstance(bad.error, ValueError) and bad.finish_reason is FinishReason.CANCELLED
+    assert bad.num_frames < 12 and bad not in engine.scheduler.running  # stopped within a few frames of the error
+    run_to_end(engine, [good])
+    assert finished == [bad, good] and good.error is None and good.num_frames == 60
+
+
 def test_a_length_is_split_into_the_graphed_chunk_sizes_largest_first():
     assert split_into_sizes(37, [2, 4, 8, 12]) == [12, 12, 12, 1]
     assert split_into_sizes(31, [12, 2, 8, 4]) == [12, 12, 4, 2, 1]
