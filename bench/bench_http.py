@@ -987,8 +987,8 @@ def markdown(data: dict[str, Any]) -> str:
     peer_rows = peers.table(peer_data, fmt)
     if peer_rows:
         where = (
-            f"in a call of their own, on {peer_data.get('card') or 'an unrecorded card'} "
-            f"(`bench/peers.py`, `{peer_data['source']}`"
+            f"in a call of their own ({peer_data.get('card') or 'card not recorded'}, "
+            f"{peer_data.get('date') or 'date not recorded'}; `bench/peers.py`, `{peer_data['source']}`"
             if peer_data.get("source")
             else "in the same call, after the server stopped (`bench/peers.py`"
         )

@@ -138,7 +138,13 @@ def load(path: Path) -> dict[str, Any]:
     result = data if "engines" in data else data.get("peers")
     if not isinstance(result, dict) or "engines" not in result:
         raise ValueError(f"{path}: no peers' result in it (no 'engines')")
-    return {**result, "source": path.name}
+    # A bench_http report's peers ran in its call: that call's card and date are theirs.
+    return {
+        **result,
+        "card": result.get("card") or data.get("card"),
+        "date": result.get("date") or data.get("date"),
+        "source": path.name,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,7 +94,7 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
     target = next(t for t in saved["targets"] if "faster-qwen3-tts" in t["target"])
     assert peers_file.name in target["target"] and target["status"] == "met"
     text = docs.read_text()
-    assert f"in a call of their own, on NVIDIA H100 (`bench/peers.py`, `{peers_file.name}`" in text
+    assert f"in a call of their own (NVIDIA H100, date not recorded; `bench/peers.py`, `{peers_file.name}`" in text
     assert "| faster-qwen3-tts | m | 3.80 | 300 | 25.0 | 10,000 |" in text
 
 
@@ -103,3 +103,10 @@ def test_a_file_without_the_peers_rows_is_refused(tmp_path) -> None:
     bad.write_text(json.dumps({"card": "NVIDIA H100", "sections": {}}))
     with pytest.raises(ValueError, match="no peers' result"):
         peers.load(bad)
+
+
+def test_the_peers_of_a_bench_http_report_keep_that_calls_card_and_date(tmp_path) -> None:
+    report = tmp_path / "2026-12-06-NVIDIA-H100-http-e0cbd7b.json"
+    report.write_text(json.dumps({"card": "NVIDIA H100", "date": "2026-12-06", "peers": {"engines": {}}}))
+    loaded = peers.load(report)
+    assert (loaded["card"], loaded["date"], loaded["source"]) == ("NVIDIA H100", "2026-12-06", report.name)
