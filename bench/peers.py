@@ -133,7 +133,7 @@ def present(peers: dict[str, Any] | None) -> str | None:
 
 def load(path: Path) -> dict[str, Any]:
     """The peers' result saved by `main` (or the `peers` of a `bench_http` report), marked with its file, so
-    that a report it joins says the peers ran in a call of their own."""
+    that a report it joins says the peers ran in another call."""
     data = json.loads(path.read_text())
     result = data if "engines" in data else data.get("peers")
     if not isinstance(result, dict) or "engines" not in result:

@@ -92,9 +92,12 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
     saved = json.loads(report.read_text())
     assert saved["peers"]["source"] == peers_file.name and saved["peers"]["engines"]["reference"]["xrt_single"] == 0.7
     target = next(t for t in saved["targets"] if "faster-qwen3-tts" in t["target"])
-    assert peers_file.name in target["target"] and target["status"] == "met"
+    assert (
+        target["value"] == "reference, faster-qwen3-tts"
+        and target["status"] == f"from another call (`{peers_file.name}`)"
+    )
     text = docs.read_text()
-    assert f"in a call of their own (NVIDIA H100, date not recorded; `bench/peers.py`, `{peers_file.name}`" in text
+    assert f"from another call (NVIDIA H100, date not recorded; `bench/peers.py`, `{peers_file.name}`" in text
     assert "| faster-qwen3-tts | m | 3.80 | 300 | 25.0 | 10,000 |" in text
 
 
