@@ -124,7 +124,7 @@ class StatefulChunkDecoder:
             state = self.decoder.new_state()
             ref = seq.prompt.ref_code
             if ref is not None:
-                self._prime(state, ref.to(torch.long).cpu())
+                self._prime(state, ref.to(self.decoder.device, torch.long))  # where it is: no wait for a copy
             stream.state = state  # only once primed: a priming that fails is not half kept
         return stream.state
 
@@ -132,10 +132,8 @@ class StatefulChunkDecoder:
         """Run a clone's reference codes through its new state, their audio discarded, in chunk sizes with
         captured graphs: at the reference's own length the decode would run eagerly, and cuDNN's benchmark
         mode would time every new length, while every stream's chunks wait behind it."""
-        start = 0
-        for n in split_into_sizes(len(codes), self.sizes):
-            self.decoder.decode([state], [codes[start : start + n]])
-            start += n
+        sizes = split_into_sizes(len(codes), self.sizes)
+        self.decoder.prime(state, list(codes.split(sizes)) if sizes else [])
 
 
 def split_into_sizes(frames: int, sizes: list[int]) -> list[int]:

@@ -242,6 +242,15 @@ class StreamingDecoder:
             raise
         return out
 
+    @torch.inference_mode()
+    def prime(self, state: DecoderState, pieces: list[Tensor]) -> None:
+        """Run codes ([T, 16] each, in order) through `state`, their audio discarded: a voice clone's reference,
+        which its decoder must have seen, as whole decode puts it in front. Unlike `decode`, nothing is copied to
+        the host, so the codec thread does not wait for the GPU after each piece. A state that fails halfway is
+        the caller's to drop (it belongs to no stream yet)."""
+        for codes in pieces:
+            self._decode_group([state], [codes])
+
     def release_graphs(self) -> None:
         """Drop every captured graph and its memory pool (the engine stopped)."""
         self._graphs.clear()

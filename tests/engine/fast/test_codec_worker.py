@@ -357,10 +357,14 @@ def test_a_clones_state_primed_in_chunk_sizes_decodes_as_one_primed_at_once(load
     seq.stream, seq.frames = AudioStream(), list(chunk)
     decoder = engine.streaming_decoder
     calls: list[int] = []
-    decode = decoder.decode
-    decoder.decode = lambda states, codes: (calls.append(len(codes[0])), decode(states, codes))[1]
+    group = decoder._decode_group
+    decoder._decode_group = lambda states, codes: (calls.append(len(codes[0])), group(states, codes))[1]
+    decoder.decode = lambda *_: pytest.fail("priming copied the reference's audio to the host")
+    primed = StatefulChunkDecoder(decoder, (2, 4, 8, 12))._state(seq)
+    assert calls == [12, 12, 12, 1]  # the reference in graphed sizes (and one frame left), none of it to the host
+    del decoder.decode  # the instance's stand-in: the class's own again
     ours = StatefulChunkDecoder(decoder, (2, 4, 8, 12)).decode_chunks([CodecJob(seq, 0, 12)])[0]
-    assert calls == [12, 12, 12, 1, 12]  # the reference in graphed sizes (and one frame left), then the chunk
+    assert seq.stream.state is primed and calls == [12, 12, 12, 1, 12]  # primed once, then the chunk
     alone = StreamingDecoder(engine.codec.decoder)
     state = alone.new_state()
     alone.decode([state], [reference])
