@@ -22,6 +22,7 @@ went wrong in one run of several (docs/notes.md), so a single run proves little.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen_tts_server.engine.fast.codec_worker import split_into_sizes
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
@@ -77,13 +79,17 @@ def chunk_errors(streamed: np.ndarray, whole: np.ndarray, chunks: list[np.ndarra
     return errors
 
 
-def measure(engine: FastEngine, exact_decoder: Any, r: Request) -> dict[str, Any]:
-    """One finished request's numbers (the module docstring says what each comparison is)."""
-    codes, streamed = r.codes, r.streamed
-    whole = engine.codec.decode([codes])[0]
+def measure(engine: FastEngine, exact_decoder: Any, r: Request, ref: torch.Tensor | None = None) -> dict[str, Any]:
+    """One finished request's numbers (the module docstring says what each comparison is). A clone's `ref`erence
+    codes go in front of its frames in every decode, their audio cut off, as the engine primes its stream."""
+    streamed, lead = r.streamed, [] if ref is None else split_into_sizes(len(ref), engine.chunker.sizes)
+    codes = r.codes if ref is None else torch.cat((ref.to(r.codes), r.codes))
+    cut = (len(codes) - r.frames) * engine.codec.samples_per_frame
+    whole = engine.codec.decode([codes])[0][cut:]
     with no_tf32(), torch.inference_mode():
-        exact = exact_decoder(codes.T[None].to(engine.device))[0, 0].float().cpu().numpy()
-        exact_streamed = streamed_exactly(exact_decoder, codes, schedule(r.frames, engine.chunker.sizes))
+        exact = exact_decoder(codes.T[None].to(engine.device))[0, 0].float().cpu().numpy()[cut:]
+        split = lead + schedule(r.frames, engine.chunker.sizes)
+        exact_streamed = streamed_exactly(exact_decoder, codes, split)[cut:]
     assert streamed.shape == whole.shape == exact.shape == (r.frames * engine.codec.samples_per_frame,), "lengths"
     return {
         "frames": r.frames,
@@ -135,3 +141,20 @@ def test_streamed_audio_equals_whole_audio(started_engine: FastEngine, tts: Any,
     if REPEATS > 1:
         results.record("streaming_repeats", streamed_vs_whole_max_abs_and_rms=rounds, failures=len(failures))
     assert not failures, "streamed audio is not the whole audio:\n" + "\n".join(failures)
+
+
+def test_a_clones_streamed_audio_follows_its_reference(started_engine: FastEngine, tts: Any, results: Results) -> None:
+    """A voice clone's stream starts from its reference codes run through the decoder on the device, in graphed
+    chunk sizes (37 frames: three graphed pieces and one eager frame), their audio dropped. Its streamed audio is
+    then the whole decode of reference and frames with the reference's part cut off, within the same bounds as a
+    plain stream's."""
+    engine = started_engine
+    ref = torch.randint(0, 2048, (37, 16), generator=torch.Generator().manual_seed(5))
+    prompt = dataclasses.replace(custom_prompt(tts, text_of(7)), ref_code=ref.to(engine.device))
+    r = Request(prompt, sampling(tts, seed=91), 61, stream=True)
+    engine.submit(r.make())
+    wait_for([r], timeout_s=120)
+    m = measure(engine, copy.deepcopy(engine.codec.decoder).float(), r, ref=ref)
+    results.record("streaming_clone_61_frames_after_37", **m)
+    failures = failures_of(m)
+    assert not failures, "a clone's streamed audio is not its whole audio:\n" + "\n".join(failures)
