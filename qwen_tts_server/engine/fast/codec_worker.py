@@ -124,7 +124,7 @@ class StatefulChunkDecoder:
             state = self.decoder.new_state()
             ref = seq.prompt.ref_code
             if ref is not None:
-                self._prime(state, ref.to(self.decoder.device, torch.long))  # where it is: no wait for a copy
+                self._prime(state, ref.to(self.decoder.device, torch.long))  # one copy at most, not one a piece
             stream.state = state  # only once primed: a priming that fails is not half kept
         return stream.state
 

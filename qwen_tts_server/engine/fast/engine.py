@@ -345,8 +345,15 @@ class FastEngine:
             CUDA_ENGINES.release(self)
 
     def _fail_remaining(self) -> None:
-        self._take_inbox()
-        self._fail_all(RuntimeError("the model was unloaded while this request was in progress"))
+        self._fail_everything(RuntimeError("the model was unloaded while this request was in progress"))
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        """`_fail_all`, and the requests whose cancel is still in the inbox: their callers wait for `on_finish`
+        too (a failed chunk cancels a request whose client is still there)."""
+        for seq in self._take_inbox():
+            seq.error = seq.error or exc
+            self._finish(seq, FinishReason.CANCELLED)
+        self._fail_all(exc)
 
     def _loop(self) -> None:
         with _on_stream(self.step_stream):
@@ -395,8 +402,7 @@ class FastEngine:
         failure = engine_failed(exc)  # never raised here, so it holds no traceback (and no frame of ours)
         with self._shutdown:
             self.failure = failure
-            self._take_inbox()
-            self._fail_all(failure)
+            self._fail_everything(failure)
         if self.on_failure is not None:
             try:
                 self.on_failure(exc)

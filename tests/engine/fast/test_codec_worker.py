@@ -15,6 +15,7 @@ from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 from qwen_tts_server.engine.types import Mode, SamplingParams
+from qwen_tts_server.errors import EngineFailed
 
 from .test_engine import CUSTOM, GREEDY, custom_items, make_seq, run_to_end
 
@@ -336,6 +337,32 @@ def test_a_request_whose_chunk_failed_stops_at_once_and_frees_its_row(load_tts, 
     assert bad.num_frames < 12 and bad not in engine.scheduler.running  # stopped within a few frames of the error
     run_to_end(engine, [good])
     assert finished == [bad, good] and good.error is None and good.num_frames == 60
+
+
+def test_a_device_fault_in_a_chunk_still_finishes_every_request_it_touched(load_tts):
+    """A CUDA error while decoding a chunk stops the engine for good; the requests of that chunk batch have
+    their cancel in the inbox by then (a failed chunk stops its request). Both still finish, with the 503 to
+    retry: before, the inbox was drained and dropped, and their callers waited for ever."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)
+    decode_chunks = engine.codec_worker.chunks.decode_chunks
+    chunks, finished = [], []
+    bad, other = (streaming_seq(tts, item, 60, chunks, finished) for item in custom_items()[:2])
+
+    def failing(jobs: list[CodecJob]) -> list[np.ndarray]:
+        if any(job.seq is bad for job in jobs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return decode_chunks(jobs)
+
+    engine.codec_worker.chunks.decode_chunks = failing
+    for seq in (bad, other):
+        engine.submit(seq)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        run_to_end(engine, [bad, other])
+    assert not engine._inbox.empty()  # the cancels the failed chunk queued
+    engine._fail_for_good(RuntimeError("CUDA error: an illegal memory access was encountered"))  # as `_loop` does
+    assert sorted(s.id for s in finished) == sorted(s.id for s in (bad, other))
+    assert all(isinstance(s.error, EngineFailed) for s in (bad, other)), [s.error for s in (bad, other)]
 
 
 def test_a_length_is_split_into_the_graphed_chunk_sizes_largest_first():
