@@ -12,7 +12,7 @@ import torch
 
 from qwen_tts_server.engine.fast.codec_worker import CodecJob, StatefulChunkDecoder, split_into_sizes
 from qwen_tts_server.engine.fast.engine import FastEngine
-from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, SequenceStatus
+from qwen_tts_server.engine.fast.sequence import AudioStream, FinishReason, Sequence, SequenceStatus
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 from qwen_tts_server.engine.types import Mode, SamplingParams
 from qwen_tts_server.errors import EngineFailed
@@ -311,25 +311,32 @@ def test_a_cancelled_or_failed_requests_chunks_are_not_decoded(load_tts):
     assert failed.audio is None
 
 
+def two_streams_one_failing(load_tts, error: Exception) -> tuple[FastEngine, Sequence, Sequence, list]:
+    """An engine running two 60-frame streams, the first of which fails every chunk decode with `error`;
+    returns the engine, both requests and the list their `on_finish` fills."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)
+    decode_chunks = engine.codec_worker.chunks.decode_chunks
+    finished: list = []
+    bad, other = (streaming_seq(tts, item, 60, [], finished) for item in custom_items()[:2])
+
+    def failing(jobs: list[CodecJob]) -> list[np.ndarray]:
+        if any(job.seq is bad for job in jobs):
+            raise error
+        return decode_chunks(jobs)
+
+    engine.codec_worker.chunks.decode_chunks = failing
+    return engine, bad, other, finished
+
+
 @pytest.mark.parametrize("listened", [True, False])
 def test_a_request_whose_chunk_failed_stops_at_once_and_frees_its_row(load_tts, listened):
     """A chunk that fails to decode leaves a hole in its request's audio. The request then stops at the next
     step with that error: its caller hears of it at once and its row frees, the other request goes on. Before,
     it ran on to its last frame (60 here), every later chunk dropped, and only then failed."""
-    tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)
-    decode_chunks = engine.codec_worker.chunks.decode_chunks
-    chunks, finished = [], []
-    bad, good = (streaming_seq(tts, item, 60, chunks, finished) for item in custom_items()[:2])
+    engine, bad, good, finished = two_streams_one_failing(load_tts, ValueError("bad codes"))
     if not listened:
         bad.stream = AudioStream()  # a whole utterance, decoded in chunks while it runs
-
-    def failing(jobs: list[CodecJob]) -> list[np.ndarray]:
-        if any(job.seq is bad for job in jobs):
-            raise ValueError("bad codes")
-        return decode_chunks(jobs)
-
-    engine.codec_worker.chunks.decode_chunks = failing
     for seq in (bad, good):
         engine.submit(seq)
     run_to_end(engine, [bad])
@@ -343,24 +350,14 @@ def test_a_device_fault_in_a_chunk_still_finishes_every_request_it_touched(load_
     """A CUDA error while decoding a chunk stops the engine for good; the requests of that chunk batch have
     their cancel in the inbox by then (a failed chunk stops its request). Both still finish, with the 503 to
     retry: before, the inbox was drained and dropped, and their callers waited for ever."""
-    tts = load_tts(CUSTOM)
-    engine = FastEngine(tts, max_slots=2, max_len=256, stream_chunk_frames=4)
-    decode_chunks = engine.codec_worker.chunks.decode_chunks
-    chunks, finished = [], []
-    bad, other = (streaming_seq(tts, item, 60, chunks, finished) for item in custom_items()[:2])
-
-    def failing(jobs: list[CodecJob]) -> list[np.ndarray]:
-        if any(job.seq is bad for job in jobs):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return decode_chunks(jobs)
-
-    engine.codec_worker.chunks.decode_chunks = failing
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    engine, bad, other, finished = two_streams_one_failing(load_tts, fault)
     for seq in (bad, other):
         engine.submit(seq)
     with pytest.raises(RuntimeError, match="CUDA error"):
         run_to_end(engine, [bad, other])
     assert not engine._inbox.empty()  # the cancels the failed chunk queued
-    engine._fail_for_good(RuntimeError("CUDA error: an illegal memory access was encountered"))  # as `_loop` does
+    engine._fail_for_good(fault)  # as `_loop` does
     assert sorted(s.id for s in finished) == sorted(s.id for s in (bad, other))
     assert all(isinstance(s.error, EngineFailed) for s in (bad, other)), [s.error for s in (bad, other)]
 
