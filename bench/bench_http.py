@@ -1388,6 +1388,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with --update-docs, added to RESULT_JSON (its targets redone: give --engine-c64 again if it had one)",
     )
     args = p.parse_args(argv)
+    if args.peers_from and args.peers_s > 0:
+        p.error("--peers-from and --peers-s both give the peers' rows: pick one")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()} - {1})
     if args.headline is None:
@@ -1439,7 +1441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_docs:
         data = json.loads(Path(args.update_docs).read_text())
         if args.peers_from:
-            data["peers"] = peers.load(Path(args.peers_from))
+            data["peers"] = peers.load(Path(args.peers_from), frames=data["settings"]["frames"])
             data["targets"] = targets(data, engine_figure(args.engine_c64, data["settings"]["model"]))
             Path(args.update_docs).write_text(json.dumps(data, indent=1) + "\n")
         update_docs(Path(args.docs), data)
@@ -1455,7 +1457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_log = Path(args.server_log) if args.server_log else tmp / "server.log"
     server = Server(args, models_dir, tmp / "data", server_log)
     if args.peers_from:
-        report.data["peers"] = peers.load(Path(args.peers_from))
+        report.data["peers"] = peers.load(Path(args.peers_from), frames=args.frames)
     log(f"{report.data['card']}, model {model}, commit {report.data['commit']}, budget {args.max_seconds:.0f} s")
     status = 0
     try:

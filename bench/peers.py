@@ -65,6 +65,7 @@ def run(
         cmd = command(size, frames=frames, concurrency=concurrency, budget_s=budget_s, device=device)
         log(f"peers: {shlex.join(cmd)}")
         result: dict[str, Any] = {"command": shlex.join(["python", *cmd[1:]]), "engines": {}}
+        result.update(size=size, frames=frames)
         result["returncode"] = _run([*cmd, "--out", tmp], budget_s, log)
         reports = sorted(Path(tmp).glob("*.json"))
         try:
@@ -131,19 +132,24 @@ def present(peers: dict[str, Any] | None) -> str | None:
     return ", ".join(ran) if peers else None
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, frames: int) -> dict[str, Any]:
     """The peers' result saved by `main` (or the `peers` of a `bench_http` report), marked with its file, so
-    that a report it joins says the peers ran in another call."""
+    that a report it joins says the peers ran in another call. Refused unless its requests were `frames` long
+    (the report's), and unless a peer ran."""
     data = json.loads(path.read_text())
     result = data if "engines" in data else data.get("peers")
-    if not isinstance(result, dict) or "engines" not in result:
-        raise ValueError(f"{path}: no peers' result in it (no 'engines')")
-    # A bench_http report's peers ran in its call: that call's card and date are theirs.
+    if not isinstance(result, dict) or not result.get("engines"):
+        raise ValueError(f"{path}: no peer's rows in it")
+    # A bench_http report's peers ran in its call: that call's card, date and request length are theirs.
+    theirs = result.get("frames") or data.get("settings", {}).get("frames")
+    if theirs != frames:
+        raise ValueError(f"{path}: the peers' requests were {theirs} frames long, this report's {frames}")
     return {
         **result,
         "card": result.get("card") or data.get("card"),
         "date": result.get("date") or data.get("date"),
-        "source": path.name,
+        "frames": theirs,
+        "source": result.get("source") or path.name,  # where they first came from
     }
 
 

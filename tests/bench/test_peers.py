@@ -62,6 +62,7 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
             {
                 "card": "NVIDIA H100",
                 "command": "python -m bench.bench_engines",
+                "frames": 100,
                 "engines": {name: {**r, "audio_s_per_s": 25.0, "ttff_ms_p95": 1e4} for name, r in engines.items()},
             }
         )
@@ -101,15 +102,31 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
     assert "| faster-qwen3-tts | m | 3.80 | 300 | 25.0 | 10,000 |" in text
 
 
-def test_a_file_without_the_peers_rows_is_refused(tmp_path) -> None:
+def test_a_file_without_peer_rows_or_of_another_request_length_is_refused(tmp_path) -> None:
     bad = tmp_path / "x.json"
-    bad.write_text(json.dumps({"card": "NVIDIA H100", "sections": {}}))
-    with pytest.raises(ValueError, match="no peers' result"):
-        peers.load(bad)
+    for data in ({"card": "NVIDIA H100", "sections": {}}, {"engines": {}, "frames": 100}):
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="no peer's rows"):
+            peers.load(bad, frames=100)
+    bad.write_text(json.dumps({"engines": {"reference": {}}, "frames": 50}))
+    with pytest.raises(ValueError, match="50 frames long, this report's 100"):
+        peers.load(bad, frames=100)
 
 
-def test_the_peers_of_a_bench_http_report_keep_that_calls_card_and_date(tmp_path) -> None:
+def test_the_peers_of_a_bench_http_report_keep_that_calls_card_date_and_length(tmp_path) -> None:
     report = tmp_path / "2026-12-06-NVIDIA-H100-http-e0cbd7b.json"
-    report.write_text(json.dumps({"card": "NVIDIA H100", "date": "2026-12-06", "peers": {"engines": {}}}))
-    loaded = peers.load(report)
+    peer_rows = {"engines": {"reference": {}}}
+    data = {"card": "NVIDIA H100", "date": "2026-12-06", "settings": {"frames": 100}, "peers": peer_rows}
+    report.write_text(json.dumps(data))
+    loaded = peers.load(report, frames=100)
     assert (loaded["card"], loaded["date"], loaded["source"]) == ("NVIDIA H100", "2026-12-06", report.name)
+    # Taken on again from a report they joined from elsewhere, they keep naming the file they came from.
+    report.write_text(json.dumps({**data, "peers": {**peer_rows, "source": "first.json"}}))
+    assert peers.load(report, frames=100)["source"] == "first.json"
+
+
+def test_the_peers_come_from_one_place_at_a_time() -> None:
+    from bench import bench_http
+
+    with pytest.raises(SystemExit):
+        bench_http.parse_args(["--peers-from", "x.json", "--peers-s", "100"])
