@@ -1443,7 +1443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.peers_from:
             data["peers"] = peers.load(Path(args.peers_from), frames=data["settings"]["frames"])
             data["targets"] = targets(data, engine_figure(args.engine_c64, data["settings"]["model"]))
-            Path(args.update_docs).write_text(json.dumps(data, indent=1) + "\n")
+            Path(args.update_docs).write_text(json.dumps(data, indent=2) + "\n")
         update_docs(Path(args.docs), data)
         print(markdown(data))
         return 0

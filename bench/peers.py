@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     card = str(result.get("card") or "unknown").replace(" ", "-")
     path = Path(args.out) / f"{date}-{card}-peers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result, lambda v: "-" if v is None else f"{v:,.3g}") or "no peer ran", flush=True)
     print(f"wrote {path}", flush=True)
     return 0 if result.get("engines") else 1
