@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.bench_engines import PEER
+from bench.bench_engines import PEER, fmt_cell
 from bench.tables import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.out) / f"{date}-{card}-peers.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result, lambda v: "-" if v is None else f"{v:,.3g}") or "no peer ran", flush=True)
+    print(table(result, fmt_cell) or "no peer ran", flush=True)
     print(f"wrote {path}", flush=True)
     return 0 if result.get("engines") else 1
 
