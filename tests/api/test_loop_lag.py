@@ -6,6 +6,7 @@ import asyncio
 import gc
 import time
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -69,3 +70,22 @@ def test_the_probe_records_each_wake_ups_lateness():
     late = count - registry.get_sample_value("lag_seconds_bucket", {"le": "0.1"})
     assert count >= 5 and late >= 1, (count, late)
     assert registry.get_sample_value("lag_seconds_sum") >= 0.19
+
+
+def test_under_uvloop_the_probe_reads_lateness_finer_than_a_millisecond():
+    """uvicorn runs on uvloop, whose `loop.time()` is libuv's millisecond clock, cached an iteration: read from
+    it, every lateness would be 0 or a whole millisecond. The probe's own clock sees the fractions between."""
+    uvloop = pytest.importorskip("uvloop")
+    registry = CollectorRegistry()
+    lag = Histogram("lag_seconds", "test", buckets=(1e-6, 0.0009, 1.0), registry=registry)
+
+    async def main() -> None:
+        probe = asyncio.create_task(watch_event_loop(lag, interval_s=0.005))
+        await asyncio.sleep(0.3)
+        probe.cancel()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    under_1us = registry.get_sample_value("lag_seconds_bucket", {"le": "1e-06"})
+    fractions = registry.get_sample_value("lag_seconds_bucket", {"le": "0.0009"}) - under_1us
+    assert registry.get_sample_value("lag_seconds_count") >= 20 and fractions >= 1, (under_1us, fractions)

@@ -122,8 +122,9 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
         profile = s["step_profile"]
         assert profile["requests"] == s["requests"], (name, profile)
         assert 0 < sum(profile["ms_per_request"].values()) <= s["latency_ms_p95"], (name, profile, s)
-        # The server's event-loop probe ran during the run (a wake-up is always a little late).
-        assert profile["loop_lag_ms_mean"] > 0 and isinstance(profile["loop_lags_over_50ms"], int), profile
+        # The server's event-loop probe woke during the run (a wake-up may be on time: its lateness may be 0).
+        assert profile["loop_probes"] > 0 and profile["loop_lag_ms_mean"] is not None, profile
+        assert isinstance(profile["loop_lags_over_50ms"], int), profile
     # The first audio byte of a stream comes before its end (when the server streams that route).
     if report["api"]["streamed"]:
         assert sections["stream_single"]["ttfa_ms_median"] < sections["stream_single"]["latency_ms_median"]
