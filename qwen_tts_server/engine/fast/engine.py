@@ -477,8 +477,7 @@ class FastEngine:
         moves = self.scheduler.compact()
         if not moves:
             return
-        src = to_device([m[1] for m in moves], self.device)
-        dst = to_device([m[2] for m in moves], self.device)
+        src, dst = to_device([[m[1] for m in moves], [m[2] for m in moves]], self.device)  # one copy
         text = max(seq.prompt.trailing.reshape(-1, self.rows.trailing.shape[-1]).shape[0] for seq, _, _ in moves)
         self.rows.move(src, dst, text)
         # The frame in flight is queued before these copies, so they copy what it writes.
@@ -516,16 +515,11 @@ class FastEngine:
         hidden, logits = prefill.prefill_many(slots, [seq.prompt.embeds for seq in seqs])
         options = [seq.sampling for seq in seqs]
         rows = self.rows
-        rows.set_sampling(span, options)
-        rows.set_text(slots, [seq.prompt.trailing.reshape(-1, rows.trailing.shape[-1]) for seq in seqs])
-        rows.min_frames[span] = to_device([o.min_frames for o in options], self.device)
-        rows.seen[span] = False
+        trailing = [seq.prompt.trailing.reshape(-1, rows.trailing.shape[-1]) for seq in seqs]
+        rows.admit(span, options, [seq.prompt_len for seq in seqs], trailing)
         plan = SamplingPlan.of([o.do_sample for o in options], [o.top_k for o in options])
-        code0 = self.first_code(logits, span, plan)
+        rows.code0[span] = self.first_code(logits, span, plan)
         rows.hidden[span] = hidden
-        rows.code0[span] = code0
-        rows.position[span] = to_device([seq.prompt_len for seq in seqs], self.device)
-        rows.frame_index[span] = 0
 
     def first_code(self, logits: Tensor, span: slice, plan: SamplingPlan) -> Tensor:
         """Codebook 0 of the first frame of the requests just prefilled into rows `span`, from their prompts'

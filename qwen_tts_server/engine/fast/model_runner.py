@@ -56,10 +56,10 @@ class Packed:
     last: Tensor
 
 
-def to_device(values: Sequence[int | float | bool], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
-    """Host values as a tensor on `device` without waiting for the GPU: `torch.tensor(..., device=cuda)`
-    copies from pageable memory and synchronizes the stream, stalling the step on every kernel queued
-    so far; staged in pinned memory, the copy is queued like a kernel instead."""
+def to_device(values: Sequence[Any], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
+    """Host values (a list, or a list of equal lists) as a tensor on `device` without waiting for the GPU:
+    `torch.tensor(..., device=cuda)` copies from pageable memory and synchronizes the stream, stalling the step
+    on every kernel queued so far; staged in pinned memory, the copy is queued like a kernel instead."""
     host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
 

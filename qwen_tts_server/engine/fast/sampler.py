@@ -24,7 +24,16 @@ from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
 _NEG_INF = float("-inf")
-_PER_ROW = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+# Each option's dtype, the one copy: `RowSampling.make` builds its columns with them, `RowState` its tables.
+COLUMN_DTYPES = {
+    "do_sample": torch.bool,
+    "temperature": torch.float32,
+    "top_k": torch.int64,
+    "top_p": torch.float64,  # HF forms 1 - top_p in double before comparing in float32
+    "repetition_penalty": torch.float32,
+    "seed": torch.int64,
+}
+_PER_ROW = tuple(COLUMN_DTYPES)
 
 
 @dataclass
@@ -40,7 +49,7 @@ class RowSampling:
     do_sample: Tensor  # bool
     temperature: Tensor  # float32
     top_k: Tensor  # int64
-    top_p: Tensor  # float64: HF forms 1 - top_p in double before comparing in float32
+    top_p: Tensor  # float64
     repetition_penalty: Tensor  # float32
     seed: Tensor  # int64
 
@@ -66,14 +75,9 @@ class RowSampling:
                 raise ValueError(f"expected {rows} values, got {len(values)}")
             return torch.tensor(values, dtype=dtype, device=device)
 
-        return cls(
-            do_sample=col(do_sample, torch.bool),
-            temperature=col(temperature, torch.float32),
-            top_k=col(top_k, torch.int64),
-            top_p=col(top_p, torch.float64),
-            repetition_penalty=col(repetition_penalty, torch.float32),
-            seed=col(seed, torch.int64),
-        )
+        given = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        given.update(repetition_penalty=repetition_penalty, seed=seed)
+        return cls(**{name: col(given[name], dtype) for name, dtype in COLUMN_DTYPES.items()})
 
     @classmethod
     def cat(cls, parts: Sequence[RowSampling]) -> RowSampling:
