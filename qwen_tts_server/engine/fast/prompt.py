@@ -158,9 +158,12 @@ def build_prompt(
     prefix = torch.cat((tts_pad.expand(-1, codec_prefix.shape[1] - 2, -1), tts_bos), dim=1) + codec_prefix[:, :-1]
     embeds = torch.cat((role, prefix), dim=1)
 
+    # A stored voice's codes come from the host: copied once here, where the prompt is built (off the engine's
+    # threads), and kept on the device for the codec, whose streaming decoder primes a clone's state with them.
+    ref_code = voice.ref_code.to(device) if icl else None
     if icl:
         icl_embeds, trailing = _icl_part(
-            model, input_id[:, 3:-5], ref_id[:, 3:-2], voice.ref_code.to(device), tts_pad, tts_eos, non_streaming_mode
+            model, input_id[:, 3:-5], ref_id[:, 3:-2], ref_code, tts_pad, tts_eos, non_streaming_mode
         )
         embeds = torch.cat([embeds, icl_embeds], dim=1)
     elif non_streaming_mode:
@@ -178,7 +181,7 @@ def build_prompt(
         embeds=embeds[0],
         trailing=trailing[0],
         tts_pad=tts_pad.reshape(-1),
-        ref_code=voice.ref_code if icl else None,
+        ref_code=ref_code,
     )
 
 
