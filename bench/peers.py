@@ -10,8 +10,8 @@ is one padded batch (`bench_engines`). On the CPU (a tiny checkpoint) only the r
 On a fresh machine the server's load (compile, graph capture) and the peers do not both fit one device call. Then
 the peers run in a call of their own, on the same warm machine just before the server's:
     python3 -m bench.peers --size 1.7B --frames 100 --concurrency 64 --budget-s 330 --out "$OUT"
-writes `<out>/<date>-<card>-peers.json`, and `bench_http --peers-from THAT.json` puts its rows beside the
-server's (saying where they came from).
+writes `<out>/<date>-<card>-peers.json` (`-peers-2.json` and on when that exists), and `bench_http --peers-from
+THAT.json` puts its rows beside the server's (saying where they came from).
 """
 
 from __future__ import annotations
@@ -153,6 +153,16 @@ def load(path: Path, frames: int) -> dict[str, Any]:
     }
 
 
+def unused_path(folder: Path, stem: str) -> Path:
+    """`folder/stem.json`, or `stem-2.json` and on: a second run on the same day and card keeps the first's rows."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="the peers' rows alone (see the module's docstring)")
     p.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
@@ -171,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     date = result.get("date") or datetime.date.today().isoformat()
     card = str(result.get("card") or "unknown").replace(" ", "-")
-    path = Path(args.out) / f"{date}-{card}-peers.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = unused_path(Path(args.out), f"{date}-{card}-peers")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result, fmt_cell) or "no peer ran", flush=True)
     print(f"wrote {path}", flush=True)

@@ -130,3 +130,13 @@ def test_the_peers_come_from_one_place_at_a_time() -> None:
 
     with pytest.raises(SystemExit):
         bench_http.parse_args(["--peers-from", "x.json", "--peers-s", "100"])
+
+
+def test_a_second_run_on_the_same_day_and_card_keeps_the_first_file(tmp_path) -> None:
+    first = peers.unused_path(tmp_path / "results", "2026-12-06-NVIDIA-H100-peers")
+    assert first.name == "2026-12-06-NVIDIA-H100-peers.json"
+    first.write_text("{}")
+    second = peers.unused_path(tmp_path / "results", "2026-12-06-NVIDIA-H100-peers")
+    assert second.name == "2026-12-06-NVIDIA-H100-peers-2.json"
+    second.write_text("{}")
+    assert peers.unused_path(tmp_path / "results", "2026-12-06-NVIDIA-H100-peers").name.endswith("-peers-3.json")
