@@ -1,23 +1,24 @@
-"""The step thread's bookkeeping while requests come and go: tensor calls and host time per compaction and per
-admission.
+"""The step thread's own work, per part of a step, while requests come and go: tensor calls and host time.
 
 With a closed loop of clients a few running requests end in most steps: compaction moves the last rows into
-their holes, and the newcomers' rows are set up after their prefill. Every tensor call there is a launch on the
-step thread between two frames. This turns over `--churn` of `--rows` running requests per step (cancelled at
-rows spread over the batch, the same number submitted) and reports, per step:
+their holes, and the newcomers' rows are set up after their prefill. Every tensor call the step thread makes
+is a launch between two frames, and all its Python holds the GIL the codec thread wants. This turns over
+`--churn` of `--rows` running requests per step (cancelled at rows spread over the batch, as many submitted;
+0 for none) and reports, per step:
 
 - `compact`: `FastEngine._compact` (the rows' state and their KV moved);
-- `admit`: `FastEngine._prefill` less the model's own work in it (the prompts' forward and the first code's
-  sampling), i.e. the new rows' state set up.
+- `admit`: `FastEngine._prefill` less the model's work in it (the prompts' forward, the first code's sampling):
+  the new rows' state set up;
+- `launch`: `FastEngine._launch_frame` less the frame itself: buckets, sampling plans, the readback queued;
+- `read`: `FastEngine._read_frame`: the frame read to the host, each row's bookkeeping, the stream chunks.
 
 Tensor calls are counted as dispatched, less those that launch nothing on a GPU (views, host tensors); each is a
 kernel or a copy on a GPU. A GPU run counts one more per host-to-device copy (the staging of host values),
-which on the CPU is no call. Host time is measured in separate steps with
-nothing counting, without a device sync (the launch cost: what the step thread spends). The model is random
-(`bench_engines.build_model`).
+which on the CPU is no call. Host time is measured in separate steps with nothing counting, without a device
+sync (the launch cost: what the step thread spends). The model is random (`bench_engines.build_model`).
 
-    python -m bench.profile_churn --size tiny --device cpu --rows 64 --churn 8
-    python -m bench.profile_churn --size 1.7B --device cuda --rows 64 --churn 8
+    python -m bench.profile_churn --size tiny --device cpu --rows 64 --churn 0,1,8
+    python -m bench.profile_churn --size 1.7B --device cuda --rows 64 --churn 0,1,8
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from qwen_tts_server.engine.types import Mode, SamplingParams
 aten = torch.ops.aten
 NO_LAUNCH = {aten.slice, aten.select, aten.detach, aten.detach_, aten.view, aten.alias, aten.reshape, aten.unbind}
 NO_LAUNCH |= {aten.lift_fresh, aten.unsqueeze, aten.transpose, aten.split_with_sizes, aten.chunk, aten.to}
-PARTS = ("compact", "admit")
+PARTS = ("compact", "admit", "launch", "read")
 
 
 class Ledger(TorchDispatchMode):
@@ -100,12 +101,15 @@ def booked(ledger: Ledger, name: str, fn: Callable[..., Any]) -> Callable[..., A
 
 
 def watch(engine: FastEngine, ledger: Ledger) -> None:
-    """Book the engine's compaction and admission, and the model's work inside admission, to `ledger`."""
+    """Book the parts of the engine's step to `ledger`, and the model's work inside them to "model"."""
     engine._compact = booked(ledger, "compact", engine._compact)
     engine._prefill = booked(ledger, "admit", engine._prefill)
     prefill = engine.runner if engine.prefill is None else engine.prefill
     prefill.prefill_many = booked(ledger, "model", prefill.prefill_many)
     engine.first_code = booked(ledger, "model", engine.first_code)
+    engine._launch_frame = booked(ledger, "launch", engine._launch_frame)
+    engine._run_frame = booked(ledger, "model", engine._run_frame)
+    engine._read_frame = booked(ledger, "read", engine._read_frame)
 
 
 def new_request(tts: Any, index: int, frames: int) -> Sequence:
@@ -119,7 +123,7 @@ def new_request(tts: Any, index: int, frames: int) -> Sequence:
 def turn_over(engine: FastEngine, tts: Any, churn: int, next_index: int, frames: int) -> None:
     """Cancel `churn` running requests spread over the rows, submit as many new ones, run one step."""
     running = list(engine.scheduler.running)
-    stride = max(1, len(running) // churn)
+    stride = max(1, len(running) // max(churn, 1))
     for seq in running[::stride][:churn]:
         engine.cancel(seq)
     for i in range(churn):
@@ -144,7 +148,7 @@ def measure(tts: Any, rows: int, churn: int, steps: int, *, count: bool) -> Ledg
         for _ in range(steps):
             turn_over(engine, tts, churn, index, frames)
             index += churn
-    assert ledger.entered["compact"] == ledger.entered["admit"] == steps, ledger.entered
+    assert ledger.entered["compact"] == ledger.entered["launch"] == steps, ledger.entered
     return ledger
 
 
@@ -187,7 +191,7 @@ def main() -> None:
     parser.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=64, help="running requests")
-    parser.add_argument("--churn", default="1,8", help="requests turned over per step, comma-separated")
+    parser.add_argument("--churn", default="0,1,8", help="requests turned over per step, comma-separated")
     parser.add_argument("--steps", type=int, default=30, help="steps measured per setting")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--commit", help="the commit to name (default: git's HEAD, '-dirty' if changed)")

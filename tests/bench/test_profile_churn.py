@@ -34,7 +34,7 @@ def test_a_nested_part_is_booked_to_itself_not_to_its_parent():
 @pytest.mark.slow
 def test_the_churn_profile_runs_on_a_tiny_model_and_writes_its_report(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "bench.profile_churn", "--size", "tiny", "--device", "cpu", "--rows", "8"]
-    command += ["--churn", "1,2", "--steps", "3", "--out", str(tmp_path)]
+    command += ["--churn", "0,2", "--steps", "3", "--out", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -44,8 +44,10 @@ def test_the_churn_profile_runs_on_a_tiny_model_and_writes_its_report(tmp_path: 
     report = json.loads(json_path.read_text())
     assert report["card"].startswith("cpu") and report["command"] and report["commit"]
     results = {(r["part"], r["rows_turned_over"]): r for r in report["results"]}
-    assert set(results) == {("compact", 1), ("admit", 1), ("compact", 2), ("admit", 2)}
-    for r in results.values():
-        assert r["tensor_calls_per_step"] > 0 and r["host_us_per_step"] > 0, r
-    # Rows move as whole tables: moving two rows takes the calls that moving one does.
-    assert results["compact", 1]["tensor_calls_per_step"] == results["compact", 2]["tensor_calls_per_step"]
+    assert set(results) == {(part, churn) for part in ("compact", "admit", "launch", "read") for churn in (0, 2)}
+    for part in ("launch", "read"):
+        for churn in (0, 2):
+            assert results[part, churn]["host_us_per_step"] > 0, results[part, churn]
+    # Without turnover nothing moves and nobody is admitted; with it, both make tensor calls every step.
+    assert results["compact", 0]["tensor_calls_per_step"] == results["admit", 0]["tensor_calls_per_step"] == 0
+    assert results["compact", 2]["tensor_calls_per_step"] > 0 and results["admit", 2]["tensor_calls_per_step"] > 0
