@@ -27,24 +27,31 @@ from .sequence import SequenceSampling
 # so far, EOS blocked before this frame, trailing text hiddens still to feed.
 STATE_COLUMNS = ("code0", "position", "frame_index", "min_frames", "trailing_len")
 TALKER, PREDICTOR = "talker.", "predictor."  # prefixes of the two models' sampling columns
+ALIGN_ROWS = 16  # a column of 16 one-byte rows is 16 bytes
 
 
 class ColumnTables:
-    """Named [rows] columns of any dtype, stored as one [columns, rows] tensor per dtype."""
+    """Named [rows] columns of any dtype, stored as one [columns, rows] tensor per dtype.
+
+    Each column starts on a 16-byte boundary (a table's rows are padded to a multiple of ALIGN_ROWS): compiled
+    code that reads a column assumes no more alignment than the view it was compiled with shows, and a column
+    at an odd offset would cost vectorized loads (inductor aligns to 16 bytes)."""
 
     def __init__(self, rows: int, columns: Mapping[str, torch.dtype], device: torch.device) -> None:
         self.device = device
+        self.rows = rows
         self.names: dict[torch.dtype, list[str]] = {}
         for name, dtype in columns.items():
             self.names.setdefault(dtype, []).append(name)
+        padded = -(-rows // ALIGN_ROWS) * ALIGN_ROWS
         self.tables = {
-            dtype: torch.zeros(len(names), rows, dtype=dtype, device=device) for dtype, names in self.names.items()
+            dtype: torch.zeros(len(names), padded, dtype=dtype, device=device) for dtype, names in self.names.items()
         }
         self._where = {name: (dtype, i) for dtype, names in self.names.items() for i, name in enumerate(names)}
 
     def __getitem__(self, name: str) -> Tensor:
         dtype, i = self._where[name]
-        return self.tables[dtype][i]
+        return self.tables[dtype][i, : self.rows]
 
     def write(self, rows: slice, values: Seq[Mapping[str, float | int | bool]]) -> None:
         """Rows `rows` (one mapping of every column's value per row): one copy per table, queued without a

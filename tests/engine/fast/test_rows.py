@@ -81,3 +81,13 @@ def test_admitting_is_one_copy_per_table_whatever_the_number_of_values():
         state.admit(slice(4, 7), options, prompt_lens=[5, 6, 7], trailing=text)
     # A copy into each table, one per request's text, clearing `seen` (on a GPU, and a staging copy per table).
     assert ledger.calls["admit"] == len(state.columns.tables) + len(text) + 1, ledger.calls
+
+
+def test_every_column_starts_on_a_16_byte_boundary_whatever_the_number_of_rows():
+    """Compiled code reading a column at an odd offset would lose its vectorized loads (inductor aligns to 16)."""
+    for n in (1, 3, 5, 17):
+        state = rows(n)
+        columns = [state.code0, state.trailing_len, state.sub_params.seed, state.sub_params.do_sample]
+        columns += [state.talker_params.temperature, state.talker_params.repetition_penalty, state.sub_params.top_p]
+        for column in columns:
+            assert column.shape == (n,) and column.is_contiguous() and column.data_ptr() % 16 == 0, (n, column)
