@@ -92,9 +92,6 @@ class RowSampling:
         """Rows `rows`, as views: a decode batch over cache rows 0..n-1, or the rows just admitted."""
         return RowSampling(**{name: getattr(self, name)[rows] for name in _PER_ROW})
 
-    def columns(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in _PER_ROW}
-
 
 @dataclass(frozen=True)
 class SamplingPlan:
