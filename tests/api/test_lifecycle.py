@@ -3,8 +3,10 @@ Real uvicorn server, real sockets (TestClient cannot hang up mid-response)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -31,8 +33,29 @@ def metrics_text(base: str) -> str:
 
 def warm_up(base: str) -> None:
     """Load the model and start its engine (a short stream: nothing is stored)."""
-    response = httpx.post(f"{base}/api/v1/custom-voice", json=native("Hi.", stream=True, response_format="pcm"))
+    body = native("Hi.", stream=True, response_format="pcm")
+    response = httpx.post(f"{base}/api/v1/custom-voice", json=body, timeout=120)  # includes the model's load
     assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def slow_steps(app, step_s: float) -> Iterator[None]:
+    """Every engine step takes at least `step_s` more: a stream's first chunk (a few steps) still comes at once,
+    and a long one runs for seconds on any CPU, however fast or loaded."""
+    (runtime,) = app.state.services.synthesizer._fast.values()
+    engine = runtime.engine
+    on_step = engine.on_step
+
+    def slowed(batch: int) -> None:
+        if on_step is not None:
+            on_step(batch)
+        time.sleep(step_s)
+
+    engine.on_step = slowed
+    try:
+        yield
+    finally:
+        engine.on_step = on_step
 
 
 def stored(app) -> int:
@@ -137,10 +160,11 @@ def test_deadline_cuts_a_stream_short(make_live_server):
     """Once audio flows the status line is gone: a stream past its deadline just ends, early."""
     base, app = make_live_server(**ONE_SEGMENT)
     warm_up(base)
-    cut = httpx.post(
-        f"{base}/api/v1/custom-voice", json=native(stream=True, response_format="pcm", timeout_s=0.3), timeout=30
-    )
-    assert cut.status_code == 200 and len(cut.content) > 0
+    body = native(stream=True, response_format="pcm", timeout_s=1.5)  # its first chunk comes well inside it
+    with slow_steps(app, 0.02):  # ~400 steps: 8 s at least
+        cut = httpx.post(f"{base}/api/v1/custom-voice", json=body, timeout=30)
+    # Audio, cut short: at most a frame a step (1920 samples of 2 bytes) until the deadline, and a chunk in flight.
+    assert cut.status_code == 200 and 0 < len(cut.content) < 2 * 1920 * (1.5 / 0.02 + 12), len(cut.content)
     assert wait_until_idle(app, timeout_s=5) == {}
     text = metrics_text(base)
     assert metric(text, "qtts_deadline_exceeded_total") == 1
@@ -151,8 +175,9 @@ def test_deadline_cuts_a_stream_short(make_live_server):
 def test_sse_cut_by_its_deadline_says_so(make_live_server):
     base, app = make_live_server(**ONE_SEGMENT)
     warm_up(base)
-    body = {"model": "tts-1", "voice": "alloy", "input": LONG, "stream_format": "sse", "timeout_s": 0.3}
-    response = httpx.post(f"{base}/v1/audio/speech", json=body, timeout=30)
+    body = {"model": "tts-1", "voice": "alloy", "input": LONG, "stream_format": "sse", "timeout_s": 1.5}
+    with slow_steps(app, 0.02):
+        response = httpx.post(f"{base}/v1/audio/speech", json=body, timeout=30)
     assert response.status_code == 200
     last = response.text.strip().split("\n\n")[-1]
     assert '"speech.audio.done"' in last and '"finish_reason":"cancelled"' in last

@@ -423,14 +423,17 @@ def test_a_request_that_gives_up_during_the_first_load_leaves_one_engine(client,
     engine = client.app.state.services.synthesizer
     real = synthesizer_module.FastRuntime
 
+    built = threading.Event()
+
     def slow_build(*args, **kwargs):  # as long as a GPU's warm-up, relative to the request's time-out
-        time.sleep(0.5)
+        built.wait(timeout=60)  # until the test has seen the caller give up
         return real(*args, **kwargs)
 
     monkeypatch.setattr(synthesizer_module, "FastRuntime", slow_build)
     client.portal.call(engine.registry.get, CUSTOM_06)  # the weights, not the engine: it is built on first use
     assert client.post("/api/v1/custom-voice", json=body | {"timeout_s": 0.2}).status_code == 504
     assert engine._builds, "the request should have given up while the engine was being built"
+    built.set()
     deadline = time.monotonic() + 60
     while (CUSTOM_06 not in engine._fast or engine._builds) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -26,7 +26,7 @@ STATEFUL_TOLERANCE = 1e-4
 CONTEXT_TOLERANCE = 0.05
 
 
-def test_the_codec_waits_for_company_only_while_others_run(load_tts):
+def test_the_codec_waits_for_company_only_while_others_run(load_tts, no_collector):
     """Whole utterances are decoded together: while requests are running the codec thread waits (up to
     wait_s) for more to finish; with nothing running it decodes at once. A stream's steady chunks wait
     likewise while more streams run than are in hand; its early chunks never wait."""
