@@ -10,7 +10,7 @@ is a launch between two frames, and all its Python holds the GIL the codec threa
 - `admit`: `FastEngine._prefill` less the model's work in it (the prompts' forward, the first code's sampling):
   the new rows' state set up;
 - `launch`: `FastEngine._launch_frame` less the frame itself: buckets, sampling plans, the readback queued;
-- `read`: `FastEngine._read_frame`: the frame read to the host, each row's bookkeeping, the stream chunks.
+- `read`: `FastEngine._read_frame` less the wait for the frame: each row's bookkeeping, the stream chunks.
 
 Tensor calls are counted as dispatched, less those that launch nothing on a GPU (views, host tensors); each is a
 kernel or a copy on a GPU. A GPU run counts one more per host-to-device copy (the staging of host values),
@@ -110,6 +110,7 @@ def watch(engine: FastEngine, ledger: Ledger) -> None:
     engine._launch_frame = booked(ledger, "launch", engine._launch_frame)
     engine._run_frame = booked(ledger, "model", engine._run_frame)
     engine._read_frame = booked(ledger, "read", engine._read_frame)
+    engine.readback.read = booked(ledger, "gpu_wait", engine.readback.read)  # the frame itself, on a GPU
 
 
 def new_request(tts: Any, index: int, frames: int) -> Sequence:
