@@ -397,17 +397,20 @@ class FastEngine:
 
     def _fail_for_good(self, exc: BaseException) -> None:
         """A device fault (a CUDA error) can leave the GPU's state corrupt: this engine takes no more work.
-        Everything queued or running fails with a 503 to retry, and `on_failure` tells the owner, which
-        builds a new engine. Under the lock, so that no submit slips in after the inbox is drained."""
+        `on_failure` tells the owner, which builds a new engine, then everything queued or running fails with
+        a 503 to retry. In that order: the owner hears first (its restart queued on its event loop ahead of
+        the requests' answers), so no client that got the 503 finds /ready still green. Once `failure` is set
+        (under the lock) no submit gets in, so the inbox drained after holds every request left."""
         failure = engine_failed(exc)  # never raised here, so it holds no traceback (and no frame of ours)
         with self._shutdown:
             self.failure = failure
-            self._fail_everything(failure)
         if self.on_failure is not None:
             try:
                 self.on_failure(exc)
             except Exception:  # e.g. the owner's event loop already closed at shutdown
                 log.exception("on_failure callback failed")
+        with self._shutdown:
+            self._fail_everything(failure)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every request queued or running, freeing their rows (the frame in flight is nobody's now)."""

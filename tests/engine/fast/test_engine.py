@@ -467,6 +467,31 @@ def test_a_device_fault_in_a_step_reports_the_503_to_every_request_it_ends(load_
     assert leaving.status is SequenceStatus.FINISHED
 
 
+def test_the_owner_hears_of_a_device_fault_before_any_request_fails(load_tts):
+    """The owner's `on_failure` (which marks the model failed, so /ready goes red) runs before the first failed
+    request's `on_finish` (its 503): a client never sees the 503 while /ready still says ready."""
+    tts = load_tts(CUSTOM)
+    engine = FastEngine(tts, max_slots=2, max_len=256)
+    told: list[str] = []
+    engine.on_failure = lambda exc: told.append(f"owner: {exc}")
+    seqs = [make_seq(tts, Mode.CUSTOM_VOICE, item, GREEDY) for item in custom_items()[:2]]
+    for seq in seqs:
+        seq.on_finish = lambda s: told.append(f"request: {type(s.error).__name__}")
+
+    def fault(*_args, **_kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    engine.runner.decode = fault
+    engine.start()
+    for seq in seqs:
+        engine.submit(seq)
+    deadline = time.monotonic() + 30
+    while len(told) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert told == ["owner: CUDA error: an illegal memory access was encountered"] + ["request: EngineFailed"] * 2
+
+
 def test_a_failing_frame_callback_does_not_stop_the_request(load_tts):
     tts = load_tts(CUSTOM)
     expected = reference_codes(tts, Mode.CUSTOM_VOICE, custom_items()[:1], GREEDY)[0]
