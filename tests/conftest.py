@@ -36,8 +36,9 @@ def unfrozen_collector() -> Iterator[None]:
 
 @pytest.fixture
 def no_collector() -> Iterator[None]:
-    """The cyclic garbage collector off for a test that times tens of milliseconds: a full collection of a test
-    session's objects takes 0.3-0.4 s, on whichever thread happens to allocate."""
+    """The cyclic garbage collector off for a test: one that times tens of milliseconds (a full collection of a
+    test session's objects takes 0.3-0.4 s, on whichever thread happens to allocate), or one that checks what
+    reference counting alone frees. Earlier tests' garbage is collected first, so it is not what the checks see."""
     gc.collect()
     gc.disable()
     try:

@@ -81,7 +81,6 @@ class RowState:
     def __init__(
         self, rows: int, *, max_len: int, hidden_size: int, vocab: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        self.device = device
         self.hidden = torch.zeros(rows, hidden_size, device=device, dtype=dtype)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         self.trailing = torch.zeros(rows, max_len, hidden_size, device=device, dtype=dtype)

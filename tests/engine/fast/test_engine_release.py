@@ -14,9 +14,7 @@ functions as inputs, and what the caches keep of them is fake tensors (shapes an
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -31,17 +29,7 @@ from qwen_tts_server.engine.types import Mode, SamplingParams, SynthesisItem
 CUSTOM = "Qwen3-TTS-12Hz-0.6B-CustomVoice"
 
 
-@pytest.fixture
-def no_cycle_collection() -> Iterator[None]:
-    gc.collect()  # unrelated garbage from earlier tests must not be what the checks see
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def test_an_engine_with_frame_graphs_is_freed_by_reference_counting_alone(load_tts, no_cycle_collection):
+def test_an_engine_with_frame_graphs_is_freed_by_reference_counting_alone(load_tts, no_collector):
     engine = FastEngine(load_tts(CUSTOM), max_slots=2, max_len=256, cuda_graphs=True)
     assert isinstance(engine.graphs, FrameGraphs)  # the object that used to point back at the engine
     dead = weakref.ref(engine)
@@ -50,7 +38,7 @@ def test_an_engine_with_frame_graphs_is_freed_by_reference_counting_alone(load_t
     assert dead() is None and graphs() is None
 
 
-def test_a_runtime_that_served_requests_is_freed_once_closed(load_tts, no_cycle_collection):
+def test_a_runtime_that_served_requests_is_freed_once_closed(load_tts, no_collector):
     runtime = FastRuntime(load_tts(CUSTOM), max_slots=2, max_len=256, max_prefill_tokens=256)
     items = [SynthesisItem(text="Hello there.", language="english", speaker="ryan")]
 
@@ -86,7 +74,7 @@ def has_cpp_compiler() -> bool:
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
-def test_compiled_functions_keep_no_tensor_of_a_dropped_model(tiny_models_dir, no_cycle_collection):
+def test_compiled_functions_keep_no_tensor_of_a_dropped_model(tiny_models_dir, no_collector):
     """A model of its own (the session's shared ones never die) runs one talker step and one sampling
     through the compiled layer and sampler functions, then goes: its fused and upstream weights and the
     sampler's tensors must die with it. One step keeps the compile to a few graphs (~25 s on a 2-core CPU)."""
