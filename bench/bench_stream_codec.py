@@ -9,7 +9,9 @@ streams in lockstep (every call decodes the same chunk of every stream):
   decoder's receptive field is longer than 25 frames. `eager`, and on CUDA `graph` (one CUDA
   graph per (batch, input length), as `CodecDecoder` does per bucket).
 * `stream` (b): `StreamingDecoder`, which carries the decoder's causal state and decodes only the
-  new frames. Exact. `eager`, and on CUDA `graph` (one graph per (batch, chunk length)).
+  new frames. Exact. `eager`, and on CUDA `graph` (one graph per (batch, chunk length)); with
+  `--compile` also `graph-snake` (SnakeBeta fused, `enable_snake_fusion`, as the server's `compile`)
+  and `graph-compiled` (the whole step compiled, `enable_compile`, as `compile_codec`).
 * `whole`: the whole utterance in one decode, the reference point for speed and for audio.
 
 Per method, batch and chunk size: audio seconds decoded per second of wall time (each call ends
@@ -260,14 +262,16 @@ def bench_config(
     run, reset = stream_method(streaming, codes)
     results.append(measure(Result("stream-eager", batch, chunk, schedule), run, device, args.repeats, reference, reset))
     if device.type == "cuda":
-        for compiled in (False, True) if args.compile else (False,):
+        compiled = ("stream-graph-snake", "stream-graph-compiled") if args.compile else ()
+        for name in ("stream-graph", *compiled):
             graph_streaming = StreamingDecoder(decoder)
-            if compiled:
+            if name == "stream-graph-snake":
+                graph_streaming.enable_snake_fusion()
+            elif name == "stream-graph-compiled":
                 graph_streaming.enable_compile()
             t0 = time.perf_counter()
             for n in sorted(set(schedule)):
                 graph_streaming.capture(batch, n)
-            name = "stream-graph-compiled" if compiled else "stream-graph"
             print(f"{name} B={batch}: captured in {time.perf_counter() - t0:.1f} s", flush=True)
             run, reset = stream_method(graph_streaming, codes)
             results.append(measure(Result(name, batch, chunk, schedule), run, device, args.repeats, reference, reset))
@@ -287,7 +291,7 @@ def card_name(device: torch.device) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'method':<15} {'batch':>5} {'chunk':>5} {'audio-s/s':>10} {'first ms':>9} "
+        f"{'method':<21} {'batch':>5} {'chunk':>5} {'audio-s/s':>10} {'first ms':>9} "
         f"{'chunk p50':>9} {'chunk max':>9} {'max|diff|':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -297,7 +301,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             return "-" if r[key] is None else f"{r[key]:.2f}"
 
         lines.append(
-            f"{r['method']:<15} {r['batch']:>5} {r['chunk']:>5} {r['audio_s_per_s']:>10.1f} {num('first_chunk_ms'):>9} "
+            f"{r['method']:<21} {r['batch']:>5} {r['chunk']:>5} {r['audio_s_per_s']:>10.1f} {num('first_chunk_ms'):>9} "
             f"{num('chunk_ms_p50'):>9} {num('chunk_ms_max'):>9} {r['max_abs_vs_whole']:>9.1e}"
         )
     return "\n".join(lines)
@@ -350,7 +354,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=25, help="left context frames for redecode")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per stream")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one untimed pass")
-    p.add_argument("--compile", action="store_true", help="also stream-graph with the step torch.compiled")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also stream-graph with SnakeBeta fused (stream-graph-snake) and with the step torch.compiled",
+    )
     p.add_argument(
         "--no-cudnn-benchmark",
         dest="cudnn_benchmark",

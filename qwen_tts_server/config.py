@@ -89,7 +89,11 @@ class Settings(BaseSettings):
         description="Fast engine: requests decoded together (KV cache rows); unset: half of what the VRAM budget "
         "has left after the loaded models (at most 128; 8 on CPU).",
     )
-    compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
+    compile: bool = Field(
+        True,
+        description="Fast engine on CUDA: fuse each layer's elementwise work, and the streaming codec decoder's "
+        "SnakeBeta activations (torch.compile).",
+    )
     compile_codec: bool = Field(
         False,
         description="Fast engine on CUDA, with compile on: also compile the streaming codec decoder (its elementwise "

@@ -178,8 +178,11 @@ class FastEngine:
         self.failure: EngineFailed | None = None  # what a device fault that stopped this engine for good says
         self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
-        if compile_codec and self.streaming_decoder is not None:
-            self.streaming_decoder.enable_compile()  # compiles at warm-up, before its graphs are captured
+        if self.streaming_decoder is not None:  # either compiles at warm-up, before the decoder's graphs are captured
+            if compile_codec:
+                self.streaming_decoder.enable_compile()
+            elif compile and cuda:  # SnakeBeta fused alone: a small compile, not the whole step's
+                self.streaming_decoder.enable_snake_fusion()
         chunks: ChunkDecoder = (
             StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunker.sizes))
             if self.streaming_decoder is not None

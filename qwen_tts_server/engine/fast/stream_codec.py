@@ -52,6 +52,30 @@ from torch import Tensor, nn
 from .capture import GraphPool
 from .compiling import allow_recompiles, mark_dynamic
 
+# x, exp(alpha) and 1 / (exp(beta) + eps) (both [1, C, 1]) to SnakeBeta's output: `snake`, or it compiled.
+SnakeFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def snake(x: Tensor, alpha_exp: Tensor, inv_beta: Tensor) -> Tensor:
+    """Upstream's `SnakeBeta.forward`, x + 1 / beta * sin(x * alpha)^2, with its terms of the parameters
+    (`_snake_terms`) computed once instead of on every call. The same ops in the same order on the same
+    tensors: bitwise equal to the module's output."""
+    return x + inv_beta * torch.pow(torch.sin(x * alpha_exp), 2)
+
+
+@torch.no_grad()
+def _snake_terms(decoder: nn.Module) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+    """Each SnakeBeta's exp(alpha) and 1 / (exp(beta) + eps), [1, C, 1] in its parameters' dtype and device,
+    computed as its forward computes them: four tiny kernels per module and call that `snake` skips (the
+    decoder's weights do not change once it serves)."""
+    terms: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+    for module in decoder.modules():
+        if isinstance(module, SnakeBeta):
+            alpha = torch.exp(module.alpha.unsqueeze(0).unsqueeze(-1))
+            beta = torch.exp(module.beta.unsqueeze(0).unsqueeze(-1))
+            terms[module] = (alpha, 1.0 / (beta + module.no_div_by_zero))
+    return terms
+
 
 @dataclass
 class DecoderState:
@@ -155,6 +179,8 @@ class StreamingDecoder:
         self.num_quantizers = int(decoder.config.num_quantizers)
         self.past = int(decoder.pre_transformer.config.sliding_window) - 1
         self.slots, self.state_size = _layout(decoder)
+        self._snake_terms = _snake_terms(decoder)
+        self._fused_snake: SnakeFn | None = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = GraphPool(self.device, "StreamingDecoder")
         self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
@@ -165,7 +191,7 @@ class StreamingDecoder:
         self._state_out: Tensor | None = None
 
     def enable_compile(self) -> None:
-        """Run `step` through torch.compile: its elementwise work (SnakeBeta's six passes over every
+        """Run `step` through torch.compile: its elementwise work (SnakeBeta's five passes over every
         activation, the carried state's concatenations, residual adds) fuses into a few kernels. The
         batch and chunk-length dimensions are dynamic from the first call, so one compile serves every
         batch of several streams and one every single stream (torch specializes a dimension of 1, so a
@@ -182,12 +208,29 @@ class StreamingDecoder:
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    def enable_snake_fusion(self) -> None:
+        """Run each SnakeBeta (29 a step, on the decoder's largest activations) as one kernel from torch.compile
+        instead of `snake`'s five elementwise passes, each of which reads and writes the whole activation. Only this
+        small function compiles (dynamic shapes: one kernel for every module's channels and every chunk length,
+        another for batches of one row, which torch specializes), not the whole step as with `enable_compile`,
+        which fuses SnakeBeta itself and makes this moot. Like the compiled step, only captured graphs run it (see
+        `enable_compile`). It rounds once where the five passes round five times: close to upstream, not bitwise."""
+        allow_recompiles()  # one code object for every engine's decoder, and a compile per dtype
+        self._fused_snake = torch.compile(snake, dynamic=True)
+
+    def disable_snake_fusion(self) -> None:
+        self._fused_snake = None
+
+    @property
+    def snake_fused(self) -> bool:
+        return self._fused_snake is not None
+
     def forward(
         self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """`step`, compiled when enabled: what `capture` records."""
+        """`step`, compiled or with SnakeBeta fused when enabled: what `capture` records."""
         if self._compiled is None:
-            return self.step(flat, position, codes, out)
+            return self.step(flat, position, codes, out, self._fused_snake or snake)
         for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2)), (out, (0,))):
             if tensor is not None:  # strict: a dimension specialized after all fails the capture (it falls back)
                 mark_dynamic(tensor, *dims, strict=True)
@@ -300,7 +343,7 @@ class StreamingDecoder:
             return graph.run(states, batch)
         flat = torch.stack([s.flat for s in states])
         position = torch.stack([s.position for s in states])
-        # Uncompiled: a shape no graph has (an ICL reference's frames) must never compile on a request.
+        # Uncompiled, SnakeBeta too: a shape no graph has (an ICL reference's frames) must never compile on a request.
         wav, new_flat, new_position = self.step(flat, position, batch.to(self.device, non_blocking=True))
         self._adopt(states, new_flat, new_position, frames)
         return wav[:, 0]
@@ -320,12 +363,12 @@ class StreamingDecoder:
     # ------------------------------------------------------------------ the stateful forward
 
     def step(
-        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None
+        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None, snake_fn: SnakeFn = snake
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Decoder forward over one chunk: states [B, S] and positions [B] in, codes [B, 16, T];
         returns audio [B, 1, T x 1920] (clamped as upstream), the new states (written into `out` when
         given, every element of it) and positions. Pure function of tensors (no host values), so it
-        can be captured in a CUDA graph."""
+        can be captured in a CUDA graph. `snake_fn` computes every SnakeBeta (`snake`, or it fused)."""
         dec = self.decoder
         io = _StateIO(self.slots, flat, torch.empty_like(flat) if out is None else out)
         hidden = dec.quantizer.decode(codes)
@@ -333,13 +376,14 @@ class StreamingDecoder:
         hidden = self._transformer(hidden, position, io).permute(0, 2, 1)
         for blocks in dec.upsample:
             for block in blocks:
-                hidden = self._run(block, hidden, io)
+                hidden = self._run(block, hidden, io, snake_fn)
         for block in dec.decoder:
-            hidden = self._run(block, hidden, io)
+            hidden = self._run(block, hidden, io, snake_fn)
         return hidden.clamp(min=-1, max=1), io.new, position + codes.shape[-1]
 
-    def _run(self, module: nn.Module, x: Tensor, io: _StateIO) -> Tensor:
-        """Upstream's module forward, with the causal ones swapped for their stateful versions."""
+    def _run(self, module: nn.Module, x: Tensor, io: _StateIO, snake_fn: SnakeFn) -> Tensor:
+        """Upstream's module forward, with the causal ones swapped for their stateful versions and SnakeBeta
+        for `snake_fn` over its precomputed terms."""
         if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
             return self._conv(module, x, io)
         if isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
@@ -347,13 +391,13 @@ class StreamingDecoder:
         if isinstance(module, Qwen3TTSTokenizerV2ConvNeXtBlock):
             return self._convnext(module, x, io)
         if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit):
-            return self._residual_unit(module, x, io)
+            return self._residual_unit(module, x, io, snake_fn)
         if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderBlock):
             for sub in module.block:
-                x = self._run(sub, x, io)
+                x = self._run(sub, x, io, snake_fn)
             return x
         if isinstance(module, SnakeBeta):
-            return module(x)
+            return snake_fn(x, *self._snake_terms[module])
         raise TypeError(f"no streaming forward for {type(module).__name__}")
 
     @staticmethod
@@ -386,9 +430,11 @@ class StreamingDecoder:
         h = block.pwconv2(block.act(block.pwconv1(block.norm(h))))
         return x + (block.gamma * h).permute(0, 2, 1)
 
-    def _residual_unit(self, unit: Qwen3TTSTokenizerV2DecoderDecoderResidualUnit, x: Tensor, io: _StateIO) -> Tensor:
-        h = self._conv(unit.conv1, unit.act1(x), io)
-        return x + self._conv(unit.conv2, unit.act2(h), io)
+    def _residual_unit(
+        self, unit: Qwen3TTSTokenizerV2DecoderDecoderResidualUnit, x: Tensor, io: _StateIO, snake_fn: SnakeFn
+    ) -> Tensor:
+        h = self._conv(unit.conv1, snake_fn(x, *self._snake_terms[unit.act1]), io)
+        return x + self._conv(unit.conv2, snake_fn(h, *self._snake_terms[unit.act2]), io)
 
     # ------------------------------------------------------------------ transformer
 

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import SnakeBeta
 from torch import Tensor, nn
 
-from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
+from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder, snake
 
 from .test_engine_release import has_cpp_compiler
 
@@ -39,6 +40,20 @@ def sharp_decoder(decoder: nn.Module) -> nn.Module:
             layer.mlp_layer_scale.scale.fill_(1.0)
             layer.self_attn.q_proj.weight.mul_(30.0)
     return sharp
+
+
+@pytest.fixture(scope="module")
+def snaky_decoder(decoder: nn.Module) -> nn.Module:
+    """The tiny decoder with random SnakeBeta parameters: the tiny checkpoint's are all zero (alpha = beta = 1
+    after exp, the same for every module), under which a SnakeBeta given another module's terms goes unseen."""
+    snaky = copy.deepcopy(decoder)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in snaky.modules():
+            if isinstance(module, SnakeBeta):
+                module.alpha.copy_(torch.randn(module.alpha.shape, generator=gen) * 0.5)
+                module.beta.copy_(torch.randn(module.beta.shape, generator=gen) * 0.5)
+    return snaky
 
 
 def random_codes(frames: int, seed: int) -> Tensor:
@@ -73,6 +88,32 @@ def test_any_split_equals_the_whole_decode(decoder: nn.Module, sharp_decoder: nn
     for module in (decoder, sharp_decoder):
         ours = stream(StreamingDecoder(module), codes, split)
         np.testing.assert_allclose(ours, whole_decode(module, codes), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_precomputed_snake_is_upstreams_snakebeta_bit_for_bit(snaky_decoder: nn.Module, dtype: torch.dtype) -> None:
+    """`snake` over the terms computed once does what each SnakeBeta's forward does on every call, bit for
+    bit, in fp32 and in bf16 (where any other rounding of the terms, or another order of the ops, shows)."""
+    module = copy.deepcopy(snaky_decoder).to(dtype)
+    streaming = StreamingDecoder(module)
+    snakes = [m for m in module.modules() if isinstance(m, SnakeBeta)]
+    assert len(snakes) == len(streaming._snake_terms) > 0
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for m in snakes:
+            x = (torch.randn(2, m.in_features, 37, generator=gen) * 3).to(dtype)
+            alpha_exp, inv_beta = streaming._snake_terms[m]
+            assert alpha_exp.shape == inv_beta.shape == (1, m.in_features, 1) and inv_beta.dtype == dtype
+            assert torch.equal(snake(x, alpha_exp, inv_beta), m(x))
+
+
+def test_every_snakebeta_gets_its_own_terms(snaky_decoder: nn.Module) -> None:
+    """With SnakeBeta parameters that differ from module to module, streamed audio still equals the whole decode.
+    In float64: the random activations amplify float32 rounding to ~2e-3."""
+    module = copy.deepcopy(snaky_decoder).double()
+    codes = random_codes(30, seed=3)
+    ours = stream(StreamingDecoder(module), codes, [2, 12, 12, 4])
+    np.testing.assert_allclose(ours, whole_decode(module, codes), atol=ATOL, rtol=0)
 
 
 def test_long_stream_beyond_the_attention_window(sharp_decoder: nn.Module) -> None:
@@ -254,4 +295,39 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
             # Fused kernels sum in another order: float32 rounding, relative to the state's values (up to ~10).
             for want, have in zip(expected, got, strict=True):
                 torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
+    assert counters["frames"]["total"] - before == 1
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_captured(decoder, snaky_decoder):
+    """In float32, the fused SnakeBeta against `snake` for every module of the random-SnakeBeta decoder (one
+    kernel rounds where five did: a few ulp), and `forward` with it (what capture records on CUDA) against `step`
+    on the tiny checkpoint's decoder (where random SnakeBeta parameters would amplify those ulp to ~1e-3 of the
+    audio). One compile serves every module and chunk; `decode` without a graph (an eager group) runs `snake` and
+    never compiles. ~20 s on a 2-core CPU."""
+    from torch._dynamo.utils import counters
+
+    snaky = StreamingDecoder(snaky_decoder)
+    snaky.enable_snake_fusion()
+    streaming = StreamingDecoder(decoder)
+    streaming.enable_snake_fusion()
+    assert streaming.snake_fused and not streaming.compiled
+    fused = snaky._fused_snake
+    assert fused is not None
+    before = counters["frames"]["total"]
+    gen = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        for module, (alpha_exp, inv_beta) in snaky._snake_terms.items():
+            x = torch.randn(2, module.in_features, 100, generator=gen) * 3
+            torch.testing.assert_close(fused(x, alpha_exp, inv_beta), snake(x, alpha_exp, inv_beta))
+        rows, frames = 2, 2
+        flat = torch.randn(rows, streaming.state_size, generator=gen) * 0.1
+        position = torch.arange(rows) * 5
+        codes = torch.randint(0, 2048, (rows, 16, frames), generator=gen)
+        expected = streaming.step(flat, position, codes)
+        got = streaming.forward(flat, position, codes)
+        for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
+            torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
+    assert counters["frames"]["total"] - before == 1
+    streaming.decode([streaming.new_state()], [random_codes(2, seed=8)])
     assert counters["frames"]["total"] - before == 1

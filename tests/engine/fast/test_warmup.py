@@ -110,6 +110,31 @@ def test_a_compiled_streaming_decoder_that_cannot_be_captured_is_captured_again_
     assert released == [True] and not decoder.compiled
 
 
+def test_a_streaming_decoder_with_snakebeta_fused_that_cannot_be_captured_is_captured_again_unfused(
+    load_tts, monkeypatch
+):
+    """As for the compiled decoder: the capture with SnakeBeta fused fails; the graphs are let go, the fusion is
+    turned off, and the capture runs again."""
+    engine = FastEngine(load_tts(CUSTOM), max_slots=2, max_len=256, cuda_graphs=False)
+    decoder = engine.streaming_decoder
+    assert decoder is not None and not decoder.snake_fused  # on the CPU, compile or not
+    decoder.enable_snake_fusion()
+    engine.codec.use_graphs = True
+    captures: list[bool] = []
+    released: list[bool] = []
+
+    def capture_all(rows: list[int], frames: list[int]) -> None:
+        captures.append(decoder.snake_fused)
+        if decoder.snake_fused:
+            raise RuntimeError("capture of the decoder with SnakeBeta fused failed")
+
+    monkeypatch.setattr(decoder, "capture_all", capture_all)
+    monkeypatch.setattr(decoder, "release_graphs", lambda: released.append(decoder.snake_fused))
+    warmup._capture_stream_decoder(engine, decoder)
+    assert captures == [True, False]
+    assert released == [True] and not decoder.snake_fused and not decoder.compiled
+
+
 @pytest.mark.parametrize(("kind", "expected"), [("stateful", ["streaming"]), ("context", ["whole"])])
 def test_the_whole_decode_graphs_are_captured_only_for_the_context_decoder(load_tts, monkeypatch, kind, expected):
     """With the stateful decoder whole utterances decode through the streaming decoder's graphs, so the warm-up
