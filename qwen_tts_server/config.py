@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+_TRUE = {"1", "true", "yes", "on"}  # how pydantic reads a bool, for options that once were one
+_FALSE = {"0", "false", "no"}
+
 
 def _split_csv(value: object) -> object:
     """Lists come from env vars as comma-separated text (`QTTS_API_KEYS=a,b`)."""
@@ -89,16 +92,13 @@ class Settings(BaseSettings):
         description="Fast engine: requests decoded together (KV cache rows); unset: half of what the VRAM budget "
         "has left after the loaded models (at most 128; 8 on CPU).",
     )
-    compile: bool = Field(
-        True,
-        description="Fast engine on CUDA: fuse each layer's elementwise work, and the streaming codec decoder's "
-        "SnakeBeta activations (torch.compile).",
-    )
-    compile_codec: bool = Field(
-        False,
-        description="Fast engine on CUDA, with compile on: also compile the streaming codec decoder (its elementwise "
-        "work fused). H200, 64 streaming clients: 294 to 305 audio-s/s, first byte p95 173 to 146 ms; load 198 "
-        "to 316 s (docs/benchmarks.md, 2026-12-05).",
+    compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
+    compile_codec: Literal["off", "snake", "step"] = Field(
+        "snake",
+        description="Fast engine on CUDA, with compile on: what of the streaming codec decoder to compile. snake: its "
+        "SnakeBeta activations, one fused kernel each instead of five passes (a small compile); step: the whole "
+        "decoder step (more fused; H200, 64 streaming clients, 2026-12-05: 294 to 305 audio-s/s, load 198 to 316 s); "
+        "off: nothing. true/false, as before, mean step/off.",
     )
     gc_freeze: bool = Field(
         True,
@@ -257,6 +257,16 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("compile_codec", mode="before")
+    @classmethod
+    def _codec_bool(cls, value: object) -> object:
+        """Once a switch for the whole step: its true and false keep their meaning."""
+        if isinstance(value, bool):
+            return "step" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return "step" if value.strip().lower() in _TRUE else "off"
+        return value
 
     @field_validator("devices")
     @classmethod

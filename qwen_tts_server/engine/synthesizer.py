@@ -189,7 +189,7 @@ class Synthesizer:
                 admit_wait_s=s.admit_wait_ms / 1000,
                 codec_wait_s=s.codec_wait_ms / 1000,
                 compile=s.compile,
-                compile_codec=s.compile and s.compile_codec,
+                compile_codec=s.compile_codec,
                 stream_first_frames=s.stream_first_chunk_frames,
                 stream_chunk_frames=s.stream_chunk_frames,
                 stream_decoder=s.stream_decoder,

@@ -55,7 +55,7 @@ from .rows import RowState
 from .sampler import Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import AudioStream, Sequence, SequenceStatus
-from .stream_codec import StreamingDecoder
+from .stream_codec import CodecCompile, StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
 from .warmup import warm_up
@@ -116,7 +116,7 @@ class FastEngine:
         admit_wait_s: float = 0.0,
         cuda_graphs: bool | None = None,
         compile: bool = False,
-        compile_codec: bool = False,
+        compile_codec: CodecCompile = "snake",
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
         stream_chunk_frames: int = 12,
@@ -178,11 +178,8 @@ class FastEngine:
         self.failure: EngineFailed | None = None  # what a device fault that stopped this engine for good says
         self.on_failure: Callable[[BaseException], None] | None = None  # told once, from the step thread
         self.streaming_decoder = StreamingDecoder(self.codec.decoder) if stream_decoder == "stateful" else None
-        if self.streaming_decoder is not None:  # either compiles at warm-up, before the decoder's graphs are captured
-            if compile_codec:
-                self.streaming_decoder.enable_compile()
-            elif compile and cuda:  # SnakeBeta fused alone: a small compile, not the whole step's
-                self.streaming_decoder.enable_snake_fusion()
+        if self.streaming_decoder is not None and compile and cuda:
+            self.streaming_decoder.enable(compile_codec)  # compiles at warm-up, before its graphs are captured
         chunks: ChunkDecoder = (
             StatefulChunkDecoder(self.streaming_decoder, tuple(self.chunker.sizes))
             if self.streaming_decoder is not None

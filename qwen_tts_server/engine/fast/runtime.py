@@ -21,6 +21,7 @@ from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisRe
 from .engine import FastEngine
 from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
+from .stream_codec import CodecCompile
 from .trace import StepTrace
 
 _UPSTREAM = SequenceSampling()  # upstream's hard defaults
@@ -54,7 +55,7 @@ class FastRuntime:
         admit_wait_s: float = 0.0,
         codec_wait_s: float = 0.0,
         compile: bool = False,
-        compile_codec: bool = False,
+        compile_codec: CodecCompile = "snake",
         stream_first_frames: int = 2,
         stream_chunk_frames: int = 12,
         stream_decoder: str = "stateful",
@@ -75,7 +76,7 @@ class FastRuntime:
             stream_decoder=stream_decoder,
             trace=trace,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
-            compile_codec=compile_codec and on_cuda,
+            compile_codec=compile_codec,  # with compile, on CUDA
         )
         # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
         self.engine.warm_up()

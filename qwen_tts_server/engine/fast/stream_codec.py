@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from .compiling import allow_recompiles, mark_dynamic
 
 # x, exp(alpha) and 1 / (exp(beta) + eps) (both [1, C, 1]) to SnakeBeta's output: `snake`, or it compiled.
 SnakeFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+# What of the decoder torch.compile fuses (`StreamingDecoder.enable`): nothing, SnakeBeta alone, the whole step.
+CodecCompile = Literal["off", "snake", "step"]
 
 
 def snake(x: Tensor, alpha_exp: Tensor, inv_beta: Tensor) -> Tensor:
@@ -189,6 +192,13 @@ class StreamingDecoder:
         # in bf16: two buffers per graph, 44 graphs at up to 128 rows, would hold 5-9 GB.
         self._state_in: Tensor | None = None
         self._state_out: Tensor | None = None
+
+    def enable(self, what: CodecCompile) -> None:
+        """Compile `what` ("off": nothing) when the graphs are captured."""
+        if what == "step":
+            self.enable_compile()
+        elif what == "snake":
+            self.enable_snake_fusion()
 
     def enable_compile(self) -> None:
         """Run `step` through torch.compile: its elementwise work (SnakeBeta's five passes over every

@@ -331,3 +331,13 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
     assert counters["frames"]["total"] - before == 1
     streaming.decode([streaming.new_state()], [random_codes(2, seed=8)])
     assert counters["frames"]["total"] - before == 1
+
+
+@pytest.mark.parametrize(
+    ("what", "snake_fused", "compiled"), [("off", False, False), ("snake", True, False), ("step", False, True)]
+)
+def test_enable_compiles_what_the_option_names(decoder, what, snake_fused, compiled):
+    """The server's `compile_codec` reaches the decoder through `enable`: each value turns on its own part."""
+    streaming = StreamingDecoder(decoder)
+    streaming.enable(what)
+    assert (streaming.snake_fused, streaming.compiled) == (snake_fused, compiled)

@@ -1,0 +1,34 @@
+"""Settings read from the environment: the options whose values need more than pydantic's own parsing."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from qwen_tts_server.config import Settings
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (None, "snake"),
+        ("snake", "snake"),
+        ("step", "step"),
+        ("off", "off"),
+        ("true", "step"),  # once a switch for the whole step: its old values keep their meaning
+        ("1", "step"),
+        ("false", "off"),
+        ("0", "off"),
+    ],
+)
+def test_compile_codec_reads_its_names_and_its_old_switch_values(monkeypatch, env, expected):
+    monkeypatch.delenv("QTTS_COMPILE_CODEC", raising=False)
+    if env is not None:
+        monkeypatch.setenv("QTTS_COMPILE_CODEC", env)
+    assert Settings().compile_codec == expected
+
+
+def test_an_unknown_compile_codec_says_what_it_may_be(monkeypatch):
+    monkeypatch.setenv("QTTS_COMPILE_CODEC", "fast")
+    with pytest.raises(ValidationError, match="'off', 'snake' or 'step'"):
+        Settings()
