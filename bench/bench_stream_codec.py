@@ -10,8 +10,8 @@ streams in lockstep (every call decodes the same chunk of every stream):
   graph per (batch, input length), as `CodecDecoder` does per bucket).
 * `stream` (b): `StreamingDecoder`, which carries the decoder's causal state and decodes only the
   new frames. Exact. `eager`, and on CUDA `graph` (one graph per (batch, chunk length)); with
-  `--compile` also `graph-snake` (SnakeBeta fused, `enable_snake_fusion`, as the server's `compile`)
-  and `graph-compiled` (the whole step compiled, `enable_compile`, as `compile_codec`).
+  `--compile` also `graph-snake` (SnakeBeta fused, `enable_snake_fusion`, as the server's default
+  `compile_codec=snake`) and `graph-compiled` (the whole step compiled, `enable_compile`, as `compile_codec=step`).
 * `whole`: the whole utterance in one decode, the reference point for speed and for audio.
 
 Per method, batch and chunk size: audio seconds decoded per second of wall time (each call ends

@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_TRUE = {"1", "true", "yes", "on"}  # how pydantic reads a bool, for options that once were one
-_FALSE = {"0", "false", "no"}
+_TRUE = {"1", "true", "t", "yes", "y", "on"}  # how pydantic reads a bool, for options that once were one
+_FALSE = {"0", "false", "f", "no", "n"}
 
 
 def _split_csv(value: object) -> object:
@@ -261,11 +261,13 @@ class Settings(BaseSettings):
     @field_validator("compile_codec", mode="before")
     @classmethod
     def _codec_bool(cls, value: object) -> object:
-        """Once a switch for the whole step: its true and false keep their meaning."""
-        if isinstance(value, bool):
+        """Once a switch for the whole step: its true and false keep their meaning. Any case."""
+        if isinstance(value, bool | int) and value in (0, 1):
             return "step" if value else "off"
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return "step" if value.strip().lower() in _TRUE else "off"
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value in _TRUE | _FALSE:
+                return "step" if value in _TRUE else "off"
         return value
 
     @field_validator("devices")

@@ -19,6 +19,9 @@ from qwen_tts_server.config import Settings
         ("1", "step"),
         ("false", "off"),
         ("0", "off"),
+        ("Y", "step"),
+        (" Snake ", "snake"),
+        ("STEP", "step"),
     ],
 )
 def test_compile_codec_reads_its_names_and_its_old_switch_values(monkeypatch, env, expected):
@@ -32,3 +35,8 @@ def test_an_unknown_compile_codec_says_what_it_may_be(monkeypatch):
     monkeypatch.setenv("QTTS_COMPILE_CODEC", "fast")
     with pytest.raises(ValidationError, match="'off', 'snake' or 'step'"):
         Settings()
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, "step"), (False, "off"), (1, "step"), (0, "off")])
+def test_compile_codec_given_as_a_python_bool(value, expected):
+    assert Settings(compile_codec=value).compile_codec == expected

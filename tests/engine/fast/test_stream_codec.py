@@ -325,7 +325,17 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
         position = torch.arange(rows) * 5
         codes = torch.randint(0, 2048, (rows, 16, frames), generator=gen)
         expected = streaming.step(flat, position, codes)
+        fused_calls = []
+        compiled_snake = streaming._fused_snake
+
+        def counted(*args):
+            fused_calls.append(1)
+            return compiled_snake(*args)
+
+        streaming._fused_snake = counted
         got = streaming.forward(flat, position, codes)
+        streaming._fused_snake = compiled_snake
+        assert len(fused_calls) == len(streaming._snake_terms)  # every SnakeBeta of the step ran fused
         for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
             torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
     assert counters["frames"]["total"] - before == 1
