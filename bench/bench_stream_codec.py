@@ -48,6 +48,8 @@ from torch import Tensor, nn
 
 from qwen_tts_server.engine.fast.stream_codec import DecoderState, StreamingDecoder
 
+from .bench_http import git_commit
+
 FRAME_S = 0.08  # audio seconds per codec frame (1920 samples at 24 kHz)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -313,6 +315,7 @@ def write_json(rows: list[dict[str, Any]], args: argparse.Namespace, device: tor
     data = {
         "card": card,
         "date": now.strftime("%Y-%m-%d"),
+        "commit": args.commit or git_commit() or "unknown",
         "started_at": now.isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "bench.bench_stream_codec", *sys.argv[1:]]),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
@@ -335,7 +338,7 @@ def write_json(rows: list[dict[str, Any]], args: argparse.Namespace, device: tor
         ],
         "results": rows,
     }
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data['date']}-{card}-stream-codec").strip("-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{data['date']}-{card}-stream-codec-{data['commit']}").strip("-")
     path = Path(args.out) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -353,6 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first", type=int, default=2, help="frames in the first chunk")
     p.add_argument("--context", type=int, default=25, help="left context frames for redecode")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per stream")
+    p.add_argument("--commit", help="the commit to name (default: git's HEAD, '-dirty' if changed)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one untimed pass")
     p.add_argument(
         "--compile",
