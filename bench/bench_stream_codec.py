@@ -10,8 +10,8 @@ streams in lockstep (every call decodes the same chunk of every stream):
   graph per (batch, input length), as `CodecDecoder` does per bucket).
 * `stream` (b): `StreamingDecoder`, which carries the decoder's causal state and decodes only the
   new frames. Exact. `eager`, and on CUDA `graph` (one graph per (batch, chunk length)); with
-  `--compile` also `graph-snake` (SnakeBeta fused, `enable_snake_fusion`, as the server's default
-  `compile_codec=snake`) and `graph-compiled` (the whole step compiled, `enable_compile`, as `compile_codec=step`).
+  `--compile` also `graph-snake` (SnakeBeta fused, as the server's default `compile_codec=snake`)
+  and `graph-compiled` (the whole step compiled, as `compile_codec=step`).
 * `whole`: the whole utterance in one decode, the reference point for speed and for audio.
 
 Per method, batch and chunk size: audio seconds decoded per second of wall time (each call ends
@@ -267,10 +267,7 @@ def bench_config(
         compiled = ("stream-graph-snake", "stream-graph-compiled") if args.compile else ()
         for name in ("stream-graph", *compiled):
             graph_streaming = StreamingDecoder(decoder)
-            if name == "stream-graph-snake":
-                graph_streaming.enable_snake_fusion()
-            elif name == "stream-graph-compiled":
-                graph_streaming.enable_compile()
+            graph_streaming.enable({"stream-graph-snake": "snake", "stream-graph-compiled": "step"}.get(name, "off"))
             t0 = time.perf_counter()
             for n in sorted(set(schedule)):
                 graph_streaming.capture(batch, n)

@@ -183,6 +183,7 @@ class StreamingDecoder:
         self.past = int(decoder.pre_transformer.config.sliding_window) - 1
         self.slots, self.state_size = _layout(decoder)
         self._snake_terms = _snake_terms(decoder)
+        self.compiles: CodecCompile = "off"  # see `enable`
         self._fused_snake: SnakeFn | None = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = GraphPool(self.device, "StreamingDecoder")
@@ -194,46 +195,27 @@ class StreamingDecoder:
         self._state_out: Tensor | None = None
 
     def enable(self, what: CodecCompile) -> None:
-        """Compile `what` ("off": nothing) when the graphs are captured."""
-        if what == "step":
-            self.enable_compile()
-        elif what == "snake":
-            self.enable_snake_fusion()
+        """What torch.compile fuses in the graphs captured from now on (`compiles`), in place of what was:
 
-    def enable_compile(self) -> None:
-        """Run `step` through torch.compile: its elementwise work (SnakeBeta's five passes over every
-        activation, the carried state's concatenations, residual adds) fuses into a few kernels. The
-        batch and chunk-length dimensions are dynamic from the first call, so one compile serves every
-        batch of several streams and one every single stream (torch specializes a dimension of 1, so a
-        first chunk of one frame, `QTTS_STREAM_FIRST_CHUNK_FRAMES=1`, adds its own).
-        Only captured graphs run it: it compiles while they are captured, and groups without a graph
-        run `step` uncompiled, so that no request ever waits for a compile."""
-        allow_recompiles()  # each engine's decoder is another `self`: the shared code compiles again per engine
-        self._compiled = torch.compile(self.step)
+        * "step": the whole `step`. Its elementwise work (SnakeBeta's five passes over every activation, the
+          carried state's concatenations, residual adds) fuses into a few kernels. The batch and chunk-length
+          dimensions are dynamic from the first call, so one compile serves every batch of several streams and
+          one every single stream (torch specializes a dimension of 1, so a first chunk of one frame,
+          `QTTS_STREAM_FIRST_CHUNK_FRAMES=1`, adds its own).
+        * "snake": each SnakeBeta alone (29 a step, on the decoder's largest activations), one kernel instead of
+          `snake`'s five elementwise passes, each of which reads and writes the whole activation. A small
+          function (dynamic shapes: one kernel for every module's channels and chunk length, another for batches
+          of one row), not the whole step. It rounds once where the five passes round five times: close to
+          upstream, not bitwise.
+        * "off": nothing.
 
-    def disable_compile(self) -> None:
-        self._compiled = None
-
-    @property
-    def compiled(self) -> bool:
-        return self._compiled is not None
-
-    def enable_snake_fusion(self) -> None:
-        """Run each SnakeBeta (29 a step, on the decoder's largest activations) as one kernel from torch.compile
-        instead of `snake`'s five elementwise passes, each of which reads and writes the whole activation. Only this
-        small function compiles (dynamic shapes: one kernel for every module's channels and every chunk length,
-        another for batches of one row, which torch specializes), not the whole step as with `enable_compile`,
-        which fuses SnakeBeta itself and makes this moot. Like the compiled step, only captured graphs run it (see
-        `enable_compile`). It rounds once where the five passes round five times: close to upstream, not bitwise."""
-        allow_recompiles()  # one code object for every engine's decoder, and a compile per dtype
-        self._fused_snake = torch.compile(snake, dynamic=True)
-
-    def disable_snake_fusion(self) -> None:
-        self._fused_snake = None
-
-    @property
-    def snake_fused(self) -> bool:
-        return self._fused_snake is not None
+        Only captured graphs run compiled code: it compiles while they are captured, and groups without a graph
+        run `step` uncompiled, SnakeBeta too, so that no request ever waits for a compile."""
+        if what != "off":  # each engine's decoder is another `self`: the shared code compiles again per engine
+            allow_recompiles()
+        self._compiled = torch.compile(self.step) if what == "step" else None
+        self._fused_snake = torch.compile(snake, dynamic=True) if what == "snake" else None
+        self.compiles = what
 
     def forward(
         self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None

@@ -91,12 +91,11 @@ def _capture_stream_decoder(engine: FastEngine, decoder: StreamingDecoder) -> No
     for each one used, on the GPU the frames need."""
     if not engine.codec.use_graphs:
         return
-    if _try_capture(engine, decoder) or not _compiles(decoder):
+    if _try_capture(engine, decoder) or decoder.compiles == "off":
         return
     # Outside the except block: its traceback no longer holds the failed capture's graph and pool.
     decoder.release_graphs()
-    decoder.disable_compile()
-    decoder.disable_snake_fusion()
+    decoder.enable("off")
     torch.cuda.empty_cache()
     _try_capture(engine, decoder)
 
@@ -108,16 +107,11 @@ def _try_capture(engine: FastEngine, decoder: StreamingDecoder) -> bool:
     except Exception as exc:
         if is_device_fault(exc) and not device_works(engine.device):
             raise
-        if _compiles(decoder):
+        if decoder.compiles != "off":
             log.exception("the compiled streaming decoder failed; capturing it again without torch.compile")
         else:
             log.exception("streaming decoder graph capture failed; chunks without a graph decode eagerly")
         return False
-
-
-def _compiles(decoder: StreamingDecoder) -> bool:
-    """Whether the decoder's capture runs anything torch.compile made (the whole step, or SnakeBeta)."""
-    return decoder.compiled or decoder.snake_fused
 
 
 def _compile_everything(engine: FastEngine, variants: list[tuple[SamplingPlan, SamplingPlan]]) -> None:

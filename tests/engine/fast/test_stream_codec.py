@@ -281,7 +281,7 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
     from torch._dynamo.utils import counters
 
     streaming = StreamingDecoder(decoder)
-    streaming.enable_compile()
+    streaming.enable("step")
     before = counters["frames"]["total"]
     with torch.inference_mode():
         for rows, frames in ((2, 2), (3, 4), (3, 4)):  # the last as a graph's capture repeats its warm-up
@@ -308,10 +308,9 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
     from torch._dynamo.utils import counters
 
     snaky = StreamingDecoder(snaky_decoder)
-    snaky.enable_snake_fusion()
+    snaky.enable("snake")
     streaming = StreamingDecoder(decoder)
-    streaming.enable_snake_fusion()
-    assert streaming.snake_fused and not streaming.compiled
+    streaming.enable("snake")
     fused = snaky._fused_snake
     assert fused is not None
     before = counters["frames"]["total"]
@@ -343,11 +342,15 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
     assert counters["frames"]["total"] - before == 1
 
 
+@pytest.mark.parametrize("before", ["off", "snake", "step"])
 @pytest.mark.parametrize(
-    ("what", "snake_fused", "compiled"), [("off", False, False), ("snake", True, False), ("step", False, True)]
+    ("what", "snake_fused", "step_compiled"), [("off", False, False), ("snake", True, False), ("step", False, True)]
 )
-def test_enable_compiles_what_the_option_names(decoder, what, snake_fused, compiled):
-    """The server's `compile_codec` reaches the decoder through `enable`: each value turns on its own part."""
+def test_enable_compiles_what_the_option_names(decoder, before, what, snake_fused, step_compiled):
+    """The server's `compile_codec` reaches the decoder through `enable`: each value turns on its own part, and
+    only it, whatever was on before."""
     streaming = StreamingDecoder(decoder)
+    streaming.enable(before)
     streaming.enable(what)
-    assert (streaming.snake_fused, streaming.compiled) == (snake_fused, compiled)
+    assert streaming.compiles == what
+    assert (streaming._fused_snake is not None, streaming._compiled is not None) == (snake_fused, step_compiled)

@@ -86,53 +86,29 @@ def test_a_compile_warm_up_that_fails_turns_compile_off(load_tts, monkeypatch):
     assert_serves(engine, tts)
 
 
-def test_a_compiled_streaming_decoder_that_cannot_be_captured_is_captured_again_uncompiled(load_tts, monkeypatch):
-    """The first capture runs compiled and fails; the decoder's graphs are let go, compile is turned off, and the
-    capture runs again, for every (rows, chunk size) the streams produce."""
+@pytest.mark.parametrize("what", ["step", "snake"])
+def test_a_compiled_streaming_decoder_that_cannot_be_captured_is_captured_again_uncompiled(load_tts, monkeypatch, what):
+    """The first capture runs compiled (the whole step, or SnakeBeta alone) and fails; the decoder's graphs are let
+    go, compile is turned off, and the capture runs again, for every (rows, chunk size) the streams produce."""
     engine = FastEngine(load_tts(CUSTOM), max_slots=2, max_len=256, cuda_graphs=False)
     decoder = engine.streaming_decoder
-    assert decoder is not None
-    decoder.enable_compile()
+    assert decoder is not None and decoder.compiles == "off"  # on the CPU, compile or not
+    decoder.enable(what)
     engine.codec.use_graphs = True  # as on CUDA, where the streaming decoder is graphed
-    captures: list[tuple[bool, list[int], list[int]]] = []
-    released: list[bool] = []
+    captures: list[tuple[str, list[int], list[int]]] = []
+    released: list[str] = []
 
     def capture_all(rows: list[int], frames: list[int]) -> None:
-        captures.append((decoder.compiled, rows, frames))
-        if decoder.compiled:
+        captures.append((decoder.compiles, rows, frames))
+        if decoder.compiles != "off":
             raise RuntimeError("capture of the compiled decoder failed")
 
     monkeypatch.setattr(decoder, "capture_all", capture_all)
-    monkeypatch.setattr(decoder, "release_graphs", lambda: released.append(decoder.compiled))
+    monkeypatch.setattr(decoder, "release_graphs", lambda: released.append(decoder.compiles))
     warmup._capture_stream_decoder(engine, decoder)
     expected = (engine.stream_buckets, engine.chunker.sizes)
-    assert captures == [(True, *expected), (False, *expected)]
-    assert released == [True] and not decoder.compiled
-
-
-def test_a_streaming_decoder_with_snakebeta_fused_that_cannot_be_captured_is_captured_again_unfused(
-    load_tts, monkeypatch
-):
-    """As for the compiled decoder: the capture with SnakeBeta fused fails; the graphs are let go, the fusion is
-    turned off, and the capture runs again."""
-    engine = FastEngine(load_tts(CUSTOM), max_slots=2, max_len=256, cuda_graphs=False)
-    decoder = engine.streaming_decoder
-    assert decoder is not None and not decoder.snake_fused  # on the CPU, compile or not
-    decoder.enable_snake_fusion()
-    engine.codec.use_graphs = True
-    captures: list[bool] = []
-    released: list[bool] = []
-
-    def capture_all(rows: list[int], frames: list[int]) -> None:
-        captures.append(decoder.snake_fused)
-        if decoder.snake_fused:
-            raise RuntimeError("capture of the decoder with SnakeBeta fused failed")
-
-    monkeypatch.setattr(decoder, "capture_all", capture_all)
-    monkeypatch.setattr(decoder, "release_graphs", lambda: released.append(decoder.snake_fused))
-    warmup._capture_stream_decoder(engine, decoder)
-    assert captures == [True, False]
-    assert released == [True] and not decoder.snake_fused and not decoder.compiled
+    assert captures == [(what, *expected), ("off", *expected)]
+    assert released == [what] and decoder.compiles == "off"
 
 
 @pytest.mark.parametrize(("kind", "expected"), [("stateful", ["streaming"]), ("context", ["whole"])])
