@@ -767,6 +767,7 @@ class Report:
             "card": card,
             "date": started.strftime("%Y-%m-%d"),
             "started_at": started.isoformat(timespec="seconds"),
+            "machine": peers.machine(),
             "commit": args.commit or git_commit() or "unknown",
             "command": shlex.join(["python", "-m", self.MODULE, *(args.argv or [])]),
             "versions": {
@@ -931,7 +932,7 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
             lambda v: v == 0,
         ),
         row(f"streaming aggregate at c{c} >= 600 audio-s/s", agg, lambda v: v >= 600),
-        peers_row(data.get("peers")),
+        peers_row(data.get("peers"), data.get("machine")),
     ]
     if engine_c64 is None:
         rows.append(row(f"streaming aggregate at c{c} >= 0.9 x engine-only (no engine figure given)", agg, None))
@@ -946,17 +947,21 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
     return rows
 
 
-def peers_row(result: dict[str, Any] | None) -> dict[str, Any]:
-    """The peers' target. Rows taken from another call (`--peers-from`) do not meet "in the same run": the row
-    says where they came from instead of "met"."""
+def peers_row(result: dict[str, Any] | None, machine: str | None) -> dict[str, Any]:
+    """The peers' target. Rows from the same call meet it. So do rows from a call of their own on this report's
+    machine (`--peers-from`, the same warm device machine just before: the server's load and the peers do not
+    fit one call), and the row says so; rows from any other machine do not: it says where they came from."""
     source = (result or {}).get("source")
     ran = peers.present(result)
-    if source is not None:
+    both = "met" if ran == ", ".join(peers.ENGINES) else "missed"
+    if source is not None and peers.same_machine(result, machine):
+        status = f"{both}: on this machine, in a call of their own (`{source}`)"
+    elif source is not None:
         status = f"from another call (`{source}`)"
     elif ran is None:
         status = "not measured"
     else:
-        status = "met" if ran == ", ".join(peers.ENGINES) else "missed"
+        status = both
     return {
         "target": "the reference and faster-qwen3-tts in the same run (engine level)",
         "value": ran,
@@ -1000,12 +1005,16 @@ def markdown(data: dict[str, Any]) -> str:
     peer_data = data.get("peers") or {}
     peer_rows = peers.table(peer_data, fmt)
     if peer_rows:
-        where = (
-            f"from another call ({peer_data.get('card') or 'card not recorded'}, "
-            f"{peer_data.get('date') or 'date not recorded'}; `bench/peers.py`, `{peer_data['source']}`"
-            if peer_data.get("source")
-            else "in the same call, after the server stopped (`bench/peers.py`"
-        )
+        if not peer_data.get("source"):
+            where = "in the same call, after the server stopped (`bench/peers.py`"
+        elif peers.same_machine(peer_data, data.get("machine")):
+            where = "on this machine, in a call of their own before the server's "
+            where += f"(`bench/peers.py`, `{peer_data['source']}`"
+        else:
+            where = (
+                f"from another call ({peer_data.get('card') or 'card not recorded'}, "
+                f"{peer_data.get('date') or 'date not recorded'}; `bench/peers.py`, `{peer_data['source']}`"
+            )
         out += [
             f"The peers {where}: `bench.bench_engines` in process, no HTTP, same request length; upstream does not "
             "stream, so its first audio is the whole batch's audio; faster-qwen3-tts serves one request at a time):",
@@ -1031,10 +1040,10 @@ def markdown(data: dict[str, Any]) -> str:
     if requests:
         out += [
             "Where a finished request's time went on the server (the same counters; mean milliseconds a request): "
-            "queue (submit to admission: a free row and the admission wait), first_frame (admission to its first "
-            "frame read), frames (first to last frame), tail (last frame to its last audio handed out). Under a "
-            "closed loop every phase but frames is time a row could serve someone; HTTP and prompt building come "
-            "before the queue.",
+            "prompt (building it on a worker thread, waiting for one included), queue (submit to admission: a free "
+            "row and the admission wait), first_frame (admission to its first frame read), frames (first to last "
+            "frame), tail (last frame to its last audio handed out). Under a closed loop every phase but frames is "
+            "time a row could serve someone; HTTP and the request's checks come before the prompt.",
             "",
             requests,
             "",

@@ -36,7 +36,8 @@ class EngineCollector(Collector):
         )
         phases = SummaryMetricFamily(
             "qtts_engine_request_phase_seconds",
-            "Fast engine: where finished requests' time went, submit to finish: queue (to admission), first_frame "
+            "Fast engine: where finished requests' time went, prompt to finish: prompt (building it, to submit), "
+            "queue (to admission), first_frame "
             "(admission to first frame), frames (first to last frame), tail (last frame to its last audio out)",
             labels=["model", "device", "phase"],
         )

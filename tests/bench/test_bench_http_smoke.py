@@ -143,7 +143,7 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     text = docs.read_text()
     assert DOCS_START in text and DOCS_END in text and report["commit"] in text
     assert "| reference | tiny-CustomVoice |" in text
-    assert "| run | requests | queue | first_frame | frames | tail |" in text
+    assert "| run | requests | prompt | queue | first_frame | frames | tail |" in text
 
 
 def test_a_request_short_of_its_frames_that_did_not_end_at_eos_counts_as_lost_audio() -> None:

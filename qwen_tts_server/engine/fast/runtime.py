@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -152,10 +153,12 @@ class FastRuntime:
             ) from exc
 
     async def _sequence(self, mode: Mode, item: SynthesisItem, sampling: SamplingParams) -> Sequence:
+        arrived = time.perf_counter()
         prompt = await asyncio.to_thread(prompt_for_item, self.tts, mode, item)
         assert sampling.max_new_tokens is not None, "the engine sets a frame limit on every request"
         return Sequence(
             prompt=prompt,
+            arrived_at=arrived,
             sampling=resolve_sampling(sampling, self.tts.generate_defaults or {}),
             max_frames=sampling.max_new_tokens,
         )

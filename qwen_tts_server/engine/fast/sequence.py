@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -118,7 +119,9 @@ class Sequence:
     audio: object = None  # float32 samples once decoded
     error: BaseException | None = None
     ready: Any = None  # CUDA event recorded at submit: the prompt's tensors are ready on the GPU
-    # time.perf_counter() at submit, admission (prefill), first and last frame read (timing.RequestPhases).
+    # time.perf_counter() when its prompt began to be built (the runtime sets it; else when this was made),
+    # at submit, admission (prefill), first and last frame read (timing.RequestPhases).
+    arrived_at: float = field(default_factory=time.perf_counter)
     submitted_at: float | None = None
     admitted_at: float | None = None
     first_frame_at: float | None = None

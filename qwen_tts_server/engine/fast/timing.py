@@ -39,12 +39,13 @@ class PhaseTimer:
 
 
 # Where a request's time goes, submit to finish (seconds summed over requests; see RequestPhases).
-REQUEST_PHASES = ("queue", "first_frame", "frames", "tail")
+REQUEST_PHASES = ("prompt", "queue", "first_frame", "frames", "tail")
 
 
 class RequestPhases:
-    """Where requests' time goes between submit and finish, summed over those that ended with their frames
-    (EOS or their limit; not cancelled, not failed): queue (submit to admission: a free row and the admission
+    """Where requests' time goes between their prompt and finish, summed over those that ended with their
+    frames (EOS or their limit; not cancelled, not failed): prompt (building the prompt on a worker thread, its
+    wait for one included, to submit), queue (submit to admission: a free row and the admission
     wait), first_frame (admission to its first frame read: prefill and the first frame), frames (first frame
     read to last), tail (last frame read to finished: its last audio decoded and handed out). Under a closed
     loop of clients every phase but `frames` is time a row could be serving someone. Written by the step and
@@ -58,7 +59,7 @@ class RequestPhases:
     def record(self, seq: Sequence, now: float) -> None:
         """Add a request that finishes at `now`. One that never reached a mark (e.g. no frame read) has no
         phases to split: it is left out."""
-        marks = [seq.submitted_at, seq.admitted_at, seq.first_frame_at, seq.last_frame_at, now]
+        marks = [seq.arrived_at, seq.submitted_at, seq.admitted_at, seq.first_frame_at, seq.last_frame_at, now]
         times = [mark for mark in marks if mark is not None]
         if len(times) < len(marks):
             return

@@ -384,7 +384,7 @@ def test_a_frame_is_read_after_the_next_one_is_queued(load_tts, pipeline):
 
 
 def test_finished_requests_count_where_their_time_went_and_cancelled_ones_do_not(load_tts):
-    """`request_phases` (for /metrics) sums each finished request's submit-to-finish time in four phases;
+    """`request_phases` (for /metrics) sums each finished request's time from its prompt to its finish in five phases;
     a cancelled request is not counted."""
     tts = load_tts(CUSTOM)
     engine = FastEngine(tts, max_slots=2, max_len=512)
@@ -397,9 +397,33 @@ def test_finished_requests_count_where_their_time_went_and_cancelled_ones_do_not
     run_to_end(engine, [kept, gone])
     count, seconds = engine.request_phases.snapshot()
     assert count == 1 and set(seconds) == set(REQUEST_PHASES)
-    assert kept.submitted_at <= kept.admitted_at <= kept.first_frame_at < kept.last_frame_at
+    assert kept.arrived_at <= kept.submitted_at <= kept.admitted_at <= kept.first_frame_at < kept.last_frame_at
     assert seconds["frames"] == pytest.approx(kept.last_frame_at - kept.first_frame_at)
     assert seconds["queue"] == pytest.approx(kept.admitted_at - kept.submitted_at) and seconds["tail"] >= 0
+    assert seconds["prompt"] == pytest.approx(kept.submitted_at - kept.arrived_at)
+
+
+def test_a_runtime_request_counts_building_its_prompt_as_its_first_phase(load_tts, monkeypatch):
+    """Through the runtime (as the server submits), `prompt` is from before the prompt is built to submit:
+    here the real prompt building is held 50 ms longer, and the phase shows it."""
+    from qwen_tts_server.engine.fast import runtime as runtime_module
+
+    tts = load_tts(CUSTOM)
+    build = runtime_module.prompt_for_item
+
+    def slow_build(*args, **kwargs):
+        time.sleep(0.05)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(runtime_module, "prompt_for_item", slow_build)
+    runtime = FastRuntime(tts, max_slots=2, max_len=512, max_prefill_tokens=512)
+    try:
+        sampling = SamplingParams(seed=5, max_new_tokens=4)
+        asyncio.run(runtime.generate(Mode.CUSTOM_VOICE, [custom_items()[0]], sampling))
+        count, seconds = runtime.engine.request_phases.snapshot()
+    finally:
+        runtime.close()
+    assert count == 1 and seconds["prompt"] >= 0.05
 
 
 def test_a_request_whose_audio_fails_to_decode_is_not_counted_as_finished(load_tts, monkeypatch):
