@@ -11,7 +11,8 @@ On a fresh machine the server's load (compile, graph capture) and the peers do n
 the peers run in a call of their own, on the same warm machine just before the server's:
     python3 -m bench.peers --size 1.7B --frames 100 --concurrency 64 --budget-s 330 --out "$OUT"
 writes `<out>/<date>-<card>-peers.json` (`-peers-2.json` and on when that exists), and `bench_http --peers-from
-THAT.json` puts its rows beside the server's (saying where they came from).
+THAT.json` puts its rows beside the server's, saying where they came from: the rows record their machine (host
+name and boot id), and when it is the server run's own, the peers' target counts as met in that run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +67,7 @@ def run(
         cmd = command(size, frames=frames, concurrency=concurrency, budget_s=budget_s, device=device)
         log(f"peers: {shlex.join(cmd)}")
         result: dict[str, Any] = {"command": shlex.join(["python", *cmd[1:]]), "engines": {}}
-        result.update(size=size, frames=frames)
+        result.update(size=size, frames=frames, machine=machine())
         result["returncode"] = _run([*cmd, "--out", tmp], budget_s, log)
         reports = sorted(Path(tmp).glob("*.json"))
         try:
@@ -101,6 +103,19 @@ def _run(cmd: list[str], timeout_s: float, log: Callable[[str], None]) -> int | 
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return None
+
+
+def machine() -> str:
+    """Which machine this is: its host name and boot id. Calls on one warm device machine share it; a fresh
+    machine, or a restart, has another."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()} {boot.read_text().strip() if boot.exists() else 'no-boot-id'}"
+
+
+def same_machine(peers: dict[str, Any] | None, machine: str | None) -> bool:
+    """Whether the peers' rows were measured on `machine` (a report's own; older files name none)."""
+    theirs = (peers or {}).get("machine")
+    return bool(theirs) and theirs == machine
 
 
 def table(peers: dict[str, Any], fmt: Callable[[Any], str]) -> str:

@@ -102,6 +102,24 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
     assert "| faster-qwen3-tts | m | 3.80 | 300 | 25.0 | 10,000 |" in text
 
 
+def test_peers_from_their_own_call_on_the_reports_machine_meet_the_target(tmp_path) -> None:
+    """The peers and the server's load do not fit one device call, so the peers run just before it on the same
+    warm machine: their rows name the machine, and a report from that machine counts them as its run's."""
+    from bench import bench_http
+
+    row = {"model": "m", "xrt_single": 3.8, "ttff_ms_single": 300.0, "concurrency": 64, "skipped": []}
+    rows = {"source": "p.json", "engines": {"reference": row, "faster-qwen3-tts": row}}
+    here = peers.machine()
+    assert here == peers.machine() and len(here.split()) == 2  # host name and boot id, stable between calls
+    met = "met: on this machine, in a call of their own (`p.json`)"
+    assert bench_http.peers_row({**rows, "machine": here}, here)["status"] == met
+    assert bench_http.peers_row({**rows, "machine": "other " + here}, here)["status"] == "from another call (`p.json`)"
+    assert bench_http.peers_row(rows, here)["status"] == "from another call (`p.json`)"  # older files name none
+    one = {**rows, "machine": here, "engines": {"reference": row}}
+    assert bench_http.peers_row(one, here)["status"].startswith("missed: on this machine")
+    assert bench_http.peers_row({"engines": rows["engines"]}, here)["status"] == "met"  # ran in the report's call
+
+
 def test_a_file_without_peer_rows_or_of_another_request_length_is_refused(tmp_path) -> None:
     bad = tmp_path / "x.json"
     for data in ({"card": "NVIDIA H100", "sections": {}}, {"engines": {}, "frames": 100}):
