@@ -13,7 +13,7 @@ one streaming decoder sharing its weights (no server, no HTTP):
 * both at once, the codec held to `--codec-rate` audio-s/s (what the frames produce at c64) or flat out,
   on the low-priority stream and on each green context.
 
-    python -m bench.codec_overlap --size 1.7B --rows 64 --sms 33,50,66 --seconds 4 --out "$OUT"
+    python -m bench.codec_overlap --size 1.7B --rows 64 --sms 33,50,66 --codec-modes snake,step --out "$OUT"
     python -m bench.codec_overlap --size tiny --device cpu --rows 2 --seconds 0.5   # smoke test (no overlap)
 """
 
@@ -135,7 +135,11 @@ class Codec:
         return self.audio_s / seconds
 
 
-def measure(frames: Frames, codec: Codec, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def measure(
+    frames: Frames, codec: Codec, args: argparse.Namespace, device: torch.device, green: bool
+) -> list[dict[str, Any]]:
+    """The rows for one codec: the frame alone, then per stream the codec alone, held, and flat out beside the
+    frames. `green`: also on a green context of each `--sms`."""
     steps = max(20, int(args.seconds / 0.008))
     rows: list[dict[str, Any]] = []
 
@@ -143,6 +147,7 @@ def measure(frames: Frames, codec: Codec, args: argparse.Namespace, device: torc
         audio = None if frame_ms is None else round(frames.rows * FRAME_S / (frame_ms / 1000), 1)
         rows.append(
             {
+                "codec": codec.decoder.compiles,
                 "codec stream": codec_on,
                 "codec held to": "-" if rate is None else rate,
                 "frame ms": None if frame_ms is None else round(frame_ms, 2),
@@ -154,7 +159,7 @@ def measure(frames: Frames, codec: Codec, args: argparse.Namespace, device: torc
 
     row("(none)", None, frames.ms_per_step(steps), None)
     streams: list[tuple[str, torch.cuda.Stream | None]] = [("low priority", frames.engine.codec_stream)]
-    if device.type == "cuda":
+    if device.type == "cuda" and green:
         streams += [(f"green, {n} SMs", green_stream(device, n)) for n in args.sms]
     for name, stream in streams:
         row(f"{name}, alone", None, None, codec.flat_out(stream, args.seconds))
@@ -175,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--codec-batch", type=int, default=16)
     p.add_argument("--chunk", type=int, default=12)
-    p.add_argument("--codec-mode", default="snake", choices=["off", "snake", "step"])
+    p.add_argument(
+        "--codec-modes",
+        type=lambda s: s.split(","),
+        default=["snake"],
+        help="what of the codec compiles (QTTS_COMPILE_CODEC), one codec each; green contexts for the first only",
+    )
     p.add_argument("--codec-rate", type=float, default=320.0, help="audio-s/s the codec is held to beside frames")
     p.add_argument("--sms", type=lambda s: [int(x) for x in s.split(",") if x], default=[33, 66])
     p.add_argument("--seconds", type=float, default=4.0)
@@ -187,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     tts = build_model(args.size, device=device, dtype=dtype)
     t0 = time.perf_counter()
     frames = Frames(tts, args.rows, args.max_len, args.compile and device.type == "cuda")
-    codec = Codec(frames.engine.codec.decoder, args.codec_batch, args.chunk, device, args.codec_mode)
-    print(f"warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-    rows = measure(frames, codec, args, device)
+    print(f"frames' warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for i, mode in enumerate(args.codec_modes):
+        t0 = time.perf_counter()
+        codec = Codec(frames.engine.codec.decoder, args.codec_batch, args.chunk, device, mode)
+        print(f"codec {mode}: capture {time.perf_counter() - t0:.1f} s", flush=True)
+        rows += measure(frames, codec, args, device, green=i == 0)
+        del codec
     print(markdown_table(list(rows[0]), ([r[k] if r[k] is not None else "-" for k in r] for r in rows)))
     if args.out:
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
