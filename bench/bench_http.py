@@ -949,8 +949,9 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
 
 def peers_row(result: dict[str, Any] | None, machine: str | None) -> dict[str, Any]:
     """The peers' target. Rows from the same call meet it. So do rows from a call of their own on this report's
-    machine (`--peers-from`, the same warm device machine just before: the server's load and the peers do not
-    fit one call), and the row says so; rows from any other machine do not: it says where they came from."""
+    machine (`--peers-from`: the same warm device machine, the call before or after; the server's load and the
+    peers do not fit one call), and the row says so; rows from any other machine do not: it says where they came
+    from."""
     source = (result or {}).get("source")
     ran = peers.present(result)
     both = "met" if ran == ", ".join(peers.ENGINES) else "missed"
@@ -1008,7 +1009,7 @@ def markdown(data: dict[str, Any]) -> str:
         if not peer_data.get("source"):
             where = "in the same call, after the server stopped (`bench/peers.py`"
         elif peers.same_machine(peer_data, data.get("machine")):
-            where = "on this machine, in a call of their own before the server's "
+            where = "on this machine, in a call of their own next to the server's "
             where += f"(`bench/peers.py`, `{peer_data['source']}`"
         else:
             where = (

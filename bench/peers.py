@@ -8,7 +8,7 @@ at a time, so its concurrent row is its requests one after the other (where the 
 is one padded batch (`bench_engines`). On the CPU (a tiny checkpoint) only the reference runs: the peer needs CUDA.
 
 On a fresh machine the server's load (compile, graph capture) and the peers do not both fit one device call. Then
-the peers run in a call of their own, on the same warm machine just before the server's:
+the peers run in a call of their own, on the same warm machine just before or after the server's:
     python3 -m bench.peers --size 1.7B --frames 100 --concurrency 64 --budget-s 330 --out "$OUT"
 writes `<out>/<date>-<card>-peers.json` (`-peers-2.json` and on when that exists), and `bench_http --peers-from
 THAT.json` puts its rows beside the server's, saying where they came from: the rows record their machine (host

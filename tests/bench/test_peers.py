@@ -103,7 +103,7 @@ def test_peers_from_a_call_of_their_own_join_a_report_and_say_so(tmp_path) -> No
 
 
 def test_peers_from_their_own_call_on_the_reports_machine_meet_the_target(tmp_path) -> None:
-    """The peers and the server's load do not fit one device call, so the peers run just before it on the same
+    """The peers and the server's load do not fit one device call, so the peers run next to it on the same
     warm machine: their rows name the machine, and a report from that machine counts them as its run's."""
     from bench import bench_http
 
