@@ -498,6 +498,7 @@ def summarize(run: Run, frames: int, starve_s: float) -> dict[str, Any]:
         "ttfa_ms_max": ms(max(s.ttfa_s for s in ok)),
         "latency_ms_p50": ms(pct([s.latency_s for s in ok], 50)),
         "latency_ms_p95": ms(pct([s.latency_s for s in ok], 95)),
+        "latency_ms_mean": ms(statistics.mean(s.latency_s for s in ok)),
         "xrt_p50": round(pct([s.audio_s / max(s.latency_s, 1e-9) for s in ok], 50) or 0.0, 2),
         "xrt_min": round(min(s.audio_s / max(s.latency_s, 1e-9) for s in ok), 2),
         "chunks_per_request": round(statistics.mean(len(s.chunks) for s in ok), 1),
@@ -899,15 +900,27 @@ def profile_table(data: dict[str, Any]) -> str:
 
 def request_table(data: dict[str, Any]) -> str:
     """Per run, where a finished request's time went on the server, mean milliseconds per phase (see
-    `engine.fast.timing.RequestPhases`); empty when no run has them."""
-    profiles = [(key, s.get("step_profile") or {}) for key, s in data["sections"].items()]
-    rows = [(key, p) for key, p in profiles if p.get("ms_per_request")]
+    `engine.fast.timing.RequestPhases`), then `outside`; empty when no run has them."""
+    rows = [(key, s) for key, s in data["sections"].items() if (s.get("step_profile") or {}).get("ms_per_request")]
     if not rows:
         return ""
-    head = ["run", "requests", *REQUEST_PHASES]
-    return markdown_table(
-        head, ([key, p["requests"], *(fmt(p["ms_per_request"].get(x)) for x in REQUEST_PHASES)] for key, p in rows)
-    )
+
+    def cells(key: str, section: dict[str, Any]) -> list[Any]:
+        p = section["step_profile"]
+        return [key, p["requests"], *(fmt(p["ms_per_request"].get(x)) for x in REQUEST_PHASES), fmt(outside(section))]
+
+    return markdown_table(["run", "requests", *REQUEST_PHASES, "outside"], (cells(k, s) for k, s in rows))
+
+
+def outside(section: dict[str, Any]) -> float | None:
+    """A run's mean client latency less its requests' mean server phases: HTTP both ways, the request's checks
+    before its prompt, and delivering its last bytes. Only where the engine finished exactly the run's requests
+    (one engine request each: not WebSocket sessions of several segments)."""
+    profile = section.get("step_profile") or {}
+    phases = profile.get("ms_per_request") or {}
+    if section.get("latency_ms_mean") is None or profile.get("requests") != section.get("ok") or not phases:
+        return None
+    return round(section["latency_ms_mean"] - sum(phases.values()), 1)
 
 
 def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, Any]]:
@@ -1044,7 +1057,8 @@ def markdown(data: dict[str, Any]) -> str:
             "prompt (building it on a worker thread, waiting for one included), queue (submit to admission: a free "
             "row and the admission wait), first_frame (admission to its first frame read), frames (first to last "
             "frame), tail (last frame to its last audio handed out). Under a closed loop every phase but frames is "
-            "time a row could serve someone; HTTP and the request's checks come before the prompt.",
+            "time a row could serve someone. Outside: the client's mean latency less the phases (HTTP both ways, "
+            "the request's checks before its prompt, delivering its last bytes).",
             "",
             requests,
             "",

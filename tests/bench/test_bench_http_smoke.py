@@ -19,6 +19,7 @@ from bench.bench_http import (
     Budget,
     Run,
     Sample,
+    outside,
     parse_args,
     summarize,
     update_docs,
@@ -122,6 +123,8 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
         profile = s["step_profile"]
         assert profile["requests"] == s["requests"], (name, profile)
         assert 0 < sum(profile["ms_per_request"].values()) <= s["latency_ms_p95"], (name, profile, s)
+        # What the engine's phases leave of the client's mean latency: HTTP and the checks, never negative.
+        assert 0 <= outside(s) < s["latency_ms_mean"], (name, profile, s)
         # The server's event-loop probe woke during the run (a wake-up may be on time: its lateness may be 0).
         assert profile["loop_probes"] > 0 and profile["loop_lag_ms_mean"] is not None, profile
         assert isinstance(profile["loop_lags_over_50ms"], int), profile
@@ -143,7 +146,7 @@ def test_http_bench_against_the_real_server_on_a_tiny_checkpoint(tmp_path: Path)
     text = docs.read_text()
     assert DOCS_START in text and DOCS_END in text and report["commit"] in text
     assert "| reference | tiny-CustomVoice |" in text
-    assert "| run | requests | prompt | queue | first_frame | frames | tail |" in text
+    assert "| run | requests | prompt | queue | first_frame | frames | tail | outside |" in text
 
 
 def test_a_request_short_of_its_frames_that_did_not_end_at_eos_counts_as_lost_audio() -> None:
@@ -158,3 +161,11 @@ def test_a_request_short_of_its_frames_that_did_not_end_at_eos_counts_as_lost_au
     run = Run([sample(8.0), sample(7.04), sample(7.04, "eos")], 0.0, 1.0, 3, "burst", False)
     summary = summarize(run, frames=100, starve_s=0.0)
     assert summary["short_requests"] == 1 and summary["audio_s_per_request_min"] == 7.04
+
+
+def test_outside_is_the_clients_mean_latency_less_the_phases_of_the_same_requests() -> None:
+    profile = {"requests": 4, "ms_per_request": {"prompt": 5.0, "queue": 40.0, "frames": 800.0, "tail": 25.0}}
+    section = {"ok": 4, "latency_ms_mean": 1000.0, "step_profile": profile}
+    assert outside(section) == 130.0
+    # The engine finished other requests than the client's (WebSocket segments, a request cut off): no figure.
+    assert outside({**section, "ok": 3}) is None and outside({**section, "latency_ms_mean": None}) is None
