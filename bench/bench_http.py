@@ -945,7 +945,7 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
             lambda v: v == 0,
         ),
         row(f"streaming aggregate at c{c} >= 600 audio-s/s", agg, lambda v: v >= 600),
-        peers_row(data.get("peers"), data.get("machine")),
+        peers_row(data.get("peers"), data),
     ]
     if engine_c64 is None:
         rows.append(row(f"streaming aggregate at c{c} >= 0.9 x engine-only (no engine figure given)", agg, None))
@@ -960,15 +960,15 @@ def targets(data: dict[str, Any], engine_c64: float | None) -> list[dict[str, An
     return rows
 
 
-def peers_row(result: dict[str, Any] | None, machine: str | None) -> dict[str, Any]:
+def peers_row(result: dict[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
     """The peers' target. Rows from the same call meet it. So do rows from a call of their own on this report's
-    machine (`--peers-from`: the same warm device machine, the call before or after; the server's load and the
-    peers do not fit one call), and the row says so; rows from any other machine do not: it says where they came
-    from."""
+    machine in the same lease (`--peers-from`: the same warm device machine, the call before or after; the
+    server's load and the peers do not fit one call), and the row says so; rows from any other machine or lease
+    do not: it says where they came from."""
     source = (result or {}).get("source")
     ran = peers.present(result)
     both = "met" if ran == ", ".join(peers.ENGINES) else "missed"
-    if source is not None and peers.same_machine(result, machine):
+    if source is not None and peers.same_machine(result, report):
         status = f"{both}: on this machine, in a call of their own (`{source}`)"
     elif source is not None:
         status = f"from another call (`{source}`)"
@@ -1021,7 +1021,7 @@ def markdown(data: dict[str, Any]) -> str:
     if peer_rows:
         if not peer_data.get("source"):
             where = "in the same call, after the server stopped (`bench/peers.py`"
-        elif peers.same_machine(peer_data, data.get("machine")):
+        elif peers.same_machine(peer_data, data):
             where = "on this machine, in a call of their own next to the server's "
             where += f"(`bench/peers.py`, `{peer_data['source']}`"
         else:

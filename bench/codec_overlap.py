@@ -7,13 +7,15 @@ codec kernel holds them; stream priorities only order blocks not yet started. A 
 a fixed share of the SMs, so the frames' kernels always find the rest free. This measures, on one engine and
 one streaming decoder sharing its weights (no server, no HTTP):
 
-* the frame alone (64 rows, CUDA graphs, on the engine's high-priority step stream, as the server runs it);
+* the frame alone: `--rows` requests of a c64 run's text (100 frames' worth), all admitted before the timing,
+  CUDA graphs, on the engine's high-priority step stream, the GIL switch interval the server sets;
 * the codec alone: 16 streams' 12-frame chunks in a loop (one captured graph), flat out, on the engine's
-  low-priority codec stream, then on a green context's stream of N SMs for each N of `--sms`;
-* both at once, the codec held to `--codec-rate` audio-s/s (what the frames produce at c64) or flat out,
-  on the low-priority stream and on each green context.
+  low-priority codec stream, then on a green context's stream for each `--sms` (SMs asked for: the driver
+  rounds up to the card's granularity);
+* both at once, the codec held to `--codec-rate` audio-s/s (about what the frames produce at c64) or flat
+  out; both rates are read over the frames' timed window only.
 
-    python -m bench.codec_overlap --size 1.7B --rows 64 --sms 33,50,66 --codec-modes snake,step --out "$OUT"
+    python -m bench.codec_overlap --size 1.7B --rows 64 --sms 32,64 --codec-modes snake,step --out "$OUT"
     python -m bench.codec_overlap --size tiny --device cpu --rows 2 --seconds 0.5   # smoke test (no overlap)
 """
 
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import functools
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,25 +36,27 @@ from typing import Any
 
 import torch
 
-from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.engine import GIL_SWITCH_INTERVAL_S, FastEngine
+from qwen_tts_server.engine.fast.prompt import prompt_for_item
+from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import Sequence
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
+from qwen_tts_server.engine.types import Mode, SamplingParams
 
-from .bench_engines import build_model
-from .profile_step import fill, server_rows, sync_device
+from .bench_engines import build_model, make_request
+from .profile_step import server_rows, sync_device
 from .tables import markdown_table
 
 FRAME_S = 0.08  # audio seconds a frame
+TEXT_FRAMES = 100  # the requests' text: what bench_http's 100-frame requests say
+SETTLE_S = 0.2  # the codec's thread runs this long before a timed window opens
 
 
 def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
     """A stream whose kernels run on `sms` SMs of their own (a CUDA green context; torch >= 2.10)."""
     from torch.cuda.green_contexts import GreenContext
 
-    try:
-        ctx = GreenContext.create(num_sms=sms, device_id=device.index or 0)
-    except TypeError:  # torch 2.10: positional
-        ctx = GreenContext.create(sms, device.index or 0)
+    ctx = GreenContext.create(num_sms=sms, device_id=device.index or 0)
     _keep.append(ctx)
     return ctx.Stream()
 
@@ -58,35 +65,51 @@ _keep: list[Any] = []  # green contexts live as long as the process: their strea
 
 
 class Frames:
-    """An engine whose rows stay full: each measurement refills them with requests longer than it runs."""
+    """An engine whose rows are all busy while it is timed: each measurement refills them."""
 
     def __init__(self, tts: Any, rows: int, max_len: int, compile: bool) -> None:
         self.tts, self.rows = tts, rows
         self.engine = FastEngine(tts, max_slots=server_rows(rows), max_len=max_len, compile=compile)
         self.engine.warm_up(codec=False)
-        self.frames = max_len - 200  # a request's frames: longer than any measurement's steps
         self.seqs: list[Sequence] = []
 
-    def refill(self) -> None:
+    def refill(self, frames: int) -> None:
+        """Every row running a request of at least `frames` frames, none waiting."""
+        engine = self.engine
         for seq in self.seqs:
-            self.engine.cancel(seq)
-        while self.engine.scheduler.running or self.engine.scheduler.waiting:
-            self.engine.step()
-        self.seqs = fill(self.engine, self.tts, self.rows, self.frames)
+            engine.cancel(seq)
+        while engine.scheduler.running or engine.scheduler.waiting:
+            engine.step()
+        self.seqs = [engine.submit(self._request(i, frames)) for i in range(self.rows)]
+        while engine.scheduler.waiting or len(engine.scheduler.running) < self.rows:
+            engine.step()
         for _ in range(3):
-            self.engine.step()
+            engine.step()
 
-    def ms_per_step(self, steps: int) -> float:
-        self.refill()
+    def _request(self, index: int, frames: int) -> Sequence:
+        request = make_request(index, TEXT_FRAMES)
+        defaults = resolve_sampling(SamplingParams(seed=index), self.tts.generate_defaults)
+        sampling = dataclasses.replace(defaults, min_frames=frames)
+        seq = Sequence(prompt_for_item(self.tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
+        seq.decode_audio = False  # the frame alone: the codec here is the benchmark's own
+        return seq
+
+    def ms_per_step(self, steps: int, on_start: Any = None) -> float:
+        """Mean ms a step over `steps` steps of full rows; `on_start()` runs as the timing starts."""
         device = self.engine.runner.device
         stream = self.engine.step_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             sync_device(device)
+            if on_start is not None:
+                on_start()
             t0 = time.perf_counter()
             for _ in range(steps):
                 self.engine.step()
             sync_device(device)
-        return 1000 * (time.perf_counter() - t0) / steps
+            ms = 1000 * (time.perf_counter() - t0) / steps
+        if len(self.engine.scheduler.running) != self.rows:
+            raise RuntimeError(f"rows ran out during the timing ({len(self.engine.scheduler.running)} of {self.rows})")
+        return ms
 
 
 class Codec:
@@ -100,54 +123,96 @@ class Codec:
             self.decoder.capture(batch, chunk)
         gen = torch.Generator().manual_seed(0)
         self.codes = [torch.randint(0, 2048, (chunk, 16), generator=gen).to(device) for _ in range(batch)]
-        self.audio_s = 0.0
+        self.audio_s = 0.0  # decoded so far by the running loop
+        self._error: BaseException | None = None
 
     @contextlib.contextmanager
     def running(self, stream: torch.cuda.Stream | None, rate: float | None) -> Iterator[None]:
-        """Decode until the block ends, at most `rate` audio-s/s (None: flat out), on `stream`."""
+        """Decode until the block ends, at most `rate` audio-s/s (None: flat out), on `stream`; a failure of the
+        loop is raised here."""
         stop = threading.Event()
         thread = threading.Thread(target=self._loop, args=(stop, stream, rate), daemon=True)
-        self.audio_s = 0.0
+        self.audio_s, self._error = 0.0, None
         thread.start()
         try:
+            time.sleep(SETTLE_S)
             yield
         finally:
             stop.set()
             thread.join()
+        if self._error is not None:
+            raise RuntimeError("the codec's loop failed") from self._error
 
     def _loop(self, stop: threading.Event, stream: torch.cuda.Stream | None, rate: float | None) -> None:
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._decode_until(stop, rate)
+        except BaseException as exc:  # raised again by `running`
+            self._error = exc
+
+    def _decode_until(self, stop: threading.Event, rate: float | None) -> None:
         per_call = self.batch * self.chunk * FRAME_S
         states = [self.decoder.new_state() for _ in range(self.batch)]
         t0 = time.perf_counter()
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            while not stop.is_set():
-                if rate is not None and self.audio_s >= rate * (time.perf_counter() - t0):
-                    time.sleep(0.0005)
-                    continue
-                self.decoder.decode(states, self.codes)  # ends with the audio copied to the host
-                self.audio_s += per_call
-                if states[0].frames > 2000:
-                    states = [self.decoder.new_state() for _ in range(self.batch)]
+        while not stop.is_set():
+            if rate is not None and self.audio_s >= rate * (time.perf_counter() - t0):
+                time.sleep(0.0005)
+                continue
+            self.decoder.decode(states, self.codes)  # ends with the audio copied to the host
+            self.audio_s += per_call
+            if states[0].frames > 2000:
+                states = [self.decoder.new_state() for _ in range(self.batch)]
 
-    def flat_out(self, stream: torch.cuda.Stream | None, seconds: float) -> float:
+    def rate_over(self, seconds: float, stream: torch.cuda.Stream | None) -> float:
+        """Audio-s/s flat out over a window of about `seconds`, decodes finished in it."""
         with self.running(stream, None):
+            a0, t0 = self.audio_s, time.perf_counter()
             time.sleep(seconds)
-        return self.audio_s / seconds
+            a1, t1 = self.audio_s, time.perf_counter()
+        return (a1 - a0) / (t1 - t0)
+
+
+@dataclasses.dataclass
+class Window:
+    """The codec's decoded audio at the two ends of a timed window."""
+
+    audio_s: list[float] = dataclasses.field(default_factory=list)
+    at: list[float] = dataclasses.field(default_factory=list)
+
+    def mark(self, codec: Codec) -> None:
+        self.audio_s.append(codec.audio_s)
+        self.at.append(time.perf_counter())
+
+    def rate(self) -> float:
+        return (self.audio_s[1] - self.audio_s[0]) / (self.at[1] - self.at[0])
+
+
+def stream_choices(frames: Frames, device: torch.device, sms: list[int]) -> list[tuple[str, Any]]:
+    """The codec's streams: the engine's low-priority one, then a green context's per `sms` (where torch has
+    them)."""
+    low = frames.engine.codec_stream
+    out: list[tuple[str, Any]] = [("low priority" if low is not None else "default stream", low)]
+    if device.type != "cuda" or not sms:
+        return out
+    try:
+        out += [(f"green, {n} SMs asked", green_stream(device, n)) for n in sms]
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        print(f"no green contexts here ({type(exc).__name__}: {exc}): their rows are left out", flush=True)
+    return out
 
 
 def measure(
-    frames: Frames, codec: Codec, args: argparse.Namespace, device: torch.device, green: bool
-) -> list[dict[str, Any]]:
-    """The rows for one codec: the frame alone, then per stream the codec alone, held, and flat out beside the
-    frames. `green`: also on a green context of each `--sms`."""
+    frames: Frames, codec: Codec, args: argparse.Namespace, device: torch.device, green: bool, save: Any
+) -> None:
+    """Rows for one codec: the frame alone, then per stream the codec alone, held and flat out beside the
+    frames. `green`: green contexts too. `save(row)` keeps each row as it comes."""
     steps = max(20, int(args.seconds / 0.008))
-    rows: list[dict[str, Any]] = []
 
     def row(codec_on: str, rate: float | None, frame_ms: float | None, codec_rate: float | None) -> None:
         audio = None if frame_ms is None else round(frames.rows * FRAME_S / (frame_ms / 1000), 1)
-        rows.append(
+        save(
             {
-                "codec": codec.decoder.compiles,
+                "codec": codec.decoder.compiles if codec_rate is not None else "-",
                 "codec stream": codec_on,
                 "codec held to": "-" if rate is None else rate,
                 "frame ms": None if frame_ms is None else round(frame_ms, 2),
@@ -155,20 +220,18 @@ def measure(
                 "codec audio-s/s": None if codec_rate is None else round(codec_rate, 1),
             }
         )
-        print(rows[-1], flush=True)
 
+    frames.refill(steps + 20)
     row("(none)", None, frames.ms_per_step(steps), None)
-    streams: list[tuple[str, torch.cuda.Stream | None]] = [("low priority", frames.engine.codec_stream)]
-    if device.type == "cuda" and green:
-        streams += [(f"green, {n} SMs", green_stream(device, n)) for n in args.sms]
-    for name, stream in streams:
-        row(f"{name}, alone", None, None, codec.flat_out(stream, args.seconds))
+    for name, stream in stream_choices(frames, device, args.sms if green else []):
+        row(f"{name}, alone", None, None, codec.rate_over(args.seconds, stream))
         for rate in (args.codec_rate, None):
-            t0 = time.perf_counter()
+            frames.refill(steps + 20)
+            window = Window()
             with codec.running(stream, rate):
-                ms = frames.ms_per_step(steps)
-            row(name, rate, ms, codec.audio_s / (time.perf_counter() - t0))
-    return rows
+                ms = frames.ms_per_step(steps, on_start=functools.partial(window.mark, codec))
+                window.mark(codec)
+            row(name, rate, ms, window.rate())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1.7B", choices=["1.7B", "0.6B", "tiny"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--codec-batch", type=int, default=16)
     p.add_argument("--chunk", type=int, default=12)
@@ -187,32 +250,39 @@ def main(argv: list[str] | None = None) -> int:
         help="what of the codec compiles (QTTS_COMPILE_CODEC), one codec each; green contexts for the first only",
     )
     p.add_argument("--codec-rate", type=float, default=320.0, help="audio-s/s the codec is held to beside frames")
-    p.add_argument("--sms", type=lambda s: [int(x) for x in s.split(",") if x], default=[33, 66])
-    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--sms", type=lambda s: [int(x) for x in s.split(",") if x], default=[32, 64])
+    p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as a serving engine sets it
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    date = datetime.date.today().isoformat()
+    path = Path(args.out) / f"{date}-{card.replace(' ', '-')}-codec-overlap.json" if args.out else None
+    data = {"card": card, "date": date, "commit": args.commit, "torch": torch.__version__, "args": vars(args)}
+    rows: list[dict[str, Any]] = []
+
+    def save(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        if path is not None:  # after every row: a call cut off keeps what it measured
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
+
     tts = build_model(args.size, device=device, dtype=dtype)
     t0 = time.perf_counter()
     frames = Frames(tts, args.rows, args.max_len, args.compile and device.type == "cuda")
     print(f"frames' warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-    rows: list[dict[str, Any]] = []
     for i, mode in enumerate(args.codec_modes):
         t0 = time.perf_counter()
         codec = Codec(frames.engine.codec.decoder, args.codec_batch, args.chunk, device, mode)
         print(f"codec {mode}: capture {time.perf_counter() - t0:.1f} s", flush=True)
-        rows += measure(frames, codec, args, device, green=i == 0)
+        measure(frames, codec, args, device, green=i == 0, save=save)
         del codec
     print(markdown_table(list(rows[0]), ([r[k] if r[k] is not None else "-" for k in r] for r in rows)))
-    if args.out:
-        card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        date = datetime.date.today().isoformat()
-        path = Path(args.out) / f"{date}-{card.replace(' ', '-')}-codec-overlap.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"card": card, "date": date, "commit": args.commit, "torch": torch.__version__, "args": vars(args)}
-        path.write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
+    if path is not None:
         print(f"wrote {path}")
     return 0
 

@@ -12,7 +12,8 @@ the peers run in a call of their own, on the same warm machine just before or af
     python3 -m bench.peers --size 1.7B --frames 100 --concurrency 64 --budget-s 330 --out "$OUT"
 writes `<out>/<date>-<card>-peers.json` (`-peers-2.json` and on when that exists), and `bench_http --peers-from
 THAT.json` puts its rows beside the server's, saying where they came from: the rows record their machine (host
-name and boot id), and when it is the server run's own, the peers' target counts as met in that run.
+name and boot id) and start, and when that is the server run's machine within the hour (one lease), the peers'
+target counts as met in that run.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def run(
         cmd = command(size, frames=frames, concurrency=concurrency, budget_s=budget_s, device=device)
         log(f"peers: {shlex.join(cmd)}")
         result: dict[str, Any] = {"command": shlex.join(["python", *cmd[1:]]), "engines": {}}
-        result.update(size=size, frames=frames, machine=machine())
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        result.update(size=size, frames=frames, machine=machine(), started_at=started)
         result["returncode"] = _run([*cmd, "--out", tmp], budget_s, log)
         reports = sorted(Path(tmp).glob("*.json"))
         try:
@@ -112,10 +114,21 @@ def machine() -> str:
     return f"{socket.gethostname()} {boot.read_text().strip() if boot.exists() else 'no-boot-id'}"
 
 
-def same_machine(peers: dict[str, Any] | None, machine: str | None) -> bool:
-    """Whether the peers' rows were measured on `machine` (a report's own; older files name none)."""
-    theirs = (peers or {}).get("machine")
-    return bool(theirs) and theirs == machine
+SAME_LEASE_S = 3600.0  # a device machine is held 30 minutes at most: rows an hour apart are not one lease's
+
+
+def same_machine(peers: dict[str, Any] | None, report: dict[str, Any]) -> bool:
+    """Whether the peers' rows were measured on the machine of `report` (a bench_http report: its `machine` and
+    `started_at`) while it was held: same host name and boot id, started within `SAME_LEASE_S` of each other.
+    Older files name neither."""
+    peers = peers or {}
+    if not peers.get("machine") or peers["machine"] != report.get("machine"):
+        return False
+    try:
+        theirs, ours = (datetime.datetime.fromisoformat(x["started_at"]) for x in (peers, report))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return abs((theirs - ours).total_seconds()) <= SAME_LEASE_S
 
 
 def table(peers: dict[str, Any], fmt: Callable[[Any], str]) -> str:
@@ -164,6 +177,8 @@ def load(path: Path, frames: int) -> dict[str, Any]:
         "card": result.get("card") or data.get("card"),
         "date": result.get("date") or data.get("date"),
         "frames": theirs,
+        "machine": result.get("machine") or data.get("machine"),
+        "started_at": result.get("started_at") or data.get("started_at"),
         "source": result.get("source") or path.name,  # where they first came from
     }
 

@@ -50,3 +50,19 @@ def test_profile_step_smoke_run_on_the_cpu() -> None:
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Self CPU time total" in done.stdout
+
+
+@pytest.mark.slow
+def test_codec_overlap_smoke_run_on_the_cpu(tmp_path: Path) -> None:
+    """`bench.codec_overlap` drives the engine and the streaming decoder from outside: an API it relies on that
+    changes must break a test, not the next GPU session. On the CPU there is no green context (and no overlap)."""
+    command = [sys.executable, "-m", "bench.codec_overlap", "--size", "tiny", "--device", "cpu", "--rows", "2"]
+    command += ["--seconds", "1", "--max-len", "512", "--out", str(tmp_path)]  # windows of several decodes
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (report,) = tmp_path.glob("*-codec-overlap.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["codec stream"] for r in rows] == ["(none)", "default stream, alone", "default stream", "default stream"]
+    assert rows[0]["frame ms"] > 0 and all(r["codec audio-s/s"] > 0 for r in rows[1:])
+    assert rows[2]["codec held to"] == 320.0 and all(r["frame ms"] > 0 for r in rows[2:])

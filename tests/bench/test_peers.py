@@ -111,13 +111,16 @@ def test_peers_from_their_own_call_on_the_reports_machine_meet_the_target(tmp_pa
     rows = {"source": "p.json", "engines": {"reference": row, "faster-qwen3-tts": row}}
     here = peers.machine()
     assert here == peers.machine() and len(here.split()) == 2  # host name and boot id, stable between calls
-    met = "met: on this machine, in a call of their own (`p.json`)"
-    assert bench_http.peers_row({**rows, "machine": here}, here)["status"] == met
-    assert bench_http.peers_row({**rows, "machine": "other " + here}, here)["status"] == "from another call (`p.json`)"
-    assert bench_http.peers_row(rows, here)["status"] == "from another call (`p.json`)"  # older files name none
-    one = {**rows, "machine": here, "engines": {"reference": row}}
-    assert bench_http.peers_row(one, here)["status"].startswith("missed: on this machine")
-    assert bench_http.peers_row({"engines": rows["engines"]}, here)["status"] == "met"  # ran in the report's call
+    report = {"machine": here, "started_at": "2026-12-06T21:30:00+00:00"}
+    theirs = {**rows, "machine": here, "started_at": "2026-12-06T21:20:00+00:00"}
+    assert bench_http.peers_row(theirs, report)["status"] == "met: on this machine, in a call of their own (`p.json`)"
+    other = "from another call (`p.json`)"
+    assert bench_http.peers_row({**theirs, "machine": "other " + here}, report)["status"] == other
+    assert bench_http.peers_row({**theirs, "started_at": "2026-12-06T19:20:00+00:00"}, report)["status"] == other
+    assert bench_http.peers_row(rows, report)["status"] == other  # older files name neither
+    one = {**theirs, "engines": {"reference": row}}
+    assert bench_http.peers_row(one, report)["status"].startswith("missed: on this machine")
+    assert bench_http.peers_row({"engines": rows["engines"]}, report)["status"] == "met"  # ran in the report's call
 
 
 def test_a_file_without_peer_rows_or_of_another_request_length_is_refused(tmp_path) -> None:

@@ -38,7 +38,7 @@ class PhaseTimer:
         self._last = now
 
 
-# Where a request's time goes, submit to finish (seconds summed over requests; see RequestPhases).
+# Where a request's time goes, its prompt to its finish (seconds summed over requests; see RequestPhases).
 REQUEST_PHASES = ("prompt", "queue", "first_frame", "frames", "tail")
 
 
