@@ -37,14 +37,11 @@ from typing import Any
 import torch
 
 from qwen_tts_server.engine.fast.engine import GIL_SWITCH_INTERVAL_S, FastEngine
-from qwen_tts_server.engine.fast.prompt import prompt_for_item
-from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import Sequence
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
-from qwen_tts_server.engine.types import Mode, SamplingParams
 
-from .bench_engines import build_model, make_request
-from .profile_step import server_rows, sync_device
+from .bench_engines import build_model
+from .profile_step import frames_only_request, server_rows, sync_device
 from .tables import markdown_table
 
 FRAME_S = 0.08  # audio seconds a frame
@@ -80,19 +77,12 @@ class Frames:
             engine.cancel(seq)
         while engine.scheduler.running or engine.scheduler.waiting:
             engine.step()
-        self.seqs = [engine.submit(self._request(i, frames)) for i in range(self.rows)]
+        requests = (frames_only_request(self.tts, i, frames, text_frames=TEXT_FRAMES) for i in range(self.rows))
+        self.seqs = [engine.submit(seq) for seq in requests]
         while engine.scheduler.waiting or len(engine.scheduler.running) < self.rows:
             engine.step()
         for _ in range(3):
             engine.step()
-
-    def _request(self, index: int, frames: int) -> Sequence:
-        request = make_request(index, TEXT_FRAMES)
-        defaults = resolve_sampling(SamplingParams(seed=index), self.tts.generate_defaults)
-        sampling = dataclasses.replace(defaults, min_frames=frames)
-        seq = Sequence(prompt_for_item(self.tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
-        seq.decode_audio = False  # the frame alone: the codec here is the benchmark's own
-        return seq
 
     def ms_per_step(self, steps: int, on_start: Any = None) -> float:
         """Mean ms a step over `steps` steps of full rows; `on_start()` runs as the timing starts."""
@@ -165,11 +155,12 @@ class Codec:
 
     def rate_over(self, seconds: float, stream: torch.cuda.Stream | None) -> float:
         """Audio-s/s flat out over a window of about `seconds`, decodes finished in it."""
+        window = Window()
         with self.running(stream, None):
-            a0, t0 = self.audio_s, time.perf_counter()
+            window.mark(self)
             time.sleep(seconds)
-            a1, t1 = self.audio_s, time.perf_counter()
-        return (a1 - a0) / (t1 - t0)
+            window.mark(self)
+        return window.rate()
 
 
 @dataclasses.dataclass

@@ -41,16 +41,20 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def frames_only_request(tts: Any, index: int, frames: int, text_frames: int | None = None) -> Sequence:
+    """Request `index` of exactly `frames` frames (no EOS before), its text as long as `text_frames` frames'
+    speech (default `frames`), its audio not decoded: the frame alone, a whole utterance's chunks would be
+    decoded inside the step."""
+    request = make_request(index, text_frames or frames)
+    defaults = resolve_sampling(SamplingParams(seed=index), tts.generate_defaults)
+    sampling = dataclasses.replace(defaults, min_frames=frames)
+    seq = Sequence(prompt_for_item(tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
+    seq.decode_audio = False
+    return seq
+
+
 def fill(engine: FastEngine, tts: Any, batch: int, frames: int) -> list[Sequence]:
-    seqs = []
-    for i in range(batch):
-        request = make_request(i, frames)
-        sampling = dataclasses.replace(
-            resolve_sampling(SamplingParams(seed=i), tts.generate_defaults), min_frames=frames
-        )
-        seq = Sequence(prompt_for_item(tts, Mode.CUSTOM_VOICE, request.item), sampling, max_frames=frames)
-        seq.decode_audio = False  # the frame alone: a whole utterance's chunks would be decoded inside the step
-        seqs.append(engine.submit(seq))
+    seqs = [engine.submit(frames_only_request(tts, i, frames)) for i in range(batch)]
     engine.step()  # admits and prefills everyone, queues the first frame
     return seqs
 
