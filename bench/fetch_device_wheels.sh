@@ -57,6 +57,9 @@ cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/qwen_tts_server" "$src/"
 find "$src" -name __pycache__ -prune -exec rm -rf {} +
 python3 -m pip wheel -q --no-deps -w "$DEST/server" "$src"
 
+# 3. Large wheels recompressed with LZMA: the same files once installed, ~9 MB fewer to carry (repack_wheels.py).
+(cd "$repo" && python3 -m bench.repack_wheels "$DEST"/*/)
+
 echo "wheels in $DEST:"
 for g in "$DEST"/*/; do printf '  %-10s %3d files %s\n' "$(basename "$g")" "$(ls "$g" | wc -l)" "$(du -sh "$g" | cut -f1)"; done
 du -sh "$DEST"
