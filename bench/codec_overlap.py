@@ -11,9 +11,16 @@ one streaming decoder sharing its weights (no server, no HTTP):
   CUDA graphs, on the engine's high-priority step stream, the GIL switch interval the server sets;
 * the codec alone: 16 streams' 12-frame chunks in a loop (one captured graph), flat out, on the engine's
   low-priority codec stream, then on a green context's stream for each `--sms` (SMs asked for: the driver
-  rounds up to the card's granularity);
+  rounds up to the card's granularity): first the graph captured on an ordinary stream and replayed there,
+  then one captured on the green stream itself (which of the two keeps to the green context's SMs is one of
+  the things this finds out);
 * both at once, the codec held to `--codec-rate` audio-s/s (about what the frames produce at c64) or flat
   out; both rates are read over the frames' timed window only.
+
+`--trace DIR` then profiles (torch.profiler, CUDA only) the codec alone and both at once flat out on each stream,
+~0.3 s each, and keeps `bench.trace_summary`'s summary of each (busy time per CUDA stream, how long the two
+streams overlapped, the top kernels) in the report: where the codec's kernel time goes, and whether a green
+context lets the two run at once rather than by turns.
 
     python -m bench.codec_overlap --size 1.7B --rows 64 --sms 32,64 --codec-modes snake,step --out "$OUT"
     python -m bench.codec_overlap --size tiny --device cpu --rows 2 --seconds 0.5   # smoke test (no overlap)
@@ -40,6 +47,7 @@ from qwen_tts_server.engine.fast.engine import GIL_SWITCH_INTERVAL_S, FastEngine
 from qwen_tts_server.engine.fast.sequence import Sequence
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
+from . import trace_summary
 from .bench_engines import build_model
 from .profile_step import frames_only_request, server_rows, sync_device
 from .tables import markdown_table
@@ -47,6 +55,7 @@ from .tables import markdown_table
 FRAME_S = 0.08  # audio seconds a frame
 TEXT_FRAMES = 100  # the requests' text: what bench_http's 100-frame requests say
 SETTLE_S = 0.2  # the codec's thread runs this long before a timed window opens
+TRACE_S = 0.3  # a traced window: long enough for dozens of steps and codec calls, short enough to stay small
 
 
 def green_stream(device: torch.device, sms: int) -> torch.cuda.Stream:
@@ -105,8 +114,17 @@ class Frames:
 class Codec:
     """`batch` streams decoding `chunk`-frame chunks of random codes in a loop, on a thread of its own."""
 
-    def __init__(self, decoder: torch.nn.Module, batch: int, chunk: int, device: torch.device, mode: str) -> None:
-        self.decoder = StreamingDecoder(decoder)
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        batch: int,
+        chunk: int,
+        device: torch.device,
+        mode: str,
+        capture_stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        self.decoder = StreamingDecoder(decoder, capture_stream=capture_stream)
+        self.args = (decoder, batch, chunk, device, mode)
         self.batch, self.chunk = batch, chunk
         if device.type == "cuda":
             self.decoder.enable(mode)
@@ -192,11 +210,38 @@ def stream_choices(frames: Frames, device: torch.device, sms: list[int]) -> list
     return out
 
 
+def traced(path: Path, run: Any) -> dict[str, Any]:
+    """`run()` under the profiler; its trace written to `path` and summarized."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+    prof.export_chrome_trace(str(path))
+    return trace_summary.summarize(trace_summary.load_events(path), top=8)
+
+
+def trace_streams(frames: Frames, codec: Codec, streams: list[tuple[str, Any]], folder: Path) -> dict[str, Any]:
+    """Summaries of the codec alone (on the first stream), then of both at once flat out on each stream."""
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = max(10, int(TRACE_S / 0.008))
+    out = {"codec alone": traced(folder / "codec-alone.json", lambda: codec.rate_over(TRACE_S, streams[0][1]))}
+    for i, (name, stream) in enumerate(streams):
+        frames.refill(steps + 20)
+
+        def both(stream: Any = stream) -> None:
+            with codec.running(stream, None):
+                frames.ms_per_step(steps)
+
+        out[f"both, {name}"] = traced(folder / f"both-{i}.json", both)
+    return out
+
+
 def measure(
     frames: Frames, codec: Codec, args: argparse.Namespace, device: torch.device, green: bool, save: Any
-) -> None:
+) -> dict[str, Any] | None:
     """Rows for one codec: the frame alone, then per stream the codec alone, held and flat out beside the
-    frames. `green`: green contexts too. `save(row)` keeps each row as it comes."""
+    frames. `green`: green contexts too. `save(row)` keeps each row as it comes. Returns the traces' summaries
+    where `--trace` asks for them (CUDA only)."""
     steps = max(20, int(args.seconds / 0.008))
 
     def row(codec_on: str, rate: float | None, frame_ms: float | None, codec_rate: float | None) -> None:
@@ -212,17 +257,40 @@ def measure(
             }
         )
 
-    frames.refill(steps + 20)
-    row("(none)", None, frames.ms_per_step(steps), None)
-    for name, stream in stream_choices(frames, device, args.sms if green else []):
+    def beside(codec: Codec, name: str, stream: Any, rates: tuple[float | None, ...]) -> None:
+        """The codec alone on `stream`, then beside the frames held to each of `rates`."""
         row(f"{name}, alone", None, None, codec.rate_over(args.seconds, stream))
-        for rate in (args.codec_rate, None):
+        for rate in rates:
             frames.refill(steps + 20)
             window = Window()
             with codec.running(stream, rate):
                 ms = frames.ms_per_step(steps, on_start=functools.partial(window.mark, codec))
                 window.mark(codec)
             row(name, rate, ms, window.rate())
+
+    frames.refill(steps + 20)
+    row("(none)", None, frames.ms_per_step(steps), None)
+    streams = stream_choices(frames, device, args.sms if green else [])
+    for name, stream in streams:
+        beside(codec, name, stream, (args.codec_rate, None))
+    for name, stream in streams[1:]:  # the same, its graph captured on the green stream itself
+        beside(Codec(*codec.args, capture_stream=stream), f"{name}, captured there", stream, (None,))
+    if args.trace is None or device.type != "cuda":
+        return None
+    return trace_streams(frames, codec, streams, Path(args.trace) / codec.decoder.compiles)
+
+
+def print_traces(mode: str, summaries: dict[str, Any]) -> None:
+    """Per trace: the window, the device's busy time, the streams' overlap, each stream's busy time and top
+    kernel."""
+    for name, s in summaries.items():
+        print(
+            f"trace {mode} / {name}: window {s['window_ms']} ms, busy {s['device_busy_ms']}, streams overlap "
+            f"{s['streams_overlap_ms']}"
+        )
+        for stream, t in s["streams"].items():
+            tops = "; ".join(f"{k['name'][:50]} {k['ms']} ms x{k['count']}" for k in t["top"][:4])
+            print(f"  stream {stream}: {t['kernels']} kernels, busy {t['busy_ms']} ms | {tops}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codec-rate", type=float, default=320.0, help="audio-s/s the codec is held to beside frames")
     p.add_argument("--sms", type=lambda s: [int(x) for x in s.split(",") if x], default=[32, 64])
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--trace", default=None, metavar="DIR", help="profile each stream choice; traces go here")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -254,13 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out) / f"{date}-{card.replace(' ', '-')}-codec-overlap.json" if args.out else None
     data = {"card": card, "date": date, "commit": args.commit, "torch": torch.__version__, "args": vars(args)}
     rows: list[dict[str, Any]] = []
+    traces: dict[str, Any] = {}
 
-    def save(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(row, flush=True)
+    def save(row: dict[str, Any] | None = None) -> None:
+        if row is not None:
+            rows.append(row)
+            print(row, flush=True)
         if path is not None:  # after every row: a call cut off keeps what it measured
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({**data, "rows": rows}, indent=2) + "\n")
+            path.write_text(json.dumps({**data, "rows": rows, "traces": traces}, indent=2) + "\n")
 
     tts = build_model(args.size, device=device, dtype=dtype)
     t0 = time.perf_counter()
@@ -270,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         codec = Codec(frames.engine.codec.decoder, args.codec_batch, args.chunk, device, mode)
         print(f"codec {mode}: capture {time.perf_counter() - t0:.1f} s", flush=True)
-        measure(frames, codec, args, device, green=i == 0, save=save)
+        summaries = measure(frames, codec, args, device, green=i == 0, save=save)
+        if summaries is not None:
+            traces[mode] = summaries
+            print_traces(mode, summaries)
+            save()
         del codec
     print(markdown_table(list(rows[0]), ([r[k] if r[k] is not None else "-" for k in r] for r in rows)))
     if path is not None:

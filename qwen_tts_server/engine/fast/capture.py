@@ -116,12 +116,19 @@ class GraphPool:
     """One owner's CUDA graphs (frame graphs, codec, streaming decoder, prefill): captured on the owner's own
     stream (taken at the first capture, held while this pool lives; see above), each warmed up there first,
     all sharing one memory pool. `share_stream_of`: capture on another pool's stream instead (graphs that
-    are replayed one after the other on one stream may share its cuBLAS workspace)."""
+    are replayed one after the other on one stream may share its cuBLAS workspace). `stream`: capture on this
+    one, which the caller holds (a green context's stream, say)."""
 
-    def __init__(self, device: torch.device, role: str, share_stream_of: GraphPool | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        role: str,
+        share_stream_of: GraphPool | None = None,
+        stream: torch.cuda.Stream | None = None,
+    ) -> None:
         self.device, self.role = device, role
         self._shared = share_stream_of
-        self._stream: Any = None
+        self._stream: Any = stream
         self._pool: Any = None
 
     def stream(self) -> torch.cuda.Stream:

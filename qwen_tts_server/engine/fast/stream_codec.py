@@ -173,7 +173,7 @@ class StreamingDecoder:
     to float rounding) to the matching samples of `decoder(whole_codes)`.
     """
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, capture_stream: torch.cuda.Stream | None = None) -> None:
         self.decoder = decoder
         param = next(decoder.parameters())
         self.device = param.device
@@ -186,7 +186,7 @@ class StreamingDecoder:
         self.compiles: CodecCompile = "off"  # see `enable`
         self._fused_snake: SnakeFn | None = None
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = GraphPool(self.device, "StreamingDecoder")
+        self._pool = GraphPool(self.device, "StreamingDecoder", stream=capture_stream)
         self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
         # The graphs' state buffers, [rows, state_size] in and out, shared: every graph works in the first rows
         # of the same two (one replay at a time, its outputs copied out at once). A state is ~1.5-2.6 MB a row
