@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qwen_tts_server.engine.fast.attention_kernel import FusedAttention
 from qwen_tts_server.engine.fast.engine import MIN_FRAME_ROWS, FastEngine
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
@@ -113,7 +114,9 @@ def profile(engine: FastEngine, steps: int, rows: int) -> str:
     return f"--- by {key}\n{by_device}\n--- by self_cpu_time_total\n{by_cpu}"
 
 
-def kernel_profile(tts: Any, batch: int, steps: int, *, compile: bool, rows: int) -> dict[str, Any]:
+def kernel_profile(
+    tts: Any, batch: int, steps: int, *, compile: bool, rows: int, fused: FusedAttention = "off"
+) -> dict[str, Any]:
     """Device kernels per step of a warmed-up engine run eagerly (a CUDA graph replays the same kernels):
     how many, how much device time, and the kernels that take most of it. A frame's cost at small batch
     is the number of kernels, so this is the count to bring down."""
@@ -121,7 +124,9 @@ def kernel_profile(tts: Any, batch: int, steps: int, *, compile: bool, rows: int
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    engine = FastEngine(tts, max_slots=server_rows(batch), max_len=512, cuda_graphs=False, compile=compile)
+    engine = FastEngine(
+        tts, max_slots=server_rows(batch), max_len=512, cuda_graphs=False, compile=compile, fused_attention=fused
+    )
     engine.warm_up(codec=False)
     fill(engine, tts, batch, steps + 10)
     for _ in range(3):
@@ -137,6 +142,7 @@ def kernel_profile(tts: Any, batch: int, steps: int, *, compile: bool, rows: int
     return {
         "batch": batch,
         "compile": engine.runner.compiled,
+        "fused_attention": fused,
         "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
         "kernel_ms_per_step": round(total_us / steps / 1000, 3),
         "top": [
@@ -186,9 +192,12 @@ def graph_parity(tts: Any, batch: int, frames: int, compile: bool) -> dict[str, 
     return {"batch": batch, "frames": frames, "compile": compile, "identical": equal, "ms_per_step": timing}
 
 
-def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int) -> dict[str, Any]:
-    """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs)."""
-    engine = FastEngine(tts, max_slots=server_rows(batch), max_len=max_len, compile=compile)
+def graph_steps(
+    tts: Any, batch: int, steps: int, *, compile: bool, max_len: int, fused: FusedAttention = "off"
+) -> dict[str, Any]:
+    """Steady-state ms per step with CUDA graphs captured at warm-up (as a server runs); `fused`: which decode
+    layers run their attention as one Triton kernel (QTTS_FUSED_ATTENTION)."""
+    engine = FastEngine(tts, max_slots=server_rows(batch), max_len=max_len, compile=compile, fused_attention=fused)
     t0 = time.perf_counter()
     engine.warm_up(codec=False)  # the requests take their frames (`fill`): the codec never runs
     warm_s = time.perf_counter() - t0
@@ -205,6 +214,7 @@ def graph_steps(tts: Any, batch: int, steps: int, *, compile: bool, max_len: int
         "batch": batch,
         "compile": engine.runner.compiled,
         "graphs": len(engine.graphs or ()),
+        "fused_attention": {"talker": engine.runner.fused_attention, "predictor": engine.runner.cp_fused_attention},
         "warm_up_s": round(warm_s, 1),
         "ms_per_step": round(ms, 2),
         "x_real_time_per_stream": round(80 / ms, 2),
@@ -223,6 +233,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="KV length of the graph-timing engines")
     parser.add_argument("--kernels-only", action="store_true", help="only the kernel count per step (CUDA)")
     parser.add_argument("--graphs-only", action="store_true", help="only ms per step with CUDA graphs (CUDA)")
+    parser.add_argument("--fused-attention", default="off", choices=["off", "predictor", "all"], help="as the server's")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -230,12 +241,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.kernels_only:
         for batch in batches:
-            result = kernel_profile(tts, batch, args.steps, compile=args.compile != "off", rows=args.rows)
+            compile = args.compile != "off"
+            result = kernel_profile(tts, batch, args.steps, compile=compile, rows=args.rows, fused=args.fused_attention)
             print(json.dumps({"kernel_profile": result}), flush=True)
         return
     if args.graphs_only:
         for batch in batches:
-            steps = graph_steps(tts, batch, 3 * args.steps, compile=args.compile != "off", max_len=args.max_len)
+            compile = args.compile != "off"
+            steps = graph_steps(
+                tts, batch, 3 * args.steps, compile=compile, max_len=args.max_len, fused=args.fused_attention
+            )
             print(json.dumps({"graph_steps": steps}), flush=True)
         return
     print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         "nothing. Codec alone, H100, 16 streams (2026-12-06): off 899, snake 1,122 (1.5 s to compile and capture), "
         "step 1,333 audio-s/s (78 s). true/false, as before, mean step/off.",
     )
+    fused_attention: Literal["off", "predictor", "all"] = Field(
+        "off",
+        description="Fast engine on CUDA: decode attention as one Triton kernel per layer (q/k norm, RoPE, the KV "
+        "cache write and attention; engine/fast/attention_kernel.py) instead of six compiled kernels. predictor: "
+        "the code predictor's 75 layers a frame (16 keys each); all: the talker's 28 too (up to max_context keys, "
+        "one program per row and kv head). Off until measured on a GPU.",
+    )
     gc_freeze: bool = Field(
         True,
         description="After a fast engine's warm-up, collect once and freeze what exists out of Python's garbage "

@@ -190,6 +190,7 @@ class Synthesizer:
                 codec_wait_s=s.codec_wait_ms / 1000,
                 compile=s.compile,
                 compile_codec=s.compile_codec,
+                fused_attention=s.fused_attention,
                 stream_first_frames=s.stream_first_chunk_frames,
                 stream_chunk_frames=s.stream_chunk_frames,
                 stream_decoder=s.stream_decoder,

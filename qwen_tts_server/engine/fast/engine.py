@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ...errors import EngineFailed, ModelUnavailable
 from ..types import FinishReason
+from .attention_kernel import FusedAttention
 from .capture import engine_stream
 from .chunking import StreamChunker, stream_chunk_sizes
 from .codec import CodecDecoder
@@ -117,6 +118,7 @@ class FastEngine:
         cuda_graphs: bool | None = None,
         compile: bool = False,
         compile_codec: CodecCompile = "snake",
+        fused_attention: FusedAttention = "off",
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
         stream_chunk_frames: int = 12,
@@ -127,7 +129,7 @@ class FastEngine:
     ) -> None:
         self.tts = tts
         self.trace = trace
-        self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile)
+        self.runner = ModelRunner(tts, max_slots=max_slots, max_len=max_len, compile=compile, fused=fused_attention)
         if self.runner.device.type == "cuda":
             CUDA_ENGINES.add(self)  # before any capture (see CudaEngines)
         self.sampler = Sampler.for_model(tts)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import attention_kernel
+from .attention_kernel import FusedAttention, fused_decode_attention
 from .compiling import allow_recompiles, mark_dynamic
 
 log = logging.getLogger(__name__)
@@ -156,11 +158,22 @@ def attn_in(
 
     `cos`/`sin` broadcast against [B, heads, S, head_dim] ([S, hd] or [B, 1, S, hd]).
     """
-    B, S, _ = x.shape
+    qkv = qkv_projection(x, norm, eps, qkv_weight, qkv_bias)
+    return split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
+
+
+def qkv_projection(x: Tensor, norm: Tensor, eps: float, qkv_weight: Tensor, qkv_bias: Tensor | None) -> Tensor:
+    """Pre-norm and the fused q/k/v projection: [B, S, (heads + 2 kv_heads) x head_dim]."""
+    return F.linear(F.rms_norm(x, (x.shape[-1],), norm, eps), qkv_weight, qkv_bias)
+
+
+def split_heads(
+    qkv: Tensor, cos: Tensor, sin: Tensor, qk_norm: Tensor, qk_eps: float, heads: int, kv_heads: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, heads, S, head_dim] of the fused projection's output, q and k normed and rotated."""
+    B, S, _ = qkv.shape
     head_dim = qk_norm.shape[-1]
-    h = F.rms_norm(x, (x.shape[-1],), norm, eps)
-    qkv = F.linear(h, qkv_weight, qkv_bias).view(B, S, heads + 2 * kv_heads, head_dim)
-    qk, v = qkv.split((heads + kv_heads, kv_heads), dim=2)
+    qk, v = qkv.view(B, S, heads + 2 * kv_heads, head_dim).split((heads + kv_heads, kv_heads), dim=2)
     qk = (F.rms_norm(qk, (head_dim,), eps=qk_eps) * qk_norm).transpose(1, 2)
     half = head_dim // 2
     qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
@@ -215,23 +228,32 @@ def decode_layer(
     attn_args: tuple[Any, ...],
     out_args: tuple[Any, ...],
     slots: Tensor | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write at
     `positions` ([B], or [1] for all rows), attention over the cache positions `mask` covers, MLP.
 
     Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
     function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
-    softmax: a layer is a dozen kernels, not the ~16 of separate calls.
+    softmax: a layer is a dozen kernels, not the ~16 of separate calls. `fused` (CUDA, where
+    `attention_kernel.supported`): the q/k norm, RoPE, cache write and attention are one Triton kernel.
 
     How many cache positions it reads is the mask's last dimension, not an int argument: compiled, a
     tensor dimension can be marked dynamic before the first call (`ModelRunner.decode`), an int cannot.
     """
-    kv_len = mask.shape[-1]
     B = x.shape[0]
-    q, k, v = attn_in(x, cos, sin, *attn_args)
+    norm, eps, qkv_weight, qkv_bias, qk_norm, qk_eps, heads, kv_heads = attn_args
     rows = torch.arange(B, device=x.device) if slots is None else slots
+    qkv = qkv_projection(x, norm, eps, qkv_weight, qkv_bias)
+    if fused:
+        hd = qk_norm.shape[-1]
+        args = (cos.view(-1, hd), sin.view(-1, hd), positions, rows, k_cache, v_cache, mask.view(mask.shape[0], -1))
+        attn = fused_decode_attention(qkv[:, 0], qk_norm, *args, qk_eps, scale, heads, kv_heads)
+        return layer_out(x, attn.view(B, 1, heads, hd).transpose(1, 2), *out_args)
+    q, k, v = split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
     k_cache[rows, :, positions] = k[:, :, 0]
     v_cache[rows, :, positions] = v[:, :, 0]
+    kv_len = mask.shape[-1]
     if slots is None:
         keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
     else:
@@ -252,6 +274,7 @@ def cp_decode_step(
     norm: Tensor,
     eps: float,
     head: Tensor,
+    fused: bool = False,
 ) -> Tensor:
     """One codebook of the code predictor for B rows at one position `x` [B, 1, h]: every layer (`layers` holds
     each one's `attn_args`, `out_args`), the final norm and that codebook's `head`. Returns fp32 logits [B, V],
@@ -263,7 +286,7 @@ def cp_decode_step(
     which dimensions are dynamic per code object: through one function, the talker's and the code
     predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
     for (attn_args, out_args), k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
-        x = decode_layer(x, cos, sin, mask, position, k_cache, v_cache, scale, attn_args, out_args)
+        x = decode_layer(x, cos, sin, mask, position, k_cache, v_cache, scale, attn_args, out_args, fused=fused)
     hidden = F.rms_norm(x[:, 0], (x.shape[-1],), norm, eps)
     return F.linear(hidden, head).float()
 
@@ -285,7 +308,9 @@ class ModelRunner:
     and keeps each request's position (the prompt length after prefill, +1 per decoded frame).
     """
 
-    def __init__(self, tts: Any, *, max_slots: int, max_len: int, compile: bool = False) -> None:
+    def __init__(
+        self, tts: Any, *, max_slots: int, max_len: int, compile: bool = False, fused: FusedAttention = "off"
+    ) -> None:
         talker = tts.model.talker
         self.talker = talker
         self.code_predictor = talker.code_predictor
@@ -326,6 +351,17 @@ class ModelRunner:
         self.cp_positions = [torch.full((1,), p, device=self.device) for p in range(CP_CACHE_LEN)]
         self.cp_masks = [(cp_keys <= p)[None, None, None, :].clone() for p in range(CP_CACHE_LEN)]
 
+        # Decode layers whose attention is one Triton kernel (`fused`, where it takes the shapes; see
+        # attention_kernel): the code predictor's read 16 keys, one block; the talker's up to max_len keys, which
+        # one program per row and kv head reads in turn.
+        fits = fused != "off" and self._fits_kernel(cp.model.layers[0].self_attn, self.cp_head_dim)
+        self.cp_fused_attention = fits
+        self.fused_attention = (
+            fits and fused == "all" and self._fits_kernel(talker.model.layers[0].self_attn, self.head_dim)
+        )
+        if fused != "off" and not fits:
+            log.warning("fused attention (%s) needs CUDA, Triton and shapes it takes: the torch path runs", fused)
+
         self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
         self.layer_out: Callable[..., Tensor] = layer_out
         self.decode_layer: Callable[..., Tensor] = decode_layer
@@ -333,6 +369,11 @@ class ModelRunner:
         self.frame_embedding: Callable[..., Tensor] = frame_embedding
         if compile:
             self.enable_compile()
+
+    def _fits_kernel(self, attn: nn.Module, head_dim: int) -> bool:
+        heads = attn.q_proj.weight.shape[0] // head_dim
+        kv_heads = attn.k_proj.weight.shape[0] // head_dim
+        return attention_kernel.supported(self.device, heads, kv_heads, head_dim)
 
     def enable_compile(self) -> None:
         """Fuse the elementwise work around the matmuls with `torch.compile` (CUDA; compiles on first use).
@@ -455,7 +496,7 @@ class ModelRunner:
         if self.compiled:
             mark_dynamic(mask, 3)  # one compile for every KV bucket but `max_len` (see enable_compile)
         for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            args = (positions, k_cache, v_cache, self.scaling, w.attn_args, w.out_args, slots)
+            args = (positions, k_cache, v_cache, self.scaling, w.attn_args, w.out_args, slots, self.fused_attention)
             x = self.decode_layer(x, cos, sin, mask, *args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
@@ -542,4 +583,5 @@ class ModelRunner:
         cos, sin = self.cp_cos[position : position + 1], self.cp_sin[position : position + 1]
         caches = (self.cp_k_cache, self.cp_v_cache)
         args = (self.cp_masks[position], self.cp_positions[position], *caches, self.cp_scaling, self.cp_step_layers)
-        return self.cp_decode_step(x, cos, sin, *args, self.cp_norm.weight, self.cp_norm.variance_epsilon, head)
+        norm = (self.cp_norm.weight, self.cp_norm.variance_epsilon)
+        return self.cp_decode_step(x, cos, sin, *args, *norm, head, self.cp_fused_attention)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ...errors import InvalidRequest
 from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisResult
+from .attention_kernel import FusedAttention
 from .engine import FastEngine
 from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
@@ -57,6 +58,7 @@ class FastRuntime:
         codec_wait_s: float = 0.0,
         compile: bool = False,
         compile_codec: CodecCompile = "snake",
+        fused_attention: FusedAttention = "off",
         stream_first_frames: int = 2,
         stream_chunk_frames: int = 12,
         stream_decoder: str = "stateful",
@@ -78,6 +80,7 @@ class FastRuntime:
             trace=trace,
             compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
             compile_codec=compile_codec,  # with compile, on CUDA
+            fused_attention=fused_attention,  # on CUDA
         )
         # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
         self.engine.warm_up()

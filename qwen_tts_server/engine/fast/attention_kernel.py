@@ -1,0 +1,218 @@
+"""One decode layer's attention as one Triton kernel: q/k RMSNorm, RoPE, the K/V cache write and attention
+over the cache, for one new position per row (CUDA only; the rest of the engine does not need Triton).
+
+Why: at one stream a frame is ~1,870 kernels of ~3 us (103 decode layers: 28 of the talker, 75 of the code
+predictor), and what it costs is their number. Compiled, a layer's attention was six of them: the q/k norm
+and RoPE with the key's cache write, the value's cache write, the scores, the softmax's two passes and the
+weighted sum (bench.profile_step --kernels-only, H100, 2026-12-06). Here it is one: a program per (row, kv
+head) reads the fused q/k/v projection's output, normalizes and rotates its key and its group of query
+heads, writes the key and value into the cache, and attends over the row's visible cache positions with an
+online softmax, all in fp32, the new key taken from registers rather than read back.
+
+Numerics: the same operations as `model_runner.attn_in` + `decode_attention`, but in fp32 between the bf16
+input and the bf16 output (scores and probabilities are not rounded to bf16 between the two products), so it
+is close to, not bitwise equal to, that path; it is deterministic (no atomics), so a CUDA graph replays it
+bit for bit. The GPU tier compares the engine with upstream teacher-forced. On the CPU the engine keeps the
+torch path (exact against upstream); `decode_attention_reference` is that path, for tests and for shapes the
+kernel does not take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+try:  # Triton comes with torch's CUDA builds; without it (a CPU build) the engine keeps the torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - every test machine has it
+    triton = None
+
+
+FusedAttention = Literal["off", "predictor", "all"]  # which decode layers use the kernel (QTTS_FUSED_ATTENTION)
+TILE_MAX = 512  # query heads per kv head x head size: the loop's fp32 tiles are [group, BLOCK, head size]
+
+
+def supported(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes these shapes on this device: CUDA with Triton, a power-of-two group of query
+    heads per kv head and head size (the kernel's register tiles), no larger together than TILE_MAX."""
+    group = heads // kv_heads if kv_heads else 0
+    powers = all(n > 0 and n & (n - 1) == 0 for n in (group, head_dim))
+    fits = powers and heads == group * kv_heads and group * head_dim <= TILE_MAX
+    return triton is not None and device.type == "cuda" and fits
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        qkv,
+        qkv_row,
+        qk_norm,
+        cos,
+        sin,
+        rope_row,
+        positions,
+        pos_row,
+        rows,
+        k_cache,
+        v_cache,
+        cache_row,
+        cache_head,
+        cache_pos,
+        mask,
+        mask_row,
+        mask_pos,
+        out,
+        out_row,
+        kv_len,
+        qk_eps,
+        scale,
+        HEADS: tl.constexpr,
+        KV_HEADS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # the kv head; its query heads are h * GROUP .. h * GROUP + GROUP - 1
+        GROUP: tl.constexpr = HEADS // KV_HEADS
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, D)
+        rot = (d + HALF) % D  # rotate_half: [-x[HALF:], x[:HALF]]
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        c = tl.load(cos + b * rope_row + d).to(tl.float32)
+        s = tl.load(sin + b * rope_row + d).to(tl.float32)
+        base = qkv + b * qkv_row
+
+        # The new key: normed, rotated, rounded as the cache holds it; the value as it is.
+        k_at = (HEADS + h) * D
+        kx = tl.load(base + k_at + d).to(tl.float32)
+        kr = tl.load(base + k_at + rot).to(tl.float32)
+        k_inv = tl.rsqrt(tl.sum(kx * kx, axis=0) / D + qk_eps)
+        kw = tl.load(qk_norm + k_at + d).to(tl.float32)
+        kwr = tl.load(qk_norm + k_at + rot).to(tl.float32)
+        k_new = (kx * k_inv * kw * c + sign * kr * k_inv * kwr * s).to(k_cache.dtype.element_ty)
+        v_new = tl.load(base + (HEADS + KV_HEADS + h) * D + d)
+        row = tl.load(rows + b)
+        pos = tl.load(positions + b * pos_row)
+        slot = row * cache_row + h * cache_head
+        tl.store(k_cache + slot + pos * cache_pos + d, k_new)
+        tl.store(v_cache + slot + pos * cache_pos + d, v_new)
+
+        # The group's queries [GROUP, D], normed and rotated, rounded to the cache's dtype.
+        g = h * GROUP + tl.arange(0, GROUP)
+        q_at = g[:, None] * D + d[None, :]
+        q_rot = g[:, None] * D + rot[None, :]
+        qx = tl.load(base + q_at).to(tl.float32)
+        qr = tl.load(base + q_rot).to(tl.float32)
+        q_inv = tl.rsqrt(tl.sum(qx * qx, axis=1) / D + qk_eps)[:, None]
+        qw = tl.load(qk_norm + q_at).to(tl.float32)
+        qwr = tl.load(qk_norm + q_rot).to(tl.float32)
+        q = qx * q_inv * qw * c[None, :] + sign[None, :] * qr * q_inv * qwr * s[None, :]
+        q = q.to(k_cache.dtype.element_ty).to(tl.float32)
+
+        # Online softmax, started from the new key (always visible to its own position).
+        k_f = k_new.to(tl.float32)
+        m = tl.sum(q * k_f[None, :], axis=1) * scale  # [GROUP]
+        total = tl.full([GROUP], 1.0, tl.float32)
+        acc = tl.zeros([GROUP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+        for start in range(0, kv_len, BLOCK):
+            at = start + tl.arange(0, BLOCK)
+            inside = at < kv_len
+            seen = tl.load(mask + b * mask_row + at * mask_pos, mask=inside, other=0) != 0
+            seen = seen & inside & (at != pos)
+            where = slot + at[:, None] * cache_pos + d[None, :]
+            keys = tl.load(k_cache + where, mask=seen[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+            values = tl.load(v_cache + where, mask=seen[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale  # [GROUP, BLOCK]
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_next = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_next)
+            p = tl.exp(scores - m_next[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
+            m = m_next
+        o = acc / total[:, None]
+        tl.store(out + b * out_row + q_at, o.to(out.dtype.element_ty))
+
+
+def _stride0(t: Tensor) -> int:
+    """The row stride of `t`, 0 where one row serves every batch row (broadcast)."""
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+fused_decode_attention: Callable[..., Tensor] | None = None
+if triton is not None:
+
+    @torch.library.triton_op("qtts::decode_attention", mutates_args={"k_cache", "v_cache"})
+    def fused_decode_attention(
+        qkv: Tensor,
+        qk_norm: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        rows: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        mask: Tensor,
+        qk_eps: float,
+        scale: float,
+        heads: int,
+        kv_heads: int,
+    ) -> Tensor:
+        """Attention output [B, heads x D] for the new position of each row; writes its key and value into
+        `k_cache`/`v_cache` [rows, kv_heads, L, D] at `rows[b]`, `positions[b]`.
+
+        `qkv` [B, (heads + 2 kv_heads) x D]: the fused projection's output, before the q/k norm; `qk_norm`
+        [heads + kv_heads, D] the norm weights (q heads, then k heads); `cos`/`sin` [B or 1, D] at the rows'
+        positions; `positions` [B or 1]; `mask` [B or 1, L] bool, True where a cache position is visible. One
+        row of cos/sin, positions or mask serves every row. `rows` must be distinct (each program reads its own
+        row while writing it). The new position is always attended, from registers, whatever the mask says of
+        it: where the torch path would not (a free padding row's position past the mask), that row's output is
+        one nobody reads."""
+        B = qkv.shape[0]
+        D = k_cache.shape[-1]
+        last = (qkv, qk_norm, cos, sin, k_cache, v_cache, mask)
+        if any(t.stride(-1) != 1 for t in last) or not qk_norm.is_contiguous():
+            raise ValueError("the fused attention reads each vector as contiguous memory")
+        out = qkv.new_empty(B, heads * D)
+        kv_len = mask.shape[-1]
+        block = 16 if kv_len <= 16 else 32
+        _traced_kernel[(B, kv_heads)](
+            qkv,
+            qkv.stride(0),
+            qk_norm,
+            cos,
+            sin,
+            _stride0(cos),
+            positions,
+            _stride0(positions),
+            rows,
+            k_cache,
+            v_cache,
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            mask,
+            _stride0(mask),
+            mask.stride(1),
+            out,
+            out.stride(0),
+            kv_len,
+            qk_eps,
+            scale,
+            HEADS=heads,
+            KV_HEADS=kv_heads,
+            D=D,
+            BLOCK=block,
+        )
+        return out
+
+    # Wrapped so that torch.compile traces the launch; not in Triton's interpreter (TRITON_INTERPRET=1), whose
+    # kernels are not JITFunctions and run as they are.
+    _traced_kernel: Any = _decode_attention_kernel
+    if isinstance(_decode_attention_kernel, triton.runtime.JITFunction):
+        _traced_kernel = torch.library.wrap_triton(_decode_attention_kernel)

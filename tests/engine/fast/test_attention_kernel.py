@@ -1,0 +1,130 @@
+"""The fused decode-attention kernel (attention_kernel.py) against the torch path it replaces, run in Triton's
+interpreter on the CPU (the GPU tier runs it compiled, in CUDA graphs, against upstream)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from qwen_tts_server.engine.fast import attention_kernel
+from qwen_tts_server.engine.fast.model_runner import decode_layer
+
+from .test_model_runner import _layer_args, _mask
+
+REPO = Path(__file__).resolve().parents[3]
+HEAD_DIM, KV_HEADS = 16, 2
+
+
+def test_the_kernel_takes_power_of_two_groups_and_head_sizes_on_cuda_only() -> None:
+    cuda = torch.device("cuda")
+    assert attention_kernel.supported(cuda, 16, 8, 128)
+    assert not attention_kernel.supported(torch.device("cpu"), 16, 8, 128)
+    assert not attention_kernel.supported(cuda, 12, 4, 128)  # three query heads per kv head
+    assert not attention_kernel.supported(cuda, 16, 8, 96)
+    assert not attention_kernel.supported(cuda, 16, 6, 128)  # heads not a multiple of kv heads
+
+
+def test_fused_layer_equals_the_torch_layer_in_the_interpreter() -> None:
+    """The checks below, in a process of their own: TRITON_INTERPRET must be set before Triton is imported."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    code = "from tests.engine.fast.test_attention_kernel import interpreted_checks; interpreted_checks()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().endswith("4 checks passed"), done.stdout[-2000:]
+
+
+def _interpreter_reads_scalar_arguments() -> None:
+    """Triton's interpreter turns a scalar argument into a one-element array and `range(0, n, step)` in the
+    kernel calls int() on it, which numpy 2 refuses for arrays that are not 0-d: read its one element."""
+    import triton.runtime.interpreter as interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor: type) -> None:
+        patch(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = patched
+
+
+def _inputs(dtype: torch.dtype, positions: list[int], length: int, kv_len: int, shared: bool, stale=None):
+    """A layer's weights and one decode step's inputs for len(positions) rows (`shared`: one position, cos/sin
+    and mask for every row, as the code predictor has), a cache of `length` positions read up to `kv_len`."""
+    torch.manual_seed(1)
+
+    def to(t: torch.Tensor) -> torch.Tensor:  # bf16 values in every dtype: the fp32 run is the bf16 run's exact
+        return t.to(torch.bfloat16).to(dtype)
+
+    attn_args, out_args = (tuple(to(a) if isinstance(a, torch.Tensor) else a for a in args) for args in _layer_args())
+    k_cache, v_cache = (to(torch.randn(6, KV_HEADS, length, HEAD_DIM)) for _ in range(2))
+    if stale is not None:  # keys no row may see: past every row's position
+        k_cache[:, :, max(positions) + 1 :] = stale
+    B = 3 if shared else len(positions)
+    x = to(torch.randn(B, 1, attn_args[0].shape[0]))
+    at = torch.tensor(positions)
+    rope = 1 if shared else B
+    cos, sin = to(torch.randn(rope, 1, 1, HEAD_DIM)), to(torch.randn(rope, 1, 1, HEAD_DIM))
+    return x, cos, sin, _mask(at + 1, kv_len), at, k_cache, v_cache, 0.25, attn_args, out_args
+
+
+def _layer(fused: bool, dtype: torch.dtype, *case, slots: torch.Tensor | None = None, stale=None):
+    """decode_layer on `_inputs(dtype, *case)`: its output and the caches it wrote."""
+    args = _inputs(dtype, *case, stale=stale)
+    out = decode_layer(*args, slots, fused)
+    return out, args[5], args[6]
+
+
+# (positions, cache length, keys read, shared): the code predictor's one block of 16; the talker's rows, several
+# blocks of 32 with the last key read visible and a cache longer than what is read; one row.
+CASES = [([7], 16, 16, True), ([5, 71, 40], 96, 72, False), ([0, 33, 63], 64, 64, False), ([50], 64, 64, False)]
+
+
+def _attention(fused: bool, dtype: torch.dtype, *case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention alone (the op, or the torch path it replaces): its output [B, heads x D] and the keys
+    written, for `_inputs(dtype, *case)`."""
+    from qwen_tts_server.engine.fast.model_runner import decode_attention, qkv_projection, split_heads
+
+    x, cos, sin, mask, at, k_cache, v_cache, scale, attn_args, _ = _inputs(dtype, *case)
+    norm, eps, weight, bias, qk_norm, qk_eps, heads, kv_heads = attn_args
+    qkv = qkv_projection(x, norm, eps, weight, bias)
+    B = x.shape[0]
+    rows = torch.arange(B)
+    if fused:
+        args = (cos.view(-1, HEAD_DIM), sin.view(-1, HEAD_DIM), at, rows, k_cache, v_cache, mask.view(len(mask), -1))
+        out = attention_kernel.fused_decode_attention(qkv[:, 0], qk_norm, *args, qk_eps, scale, heads, kv_heads)
+    else:
+        q, k, v = split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
+        k_cache[rows, :, at] = k[:, :, 0]
+        v_cache[rows, :, at] = v[:, :, 0]
+        keys, values = k_cache[:B, :, : mask.shape[-1]], v_cache[:B, :, : mask.shape[-1]]
+        out = decode_attention(q, keys, values, mask, scale).reshape(B, -1)
+    return out.float(), k_cache[rows, :, at].float()
+
+
+def interpreted_checks() -> None:
+    """Run under TRITON_INTERPRET=1 (see the test above); raises on the first failure."""
+    _interpreter_reads_scalar_arguments()
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        for case in CASES:  # fp32: the torch path's numbers, caches included
+            for got, expected in zip(*(_layer(f, torch.float32, *case) for f in (True, False)), strict=True):
+                close(got, expected)
+        talker = CASES[1]
+        slots = torch.tensor([4, 1, 5])  # gathered rows: each reads and writes its own slot
+        fused, plain = (_layer(f, torch.float32, *talker, slots=slots) for f in (True, False))
+        for got, expected in zip(fused, plain, strict=True):
+            close(got, expected)
+        stale = _layer(True, torch.float32, *talker, stale=1e4)[0]  # keys no row may see change nothing
+        close(stale, _layer(True, torch.float32, *talker)[0])
+        # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
+        # (the torch path's own bf16 is within one; the interpreter's casts to bf16 may truncate, the GPU's round)
+        for case in CASES:
+            exact = _attention(False, torch.float32, *case)
+            for got, e in zip(_attention(True, torch.bfloat16, *case), exact, strict=True):
+                assert (got - e).abs().max() <= 2**-7 * e.abs().max(), (case, (got - e).abs().max(), e.abs().max())
+    print("4 checks passed")
