@@ -13,8 +13,7 @@ Numerics: the same operations as `model_runner.attn_in` + `decode_attention`, bu
 input and the bf16 output (scores and probabilities are not rounded to bf16 between the two products), so it
 is close to, not bitwise equal to, that path; it is deterministic (no atomics), so a CUDA graph replays it
 bit for bit. The GPU tier compares the engine with upstream teacher-forced. On the CPU the engine keeps the
-torch path (exact against upstream); `decode_attention_reference` is that path, for tests and for shapes the
-kernel does not take.
+torch path (exact against upstream), and so do shapes the kernel does not take (`supported`).
 """
 
 from __future__ import annotations
