@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 from typing import Any
@@ -114,6 +115,11 @@ def profile(engine: FastEngine, steps: int, rows: int) -> str:
     return f"--- by {key}\n{by_device}\n--- by self_cpu_time_total\n{by_cpu}"
 
 
+def fused_layers(engine: FastEngine) -> dict[str, bool]:
+    """Which decode layers of `engine` run the fused attention kernel (what QTTS_FUSED_ATTENTION got here)."""
+    return {"talker": engine.runner.fused_attention, "predictor": engine.runner.cp_fused_attention}
+
+
 def kernel_profile(
     tts: Any, batch: int, steps: int, *, compile: bool, rows: int, fused: FusedAttention = "off"
 ) -> dict[str, Any]:
@@ -142,7 +148,7 @@ def kernel_profile(
     return {
         "batch": batch,
         "compile": engine.runner.compiled,
-        "fused_attention": fused,
+        "fused_attention": fused_layers(engine),
         "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
         "kernel_ms_per_step": round(total_us / steps / 1000, 3),
         "top": [
@@ -214,7 +220,7 @@ def graph_steps(
         "batch": batch,
         "compile": engine.runner.compiled,
         "graphs": len(engine.graphs or ()),
-        "fused_attention": {"talker": engine.runner.fused_attention, "predictor": engine.runner.cp_fused_attention},
+        "fused_attention": fused_layers(engine),
         "warm_up_s": round(warm_s, 1),
         "ms_per_step": round(ms, 2),
         "x_real_time_per_stream": round(80 / ms, 2),
@@ -233,24 +239,29 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1024, help="KV length of the graph-timing engines")
     parser.add_argument("--kernels-only", action="store_true", help="only the kernel count per step (CUDA)")
     parser.add_argument("--graphs-only", action="store_true", help="only ms per step with CUDA graphs (CUDA)")
-    parser.add_argument("--fused-attention", default="off", choices=["off", "predictor", "all"], help="as the server's")
+    parser.add_argument(
+        "--fused-attention",
+        default="off",
+        type=lambda s: s.split(","),
+        help="QTTS_FUSED_ATTENTION for the kernels-only and graphs-only engines: off, predictor or all, or several "
+        "(comma-separated: one model build for all, each measured in turn)",
+    )
     args = parser.parse_args()
+    if not set(args.fused_attention) <= {"off", "predictor", "all"}:
+        parser.error(f"--fused-attention: off, predictor or all, not {args.fused_attention}")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tts = build_model(args.size, device=device, dtype=dtype)
     batches = [int(b) for b in args.batches.split(",")]
+    compile = args.compile != "off"
     if args.kernels_only:
-        for batch in batches:
-            compile = args.compile != "off"
-            result = kernel_profile(tts, batch, args.steps, compile=compile, rows=args.rows, fused=args.fused_attention)
+        for fused, batch in itertools.product(args.fused_attention, batches):
+            result = kernel_profile(tts, batch, args.steps, compile=compile, rows=args.rows, fused=fused)
             print(json.dumps({"kernel_profile": result}), flush=True)
         return
     if args.graphs_only:
-        for batch in batches:
-            compile = args.compile != "off"
-            steps = graph_steps(
-                tts, batch, 3 * args.steps, compile=compile, max_len=args.max_len, fused=args.fused_attention
-            )
+        for fused, batch in itertools.product(args.fused_attention, batches):
+            steps = graph_steps(tts, batch, 3 * args.steps, compile=compile, max_len=args.max_len, fused=fused)
             print(json.dumps({"graph_steps": steps}), flush=True)
         return
     print(json.dumps({"prefill_parity": prefill_parity(tts)}), flush=True)
