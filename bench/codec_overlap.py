@@ -124,7 +124,6 @@ class Codec:
         capture_stream: torch.cuda.Stream | None = None,
     ) -> None:
         self.decoder = StreamingDecoder(decoder, capture_stream=capture_stream)
-        self.args = (decoder, batch, chunk, device, mode)
         self.batch, self.chunk = batch, chunk
         if device.type == "cuda":
             self.decoder.enable(mode)
@@ -274,7 +273,8 @@ def measure(
     for name, stream in streams:
         beside(codec, name, stream, (args.codec_rate, None))
     for name, stream in streams[1:]:  # the same, its graph captured on the green stream itself
-        beside(Codec(*codec.args, capture_stream=stream), f"{name}, captured there", stream, (None,))
+        there = Codec(codec.decoder.decoder, codec.batch, codec.chunk, device, codec.decoder.compiles, stream)
+        beside(there, f"{name}, captured there", stream, (None,))
     if args.trace is None or device.type != "cuda":
         return None
     return trace_streams(frames, codec, streams, Path(args.trace) / codec.decoder.compiles)

@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import time
+import typing
 from typing import Any
 
 import torch
@@ -247,7 +248,7 @@ def main() -> None:
         "(comma-separated: one model build for all, each measured in turn)",
     )
     args = parser.parse_args()
-    if not set(args.fused_attention) <= {"off", "predictor", "all"}:
+    if not set(args.fused_attention) <= set(typing.get_args(FusedAttention)):
         parser.error(f"--fused-attention: off, predictor or all, not {args.fused_attention}")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

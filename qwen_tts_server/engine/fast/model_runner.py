@@ -134,6 +134,7 @@ class LayerWeights:
             raise NotImplementedError("q_norm and k_norm with different eps")
         eps = float(layer.input_layernorm.variance_epsilon)
         self.head_dim = int(attn.head_dim)
+        self.heads, self.kv_heads = heads, kv_heads
         self.attn_args = (layer.input_layernorm.weight, eps, qkv, qkv_bias, qk_norm, qk_eps, heads, kv_heads)
         gate_up, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
         post_eps = float(layer.post_attention_layernorm.variance_epsilon)
@@ -354,11 +355,9 @@ class ModelRunner:
         # Decode layers whose attention is one Triton kernel (`fused`, where it takes the shapes; see
         # attention_kernel): the code predictor's read 16 keys, one block; the talker's up to max_len keys, which
         # one program per row and kv head reads in turn.
-        fits = fused != "off" and self._fits_kernel(cp.model.layers[0].self_attn, self.cp_head_dim)
+        fits = fused != "off" and self._fits_kernel(self.cp_layers[0])
         self.cp_fused_attention = fits
-        self.fused_attention = (
-            fits and fused == "all" and self._fits_kernel(talker.model.layers[0].self_attn, self.head_dim)
-        )
+        self.fused_attention = fits and fused == "all" and self._fits_kernel(self.layers[0])
         if fused != "off" and not fits:
             log.warning("fused attention (%s) needs CUDA, Triton and shapes it takes: the torch path runs", fused)
 
@@ -370,10 +369,8 @@ class ModelRunner:
         if compile:
             self.enable_compile()
 
-    def _fits_kernel(self, attn: nn.Module, head_dim: int) -> bool:
-        heads = attn.q_proj.weight.shape[0] // head_dim
-        kv_heads = attn.k_proj.weight.shape[0] // head_dim
-        return attention_kernel.supported(self.device, heads, kv_heads, head_dim)
+    def _fits_kernel(self, layer: LayerWeights) -> bool:
+        return attention_kernel.supported(self.device, layer.heads, layer.kv_heads, layer.head_dim)
 
     def enable_compile(self) -> None:
         """Fuse the elementwise work around the matmuls with `torch.compile` (CUDA; compiles on first use).
