@@ -77,6 +77,9 @@ if triton is not None:
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # the kv head; its query heads are h * GROUP .. h * GROUP + GROUP - 1
+        # torch.compile passes Python floats as fp64 scalars: every product with them would be fp64 too.
+        qk_eps = tl.cast(qk_eps, tl.float32)
+        scale = tl.cast(scale, tl.float32)
         GROUP: tl.constexpr = HEADS // KV_HEADS
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, D)
@@ -118,14 +121,20 @@ if triton is not None:
         m = tl.sum(q * k_f[None, :], axis=1) * scale  # [GROUP]
         total = tl.full([GROUP], 1.0, tl.float32)
         acc = tl.zeros([GROUP, D], tl.float32) + v_new.to(tl.float32)[None, :]
-        for start in range(0, kv_len, BLOCK):
+        # Only positions before the new one: no later one is visible (the masks are causal), so a row reads
+        # its own length, not the longest row's. The mask is not the keys' load predicate: all three loads of
+        # a block go out at once; what the mask hides is zeroed after (never-written cache may hold NaN).
+        end = tl.minimum(kv_len, pos)
+        for start in range(0, end, BLOCK):
             at = start + tl.arange(0, BLOCK)
-            inside = at < kv_len
+            inside = at < end
             seen = tl.load(mask + b * mask_row + at * mask_pos, mask=inside, other=0) != 0
-            seen = seen & inside & (at != pos)
+            seen = seen & inside
             where = slot + at[:, None] * cache_pos + d[None, :]
-            keys = tl.load(k_cache + where, mask=seen[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
-            values = tl.load(v_cache + where, mask=seen[:, None], other=0.0).to(tl.float32)
+            keys = tl.load(k_cache + where, mask=inside[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
+            values = tl.load(v_cache + where, mask=inside[:, None], other=0.0).to(tl.float32)
+            keys = tl.where(seen[:, None], keys, 0.0)
+            values = tl.where(seen[:, None], values, 0.0)
             scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale  # [GROUP, BLOCK]
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_next = tl.maximum(m, tl.max(scores, axis=1))
@@ -169,9 +178,9 @@ if triton is not None:
         [heads + kv_heads, D] the norm weights (q heads, then k heads); `cos`/`sin` [B or 1, D] at the rows'
         positions; `positions` [B or 1]; `mask` [B or 1, L] bool, True where a cache position is visible. One
         row of cos/sin, positions or mask serves every row. `rows` must be distinct (each program reads its own
-        row while writing it). The new position is always attended, from registers, whatever the mask says of
-        it: where the torch path would not (a free padding row's position past the mask), that row's output is
-        one nobody reads."""
+        row while writing it). The new position is always attended, from registers, and later ones never,
+        whatever the mask says of them (the engine's masks are causal): where the torch path would differ (a free
+        padding row's position past the mask), that row's output is one nobody reads."""
         B = qkv.shape[0]
         D = k_cache.shape[-1]
         last = (qkv, qk_norm, cos, sin, k_cache, v_cache, mask)

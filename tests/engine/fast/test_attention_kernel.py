@@ -62,8 +62,10 @@ def _inputs(dtype: torch.dtype, positions: list[int], length: int, kv_len: int, 
 
     attn_args, out_args = (tuple(to(a) if isinstance(a, torch.Tensor) else a for a in args) for args in _layer_args())
     k_cache, v_cache = (to(torch.randn(6, KV_HEADS, length, HEAD_DIM)) for _ in range(2))
-    if stale is not None:  # keys no row may see: past every row's position
-        k_cache[:, :, max(positions) + 1 :] = stale
+    if stale is not None:  # keys and values no row may see: past each cache row's position (the first rows')
+        for row in range(len(k_cache)):
+            after = positions[min(row, len(positions) - 1)] + 1
+            k_cache[row, :, after:] = v_cache[row, :, after:] = stale
     B = 3 if shared else len(positions)
     x = to(torch.randn(B, 1, attn_args[0].shape[0]))
     at = torch.tensor(positions)
@@ -119,8 +121,8 @@ def interpreted_checks() -> None:
         fused, plain = (_layer(f, torch.float32, *talker, slots=slots) for f in (True, False))
         for got, expected in zip(fused, plain, strict=True):
             close(got, expected)
-        stale = _layer(True, torch.float32, *talker, stale=1e4)[0]  # keys no row may see change nothing
-        close(stale, _layer(True, torch.float32, *talker)[0])
+        for stale in (1e4, float("nan")):  # keys no row may see change nothing, nor does never-written cache
+            close(_layer(True, torch.float32, *talker, stale=stale)[0], _layer(True, torch.float32, *talker)[0])
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within one; the interpreter's casts to bf16 may truncate, the GPU's round)
         for case in CASES:
