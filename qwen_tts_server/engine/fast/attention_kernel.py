@@ -7,13 +7,17 @@ and RoPE with the key's cache write, the value's cache write, the scores, the so
 weighted sum (bench.profile_step --kernels-only, H100, 2026-12-06). Here it is one: a program per (row, kv
 head) reads the fused q/k/v projection's output, normalizes and rotates its key and its group of query
 heads, writes the key and value into the cache, and attends over the row's visible cache positions with an
-online softmax, all in fp32, the new key taken from registers rather than read back.
+online softmax, all in fp32, the new key taken from registers rather than read back. The code predictor's 16
+keys are one block of scalar products; the talker's longer rows go in blocks of 64 through the tensor cores
+(`tl.dot`, the group's queries padded to 16 rows), so a row takes a few serial steps, not one per 16-32 keys
+(uncompiled at one row on an H100 the scalar version took ~28 us a talker layer against 6 us a predictor one).
 
-Numerics: the same operations as `model_runner.attn_in` + `decode_attention`, but in fp32 between the bf16
-input and the bf16 output (scores and probabilities are not rounded to bf16 between the two products), so it
-is close to, not bitwise equal to, that path; it is deterministic (no atomics), so a CUDA graph replays it
-bit for bit. The GPU tier compares the engine with upstream teacher-forced. On the CPU the engine keeps the
-torch path (exact against upstream), and so do shapes the kernel does not take (`supported`).
+Numerics: the same operations as `model_runner.split_heads` + `decode_attention`, but in fp32 between the
+bf16 input and the bf16 output (the scores are not rounded to bf16; the talker's probabilities are, as the
+torch path's), so it is close to, not bitwise equal to, that path; it is deterministic (no atomics), so a
+CUDA graph replays it bit for bit. The GPU tier compares the engine with upstream teacher-forced. On the CPU
+the engine keeps the torch path (exact against upstream), and so do shapes the kernel does not take
+(`supported`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ except ImportError:  # pragma: no cover - every test machine has it
 
 
 FusedAttention = Literal["off", "predictor", "all"]  # which decode layers use the kernel (QTTS_FUSED_ATTENTION)
-TILE_MAX = 512  # query heads per kv head x head size: the loop's fp32 tiles are [group, BLOCK, head size]
+TILE_MAX = 512  # query heads per kv head x head size: the scalar loop's fp32 tiles are [group, 16, head size]
 
 
 def supported(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
@@ -74,13 +78,16 @@ if triton is not None:
         KV_HEADS: tl.constexpr,
         D: tl.constexpr,
         BLOCK: tl.constexpr,
+        DOT: tl.constexpr,
+        ROWS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # the kv head; its query heads are h * GROUP .. h * GROUP + GROUP - 1
         # torch.compile passes Python floats as fp64 scalars: every product with them would be fp64 too.
         qk_eps = tl.cast(qk_eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
-        GROUP: tl.constexpr = HEADS // KV_HEADS
+        GROUP: tl.constexpr = HEADS // KV_HEADS  # ROWS >= GROUP: see launch_constants
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, D)
         rot = (d + HALF) % D  # rotate_half: [-x[HALF:], x[:HALF]]
@@ -104,23 +111,26 @@ if triton is not None:
         tl.store(k_cache + slot + pos * cache_pos + d, k_new)
         tl.store(v_cache + slot + pos * cache_pos + d, v_new)
 
-        # The group's queries [GROUP, D], normed and rotated, rounded to the cache's dtype.
-        g = h * GROUP + tl.arange(0, GROUP)
+        # The group's queries [ROWS, D], normed and rotated, rounded to the cache's dtype.
+        r = tl.arange(0, ROWS)
+        real = (r < GROUP)[:, None]
+        g = h * GROUP + r
         q_at = g[:, None] * D + d[None, :]
         q_rot = g[:, None] * D + rot[None, :]
-        qx = tl.load(base + q_at).to(tl.float32)
-        qr = tl.load(base + q_rot).to(tl.float32)
+        qx = tl.load(base + q_at, mask=real, other=0.0).to(tl.float32)
+        qr = tl.load(base + q_rot, mask=real, other=0.0).to(tl.float32)
         q_inv = tl.rsqrt(tl.sum(qx * qx, axis=1) / D + qk_eps)[:, None]
-        qw = tl.load(qk_norm + q_at).to(tl.float32)
-        qwr = tl.load(qk_norm + q_rot).to(tl.float32)
+        qw = tl.load(qk_norm + q_at, mask=real, other=0.0).to(tl.float32)
+        qwr = tl.load(qk_norm + q_rot, mask=real, other=0.0).to(tl.float32)
         q = qx * q_inv * qw * c[None, :] + sign[None, :] * qr * q_inv * qwr * s[None, :]
-        q = q.to(k_cache.dtype.element_ty).to(tl.float32)
+        q_low = q.to(k_cache.dtype.element_ty)
+        q = q_low.to(tl.float32)
 
         # Online softmax, started from the new key (always visible to its own position).
         k_f = k_new.to(tl.float32)
-        m = tl.sum(q * k_f[None, :], axis=1) * scale  # [GROUP]
-        total = tl.full([GROUP], 1.0, tl.float32)
-        acc = tl.zeros([GROUP, D], tl.float32) + v_new.to(tl.float32)[None, :]
+        m = tl.sum(q * k_f[None, :], axis=1) * scale  # [ROWS]
+        total = tl.full([ROWS], 1.0, tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32) + v_new.to(tl.float32)[None, :]
         # Only positions before the new one: no later one is visible (the masks are causal), so a row reads
         # its own length, not the longest row's. The mask is not the keys' load predicate: all three loads of
         # a block go out at once; what the mask hides is zeroed after (never-written cache may hold NaN).
@@ -131,20 +141,45 @@ if triton is not None:
             seen = tl.load(mask + b * mask_row + at * mask_pos, mask=inside, other=0) != 0
             seen = seen & inside
             where = slot + at[:, None] * cache_pos + d[None, :]
-            keys = tl.load(k_cache + where, mask=inside[:, None], other=0.0).to(tl.float32)  # [BLOCK, D]
-            values = tl.load(v_cache + where, mask=inside[:, None], other=0.0).to(tl.float32)
-            keys = tl.where(seen[:, None], keys, 0.0)
-            values = tl.where(seen[:, None], values, 0.0)
-            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale  # [GROUP, BLOCK]
+            keys = tl.load(k_cache + where, mask=inside[:, None], other=0.0)  # [BLOCK, D]
+            values = tl.load(v_cache + where, mask=inside[:, None], other=0.0)
+            keys = tl.where(seen[:, None], keys, tl.zeros_like(keys))
+            values = tl.where(seen[:, None], values, tl.zeros_like(values))
+            if DOT:
+                scores = tl.dot(q_low, tl.trans(keys), input_precision=PRECISION) * scale  # [ROWS, BLOCK]
+            else:
+                scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_next = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_next)
             p = tl.exp(scores - m_next[:, None])
             total = total * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
+            if DOT:  # the probabilities in the cache's dtype, as the torch path's are
+                weighted = tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+            else:
+                weighted = tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + weighted
             m = m_next
         o = acc / total[:, None]
-        tl.store(out + b * out_row + q_at, o.to(out.dtype.element_ty))
+        tl.store(out + b * out_row + q_at, o.to(out.dtype.element_ty), mask=real)
+
+
+def launch_constants(kv_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The kernel's compile-time arguments for a cache read up to `kv_len` positions: the code predictor's 16
+    keys are one block of scalar products; the talker's longer rows go in blocks of 64 on the tensor cores, whose
+    tiles need 16 rows (the group's queries padded with zero rows, computed and never stored). fp32 caches (the
+    CPU tests') take fp32 products there, not tf32."""
+    dot = kv_len > 16
+    group = heads // kv_heads
+    return {
+        "HEADS": heads,
+        "KV_HEADS": kv_heads,
+        "D": head_dim,
+        "BLOCK": 64 if dot else 16,
+        "DOT": dot,
+        "ROWS": max(group, 16) if dot else group,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
 
 
 def _stride0(t: Tensor) -> int:
@@ -187,8 +222,7 @@ if triton is not None:
         if any(t.stride(-1) != 1 for t in last) or not qk_norm.is_contiguous():
             raise ValueError("the fused attention reads each vector as contiguous memory")
         out = qkv.new_empty(B, heads * D)
-        kv_len = mask.shape[-1]
-        block = 16 if kv_len <= 16 else 32
+        constants = launch_constants(mask.shape[-1], heads, kv_heads, D, k_cache.dtype)
         _traced_kernel[(B, kv_heads)](
             qkv,
             qkv.stride(0),
@@ -209,13 +243,10 @@ if triton is not None:
             mask.stride(1),
             out,
             out.stride(0),
-            kv_len,
+            mask.shape[-1],
             qk_eps,
             scale,
-            HEADS=heads,
-            KV_HEADS=kv_heads,
-            D=D,
-            BLOCK=block,
+            **constants,
         )
         return out
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import triton
 
 from qwen_tts_server.engine.fast import attention_kernel
 from qwen_tts_server.engine.fast.model_runner import decode_layer
@@ -27,6 +29,33 @@ def test_the_kernel_takes_power_of_two_groups_and_head_sizes_on_cuda_only() -> N
     assert not attention_kernel.supported(cuda, 12, 4, 128)  # three query heads per kv head
     assert not attention_kernel.supported(cuda, 16, 8, 96)
     assert not attention_kernel.supported(cuda, 16, 6, 128)  # heads not a multiple of kv heads
+
+
+@pytest.mark.parametrize("kv_len", [16, 512], ids=["predictor", "talker"])
+def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv_len: int) -> None:
+    """Compiled for an H100 here, without one (Triton's own ptxas), at the 1.7B model's shapes: with its float
+    arguments as fp64, which is how inductor passes them to a user kernel (the first GPU run failed so: the
+    softmax's running sum turned fp64 inside its loop), and as fp32, how Triton's own launcher does."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = attention_kernel._decode_attention_kernel
+    constants = attention_kernel.launch_constants(kv_len, 16, 8, 128, torch.bfloat16)
+    pointers = {"positions": "*i64", "rows": "*i64", "mask": "*i1"}
+    for floats in ("fp64", "fp32"):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name in ("qk_eps", "scale"):
+                signature[name] = floats
+            elif name in ("qkv", "qk_norm", "cos", "sin", "k_cache", "v_cache", "out", *pointers):
+                signature[name] = pointers.get(name, "*bf16")
+            else:
+                signature[name] = "i32"
+        fixed = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+        compiled = triton.compile(ASTSource(kernel, signature, fixed), target=GPUTarget("cuda", 90, 32))
+        assert ".target sm_90" in compiled.asm["ptx"]
 
 
 def test_fused_layer_equals_the_torch_layer_in_the_interpreter() -> None:
@@ -50,6 +79,43 @@ def _interpreter_reads_scalar_arguments() -> None:
         tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 
     interpreter._patch_lang_tensor = patched
+
+
+def _interpreter_multiplies_bf16() -> None:
+    """Triton's interpreter keeps bf16 as its uint16 bits and `tl.dot` multiplies those as integers: widen
+    bf16 operands to fp32 first (exact: bf16 is fp32's upper half), as the GPU's tensor cores do."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def widened(handle):  # noqa: ANN001, ANN202 - the interpreter's TensorHandle
+        if handle.dtype != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def patched(self, a, b, *rest):  # noqa: ANN001, ANN202
+        return dot(self, widened(a), widened(b), *rest)
+
+    interpreter.InterpreterBuilder.create_dot = patched
+
+
+def _interpreter_rounds_to_bf16() -> None:
+    """Triton's interpreter truncates fp32 to bf16; the GPU (and torch) round to nearest even: do that."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interpreter
+
+    convert = interpreter._convert_float
+
+    def rounded(data, from_dtype, to_dtype, rounding_mode):  # noqa: ANN001, ANN202
+        if from_dtype != tl.float32 or to_dtype != tl.bfloat16:
+            return convert(data, from_dtype, to_dtype, rounding_mode)
+        bits = np.asarray(data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+    interpreter._convert_float = rounded
 
 
 def _inputs(dtype: torch.dtype, positions: list[int], length: int, kv_len: int, shared: bool, stale=None):
@@ -111,6 +177,8 @@ def _attention(fused: bool, dtype: torch.dtype, *case) -> tuple[torch.Tensor, to
 def interpreted_checks() -> None:
     """Run under TRITON_INTERPRET=1 (see the test above); raises on the first failure."""
     _interpreter_reads_scalar_arguments()
+    _interpreter_multiplies_bf16()
+    _interpreter_rounds_to_bf16()
     close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         for case in CASES:  # fp32: the torch path's numbers, caches included
@@ -124,7 +192,7 @@ def interpreted_checks() -> None:
         for stale in (1e4, float("nan")):  # keys no row may see change nothing, nor does never-written cache
             close(_layer(True, torch.float32, *talker, stale=stale)[0], _layer(True, torch.float32, *talker)[0])
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
-        # (the torch path's own bf16 is within one; the interpreter's casts to bf16 may truncate, the GPU's round)
+        # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
         for case in CASES:
             exact = _attention(False, torch.float32, *case)
             for got, e in zip(_attention(True, torch.bfloat16, *case), exact, strict=True):
