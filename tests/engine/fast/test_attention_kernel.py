@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
 
     kernel = attention_kernel._decode_attention_kernel
     constants = attention_kernel.launch_constants(kv_len, 16, 8, 128, torch.bfloat16)
+    options = {"num_warps": constants.pop("num_warps")}
     pointers = {"positions": "*i64", "rows": "*i64", "mask": "*i1"}
     for floats in ("fp64", "fp32"):
         signature = {}
@@ -54,8 +57,24 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
             else:
                 signature[name] = "i32"
         fixed = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-        compiled = triton.compile(ASTSource(kernel, signature, fixed), target=GPUTarget("cuda", 90, 32))
+        source = ASTSource(kernel, signature, fixed)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert ".target sm_90" in compiled.asm["ptx"]
+    assert _spilled_bytes(compiled.asm["ptx"]) == 0  # a spill would put local-memory round trips in the loop
+
+
+def _spilled_bytes(ptx: str) -> int:
+    """Bytes ptxas spills to local memory for this PTX (`ptxas -v`, the one Triton ships)."""
+    target = re.search(r"\.target (\S+)", ptx)
+    assert target is not None
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        command = [str(ptxas), "-v", "--gpu-name", target.group(1), "k.ptx", "-o", "k.cubin"]
+        report = subprocess.run(command, cwd=tmp, capture_output=True, text=True, check=True).stderr
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    assert spills, report
+    return sum(int(n) for n in spills)
 
 
 def test_fused_layer_equals_the_torch_layer_in_the_interpreter() -> None:
