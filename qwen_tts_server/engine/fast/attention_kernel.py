@@ -9,8 +9,8 @@ head) reads the fused q/k/v projection's output, normalizes and rotates its key 
 heads, writes the key and value into the cache, and attends over the row's visible cache positions with an
 online softmax, all in fp32, the new key taken from registers rather than read back. The code predictor's 16
 keys are one block of scalar products; the talker's longer rows go in blocks of 64 through the tensor cores
-(`tl.dot`, the group's queries padded to 16 rows), so a row takes a few serial steps, not one per 16-32 keys
-(uncompiled at one row on an H100 the scalar version took ~28 us a talker layer against 6 us a predictor one).
+(`tl.dot`, the group's queries padded to a tile's 16 rows), so a row takes a few serial steps, not one per 32
+keys (uncompiled at one row on an H100 the scalar version took ~28 us a talker layer, 6 us a predictor one).
 
 Numerics: the same operations as `model_runner.split_heads` + `decode_attention`, but in fp32 between the
 bf16 input and the bf16 output (the scores are not rounded to bf16; the talker's probabilities are, as the
@@ -37,14 +37,16 @@ except ImportError:  # pragma: no cover - every test machine has it
 
 FusedAttention = Literal["off", "predictor", "all"]  # which decode layers use the kernel (QTTS_FUSED_ATTENTION)
 TILE_MAX = 512  # query heads per kv head x head size: the scalar loop's fp32 tiles are [group, 16, head size]
+HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs 16 or more; above 128 the tiles would spill (not measured)
 
 
 def supported(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether the kernel takes these shapes on this device: CUDA with Triton, a power-of-two group of query
-    heads per kv head and head size (the kernel's register tiles), no larger together than TILE_MAX."""
+    heads per kv head and a head size of HEAD_DIMS (the kernel's register tiles), no larger together than
+    TILE_MAX. Qwen3-TTS has 128 and groups of 2 (the CPU tests compile those for sm_90 without a spill)."""
     group = heads // kv_heads if kv_heads else 0
-    powers = all(n > 0 and n & (n - 1) == 0 for n in (group, head_dim))
-    fits = powers and heads == group * kv_heads and group * head_dim <= TILE_MAX
+    powers = group > 0 and group & (group - 1) == 0
+    fits = powers and head_dim in HEAD_DIMS and heads == group * kv_heads and group * head_dim <= TILE_MAX
     return triton is not None and device.type == "cuda" and fits
 
 
@@ -167,7 +169,7 @@ if triton is not None:
 def launch_constants(kv_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     """The kernel's compile-time arguments, and its warps, for a cache read up to `kv_len` positions: the code
     predictor's 16 keys are one block of scalar products; the talker's longer rows go in blocks of 64 on the
-    tensor cores, whose tiles need 16 rows (the group's queries padded with zero rows, computed and never
+    tensor cores in tiles of 16 rows (the group's queries padded with zero rows, computed and never
     stored), with 8 warps (ptxas for sm_90, 1.7B shapes: 194 registers a thread, none spilled; with 4, 255 and
     spills). fp32 caches (the CPU tests') take fp32 products there, not tf32."""
     dot = kv_len > 16

@@ -30,6 +30,8 @@ def test_the_kernel_takes_power_of_two_groups_and_head_sizes_on_cuda_only() -> N
     assert not attention_kernel.supported(torch.device("cpu"), 16, 8, 128)
     assert not attention_kernel.supported(cuda, 12, 4, 128)  # three query heads per kv head
     assert not attention_kernel.supported(cuda, 16, 8, 96)
+    assert not attention_kernel.supported(cuda, 16, 8, 8)  # tl.dot's products need 16 or more
+    assert not attention_kernel.supported(cuda, 8, 8, 512)  # tiles that would spill
     assert not attention_kernel.supported(cuda, 16, 6, 128)  # heads not a multiple of kv heads
 
 
@@ -60,7 +62,7 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
         source = ASTSource(kernel, signature, fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert ".target sm_90" in compiled.asm["ptx"]
-    assert _spilled_bytes(compiled.asm["ptx"]) == 0  # a spill would put local-memory round trips in the loop
+        assert _spilled_bytes(compiled.asm["ptx"]) == 0  # a spill would put local-memory round trips in the loop
 
 
 def _spilled_bytes(ptx: str) -> int:
@@ -83,7 +85,7 @@ def test_fused_layer_equals_the_torch_layer_in_the_interpreter() -> None:
     code = "from tests.engine.fast.test_attention_kernel import interpreted_checks; interpreted_checks()"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.strip().endswith("4 checks passed"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("5 checks passed"), done.stdout[-2000:]
 
 
 def _interpreter_reads_scalar_arguments() -> None:
@@ -193,6 +195,37 @@ def _attention(fused: bool, dtype: torch.dtype, *case) -> tuple[torch.Tensor, to
     return out.float(), k_cache[rows, :, at].float()
 
 
+def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) -> None:
+    """The op (fp32) against a float64 reference of what it documents: each row attends the mask's positions
+    before its own and its new key, whatever the mask says past that; cache positions a row may not see hold NaN,
+    and so does the row's own slot until the kernel writes it. For masks the engine never builds (holes below a
+    row's position) and rows it does have (a free row whose position is at or past the keys read)."""
+    from qwen_tts_server.engine.fast.model_runner import split_heads
+
+    heads, B, length = 2 * KV_HEADS, len(positions), kv_len + 32
+    torch.manual_seed(2)
+    qkv = torch.randn(B, (heads + 2 * KV_HEADS) * HEAD_DIM)
+    qk_norm, cos, sin = 1 + 0.1 * torch.randn(heads + KV_HEADS, HEAD_DIM), *torch.randn(2, B, HEAD_DIM)
+    k_cache, v_cache = torch.randn(2, B, KV_HEADS, length, HEAD_DIM)
+    at, rows = torch.tensor(positions), torch.arange(B)
+    q, k, v = split_heads(qkv[:, None].double(), cos[:, None, None].double(), sin[:, None, None].double(),
+                          qk_norm.double(), 1e-6, heads, KV_HEADS)  # fmt: skip
+    keys, values = k_cache.double().clone(), v_cache.double().clone()
+    keys[rows, :, at], values[rows, :, at] = k[:, :, 0], v[:, :, 0]
+    seen = torch.zeros(B, length, dtype=torch.bool)
+    seen[:, :kv_len] = mask
+    seen &= torch.arange(length)[None, :] < at[:, None]
+    seen[rows, at] = True
+    for cache in (k_cache, v_cache):
+        cache.masked_fill_(~seen[:, None, :, None], float("nan"))
+    scores = torch.einsum("bhgd,bhld->bhgl", q.reshape(B, KV_HEADS, 2, HEAD_DIM), keys) * 0.25
+    probs = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1)
+    expected = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(B, -1)
+    got = attention_kernel.fused_decode_attention(qkv, qk_norm, cos, sin, at, rows, k_cache, v_cache, mask, 1e-6,
+                                                  0.25, heads, KV_HEADS)  # fmt: skip
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def interpreted_checks() -> None:
     """Run under TRITON_INTERPRET=1 (see the test above); raises on the first failure."""
     _interpreter_reads_scalar_arguments()
@@ -210,10 +243,16 @@ def interpreted_checks() -> None:
             close(got, expected)
         for stale in (1e4, float("nan")):  # keys no row may see change nothing, nor does never-written cache
             close(_layer(True, torch.float32, *talker, stale=stale)[0], _layer(True, torch.float32, *talker)[0])
+        for kv_len in (16, 128):  # one block of scalar products; blocks on `tl.dot`
+            holes = torch.zeros(3, kv_len, dtype=torch.bool)
+            holes[:, ::3] = True
+            _against_reference([kv_len - 1, 10, 5], kv_len, holes)
+            free = [3, kv_len + 20, kv_len]  # free rows keep a position that may be past every key read
+            _against_reference(free, kv_len, torch.arange(kv_len)[None, :] <= torch.tensor(free)[:, None])
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
         for case in CASES:
             exact = _attention(False, torch.float32, *case)
             for got, e in zip(_attention(True, torch.bfloat16, *case), exact, strict=True):
                 assert (got - e).abs().max() <= 2**-7 * e.abs().max(), (case, (got - e).abs().max(), e.abs().max())
-    print("4 checks passed")
+    print("5 checks passed")
