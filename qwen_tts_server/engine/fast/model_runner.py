@@ -353,8 +353,8 @@ class ModelRunner:
         self.cp_masks = [(cp_keys <= p)[None, None, None, :].clone() for p in range(CP_CACHE_LEN)]
 
         # Decode layers whose attention is one Triton kernel (`fused`, where it takes the shapes; see
-        # attention_kernel): the code predictor's read 16 keys, one block; the talker's up to max_len keys, which
-        # one program per row and kv head reads in turn.
+        # attention_kernel): the code predictor's read 16 keys, one block; the talker's each row's own length, in
+        # blocks of 64 on the tensor cores.
         fits = fused != "off" and self._fits_kernel(self.cp_layers[0])
         self.cp_fused_attention = fits
         self.fused_attention = fits and fused == "all" and self._fits_kernel(self.layers[0])

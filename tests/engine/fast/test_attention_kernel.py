@@ -200,7 +200,7 @@ def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) ->
     before its own and its new key, whatever the mask says past that; cache positions a row may not see hold NaN,
     and so does the row's own slot until the kernel writes it. For masks the engine never builds (holes below a
     row's position) and rows it does have (a free row whose position is at or past the keys read)."""
-    from qwen_tts_server.engine.fast.model_runner import split_heads
+    from qwen_tts_server.engine.fast.model_runner import decode_attention, split_heads
 
     heads, B, length = 2 * KV_HEADS, len(positions), kv_len + 32
     torch.manual_seed(2)
@@ -218,9 +218,7 @@ def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) ->
     seen[rows, at] = True
     for cache in (k_cache, v_cache):
         cache.masked_fill_(~seen[:, None, :, None], float("nan"))
-    scores = torch.einsum("bhgd,bhld->bhgl", q.reshape(B, KV_HEADS, 2, HEAD_DIM), keys) * 0.25
-    probs = scores.masked_fill(~seen[:, None, None, :], float("-inf")).softmax(-1)
-    expected = torch.einsum("bhgl,bhld->bhgd", probs, values).reshape(B, -1)
+    expected = decode_attention(q, keys, values, seen[:, None, None, :], 0.25).reshape(B, -1)
     got = attention_kernel.fused_decode_attention(qkv, qk_norm, cos, sin, at, rows, k_cache, v_cache, mask, 1e-6,
                                                   0.25, heads, KV_HEADS)  # fmt: skip
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
