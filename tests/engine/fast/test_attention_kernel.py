@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[3]
 HEAD_DIM, KV_HEADS = 16, 2
 
 
-def test_the_kernel_takes_power_of_two_groups_and_head_sizes_on_cuda_only() -> None:
+def test_the_kernel_takes_power_of_two_groups_head_sizes_16_to_128_and_small_tiles_on_cuda_only() -> None:
     cuda = torch.device("cuda")
     assert attention_kernel.supported(cuda, 16, 8, 128)
     assert not attention_kernel.supported(torch.device("cpu"), 16, 8, 128)
