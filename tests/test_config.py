@@ -42,11 +42,11 @@ def test_compile_codec_given_as_a_python_bool(value, expected):
     assert Settings(compile_codec=value).compile_codec == expected
 
 
-def test_fused_attention_is_off_unless_asked_and_an_unknown_mode_says_what_it_may_be(monkeypatch):
+def test_fused_attention_is_the_predictors_unless_asked_and_an_unknown_mode_says_what_it_may_be(monkeypatch):
     monkeypatch.delenv("QTTS_FUSED_ATTENTION", raising=False)
-    assert Settings().fused_attention == "off"
-    monkeypatch.setenv("QTTS_FUSED_ATTENTION", "predictor")
     assert Settings().fused_attention == "predictor"
+    monkeypatch.setenv("QTTS_FUSED_ATTENTION", "off")
+    assert Settings().fused_attention == "off"
     monkeypatch.setenv("QTTS_FUSED_ATTENTION", "talker")
     with pytest.raises(ValidationError, match="'off', 'predictor' or 'all'"):
         Settings()

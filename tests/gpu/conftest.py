@@ -123,6 +123,7 @@ class SharedEngine:
             admit_wait_s=0.04,  # the server's defaults (QTTS_ADMIT_WAIT_MS, QTTS_CODEC_WAIT_MS)
             codec_wait_s=0.1,
             compile=tier.compile,
+            fused_attention=tier.fused_attention,
         )
         self.engine.warm_up()
         if tier.cuda:

@@ -7,6 +7,8 @@ Environment (all optional):
   QTTS_GPU_TEST_DEVICE   cuda (the default where CUDA is available) or cpu (development: tiny checkpoints, fp32)
   QTTS_GPU_TEST_DTYPE    bfloat16 on CUDA, float32 on the CPU (the server's `auto`)
   QTTS_GPU_TEST_COMPILE  1 (default on CUDA, as served) or 0: torch.compile of the fast engine's layer parts
+  QTTS_FUSED_ATTENTION   the server's own setting (config.py; default predictor): which decode layers of the
+                         tier's engines run the fused attention kernel
   QTTS_GPU_TEST_RESULTS  the JSON file the numbers go to (default bench/results/gpu-tests-<date>.json)
   QTTS_GPU_TEST_REPEATS  runs of each kind per batch size in the graph-vs-eager test (default 2)
 bench/gpu_tests.sh adds QTTS_GPU_TEST_BUILD (0: do not write the checkpoint) and QTTS_GPU_TEST_TIMEOUT_S.
@@ -33,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qwen_tts_server.config import Settings
+from qwen_tts_server.engine.fast.attention_kernel import FusedAttention
 from qwen_tts_server.engine.fast.engine import FastEngine
 from qwen_tts_server.engine.fast.prompt import Prompt, prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
@@ -61,6 +65,7 @@ class Tier:
     device: torch.device
     dtype: torch.dtype
     compile: bool
+    fused_attention: FusedAttention
     models_dir: Path
     results_path: Path
 
@@ -86,6 +91,7 @@ class Tier:
             device=device,
             dtype=dtype,
             compile=compile,
+            fused_attention=Settings().fused_attention,  # as the server would run
             models_dir=Path(os.environ.get("QTTS_GPU_TEST_MODELS", "/tmp/models")),
             results_path=Path(results),
         )
@@ -163,6 +169,7 @@ def header(tier: Tier, checkpoint: Path, full_size: bool) -> dict[str, Any]:
             "device": tier.device,
             "dtype": tier.dtype,
             "compile": tier.compile,
+            "fused_attention": tier.fused_attention,
             "checkpoint": checkpoint,
             "full_size": full_size,
             "max_slots": MAX_SLOTS,

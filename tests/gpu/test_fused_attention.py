@@ -4,7 +4,8 @@ in a CUDA graph.
 
 Per shape (the code predictor's: 64 rows at position 7 of 16 keys; the talker's: 2 and 64 rows at their own
 positions, 256 of 512 cache positions read, several key blocks), on random bf16 weights and caches that are
-per-layer views of one larger tensor, as the engine's are:
+laid out as the engine's are (the code predictor's a tensor per layer and K/V, the talker's views of one
+larger tensor):
 
 * compiled, the fused layer is close to the compiled torch layer (max abs difference recorded);
 * it writes each row's key and value at its position in place, in the larger tensor, and nothing else;
@@ -34,9 +35,9 @@ SHAPES = {
 }
 
 
-def _case(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, torch.Tensor]:
-    """decode_layer's arguments (slots and fused left out) and the [K/V, row, kv head, position, dim] tensor
-    whose views the caches are."""
+def _case(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    """decode_layer's arguments (slots and fused left out) and its caches (K, V) [row, kv head, position, dim]:
+    two tensors for the code predictor, views of one for the talker, as the engine has them."""
     rows, hidden, inter, length, kv_len, shared = SHAPES[shape]
     gen = torch.Generator(device="cpu").manual_seed(3)
 
@@ -49,6 +50,7 @@ def _case(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, 
     out_args = (rand(hidden, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), None, 1 + rand(hidden, scale=0.1))
     out_args += (1e-6, rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter, scale=inter**-0.5))
     kv = rand(2, rows + 3, KV_HEADS, length, HEAD_DIM)
+    caches = (kv[0].clone(), kv[1].clone()) if shared else (kv[0], kv[1])
     x = rand(rows, 1, hidden)
     if shared:
         positions = torch.tensor([7], device=device)
@@ -59,13 +61,18 @@ def _case(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, 
         positions[0] = kv_len - 1  # one row sees every key it reads
         cos, sin = rand(rows, 1, 1, HEAD_DIM), rand(rows, 1, 1, HEAD_DIM)
         mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-    return (x, cos, sin, mask, positions, kv[0], kv[1], HEAD_DIM**-0.5, attn_args, out_args), kv
+    return (x, cos, sin, mask, positions, *caches, HEAD_DIM**-0.5, attn_args, out_args), caches
 
 
-def _written(kv: torch.Tensor, positions: torch.Tensor, rows: int) -> torch.Tensor:
+def _written(caches: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, rows: int) -> torch.Tensor:
     """Each row's key and value at its position [row, K/V, kv head, dim]."""
     at = positions.expand(rows)
-    return kv[:, torch.arange(rows, device=kv.device), :, at]
+    return torch.stack(caches)[:, torch.arange(rows, device=at.device), :, at]
+
+
+def _reset(caches: tuple[torch.Tensor, torch.Tensor], before: tuple[torch.Tensor, torch.Tensor]) -> None:
+    for cache, saved in zip(caches, before, strict=True):
+        cache.copy_(saved)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -76,16 +83,18 @@ def test_fused_attention_compiled_and_graphed(shape: str, tier: Tier, results: R
     layer = torch.compile(decode_layer)
     with torch.inference_mode():
         args, kv_torch = _case(shape, tier.device, tier.dtype)
-        before = kv_torch.clone()
+        before = tuple(cache.clone() for cache in kv_torch)
         expected = layer(*args, None, False)
         args, kv = _case(shape, tier.device, tier.dtype)
         got = layer(*args, None, True)
         positions = args[4]
         written = _written(kv, positions, rows)
         # Nothing but the written positions changed: put them back and the tensor is as it was.
-        restored = kv.clone()
-        restored[:, torch.arange(rows, device=kv.device), :, positions.expand(rows)] = _written(before, positions, rows)
-        untouched = torch.equal(restored, before)
+        restored = torch.stack(kv)
+        restored[:, torch.arange(rows, device=tier.device), :, positions.expand(rows)] = _written(
+            before, positions, rows
+        )
+        untouched = torch.equal(restored, torch.stack(before))
         # A graph of the fused layer replays to the same bits as the call it was captured from.
         args, kv_graph = _case(shape, tier.device, tier.dtype)
         call = functools.partial(layer, *args, None, True)
@@ -94,12 +103,12 @@ def test_fused_attention_compiled_and_graphed(shape: str, tier: Tier, results: R
         with torch.cuda.stream(stream):
             call()  # warm-up on the capture stream
         torch.cuda.current_stream(tier.device).wait_stream(stream)
-        kv_graph.copy_(before)
+        _reset(kv_graph, before)
         direct = call().clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = call()
-        kv_graph.copy_(before)
+        _reset(kv_graph, before)
         graph.replay()
         torch.cuda.synchronize(tier.device)
     scale = float(expected.float().abs().max())

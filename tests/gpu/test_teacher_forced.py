@@ -122,9 +122,9 @@ def upstream_forced(tts: Any, codes: Tensor) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def fast_forced(tts: Any, prompt: Prompt, codes: Tensor, compile: bool) -> dict[str, Any]:
+def fast_forced(tts: Any, prompt: Prompt, codes: Tensor, tier: Tier) -> dict[str, Any]:
     """The engine's per-frame work (engine.frame) on one row, fed `codes` instead of sampling."""
-    runner = ModelRunner(tts, max_slots=1, max_len=MAX_LEN, compile=compile)
+    runner = ModelRunner(tts, max_slots=1, max_len=MAX_LEN, compile=tier.compile, fused=tier.fused_attention)
     buckets = kv_buckets(MAX_LEN)
     device = runner.device
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def test_teacher_forced_logits_match_upstream(
 ) -> None:
     codes = teacher(tts)
     prompt = custom_prompt(tts, TEXT, SPEAKER)
-    ours = fast_forced(tts, prompt, codes, tier.compile)
+    ours = fast_forced(tts, prompt, codes, tier)
     low = upstream_forced(tts, codes)
     exact_tts = tts if tier.dtype == torch.float32 else load(checkpoint.path, torch.float32)
     try:

@@ -358,8 +358,8 @@ class ModelRunner:
         fits = fused != "off" and self._fits_kernel(self.cp_layers[0])
         self.cp_fused_attention = fits
         self.fused_attention = fits and fused == "all" and self._fits_kernel(self.layers[0])
-        if fused != "off" and not fits:
-            log.warning("fused attention (%s) needs CUDA, Triton and shapes it takes: the torch path runs", fused)
+        if fused != "off" and not fits and self.device.type == "cuda":  # elsewhere the torch path is the rule
+            log.warning("fused attention (%s) needs Triton and shapes it takes: the torch path runs", fused)
 
         self.attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]] = attn_in
         self.layer_out: Callable[..., Tensor] = layer_out
