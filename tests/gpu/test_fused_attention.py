@@ -19,6 +19,7 @@ import functools
 import pytest
 import torch
 
+from bench.fused_layouts import HEAD_DIM, HEADS, KV_HEADS, layer_case
 from qwen_tts_server.engine.fast import attention_kernel
 from qwen_tts_server.engine.fast.model_runner import decode_layer
 
@@ -26,42 +27,18 @@ from .support import Results, Tier, max_abs
 
 pytestmark = pytest.mark.gpu
 
-HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
-# name: (rows, hidden, MLP size, cache positions, keys read, one position for every row)
-SHAPES = {
-    "predictor_64": (64, 1024, 3072, 16, 16, True),
-    "talker_2": (2, 2048, 6144, 512, 256, False),
-    "talker_64": (64, 2048, 6144, 512, 256, False),
+# name: (shape, rows, cache layout as the engine has it: the code predictor's K and V tensors of their own, the
+# talker's views of one tensor; bench/fused_layouts.py builds the cases and says more)
+CASES = {
+    "predictor_64": ("predictor", 64, "own"),
+    "talker_2": ("talker", 2, "views"),
+    "talker_64": ("talker", 64, "views"),
 }
 
 
-def _case(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
-    """decode_layer's arguments (slots and fused left out) and its caches (K, V) [row, kv head, position, dim]:
-    two tensors for the code predictor, views of one for the talker, as the engine has them."""
-    rows, hidden, inter, length, kv_len, shared = SHAPES[shape]
-    gen = torch.Generator(device="cpu").manual_seed(3)
-
-    def rand(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
-
-    qkv = rand((HEADS + 2 * KV_HEADS) * HEAD_DIM, hidden, scale=hidden**-0.5)
-    attn_args = (1 + rand(hidden, scale=0.1), 1e-6, qkv, None, 1 + rand(HEADS + KV_HEADS, HEAD_DIM, scale=0.1))
-    attn_args += (1e-6, HEADS, KV_HEADS)
-    out_args = (rand(hidden, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), None, 1 + rand(hidden, scale=0.1))
-    out_args += (1e-6, rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter, scale=inter**-0.5))
-    kv = rand(2, rows + 3, KV_HEADS, length, HEAD_DIM)
-    caches = (kv[0].clone(), kv[1].clone()) if shared else (kv[0], kv[1])
-    x = rand(rows, 1, hidden)
-    if shared:
-        positions = torch.tensor([7], device=device)
-        cos, sin = rand(1, HEAD_DIM), rand(1, HEAD_DIM)
-        mask = (torch.arange(kv_len, device=device) <= 7)[None, None, None, :]
-    else:
-        positions = torch.randint(0, kv_len, (rows,), generator=gen).to(device)
-        positions[0] = kv_len - 1  # one row sees every key it reads
-        cos, sin = rand(rows, 1, 1, HEAD_DIM), rand(rows, 1, 1, HEAD_DIM)
-        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-    return (x, cos, sin, mask, positions, *caches, HEAD_DIM**-0.5, attn_args, out_args), caches
+def _case(name: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple[torch.Tensor, torch.Tensor]]:
+    shape, rows, layout = CASES[name]
+    return layer_case(shape, rows, layout, device, dtype)
 
 
 def _written(caches: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, rows: int) -> torch.Tensor:
@@ -80,11 +57,11 @@ def _reset(caches: tuple[torch.Tensor, torch.Tensor], before: tuple[torch.Tensor
 FAULTS = pytest.mark.skip(reason="faults compiled on cache views at 64 rows (2026-12-07, H100); the server refuses it")
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=FAULTS) if s == "talker_64" else s for s in SHAPES])
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=FAULTS) if s == "talker_64" else s for s in CASES])
 def test_fused_attention_compiled_and_graphed(shape: str, tier: Tier, results: Results) -> None:
     if not attention_kernel.supported(tier.device, HEADS, KV_HEADS, HEAD_DIM):
         pytest.skip("the fused attention kernel needs CUDA and Triton")
-    rows = SHAPES[shape][0]
+    rows = CASES[shape][1]
     layer = torch.compile(decode_layer)
     with torch.inference_mode():
         args, kv_torch = _case(shape, tier.device, tier.dtype)

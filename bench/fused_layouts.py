@@ -1,0 +1,169 @@
+"""Which cache layouts the fused decode attention (engine/fast/attention_kernel.py) gets right on a GPU,
+compiled and not. Each case runs in a process of its own: a fault poisons the process's CUDA context.
+
+One layer's K and V caches [row, kv head, position, dim] come in three layouts:
+  own      two tensors of their own (how the engine holds the code predictor's)
+  views    views of one tensor (how it holds the talker's: one [K/V, layer, ...] tensor, for one-copy compaction)
+  offsets  views, at an offset, of two different tensors (tells aliasing from offsets)
+
+Per case, the op through `decode_layer` against the torch path on the same random bf16 inputs at the 1.7B
+model's shapes: the output's max abs difference (a bf16 step at its size is 0.031), the cache positions the
+fused layer wrote that the torch path did not, and those it missed; a case that faults says so. On
+2026-12-07 (H100, torch 2.11, an earlier script of the same cases): `own` and `views` matched uncompiled at 2
+to 64 rows, `own` matched compiled at 64, `views` faulted compiled at 64; `offsets` was not run yet. A
+diagnostic: prints a table and writes JSON; it asserts nothing.
+
+    python3 -m bench.fused_layouts --shapes talker --rows 64 --layouts own,views,offsets --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.tables import markdown_table
+
+HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
+# name: (hidden, MLP size, cache positions, keys read, one position for every row)
+SHAPES = {"predictor": (1024, 3072, 16, 16, True), "talker": (2048, 6144, 512, 256, False)}
+LAYOUTS = ("own", "views", "offsets")
+Caches = tuple[Tensor, Tensor]
+
+
+def _caches(kv: Tensor, layout: str) -> Caches:
+    """K and V holding `kv`'s [K/V, ...] values, laid out as `layout` says."""
+    if layout == "own":
+        return kv[0].clone(), kv[1].clone()
+    if layout == "views":
+        return kv[0], kv[1]
+    outer = [kv.new_zeros(2, *kv.shape[1:]) for _ in range(2)]
+    for tensor, values in zip(outer, kv, strict=True):
+        tensor[1] = values
+    return outer[0][1], outer[1][1]
+
+
+def layer_case(shape: str, rows: int, layout: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, Caches]:
+    """`decode_layer`'s arguments for one decode step of `rows` rows at `shape` (slots and fused left out), and
+    its caches (K, V): the same values for the same arguments, whatever the layout. The code predictor's rows
+    share position 7 of 16 keys; the talker's each have their own (the first sees every key it reads)."""
+    hidden, inter, length, kv_len, shared = SHAPES[shape]
+    gen = torch.Generator(device="cpu").manual_seed(3)
+
+    def rand(*size: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
+
+    qkv = rand((HEADS + 2 * KV_HEADS) * HEAD_DIM, hidden, scale=hidden**-0.5)
+    attn_args = (1 + rand(hidden, scale=0.1), 1e-6, qkv, None, 1 + rand(HEADS + KV_HEADS, HEAD_DIM, scale=0.1))
+    attn_args += (1e-6, HEADS, KV_HEADS)
+    out_args = (rand(hidden, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), None, 1 + rand(hidden, scale=0.1))
+    out_args += (1e-6, rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter, scale=inter**-0.5))
+    caches = _caches(rand(2, rows + 3, KV_HEADS, length, HEAD_DIM), layout)
+    x = rand(rows, 1, hidden)
+    if shared:
+        positions = torch.tensor([7], device=device)
+        cos, sin = rand(1, HEAD_DIM), rand(1, HEAD_DIM)
+        mask = (torch.arange(kv_len, device=device) <= 7)[None, None, None, :]
+    else:
+        positions = torch.randint(0, kv_len, (rows,), generator=gen).to(device)
+        positions[0] = kv_len - 1
+        cos, sin = rand(rows, 1, 1, HEAD_DIM), rand(rows, 1, 1, HEAD_DIM)
+        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+    return (x, cos, sin, mask, positions, *caches, HEAD_DIM**-0.5, attn_args, out_args), caches
+
+
+def _written(before: Caches, after: Caches) -> set[tuple[int, ...]]:
+    """(K/V, row, kv head, position) of every cache vector that changed."""
+    changed = (torch.stack(after) != torch.stack(before)).any(dim=-1).nonzero()
+    return {tuple(at) for at in changed.tolist()}
+
+
+def compare(shape: str, rows: int, layout: str, compiled: bool) -> dict[str, Any]:
+    """The fused layer against the torch layer on one case (in this process; CUDA)."""
+    from qwen_tts_server.engine.fast.model_runner import decode_layer
+
+    layer = torch.compile(decode_layer) if compiled else decode_layer
+    device = torch.device("cuda")
+    runs = {}
+    with torch.inference_mode():
+        for fused in (False, True):
+            args, caches = layer_case(shape, rows, layout, device, torch.bfloat16)
+            before = tuple(cache.clone() for cache in caches)
+            out = layer(*args, None, fused)
+            torch.cuda.synchronize(device)
+            runs[fused] = (out.float(), _written(before, caches))
+    (expected, torch_wrote), (got, fused_wrote) = runs[False], runs[True]
+    return {
+        "out_max_abs": float((got - expected).abs().max()),
+        "out_max": float(expected.abs().max()),
+        "stray_writes": len(fused_wrote - torch_wrote),
+        "missed_writes": len(torch_wrote - fused_wrote),
+    }
+
+
+def run_case(shape: str, rows: int, layout: str, compiled: bool, timeout_s: float) -> dict[str, Any]:
+    """`compare` in a process of its own; a fault or a time-out becomes the row's `error`."""
+    case = {"shape": shape, "rows": rows, "layout": layout, "compiled": compiled}
+    command = [sys.executable, "-m", "bench.fused_layouts", "--one", json.dumps(case)]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout_s:.0f} s"}
+    case["seconds"] = round(time.perf_counter() - t0, 1)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        errors = [line for line in done.stderr.splitlines() if "Error" in line]
+        return {**case, "error": (errors or done.stderr.splitlines() or ["no output"])[-1][:300]}
+    return {**case, **json.loads(lines[-1])}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = ["shape", "rows", "layout", "compiled", "out max abs", "stray writes", "missed writes", "error"]
+    keys = ["shape", "rows", "layout", "compiled", "out_max_abs", "stray_writes", "missed_writes", "error"]
+    return markdown_table(head, ([r.get(k, "-") for k in keys] for r in results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="predictor,talker")
+    parser.add_argument("--rows", default="2,64")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--compiled", default="0,1", help="0: eager, 1: torch.compile; comma-separated")
+    parser.add_argument("--timeout-s", type=float, default=120, help="per case")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a case as JSON: run it here (run_case's child)
+    args = parser.parse_args()
+    if args.one:
+        case = json.loads(args.one)
+        print(json.dumps(compare(case["shape"], case["rows"], case["layout"], case["compiled"])), flush=True)
+        return
+    if not torch.cuda.is_available():
+        sys.exit("fused_layouts needs CUDA")
+    shapes, layouts = args.shapes.split(","), args.layouts.split(",")
+    if not set(shapes) <= set(SHAPES) or not set(layouts) <= set(LAYOUTS):
+        parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {list(LAYOUTS)}")
+    compiled = [c == "1" for c in args.compiled.split(",")]
+    grid = itertools.product(shapes, [int(n) for n in args.rows.split(",")], layouts, compiled)
+    results = []
+    for case in grid:
+        results.append(run_case(*case, timeout_s=args.timeout_s))
+        print(json.dumps(results[-1]), flush=True)
+    print(table(results))
+    card = torch.cuda.get_device_name(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{time.strftime('%Y-%m-%d')}-{card.replace(' ', '-')}-fused-layouts.json"
+    path.write_text(json.dumps({"card": card, "torch": torch.__version__, "cases": results}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
