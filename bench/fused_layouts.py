@@ -7,11 +7,12 @@ One layer's K and V caches [row, kv head, position, dim] come in three layouts:
   offsets  views, at an offset, of two different tensors (tells aliasing from offsets)
 
 Per case, the op through `decode_layer` against the torch path on the same random bf16 inputs at the 1.7B
-model's shapes: the output's max abs difference (a bf16 step at its size is 0.031), the cache positions the
-fused layer wrote that the torch path did not, and those it missed; a case that faults says so. On
-2026-12-07 (H100, torch 2.11, an earlier script of the same cases): `own` and `views` matched uncompiled at 2
-to 64 rows, `own` matched compiled at 64, `views` faulted compiled at 64; `offsets` was not run yet. A
-diagnostic: prints a table and writes JSON; it asserts nothing.
+model's shapes: the output's and the caches' max abs differences (with the output's largest value: a bf16 step
+between 4 and 8 is 0.031), the cache positions the fused layer wrote that the torch path did not, and those it
+missed; a case that fails or faults says so. On 2026-12-07 (H100, torch 2.11, an earlier script of the same
+cases): `own` and `views` matched uncompiled at 2 to 64 rows and `own` compiled at 64; compiled at 64 rows on
+`views` the talker's case faulted and the code predictor's gave wrong outputs and stray writes (the GPU tier);
+`offsets` was not run yet. A diagnostic: prints a table and writes JSON; it asserts nothing.
 
     python3 -m bench.fused_layouts --shapes talker --rows 64 --layouts own,views,offsets --out "$OUT"
 """
@@ -19,6 +20,7 @@ diagnostic: prints a table and writes JSON; it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import subprocess
@@ -31,6 +33,8 @@ import torch
 from torch import Tensor
 
 from bench.tables import markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 # name: (hidden, MLP size, cache positions, keys read, one position for every row)
@@ -86,49 +90,58 @@ def _written(before: Caches, after: Caches) -> set[tuple[int, ...]]:
     return {tuple(at) for at in changed.tolist()}
 
 
-def compare(shape: str, rows: int, layout: str, compiled: bool) -> dict[str, Any]:
-    """The fused layer against the torch layer on one case (in this process; CUDA)."""
+def compare(
+    shape: str, rows: int, layout: str, compiled: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> dict[str, Any]:
+    """The fused layer against the torch layer on one case, in this process (CUDA; or the CPU under Triton's
+    interpreter, as the tests run it)."""
     from qwen_tts_server.engine.fast.model_runner import decode_layer
 
     layer = torch.compile(decode_layer) if compiled else decode_layer
-    device = torch.device("cuda")
     runs = {}
     with torch.inference_mode():
         for fused in (False, True):
-            args, caches = layer_case(shape, rows, layout, device, torch.bfloat16)
-            before = tuple(cache.clone() for cache in caches)
+            args, caches = layer_case(shape, rows, layout, torch.device(device), dtype)
+            before = tuple(cache.cpu() for cache in caches)  # out of reach of a stray write
             out = layer(*args, None, fused)
-            torch.cuda.synchronize(device)
-            runs[fused] = (out.float(), _written(before, caches))
-    (expected, torch_wrote), (got, fused_wrote) = runs[False], runs[True]
+            after = tuple(cache.cpu() for cache in caches)
+            runs[fused] = (out.float().cpu(), torch.stack(after).float(), _written(before, after))
+    (expected, torch_caches, torch_wrote), (got, fused_caches, fused_wrote) = runs[False], runs[True]
     return {
         "out_max_abs": float((got - expected).abs().max()),
         "out_max": float(expected.abs().max()),
+        "cache_max_abs": float((fused_caches - torch_caches).abs().max()),
         "stray_writes": len(fused_wrote - torch_wrote),
         "missed_writes": len(torch_wrote - fused_wrote),
     }
 
 
 def run_case(shape: str, rows: int, layout: str, compiled: bool, timeout_s: float) -> dict[str, Any]:
-    """`compare` in a process of its own; a fault or a time-out becomes the row's `error`."""
+    """`compare` in a process of its own (run from the repository, wherever this one runs); a failure, a fault
+    or a time-out becomes the row's `error`."""
     case = {"shape": shape, "rows": rows, "layout": layout, "compiled": compiled}
     command = [sys.executable, "-m", "bench.fused_layouts", "--one", json.dumps(case)]
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
     except subprocess.TimeoutExpired:
-        return {**case, "error": f"timed out after {timeout_s:.0f} s"}
+        return {**case, "seconds": timeout_s, "error": f"timed out after {timeout_s:.0f} s"}
     case["seconds"] = round(time.perf_counter() - t0, 1)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        errors = [line for line in done.stderr.splitlines() if "Error" in line]
-        return {**case, "error": (errors or done.stderr.splitlines() or ["no output"])[-1][:300]}
-    return {**case, **json.loads(lines[-1])}
+    if done.returncode == 0 and lines:
+        try:
+            return {**case, **json.loads(lines[-1])}
+        except json.JSONDecodeError:
+            pass
+    errors = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.splitlines()
+    return {**case, "error": f"exit status {done.returncode}: {(errors or ['no output'])[-1][:300]}"}
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["shape", "rows", "layout", "compiled", "out max abs", "stray writes", "missed writes", "error"]
-    keys = ["shape", "rows", "layout", "compiled", "out_max_abs", "stray_writes", "missed_writes", "error"]
+    head = ["shape", "rows", "layout", "compiled", "out max abs", "out max", "cache max abs", "stray writes"]
+    head += ["missed writes", "error"]
+    keys = ["shape", "rows", "layout", "compiled", "out_max_abs", "out_max", "cache_max_abs", "stray_writes"]
+    keys += ["missed_writes", "error"]
     return markdown_table(head, ([r.get(k, "-") for k in keys] for r in results))
 
 
@@ -151,6 +164,8 @@ def main() -> None:
     shapes, layouts = args.shapes.split(","), args.layouts.split(",")
     if not set(shapes) <= set(SHAPES) or not set(layouts) <= set(LAYOUTS):
         parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {list(LAYOUTS)}")
+    if not set(args.compiled.split(",")) <= {"0", "1"}:
+        parser.error(f"--compiled: 0 or 1, or both (0,1), not {args.compiled}")
     compiled = [c == "1" for c in args.compiled.split(",")]
     grid = itertools.product(shapes, [int(n) for n in args.rows.split(",")], layouts, compiled)
     results = []
@@ -160,7 +175,8 @@ def main() -> None:
     print(table(results))
     card = torch.cuda.get_device_name(0)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{time.strftime('%Y-%m-%d')}-{card.replace(' ', '-')}-fused-layouts.json"
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    path = args.out / f"{stamp}-{card.replace(' ', '-')}-fused-layouts.json"
     path.write_text(json.dumps({"card": card, "torch": torch.__version__, "cases": results}, indent=1))
     print(f"wrote {path}")
 

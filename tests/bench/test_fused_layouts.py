@@ -3,27 +3,45 @@ case whose process fails becomes a row with the error, not a crash of the run.""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 import torch
 
 from bench import fused_layouts
-from bench.fused_layouts import LAYOUTS, layer_case
 
 CPU = torch.device("cpu")
 
 
+def _leaves(value: Any) -> Iterator[Any]:
+    """Every argument, the layer's nested weights included."""
+    if isinstance(value, tuple):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
 def test_every_layout_holds_the_same_inputs_and_caches() -> None:
-    cases = {layout: layer_case("talker", 2, layout, CPU, torch.float32) for layout in LAYOUTS}
-    (args, caches) = cases["own"]
-    for other_args, other_caches in list(cases.values())[1:]:
-        for a, b in zip(args, other_args, strict=True):
-            if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b)
+    cases = [fused_layouts.layer_case("talker", 2, layout, CPU, torch.float32) for layout in fused_layouts.LAYOUTS]
+    for args, caches in cases:
+        assert args[5] is caches[0] and args[6] is caches[1]  # decode_layer gets the caches returned
+    args, caches = cases[0]
+    for other_args, other_caches in cases[1:]:
+        for a, b in zip(_leaves(args), _leaves(other_args), strict=True):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
         for a, b in zip(caches, other_caches, strict=True):
             assert torch.equal(a, b)
 
 
 def test_the_layouts_are_what_they_say() -> None:
-    own, views, offsets = (layer_case("predictor", 2, layout, CPU, torch.float32)[1] for layout in LAYOUTS)
+    layouts = fused_layouts.LAYOUTS
+    own, views, offsets = (fused_layouts.layer_case("predictor", 2, name, CPU, torch.float32)[1] for name in layouts)
     storage = [[cache.untyped_storage().data_ptr() for cache in caches] for caches in (own, views, offsets)]
     assert storage[0][0] != storage[0][1] and own[0].storage_offset() == own[1].storage_offset() == 0
     assert storage[1][0] == storage[1][1] and views[1].storage_offset() > 0  # V a view of K's tensor
@@ -31,13 +49,35 @@ def test_the_layouts_are_what_they_say() -> None:
 
 
 def test_written_names_each_changed_vector() -> None:
-    _, caches = layer_case("predictor", 2, "own", CPU, torch.float32)
+    _, caches = fused_layouts.layer_case("predictor", 2, "own", CPU, torch.float32)
     before = tuple(cache.clone() for cache in caches)
     caches[1][1, 3, 7, 0] += 1.0
     assert fused_layouts._written(before, caches) == {(1, 1, 3, 7)}
 
 
-def test_a_case_whose_process_fails_is_a_row_with_its_error() -> None:
-    row = fused_layouts.run_case("predictor", 2, "own", compiled=False, timeout_s=120)  # no CUDA here
-    assert row["layout"] == "own" and row["rows"] == 2
-    assert "error" in row and "out_max_abs" not in row, row
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case fails for want of CUDA only where there is none")
+def test_a_case_whose_process_fails_is_a_row_with_its_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the child runs from the repository wherever this one runs
+    row = fused_layouts.run_case("predictor", 2, "own", compiled=False, timeout_s=120)
+    assert row["layout"] == "own" and row["rows"] == 2 and "out_max_abs" not in row
+    assert row["error"].startswith("exit status 1: ") and "NVIDIA driver" in row["error"], row
+
+
+def test_compare_finds_the_fused_layer_equal_to_the_torch_layer_in_the_interpreter() -> None:
+    """`compare` itself, on the CPU under Triton's interpreter (fp32: the two paths agree to rounding), for the
+    talker's shape in each layout: nothing written astray, nothing missed."""
+    code = (
+        "from tests.engine.fast.test_attention_kernel import _interpreter_reads_scalar_arguments as patch; patch()\n"
+        "import json, torch\n"
+        "from bench.fused_layouts import LAYOUTS, compare\n"
+        "for layout in LAYOUTS:\n"
+        "    print(json.dumps(compare('talker', 2, layout, False, 'cpu', torch.float32)))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=fused_layouts.REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(fused_layouts.LAYOUTS)
+    for row in rows:
+        assert row["out_max_abs"] <= 1e-4 * row["out_max"] and row["cache_max_abs"] <= 1e-4, row
+        assert row["stray_writes"] == row["missed_writes"] == 0, row

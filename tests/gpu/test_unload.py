@@ -119,7 +119,8 @@ def test_memory_returned_at_unload(
         held_at["loaded"] = held(tier)
         cycles, alive = [], []
         for _ in range(2):
-            runtime = FastRuntime(tts, max_slots=8, max_len=MAX_LEN, max_prefill_tokens=2048, compile=tier.compile)
+            sizes = {"max_slots": 8, "max_len": MAX_LEN, "max_prefill_tokens": 2048}
+            runtime = FastRuntime(tts, **sizes, compile=tier.compile, fused_attention=tier.fused_attention)
             frames, chunks = asyncio.run(serve(runtime))
             warm = allocated(tier)
             held_at[f"engine_{len(cycles) + 1}_warm"] = held(tier)
