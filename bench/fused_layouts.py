@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 from torch import Tensor
 
 from bench.tables import markdown_table
@@ -40,6 +41,9 @@ HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 # name: (hidden, MLP size, cache positions, keys read, one position for every row)
 SHAPES = {"predictor": (1024, 3072, 16, 16, True), "talker": (2048, 6144, 512, 256, False)}
 LAYOUTS = ("own", "views", "offsets")
+# Which sizes a compiled case compiles for any value (the engine's talker: the mask's KV length at its first
+# compile, the rows once a second batch size comes; the GPU tier's layer: everything, at its second shape).
+DYNAMIC = ("none", "kv", "rows", "kv+rows")
 Caches = tuple[Tensor, Tensor]
 
 
@@ -90,11 +94,29 @@ def _written(before: Caches, after: Caches) -> set[tuple[int, ...]]:
     return {tuple(at) for at in changed.tolist()}
 
 
+def _mark_dynamic(args: tuple, dynamic: str) -> None:
+    """Have torch.compile take `args`' KV length and/or row count as any size, as `dynamic` says."""
+    from qwen_tts_server.engine.fast.compiling import mark_dynamic
+
+    x, cos, sin, mask, positions = args[:5]
+    if "kv" in dynamic:
+        mark_dynamic(mask, 3)
+    if "rows" in dynamic:
+        for tensor in (x, cos, sin, mask, positions):
+            mark_dynamic(tensor, 0)
+
+
 def compare(
-    shape: str, rows: int, layout: str, compiled: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+    shape: str,
+    rows: int,
+    layout: str,
+    compiled: bool,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    dynamic: str = "none",
 ) -> dict[str, Any]:
     """The fused layer against the torch layer on one case, in this process (CUDA; or the CPU under Triton's
-    interpreter, as the tests run it)."""
+    interpreter, as the tests run it). `dynamic` (of DYNAMIC) applies to a compiled case."""
     from qwen_tts_server.engine.fast.model_runner import decode_layer
 
     layer = torch.compile(decode_layer) if compiled else decode_layer
@@ -102,6 +124,8 @@ def compare(
     with torch.inference_mode():
         for fused in (False, True):
             args, caches = layer_case(shape, rows, layout, torch.device(device), dtype)
+            if compiled:
+                _mark_dynamic(args, dynamic)
             before = tuple(cache.cpu() for cache in caches)  # out of reach of a stray write
             out = layer(*args, None, fused)
             after = tuple(cache.cpu() for cache in caches)
@@ -113,13 +137,16 @@ def compare(
         "cache_max_abs": float((fused_caches - torch_caches).abs().max()),
         "stray_writes": len(fused_wrote - torch_wrote),
         "missed_writes": len(torch_wrote - fused_wrote),
+        "static_launcher": bool(torch._inductor.config.use_static_cuda_launcher),
     }
 
 
-def run_case(shape: str, rows: int, layout: str, compiled: bool, timeout_s: float) -> dict[str, Any]:
+def run_case(
+    shape: str, rows: int, layout: str, compiled: bool, timeout_s: float, dynamic: str = "none"
+) -> dict[str, Any]:
     """`compare` in a process of its own (run from the repository, wherever this one runs); a failure, a fault
-    or a time-out becomes the row's `error`."""
-    case = {"shape": shape, "rows": rows, "layout": layout, "compiled": compiled}
+    or a time-out becomes the row's `error`. The child inherits the environment (TORCHINDUCTOR_* settings)."""
+    case = {"shape": shape, "rows": rows, "layout": layout, "compiled": compiled, "dynamic": dynamic}
     command = [sys.executable, "-m", "bench.fused_layouts", "--one", json.dumps(case)]
     t0 = time.perf_counter()
     try:
@@ -138,10 +165,10 @@ def run_case(shape: str, rows: int, layout: str, compiled: bool, timeout_s: floa
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["shape", "rows", "layout", "compiled", "out max abs", "out max", "cache max abs", "stray writes"]
-    head += ["missed writes", "error"]
-    keys = ["shape", "rows", "layout", "compiled", "out_max_abs", "out_max", "cache_max_abs", "stray_writes"]
-    keys += ["missed_writes", "error"]
+    head = ["shape", "rows", "layout", "compiled", "dynamic", "static launcher", "out max abs", "out max"]
+    head += ["cache max abs", "stray writes", "missed writes", "error"]
+    keys = ["shape", "rows", "layout", "compiled", "dynamic", "static_launcher", "out_max_abs", "out_max"]
+    keys += ["cache_max_abs", "stray_writes", "missed_writes", "error"]
     return markdown_table(head, ([r.get(k, "-") for k in keys] for r in results))
 
 
@@ -151,13 +178,15 @@ def main() -> None:
     parser.add_argument("--rows", default="2,64")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--compiled", default="0,1", help="0: eager, 1: torch.compile; comma-separated")
+    parser.add_argument("--dynamic", default="none", help=f"compiled cases: comma-separated of {list(DYNAMIC)}")
     parser.add_argument("--timeout-s", type=float, default=120, help="per case")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a case as JSON: run it here (run_case's child)
     args = parser.parse_args()
     if args.one:
         case = json.loads(args.one)
-        print(json.dumps(compare(case["shape"], case["rows"], case["layout"], case["compiled"])), flush=True)
+        result = compare(case["shape"], case["rows"], case["layout"], case["compiled"], dynamic=case["dynamic"])
+        print(json.dumps(result), flush=True)
         return
     if not torch.cuda.is_available():
         sys.exit("fused_layouts needs CUDA")
@@ -166,11 +195,14 @@ def main() -> None:
         parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {list(LAYOUTS)}")
     if not set(args.compiled.split(",")) <= {"0", "1"}:
         parser.error(f"--compiled: 0 or 1, or both (0,1), not {args.compiled}")
+    if not set(args.dynamic.split(",")) <= set(DYNAMIC):
+        parser.error(f"--dynamic: comma-separated of {list(DYNAMIC)}, not {args.dynamic}")
     compiled = [c == "1" for c in args.compiled.split(",")]
     grid = itertools.product(shapes, [int(n) for n in args.rows.split(",")], layouts, compiled)
+    cases = [(*case, dynamic) for case in grid for dynamic in (args.dynamic.split(",") if case[3] else ["none"])]
     results = []
-    for case in grid:
-        results.append(run_case(*case, timeout_s=args.timeout_s))
+    for *case, dynamic in cases:
+        results.append(run_case(*case, timeout_s=args.timeout_s, dynamic=dynamic))
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     card = torch.cuda.get_device_name(0)
