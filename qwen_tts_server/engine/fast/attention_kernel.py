@@ -86,7 +86,7 @@ if triton is not None:
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # the kv head; its query heads are h * GROUP .. h * GROUP + GROUP - 1
-        # torch.compile passes Python floats as fp64 scalars: every product with them would be fp64 too.
+        # A scalar may come as fp64 (inductor's launcher passed them so): every product with it would be fp64.
         qk_eps = tl.cast(qk_eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
         GROUP: tl.constexpr = HEADS // KV_HEADS  # ROWS >= GROUP: see launch_constants
@@ -193,8 +193,12 @@ def _stride0(t: Tensor) -> int:
 
 fused_decode_attention: Callable[..., Tensor] | None = None
 if triton is not None:
-
-    @torch.library.triton_op("qtts::decode_attention", mutates_args={"k_cache", "v_cache"})
+    # An opaque custom op, not a `torch.library.triton_op`: torch.compile calls it as it is, and Triton's own
+    # launcher runs the kernel with the real sizes. Traced into inductor's code (triton_op), the kernel faulted
+    # with an illegal memory access as soon as any size was dynamic, the KV length or the row count alike, and
+    # the engine's talker compiles both as dynamic; with static sizes it matched (bench.fused_layouts --dynamic,
+    # H100, torch 2.11, 2026-12-07). A CUDA graph replays the launch, so the opaque call costs nothing there.
+    @torch.library.custom_op("qtts::decode_attention", mutates_args={"k_cache", "v_cache"})
     def fused_decode_attention(
         qkv: Tensor,
         qk_norm: Tensor,
@@ -227,7 +231,7 @@ if triton is not None:
             raise ValueError("the fused attention reads each vector as contiguous memory")
         out = qkv.new_empty(B, heads * D)
         constants = launch_constants(mask.shape[-1], heads, kv_heads, D, k_cache.dtype)
-        _traced_kernel[(B, kv_heads)](
+        _decode_attention_kernel[(B, kv_heads)](
             qkv,
             qkv.stride(0),
             qk_norm,
@@ -254,8 +258,20 @@ if triton is not None:
         )
         return out
 
-    # Wrapped so that torch.compile traces the launch; not in Triton's interpreter (TRITON_INTERPRET=1), whose
-    # kernels are not JITFunctions and run as they are.
-    _traced_kernel: Any = _decode_attention_kernel
-    if isinstance(_decode_attention_kernel, triton.runtime.JITFunction):
-        _traced_kernel = torch.library.wrap_triton(_decode_attention_kernel)
+    @fused_decode_attention.register_fake
+    def _(
+        qkv: Tensor,
+        qk_norm: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        rows: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        mask: Tensor,
+        qk_eps: float,
+        scale: float,
+        heads: int,
+        kv_heads: int,
+    ) -> Tensor:
+        return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
