@@ -1,20 +1,20 @@
-"""Which cache layouts the fused decode attention (engine/fast/attention_kernel.py) gets right on a GPU,
-compiled and not. Each case runs in a process of its own: a fault poisons the process's CUDA context.
+"""Which cache layouts and compiled sizes the fused decode attention (engine/fast/attention_kernel.py) gets
+right on a GPU. Each case runs in a process of its own: a fault poisons the process's CUDA context.
 
-One layer's K and V caches [row, kv head, position, dim] come in three layouts:
-  own      two tensors of their own (how the engine holds the code predictor's)
-  views    views of one tensor (how it holds the talker's: one [K/V, layer, ...] tensor, for one-copy compaction)
-  offsets  views, at an offset, of two different tensors (tells aliasing from offsets)
+A layer's cache [K/V, row, kv head, position, dim] is one tensor, in one of two layouts:
+  own    a tensor of its own (how the engine holds each code predictor layer's)
+  layer  one layer's view of a [K/V, layer, ...] tensor, strided and at an offset (how it holds the talker's:
+         one tensor, so that moving a request's row is one copy)
+A compiled case compiles the KV length and/or the row count for any size (`--dynamic`), as the engine does.
 
 Per case, the op through `decode_layer` against the torch path on the same random bf16 inputs at the 1.7B
-model's shapes: the output's and the caches' max abs differences (with the output's largest value: a bf16 step
-between 4 and 8 is 0.031), the cache positions the fused layer wrote that the torch path did not, and those it
-missed; a case that fails or faults says so. On 2026-12-07 (H100, torch 2.11, an earlier script of the same
-cases): `own` and `views` matched uncompiled at 2 to 64 rows and `own` compiled at 64; compiled at 64 rows on
-`views` the talker's case faulted and the code predictor's gave wrong outputs and stray writes (the GPU tier);
-`offsets` was not run yet. A diagnostic: prints a table and writes JSON; it asserts nothing.
+model's shapes: the output's and the cache's max abs differences (with the output's largest value: a bf16 step
+between 4 and 8 is 0.031), the cache vectors the fused layer wrote that the torch path did not, and those it
+missed; a case that fails or faults says so. A diagnostic: prints a table and writes JSON; it asserts nothing.
+On 2026-12-07 (H100, torch 2.11), while the op took K and V as two tensors: every static case matched; every
+dynamic one faulted or wrote stray positions, traced into inductor's code or opaque alike (docs/notes.md).
 
-    python3 -m bench.fused_layouts --shapes talker --rows 64 --layouts own,views,offsets --out "$OUT"
+    python3 -m bench.fused_layouts --shapes talker --rows 2,64 --compiled 1 --dynamic none,kv+rows --out "$OUT"
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 from torch import Tensor
 
 from bench.tables import markdown_table
@@ -40,29 +39,25 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 # name: (hidden, MLP size, cache positions, keys read, one position for every row)
 SHAPES = {"predictor": (1024, 3072, 16, 16, True), "talker": (2048, 6144, 512, 256, False)}
-LAYOUTS = ("own", "views", "offsets")
+LAYOUTS = ("own", "layer")
 # Which sizes a compiled case compiles for any value (the engine's talker: the mask's KV length at its first
-# compile, the rows once a second batch size comes; the GPU tier's layer: everything, at its second shape).
+# compile, the rows once a second batch size comes).
 DYNAMIC = ("none", "kv", "rows", "kv+rows")
-Caches = tuple[Tensor, Tensor]
 
 
-def _caches(kv: Tensor, layout: str) -> Caches:
-    """K and V holding `kv`'s [K/V, ...] values, laid out as `layout` says."""
+def _cache(values: Tensor, layout: str) -> Tensor:
+    """A cache holding `values` [K/V, row, ...], laid out as `layout` says."""
     if layout == "own":
-        return kv[0].clone(), kv[1].clone()
-    if layout == "views":
-        return kv[0], kv[1]
-    outer = [kv.new_zeros(2, *kv.shape[1:]) for _ in range(2)]
-    for tensor, values in zip(outer, kv, strict=True):
-        tensor[1] = values
-    return outer[0][1], outer[1][1]
+        return values.clone()
+    layers = values.new_zeros(values.shape[0], 3, *values.shape[1:])
+    layers[:, 1] = values
+    return layers[:, 1]
 
 
-def layer_case(shape: str, rows: int, layout: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, Caches]:
+def layer_case(shape: str, rows: int, layout: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, Tensor]:
     """`decode_layer`'s arguments for one decode step of `rows` rows at `shape` (slots and fused left out), and
-    its caches (K, V): the same values for the same arguments, whatever the layout. The code predictor's rows
-    share position 7 of 16 keys; the talker's each have their own (the first sees every key it reads)."""
+    its cache: the same values for the same arguments, whatever the layout. The code predictor's rows share
+    position 7 of 16 keys; the talker's each have their own (the first sees every key it reads)."""
     hidden, inter, length, kv_len, shared = SHAPES[shape]
     gen = torch.Generator(device="cpu").manual_seed(3)
 
@@ -74,7 +69,7 @@ def layer_case(shape: str, rows: int, layout: str, device: torch.device, dtype: 
     attn_args += (1e-6, HEADS, KV_HEADS)
     out_args = (rand(hidden, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5), None, 1 + rand(hidden, scale=0.1))
     out_args += (1e-6, rand(2 * inter, hidden, scale=hidden**-0.5), rand(hidden, inter, scale=inter**-0.5))
-    caches = _caches(rand(2, rows + 3, KV_HEADS, length, HEAD_DIM), layout)
+    cache = _cache(rand(2, rows + 3, KV_HEADS, length, HEAD_DIM), layout)
     x = rand(rows, 1, hidden)
     if shared:
         positions = torch.tensor([7], device=device)
@@ -85,16 +80,15 @@ def layer_case(shape: str, rows: int, layout: str, device: torch.device, dtype: 
         positions[0] = kv_len - 1
         cos, sin = rand(rows, 1, 1, HEAD_DIM), rand(rows, 1, 1, HEAD_DIM)
         mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-    return (x, cos, sin, mask, positions, *caches, HEAD_DIM**-0.5, attn_args, out_args), caches
+    return (x, cos, sin, mask, positions, cache, HEAD_DIM**-0.5, attn_args, out_args), cache
 
 
-def _written(before: Caches, after: Caches) -> set[tuple[int, ...]]:
+def written(before: Tensor, after: Tensor) -> set[tuple[int, ...]]:
     """(K/V, row, kv head, position) of every cache vector that changed."""
-    changed = (torch.stack(after) != torch.stack(before)).any(dim=-1).nonzero()
-    return {tuple(at) for at in changed.tolist()}
+    return {tuple(at) for at in (after != before).any(dim=-1).nonzero().tolist()}
 
 
-def _mark_dynamic(args: tuple, dynamic: str) -> None:
+def mark_dynamic_case(args: tuple, dynamic: str) -> None:
     """Have torch.compile take `args`' KV length and/or row count as any size, as `dynamic` says."""
     from qwen_tts_server.engine.fast.compiling import mark_dynamic
 
@@ -123,21 +117,20 @@ def compare(
     runs = {}
     with torch.inference_mode():
         for fused in (False, True):
-            args, caches = layer_case(shape, rows, layout, torch.device(device), dtype)
+            args, cache = layer_case(shape, rows, layout, torch.device(device), dtype)
             if compiled:
-                _mark_dynamic(args, dynamic)
-            before = tuple(cache.cpu() for cache in caches)  # out of reach of a stray write
+                mark_dynamic_case(args, dynamic)
+            before = cache.cpu()  # out of reach of a stray write
             out = layer(*args, None, fused)
-            after = tuple(cache.cpu() for cache in caches)
-            runs[fused] = (out.float().cpu(), torch.stack(after).float(), _written(before, after))
-    (expected, torch_caches, torch_wrote), (got, fused_caches, fused_wrote) = runs[False], runs[True]
+            after = cache.cpu()
+            runs[fused] = (out.float().cpu(), after.float(), written(before, after))
+    (expected, torch_cache, torch_wrote), (got, fused_cache, fused_wrote) = runs[False], runs[True]
     return {
         "out_max_abs": float((got - expected).abs().max()),
         "out_max": float(expected.abs().max()),
-        "cache_max_abs": float((fused_caches - torch_caches).abs().max()),
+        "cache_max_abs": float((fused_cache - torch_cache).abs().max()),
         "stray_writes": len(fused_wrote - torch_wrote),
         "missed_writes": len(torch_wrote - fused_wrote),
-        "static_launcher": bool(torch._inductor.config.use_static_cuda_launcher),
     }
 
 
@@ -145,7 +138,7 @@ def run_case(
     shape: str, rows: int, layout: str, compiled: bool, timeout_s: float, dynamic: str = "none"
 ) -> dict[str, Any]:
     """`compare` in a process of its own (run from the repository, wherever this one runs); a failure, a fault
-    or a time-out becomes the row's `error`. The child inherits the environment (TORCHINDUCTOR_* settings)."""
+    or a time-out becomes the row's `error`."""
     case = {"shape": shape, "rows": rows, "layout": layout, "compiled": compiled, "dynamic": dynamic}
     command = [sys.executable, "-m", "bench.fused_layouts", "--one", json.dumps(case)]
     t0 = time.perf_counter()
@@ -165,9 +158,9 @@ def run_case(
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = ["shape", "rows", "layout", "compiled", "dynamic", "static launcher", "out max abs", "out max"]
+    head = ["shape", "rows", "layout", "compiled", "dynamic", "out max abs", "out max"]
     head += ["cache max abs", "stray writes", "missed writes", "error"]
-    keys = ["shape", "rows", "layout", "compiled", "dynamic", "static_launcher", "out_max_abs", "out_max"]
+    keys = ["shape", "rows", "layout", "compiled", "dynamic", "out_max_abs", "out_max"]
     keys += ["cache_max_abs", "stray_writes", "missed_writes", "error"]
     return markdown_table(head, ([r.get(k, "-") for k in keys] for r in results))
 

@@ -27,32 +27,29 @@ def _leaves(value: Any) -> Iterator[Any]:
         yield value
 
 
-def test_every_layout_holds_the_same_inputs_and_caches() -> None:
+def test_every_layout_holds_the_same_inputs_and_cache() -> None:
     cases = [fused_layouts.layer_case("talker", 2, layout, CPU, torch.float32) for layout in fused_layouts.LAYOUTS]
-    for args, caches in cases:
-        assert args[5] is caches[0] and args[6] is caches[1]  # decode_layer gets the caches returned
-    args, caches = cases[0]
-    for other_args, other_caches in cases[1:]:
+    for args, cache in cases:
+        assert args[5] is cache  # decode_layer gets the cache returned
+    args, cache = cases[0]
+    for other_args, other_cache in cases[1:]:
         for a, b in zip(_leaves(args), _leaves(other_args), strict=True):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-        for a, b in zip(caches, other_caches, strict=True):
-            assert torch.equal(a, b)
+        assert torch.equal(cache, other_cache)
 
 
 def test_the_layouts_are_what_they_say() -> None:
-    layouts = fused_layouts.LAYOUTS
-    own, views, offsets = (fused_layouts.layer_case("predictor", 2, name, CPU, torch.float32)[1] for name in layouts)
-    storage = [[cache.untyped_storage().data_ptr() for cache in caches] for caches in (own, views, offsets)]
-    assert storage[0][0] != storage[0][1] and own[0].storage_offset() == own[1].storage_offset() == 0
-    assert storage[1][0] == storage[1][1] and views[1].storage_offset() > 0  # V a view of K's tensor
-    assert storage[2][0] != storage[2][1] and min(cache.storage_offset() for cache in offsets) > 0
+    own, layer = (fused_layouts.layer_case("predictor", 2, name, CPU, torch.float32)[1] for name in ("own", "layer"))
+    assert own.is_contiguous() and own.storage_offset() == 0 and own.shape[0] == 2  # [K/V, row, ...] of its own
+    assert not layer.is_contiguous() and layer.storage_offset() > 0  # a layer's view of a [K/V, layer, ...] tensor
+    assert layer.untyped_storage().nbytes() == 3 * own.untyped_storage().nbytes()
 
 
 def test_written_names_each_changed_vector() -> None:
-    _, caches = fused_layouts.layer_case("predictor", 2, "own", CPU, torch.float32)
-    before = tuple(cache.clone() for cache in caches)
-    caches[1][1, 3, 7, 0] += 1.0
-    assert fused_layouts._written(before, caches) == {(1, 1, 3, 7)}
+    _, cache = fused_layouts.layer_case("predictor", 2, "own", CPU, torch.float32)
+    before = cache.clone()
+    cache[1, 1, 3, 7, 0] += 1.0
+    assert fused_layouts.written(before, cache) == {(1, 1, 3, 7)}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the case fails for want of CUDA only where there is none")
@@ -65,19 +62,23 @@ def test_a_case_whose_process_fails_is_a_row_with_its_error(tmp_path, monkeypatc
 
 def test_compare_finds_the_fused_layer_equal_to_the_torch_layer_in_the_interpreter() -> None:
     """`compare` itself, on the CPU under Triton's interpreter (fp32: the two paths agree to rounding), for the
-    talker's shape in each layout: nothing written astray, nothing missed."""
+    talker's shape in each layout, eager and compiled with every size dynamic (as the engine compiles the
+    talker; the op is opaque to torch.compile, so the interpreter runs it there too): nothing written astray,
+    nothing missed."""
     code = (
         "from tests.engine.fast.test_attention_kernel import _interpreter_reads_scalar_arguments as patch; patch()\n"
         "import json, torch\n"
         "from bench.fused_layouts import LAYOUTS, compare\n"
         "for layout in LAYOUTS:\n"
-        "    print(json.dumps(compare('talker', 2, layout, False, 'cpu', torch.float32)))\n"
+        "    for compiled in (False, True):\n"
+        "        row = compare('talker', 2, layout, compiled, 'cpu', torch.float32, dynamic='kv+rows')\n"
+        "        print(json.dumps({'layout': layout, 'compiled': compiled, **row}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=fused_layouts.REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(fused_layouts.LAYOUTS)
+    assert len(rows) == 2 * len(fused_layouts.LAYOUTS)
     for row in rows:
         assert row["out_max_abs"] <= 1e-4 * row["out_max"] and row["cache_max_abs"] <= 1e-4, row
         assert row["stray_writes"] == row["missed_writes"] == 0, row

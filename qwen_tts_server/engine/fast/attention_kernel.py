@@ -64,7 +64,7 @@ if triton is not None:
         pos_row,
         rows,
         k_cache,
-        v_cache,
+        kv_offset,
         cache_row,
         cache_head,
         cache_pos,
@@ -89,6 +89,7 @@ if triton is not None:
         # A scalar may come as fp64 (inductor's launcher passed them so): every product with it would be fp64.
         qk_eps = tl.cast(qk_eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
+        v_cache = k_cache + kv_offset  # a layer's cache is one tensor [K/V, row, kv head, position, D]
         GROUP: tl.constexpr = HEADS // KV_HEADS  # ROWS >= GROUP: see launch_constants
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, D)
@@ -193,12 +194,14 @@ def _stride0(t: Tensor) -> int:
 
 fused_decode_attention: Callable[..., Tensor] | None = None
 if triton is not None:
-    # An opaque custom op, not a `torch.library.triton_op`: torch.compile calls it as it is, and Triton's own
-    # launcher runs the kernel with the real sizes. Traced into inductor's code (triton_op), the kernel faulted
-    # with an illegal memory access as soon as any size was dynamic, the KV length or the row count alike, and
-    # the engine's talker compiles both as dynamic; with static sizes it matched (bench.fused_layouts --dynamic,
-    # H100, torch 2.11, 2026-12-07). A CUDA graph replays the launch, so the opaque call costs nothing there.
-    @torch.library.custom_op("qtts::decode_attention", mutates_args={"k_cache", "v_cache"})
+    # An opaque custom op that mutates one tensor. Opaque: torch.compile calls it as it is, and Triton's own
+    # launcher runs the kernel with the real sizes (a CUDA graph replays the launch, so that costs nothing
+    # there). One tensor: with K and V as two mutated arguments (views of one tensor, as the talker's are, or
+    # not), compiled code handed the op a copy of the wrong size, traced (`triton_op`) or opaque alike: on an
+    # H100 (torch 2.11) an illegal memory access or stray cache writes once a size was dynamic (the talker's
+    # KV length and row count always are); on the CPU (torch 2.9) wrong already with static sizes. With one, it
+    # is handed the cache itself (bench.fused_layouts --dynamic, 2026-12-07; docs/notes.md).
+    @torch.library.custom_op("qtts::decode_attention", mutates_args={"cache"})
     def fused_decode_attention(
         qkv: Tensor,
         qk_norm: Tensor,
@@ -206,8 +209,7 @@ if triton is not None:
         sin: Tensor,
         positions: Tensor,
         rows: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
+        cache: Tensor,
         mask: Tensor,
         qk_eps: float,
         scale: float,
@@ -215,7 +217,7 @@ if triton is not None:
         kv_heads: int,
     ) -> Tensor:
         """Attention output [B, heads x D] for the new position of each row; writes its key and value into
-        `k_cache`/`v_cache` [rows, kv_heads, L, D] at `rows[b]`, `positions[b]`.
+        `cache` [K/V, rows, kv_heads, L, D] at `rows[b]`, `positions[b]`.
 
         `qkv` [B, (heads + 2 kv_heads) x D]: the fused projection's output, before the q/k norm; `qk_norm`
         [heads + kv_heads, D] the norm weights (q heads, then k heads); `cos`/`sin` [B or 1, D] at the rows'
@@ -225,12 +227,12 @@ if triton is not None:
         whatever the mask says of them (the engine's masks are causal): where the torch path would differ (a free
         padding row's position past the mask), that row's output is one nobody reads."""
         B = qkv.shape[0]
-        D = k_cache.shape[-1]
-        last = (qkv, qk_norm, cos, sin, k_cache, v_cache, mask)
-        if any(t.stride(-1) != 1 for t in last) or not qk_norm.is_contiguous():
+        D = cache.shape[-1]
+        vectors = (qkv, qk_norm, cos, sin, cache, mask, rows)
+        if any(t.stride(-1) != 1 for t in vectors) or not qk_norm.is_contiguous():
             raise ValueError("the fused attention reads each vector as contiguous memory")
         out = qkv.new_empty(B, heads * D)
-        constants = launch_constants(mask.shape[-1], heads, kv_heads, D, k_cache.dtype)
+        constants = launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype)
         _decode_attention_kernel[(B, kv_heads)](
             qkv,
             qkv.stride(0),
@@ -241,11 +243,11 @@ if triton is not None:
             positions,
             _stride0(positions),
             rows,
-            k_cache,
-            v_cache,
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
+            cache,
+            cache.stride(0),
+            cache.stride(1),
+            cache.stride(2),
+            cache.stride(3),
             mask,
             _stride0(mask),
             mask.stride(1),
@@ -266,12 +268,11 @@ if triton is not None:
         sin: Tensor,
         positions: Tensor,
         rows: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
+        cache: Tensor,
         mask: Tensor,
         qk_eps: float,
         scale: float,
         heads: int,
         kv_heads: int,
     ) -> Tensor:
-        return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
+        return qkv.new_empty(qkv.shape[0], heads * cache.shape[-1])

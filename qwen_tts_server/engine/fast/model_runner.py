@@ -223,16 +223,16 @@ def decode_layer(
     sin: Tensor,
     mask: Tensor,
     positions: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
+    cache: Tensor,
     scale: float,
     attn_args: tuple[Any, ...],
     out_args: tuple[Any, ...],
     slots: Tensor | None = None,
     fused: bool = False,
 ) -> Tensor:
-    """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write at
-    `positions` ([B], or [1] for all rows), attention over the cache positions `mask` covers, MLP.
+    """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write into the
+    layer's `cache` [K/V, row, kv head, position, D] at `positions` ([B], or [1] for all rows), attention over
+    the cache positions `mask` covers, MLP. One cache tensor, written once: see attention_kernel's op.
 
     Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
     function, so that compiled the cache write fuses into the RoPE kernel and the mask into the
@@ -248,18 +248,15 @@ def decode_layer(
     qkv = qkv_projection(x, norm, eps, qkv_weight, qkv_bias)
     if fused:
         hd = qk_norm.shape[-1]
-        args = (cos.view(-1, hd), sin.view(-1, hd), positions, rows, k_cache, v_cache, mask.view(mask.shape[0], -1))
+        args = (cos.view(-1, hd), sin.view(-1, hd), positions, rows, cache, mask.view(mask.shape[0], -1))
         attn = fused_decode_attention(qkv[:, 0], qk_norm, *args, qk_eps, scale, heads, kv_heads)
         return layer_out(x, attn.view(B, 1, heads, hd).transpose(1, 2), *out_args)
     q, k, v = split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
-    k_cache[rows, :, positions] = k[:, :, 0]
-    v_cache[rows, :, positions] = v[:, :, 0]
+    k_and_v = torch.arange(2, device=x.device)[:, None]
+    cache[k_and_v, rows, :, positions] = torch.stack((k[:, :, 0], v[:, :, 0]))
     kv_len = mask.shape[-1]
-    if slots is None:
-        keys, values = k_cache[:B, :, :kv_len], v_cache[:B, :, :kv_len]
-    else:
-        keys, values = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
-    return layer_out(x, decode_attention(q, keys, values, mask, scale), *out_args)
+    read = cache[:, :B, :, :kv_len] if slots is None else cache[:, slots, :, :kv_len]
+    return layer_out(x, decode_attention(q, read[0], read[1], mask, scale), *out_args)
 
 
 def cp_decode_step(
@@ -268,8 +265,7 @@ def cp_decode_step(
     sin: Tensor,
     mask: Tensor,
     position: Tensor,
-    k_caches: Sequence[Tensor],
-    v_caches: Sequence[Tensor],
+    caches: Sequence[Tensor],
     scale: float,
     layers: Sequence[tuple[tuple[Any, ...], tuple[Any, ...]]],
     norm: Tensor,
@@ -286,8 +282,8 @@ def cp_decode_step(
     frame, 0.13 ms (H100, 2026-12-06). A function of its own, apart from `decode_layer`, because torch.compile keeps
     which dimensions are dynamic per code object: through one function, the talker's and the code
     predictor's layers (hidden 2048 and 1024) would make every weight size symbolic for both."""
-    for (attn_args, out_args), k_cache, v_cache in zip(layers, k_caches, v_caches, strict=True):
-        x = decode_layer(x, cos, sin, mask, position, k_cache, v_cache, scale, attn_args, out_args, fused=fused)
+    for (attn_args, out_args), cache in zip(layers, caches, strict=True):
+        x = decode_layer(x, cos, sin, mask, position, cache, scale, attn_args, out_args, fused=fused)
     hidden = F.rms_norm(x[:, 0], (x.shape[-1],), norm, eps)
     return F.linear(hidden, head).float()
 
@@ -324,11 +320,11 @@ class ModelRunner:
         self.layers = [LayerWeights(layer) for layer in talker.model.layers]
         self.head_dim = self.layers[0].head_dim
         self.scaling = talker.model.layers[0].self_attn.scaling
-        # One tensor [K/V, layer, row, head, position, dim] with a view per layer: moving a request's row
-        # (compaction) is one copy, not one per layer and K/V (56 for 1.7B, on the step thread).
+        # One tensor [K/V, layer, row, head, position, dim] with a view [K/V, row, ...] per layer: moving a
+        # request's row (compaction) is one copy, not one per layer and K/V (56 for 1.7B, on the step thread).
         shape = (2, len(self.layers), max_slots, cfg.num_key_value_heads, max_len, self.head_dim)
         self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.k_cache, self.v_cache = list(self.kv[0]), list(self.kv[1])
+        self.caches = list(self.kv.unbind(1))
         self.cos, self.sin = rope_tables(talker.model.rotary_emb, max_len, self.dtype)
         self.key_positions = torch.arange(max_len, device=self.device)
         self.rows = torch.arange(max_slots, device=self.device)
@@ -340,9 +336,8 @@ class ModelRunner:
         self.cp_tables = [table.weight for table in cp.model.codec_embedding]  # codebooks 1..15's embeddings
         self.cp_head_dim = self.cp_layers[0].head_dim
         self.cp_scaling = cp.model.layers[0].self_attn.scaling
-        cp_shape = (max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
-        self.cp_k_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
-        self.cp_v_cache = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
+        cp_shape = (2, max_slots, cp.config.num_key_value_heads, CP_CACHE_LEN, self.cp_head_dim)
+        self.cp_caches = [torch.zeros(cp_shape, device=self.device, dtype=self.dtype) for _ in self.cp_layers]
         self.cp_cos, self.cp_sin = rope_tables(cp.model.rotary_emb, CP_CACHE_LEN, self.dtype)
         self.cp_norm = cp.model.norm
 
@@ -462,8 +457,7 @@ class ModelRunner:
         x = x[None]
         for i, w in enumerate(self.layers):
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            self.k_cache[i][owner, :, positions] = k[0].transpose(0, 1)
-            self.v_cache[i][owner, :, positions] = v[0].transpose(0, 1)
+            self.caches[i][:, owner, :, positions] = torch.stack((k[0], v[0]), dim=1).transpose(0, 2)  # [T, K/V, ...]
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=True
             )
@@ -492,8 +486,8 @@ class ModelRunner:
         mask = (self.key_positions[None, :kv_len] <= positions[:, None])[:, None, None, :]
         if self.compiled:
             mark_dynamic(mask, 3)  # one compile for every KV bucket but `max_len` (see enable_compile)
-        for w, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            args = (positions, k_cache, v_cache, self.scaling, w.attn_args, w.out_args, slots, self.fused_attention)
+        for w, cache in zip(self.layers, self.caches, strict=True):
+            args = (positions, cache, self.scaling, w.attn_args, w.out_args, slots, self.fused_attention)
             x = self.decode_layer(x, cos, sin, mask, *args)
         hidden = self._talker_norm(x[:, 0])
         return hidden, F.linear(hidden, self.talker.codec_head.weight)
@@ -512,23 +506,23 @@ class ModelRunner:
     @property
     def cache_bytes(self) -> int:
         """Memory of the talker's KV cache and the code predictor's."""
-        tensors = [self.kv, *self.cp_k_cache, *self.cp_v_cache]
+        tensors = [self.kv, *self.cp_caches]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def release(self) -> None:
         """Let go of the caches (the engine stopped): their memory is free once no graph holds it."""
         self.kv = self.kv.new_empty(0)
-        self.k_cache, self.v_cache, self.cp_k_cache, self.cp_v_cache = [], [], [], []
+        self.caches, self.cp_caches = [], []
 
     def read_positions(self, positions: Tensor) -> list[Tensor]:
         """Rows 0..B-1's K/V at `positions` [B] (what one decode step would overwrite)."""
         rows = self.rows[: positions.shape[0]]
-        return [cache[rows, :, positions].clone() for cache in (*self.k_cache, *self.v_cache)]
+        return [cache[:, rows, :, positions].clone() for cache in self.caches]
 
     def write_positions(self, positions: Tensor, saved: list[Tensor]) -> None:
         rows = self.rows[: positions.shape[0]]
-        for cache, values in zip((*self.k_cache, *self.v_cache), saved, strict=True):
-            cache[rows, :, positions] = values
+        for cache, values in zip(self.caches, saved, strict=True):
+            cache[:, rows, :, positions] = values
 
     def _talker_norm(self, x: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.norm.weight, self.norm.variance_epsilon)
@@ -563,11 +557,11 @@ class ModelRunner:
         does, so the logits round exactly like upstream's (a one-row matmul may not)."""
         B, S, _ = x.shape
         cos, sin = self.cp_cos[:S], self.cp_sin[:S]
-        for w, k_cache, v_cache in zip(self.cp_layers, self.cp_k_cache, self.cp_v_cache, strict=True):
+        for w, cache in zip(self.cp_layers, self.cp_caches, strict=True):
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            k_cache[:B, :, :S] = k
-            v_cache[:B, :, :S] = v
-            keys, values = k_cache[:B, :, :S], v_cache[:B, :, :S]
+            cache[0, :B, :, :S] = k
+            cache[1, :B, :, :S] = v
+            keys, values = cache[0, :B, :, :S], cache[1, :B, :, :S]
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.cp_scaling, enable_gqa=True)
             x = self.layer_out(x, o, *w.out_args)
         hidden = F.rms_norm(x, (x.shape[-1],), self.cp_norm.weight, self.cp_norm.variance_epsilon)
@@ -578,7 +572,7 @@ class ModelRunner:
         position's stale keys from the previous frame are masked out); fp32 logits [B, V] of `head`.
         Rows are batch rows, not slots: the cache holds one frame and every frame overwrites it."""
         cos, sin = self.cp_cos[position : position + 1], self.cp_sin[position : position + 1]
-        caches = (self.cp_k_cache, self.cp_v_cache)
-        args = (self.cp_masks[position], self.cp_positions[position], *caches, self.cp_scaling, self.cp_step_layers)
+        args = (self.cp_masks[position], self.cp_positions[position], self.cp_caches, self.cp_scaling)
+        args += (self.cp_step_layers,)
         norm = (self.cp_norm.weight, self.cp_norm.variance_epsilon)
         return self.cp_decode_step(x, cos, sin, *args, *norm, head, self.cp_fused_attention)

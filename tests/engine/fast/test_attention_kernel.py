@@ -54,7 +54,7 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
                 signature[name] = "constexpr"
             elif name in ("qk_eps", "scale"):
                 signature[name] = floats
-            elif name in ("qkv", "qk_norm", "cos", "sin", "k_cache", "v_cache", "out", *pointers):
+            elif name in ("qkv", "qk_norm", "cos", "sin", "k_cache", "out", *pointers):
                 signature[name] = pointers.get(name, "*bf16")
             else:
                 signature[name] = "i32"
@@ -148,24 +148,24 @@ def _inputs(dtype: torch.dtype, positions: list[int], length: int, kv_len: int, 
         return t.to(torch.bfloat16).to(dtype)
 
     attn_args, out_args = (tuple(to(a) if isinstance(a, torch.Tensor) else a for a in args) for args in _layer_args())
-    k_cache, v_cache = (to(torch.randn(6, KV_HEADS, length, HEAD_DIM)) for _ in range(2))
+    cache = to(torch.randn(2, 6, KV_HEADS, length, HEAD_DIM))  # [K/V, row, kv head, position, D]
     if stale is not None:  # keys and values no row may see: past each cache row's position (the first rows')
-        for row in range(len(k_cache)):
+        for row in range(cache.shape[1]):
             after = positions[min(row, len(positions) - 1)] + 1
-            k_cache[row, :, after:] = v_cache[row, :, after:] = stale
+            cache[:, row, :, after:] = stale
     B = 3 if shared else len(positions)
     x = to(torch.randn(B, 1, attn_args[0].shape[0]))
     at = torch.tensor(positions)
     rope = 1 if shared else B
     cos, sin = to(torch.randn(rope, 1, 1, HEAD_DIM)), to(torch.randn(rope, 1, 1, HEAD_DIM))
-    return x, cos, sin, _mask(at + 1, kv_len), at, k_cache, v_cache, 0.25, attn_args, out_args
+    return x, cos, sin, _mask(at + 1, kv_len), at, cache, 0.25, attn_args, out_args
 
 
 def _layer(fused: bool, dtype: torch.dtype, *case, slots: torch.Tensor | None = None, stale=None):
-    """decode_layer on `_inputs(dtype, *case)`: its output and the caches it wrote."""
+    """decode_layer on `_inputs(dtype, *case)`: its output and the cache it wrote."""
     args = _inputs(dtype, *case, stale=stale)
     out = decode_layer(*args, slots, fused)
-    return out, args[5], args[6]
+    return out, args[5]
 
 
 # (positions, cache length, keys read, shared): the code predictor's one block of 16; the talker's rows, several
@@ -178,21 +178,21 @@ def _attention(fused: bool, dtype: torch.dtype, *case) -> tuple[torch.Tensor, to
     written, for `_inputs(dtype, *case)`."""
     from qwen_tts_server.engine.fast.model_runner import decode_attention, qkv_projection, split_heads
 
-    x, cos, sin, mask, at, k_cache, v_cache, scale, attn_args, _ = _inputs(dtype, *case)
+    x, cos, sin, mask, at, cache, scale, attn_args, _ = _inputs(dtype, *case)
     norm, eps, weight, bias, qk_norm, qk_eps, heads, kv_heads = attn_args
     qkv = qkv_projection(x, norm, eps, weight, bias)
     B = x.shape[0]
     rows = torch.arange(B)
     if fused:
-        args = (cos.view(-1, HEAD_DIM), sin.view(-1, HEAD_DIM), at, rows, k_cache, v_cache, mask.view(len(mask), -1))
+        args = (cos.view(-1, HEAD_DIM), sin.view(-1, HEAD_DIM), at, rows, cache, mask.view(len(mask), -1))
         out = attention_kernel.fused_decode_attention(qkv[:, 0], qk_norm, *args, qk_eps, scale, heads, kv_heads)
     else:
         q, k, v = split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
-        k_cache[rows, :, at] = k[:, :, 0]
-        v_cache[rows, :, at] = v[:, :, 0]
-        keys, values = k_cache[:B, :, : mask.shape[-1]], v_cache[:B, :, : mask.shape[-1]]
+        cache[0, rows, :, at] = k[:, :, 0]
+        cache[1, rows, :, at] = v[:, :, 0]
+        keys, values = cache[:, :B, :, : mask.shape[-1]]
         out = decode_attention(q, keys, values, mask, scale).reshape(B, -1)
-    return out.float(), k_cache[rows, :, at].float()
+    return out.float(), cache[0, rows, :, at].float()
 
 
 def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) -> None:
@@ -206,21 +206,20 @@ def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) ->
     torch.manual_seed(2)
     qkv = torch.randn(B, (heads + 2 * KV_HEADS) * HEAD_DIM)
     qk_norm, cos, sin = 1 + 0.1 * torch.randn(heads + KV_HEADS, HEAD_DIM), *torch.randn(2, B, HEAD_DIM)
-    k_cache, v_cache = torch.randn(2, B, KV_HEADS, length, HEAD_DIM)
+    cache = torch.randn(2, B, KV_HEADS, length, HEAD_DIM)
     at, rows = torch.tensor(positions), torch.arange(B)
     q, k, v = split_heads(qkv[:, None].double(), cos[:, None, None].double(), sin[:, None, None].double(),
                           qk_norm.double(), 1e-6, heads, KV_HEADS)  # fmt: skip
-    keys, values = k_cache.double().clone(), v_cache.double().clone()
+    keys, values = cache.double().clone()
     keys[rows, :, at], values[rows, :, at] = k[:, :, 0], v[:, :, 0]
     seen = torch.zeros(B, length, dtype=torch.bool)
     seen[:, :kv_len] = mask
     seen &= torch.arange(length)[None, :] < at[:, None]
     seen[rows, at] = True
-    for cache in (k_cache, v_cache):
-        cache.masked_fill_(~seen[:, None, :, None], float("nan"))
+    cache.masked_fill_(~seen[None, :, None, :, None], float("nan"))
     expected = decode_attention(q, keys, values, seen[:, None, None, :], 0.25).reshape(B, -1)
-    got = attention_kernel.fused_decode_attention(qkv, qk_norm, cos, sin, at, rows, k_cache, v_cache, mask, 1e-6,
-                                                  0.25, heads, KV_HEADS)  # fmt: skip
+    got = attention_kernel.fused_decode_attention(qkv, qk_norm, cos, sin, at, rows, cache, mask, 1e-6, 0.25, heads,
+                                                  KV_HEADS)  # fmt: skip
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -58,7 +58,7 @@ def test_stop_releases_the_caches_and_graphs_even_while_someone_holds_the_engine
     engine.start()
     engine.stop()
     assert engine.cache_bytes == 0 and engine.graphs is None
-    assert not engine.codec._graphs and engine.runner.k_cache == []
+    assert not engine.codec._graphs and engine.runner.caches == []
     engine.stop()  # a second stop is harmless
 
 

@@ -42,16 +42,17 @@ def _layer_args() -> tuple[tuple, tuple]:
 
 
 def _run(fn, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layer's output and its cache's K and V halves (views of the one cache tensor it was given)."""
     torch.manual_seed(1)
     attn_args, out_args = _layer_args()
-    k_cache, v_cache = torch.randn(6, KV_HEADS, 64, HEAD_DIM), torch.randn(6, KV_HEADS, 64, HEAD_DIM)
+    cache = torch.randn(2, 6, KV_HEADS, 64, HEAD_DIM)
     x = torch.randn(3, 1, HIDDEN)
     positions = torch.tensor([5, 31, 0])
     cos, sin = torch.randn(3, 1, 1, HEAD_DIM), torch.randn(3, 1, 1, HEAD_DIM)
     mask = _mask(positions + 1, 32)
     with torch.inference_mode():
-        out = fn(x, cos, sin, mask, positions, k_cache, v_cache, 0.25, attn_args, out_args, slots)  # reads 32 keys
-    return out, k_cache, v_cache
+        out = fn(x, cos, sin, mask, positions, cache, 0.25, attn_args, out_args, slots)  # reads 32 keys
+    return out, cache[0], cache[1]
 
 
 def test_decode_layer_writes_each_rows_position_and_reads_its_own_row() -> None:
@@ -60,7 +61,7 @@ def test_decode_layer_writes_each_rows_position_and_reads_its_own_row() -> None:
     torch.testing.assert_close(gathered, out)
     torch.testing.assert_close(k_gathered, k_cache)
     moved, k_moved, _ = _run(decode_layer, slots=torch.tensor([4, 1, 5]))
-    untouched, _, _ = _run(lambda *a: a[5].clone())  # the cache as it was before any write
+    untouched, _, _ = _run(lambda *a: a[5][0].clone())  # the keys as they were before any write
     # Row 0 lives in slot 4 now: the write went there, and its output depends on slot 4's keys, not row 0's.
     assert not torch.equal(k_moved[4, :, 5], untouched[4, :, 5])
     assert torch.equal(k_moved[0], untouched[0])
@@ -94,7 +95,7 @@ def test_compiled_code_predictor_matches_eager_and_writes_its_own_cache(load_tts
     assert torch.equal(codes, eager_codes)
     torch.testing.assert_close(embedding_sum, eager_sum, rtol=1e-5, atol=1e-5)
     eager, compiled = runners
-    caches = [runner.cp_k_cache + runner.cp_v_cache for runner in (compiled, eager)]
+    caches = [runner.cp_caches for runner in (compiled, eager)]
     for got, expected in zip(*caches, strict=True):
-        assert got[:3].abs().sum() > 0  # written
+        assert got[0, :3].abs().sum() > 0 and got[1, :3].abs().sum() > 0  # K and V written
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
