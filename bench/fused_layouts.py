@@ -89,15 +89,16 @@ def written(before: Tensor, after: Tensor) -> set[tuple[int, ...]]:
 
 
 def mark_dynamic_case(args: tuple, dynamic: str) -> None:
-    """Have torch.compile take `args`' KV length and/or row count as any size, as `dynamic` says."""
+    """Have torch.compile take `args`' KV length and/or row count as any size, as `dynamic` says (strictly: a
+    compile that specializes one of them raises, so a dynamic case is one)."""
     from qwen_tts_server.engine.fast.compiling import mark_dynamic
 
     x, cos, sin, mask, positions = args[:5]
     if "kv" in dynamic:
-        mark_dynamic(mask, 3)
+        mark_dynamic(mask, 3, strict=True)
     if "rows" in dynamic:
         for tensor in (x, cos, sin, mask, positions):
-            mark_dynamic(tensor, 0)
+            mark_dynamic(tensor, 0, strict=True)
 
 
 def compare(
@@ -120,15 +121,16 @@ def compare(
             args, cache = layer_case(shape, rows, layout, torch.device(device), dtype)
             if compiled:
                 mark_dynamic_case(args, dynamic)
-            before = cache.cpu()  # out of reach of a stray write
+            before = cache.to("cpu", copy=True)  # out of reach of a stray write (and a copy on the CPU too)
             out = layer(*args, None, fused)
-            after = cache.cpu()
+            after = cache.to("cpu", copy=True)
             runs[fused] = (out.float().cpu(), after.float(), written(before, after))
     (expected, torch_cache, torch_wrote), (got, fused_cache, fused_wrote) = runs[False], runs[True]
     return {
         "out_max_abs": float((got - expected).abs().max()),
         "out_max": float(expected.abs().max()),
         "cache_max_abs": float((fused_cache - torch_cache).abs().max()),
+        "torch_writes": len(torch_wrote),  # K and V of each row's kv heads: 2 x rows x KV_HEADS, none into a copy
         "stray_writes": len(fused_wrote - torch_wrote),
         "missed_writes": len(torch_wrote - fused_wrote),
     }

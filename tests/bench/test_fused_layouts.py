@@ -82,3 +82,4 @@ def test_compare_finds_the_fused_layer_equal_to_the_torch_layer_in_the_interpret
     for row in rows:
         assert row["out_max_abs"] <= 1e-4 * row["out_max"] and row["cache_max_abs"] <= 1e-4, row
         assert row["stray_writes"] == row["missed_writes"] == 0, row
+        assert row["torch_writes"] == 2 * 2 * fused_layouts.KV_HEADS, row  # into the cache given, not a copy

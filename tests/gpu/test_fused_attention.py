@@ -26,18 +26,19 @@ from .support import Results, Tier, max_abs
 
 pytestmark = pytest.mark.gpu
 
-# name: (shape, rows, cache layout as the engine has it; bench/fused_layouts.py builds the cases and says more)
+# name: (shape, rows, cache layout and sizes compiled dynamic as the engine has them; bench/fused_layouts.py builds
+# the cases and says more)
 CASES = {
-    "predictor_64": ("predictor", 64, "own"),
-    "talker_2": ("talker", 2, "layer"),
-    "talker_64": ("talker", 64, "layer"),
+    "predictor_64": ("predictor", 64, "own", "rows"),
+    "talker_2": ("talker", 2, "layer", "kv+rows"),
+    "talker_64": ("talker", 64, "layer", "kv+rows"),
 }
 
 
 def _case(name: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, torch.Tensor]:
-    shape, rows, layout = CASES[name]
+    shape, rows, layout, dynamic = CASES[name]
     args, cache = layer_case(shape, rows, layout, device, dtype)
-    mark_dynamic_case(args, "kv+rows")
+    mark_dynamic_case(args, dynamic)
     return args, cache
 
 
@@ -73,6 +74,7 @@ def test_fused_attention_compiled_and_graphed(shape: str, tier: Tier, results: R
     diff = {"out": max_abs(got, expected), "cache": max_abs(cache, torch_cache)}
     same_writes, replay = wrote == torch_wrote, torch.equal(out, direct)
     results.record(f"fused_attention_{shape}", max_abs=diff, out_max=scale, same_writes=same_writes, replay=replay)
+    assert len(torch_wrote) == 2 * CASES[shape][1] * KV_HEADS, "the compiled torch layer wrote into a copy"
     assert same_writes, f"{len(wrote - torch_wrote)} vectors written astray, {len(torch_wrote - wrote)} missed"
     assert replay, "graph replay differs from the call it was captured from"
     assert diff["out"] <= 2**-5 * scale, diff

@@ -86,7 +86,8 @@ if triton is not None:
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)  # the kv head; its query heads are h * GROUP .. h * GROUP + GROUP - 1
-        # A scalar may come as fp64 (inductor's launcher passed them so): every product with it would be fp64.
+        # In fp32 whatever they come as: as fp64 (how inductor passes a traced kernel's floats) every product
+        # with them would be fp64.
         qk_eps = tl.cast(qk_eps, tl.float32)
         scale = tl.cast(scale, tl.float32)
         v_cache = k_cache + kv_offset  # a layer's cache is one tensor [K/V, row, kv head, position, D]

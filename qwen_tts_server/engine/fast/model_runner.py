@@ -232,7 +232,8 @@ def decode_layer(
 ) -> Tensor:
     """One decoder layer for one new position per row `x` [B, 1, h]: projections, the K/V write into the
     layer's `cache` [K/V, row, kv head, position, D] at `positions` ([B], or [1] for all rows), attention over
-    the cache positions `mask` covers, MLP. One cache tensor, written once: see attention_kernel's op.
+    the cache positions `mask` covers, MLP. One cache tensor a layer: the fused op must mutate a single tensor
+    (see attention_kernel).
 
     Row b lives in cache row b (keys read in place), or in `slots[b]` when given (gathered). One
     function, so that compiled the cache write fuses into the RoPE kernel and the mask into the

@@ -38,8 +38,10 @@ def test_the_kernel_takes_power_of_two_groups_head_sizes_16_to_128_and_small_til
 @pytest.mark.parametrize("kv_len", [16, 512], ids=["predictor", "talker"])
 def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv_len: int) -> None:
     """Compiled for an H100 here, without one (Triton's own ptxas), at the 1.7B model's shapes: with its float
-    arguments as fp64, which is how inductor passes them to a user kernel (the first GPU run failed so: the
-    softmax's running sum turned fp64 inside its loop), and as fp32, how Triton's own launcher does."""
+    arguments as fp64, which is how inductor passes them to a traced user kernel (the first GPU run failed so:
+    the softmax's running sum turned fp64 inside its loop), and as fp32, how Triton's own launcher does (the op
+    is opaque now); and with the K-to-V offset as i64, what Triton makes of the talker's at the server's default
+    sizes (28 layers x 65 rows x 8 heads x 4,096 positions x 128 is past 2**31)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -47,7 +49,7 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
     constants = attention_kernel.launch_constants(kv_len, 16, 8, 128, torch.bfloat16)
     options = {"num_warps": constants.pop("num_warps")}
     pointers = {"positions": "*i64", "rows": "*i64", "mask": "*i1"}
-    for floats in ("fp64", "fp32"):
+    for floats, offset in (("fp64", "i32"), ("fp32", "i32"), ("fp32", "i64")):
         signature = {}
         for name in kernel.arg_names:
             if name in constants:
@@ -57,7 +59,7 @@ def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv
             elif name in ("qkv", "qk_norm", "cos", "sin", "k_cache", "out", *pointers):
                 signature[name] = pointers.get(name, "*bf16")
             else:
-                signature[name] = "i32"
+                signature[name] = offset if name == "kv_offset" else "i32"
         fixed = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
         source = ASTSource(kernel, signature, fixed)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
