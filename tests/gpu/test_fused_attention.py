@@ -1,6 +1,6 @@
 """The fused decode attention (attention_kernel.py, QTTS_FUSED_ATTENTION) on the GPU, at the full-size model's
-shapes, where the CPU tests cannot go: compiled inside `decode_layer` as the engine compiles it (the KV length
-and the row count for any size), and replayed in a CUDA graph.
+shapes, where the CPU tests cannot go: compiled inside `decode_layer` as the engine compiles it (the row count,
+and the talker's KV length, for any size), and replayed in a CUDA graph.
 
 Per shape (the code predictor's: 64 rows at position 7 of 16 keys; the talker's: 2 and 64 rows at their own
 positions, 256 of 512 cache positions read, several key blocks), on random bf16 weights and a cache laid out as

@@ -197,11 +197,11 @@ fused_decode_attention: Callable[..., Tensor] | None = None
 if triton is not None:
     # An opaque custom op that mutates one tensor. Opaque: torch.compile calls it as it is, and Triton's own
     # launcher runs the kernel with the real sizes (a CUDA graph replays the launch, so that costs nothing
-    # there). One tensor: with K and V as two mutated arguments (views of one tensor, as the talker's are, or
-    # not), compiled code handed the op a copy of the wrong size, traced (`triton_op`) or opaque alike: on an
-    # H100 (torch 2.11) an illegal memory access or stray cache writes once a size was dynamic (the talker's
-    # KV length and row count always are); on the CPU (torch 2.9) wrong already with static sizes. With one, it
-    # is handed the cache itself (bench.fused_layouts --dynamic, 2026-12-07; docs/notes.md).
+    # there). One tensor: with K and V as two mutated arguments, compiled with a dynamic size (the talker's KV
+    # length and row count always are), the layer faulted or wrote astray on an H100 (torch 2.11), traced
+    # (`triton_op`) or opaque alike; on the CPU (torch 2.9) inductor's code handed a small op of that kind a
+    # copy of the wrong size. With one, the layer matched on the H100 and the op gets the cache itself
+    # (bench.fused_layouts --dynamic, 2026-12-07; docs/notes.md).
     @torch.library.custom_op("qtts::decode_attention", mutates_args={"cache"})
     def fused_decode_attention(
         qkv: Tensor,

@@ -253,8 +253,9 @@ def decode_layer(
         attn = fused_decode_attention(qkv[:, 0], qk_norm, *args, qk_eps, scale, heads, kv_heads)
         return layer_out(x, attn.view(B, 1, heads, hd).transpose(1, 2), *out_args)
     q, k, v = split_heads(qkv, cos, sin, qk_norm, qk_eps, heads, kv_heads)
-    keys_half = torch.zeros(1, dtype=torch.long, device=x.device)  # K; V is the next: two writes into `cache`
-    cache[keys_half, rows, :, positions] = k[:, :, 0]  # as a separate K and V tensor each had theirs (measured)
+    # Two writes into the input itself (index 0 is K, 1 is V), as when K and V were tensors of their own.
+    keys_half = torch.zeros(1, dtype=torch.long, device=x.device)
+    cache[keys_half, rows, :, positions] = k[:, :, 0]
     cache[keys_half + 1, rows, :, positions] = v[:, :, 0]
     kv_len = mask.shape[-1]
     read = cache[:, :B, :, :kv_len] if slots is None else cache[:, slots, :, :kv_len]
