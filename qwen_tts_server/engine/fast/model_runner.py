@@ -460,7 +460,8 @@ class ModelRunner:
         x = x[None]
         for i, w in enumerate(self.layers):
             q, k, v = self.attn_in(x, cos, sin, *w.attn_args)
-            self.caches[i][:, owner, :, positions] = torch.stack((k[0], v[0]), dim=1).transpose(0, 2)  # [T, K/V, ...]
+            self.caches[i][0, owner, :, positions] = k[0].transpose(0, 1)
+            self.caches[i][1, owner, :, positions] = v[0].transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling, enable_gqa=True
             )
