@@ -101,13 +101,13 @@ class Settings(BaseSettings):
         "step 1,333 audio-s/s (78 s). true/false, as before, mean step/off.",
     )
     fused_attention: Literal["off", "predictor", "all"] = Field(
-        "predictor",
+        "all",
         description="Fast engine on CUDA: decode attention as one Triton kernel per layer (q/k norm, RoPE, the KV "
-        "cache write and attention; engine/fast/attention_kernel.py) instead of six compiled kernels. predictor: "
-        "the code predictor's 75 layers a frame (16 keys each); all: the talker's 28 too; off: the torch path. "
-        "Frames only (H100, compiled with graphs, 1.7B, 2026-12-07, one process): predictor 5.54 ms a frame at one "
-        "row and 7.57 at 64, all 5.26 and 6.67 (off, an earlier run: 6.20 and 8.94). all is not the default yet: "
-        "it has not run through the server or the GPU test tier.",
+        "cache write and attention; engine/fast/attention_kernel.py) instead of six compiled kernels. all: the "
+        "talker's 28 layers and the code predictor's 75 a frame; predictor: the code predictor's alone (16 keys "
+        "each); off: the torch path. Frames only (H100, compiled with graphs, 1.7B, 2026-12-07, one process): off "
+        "6.08 ms a frame at one row and 8.58 at 64, predictor 5.80 and 7.53, all 5.29 and 6.67. Through the server "
+        "(one H100): all 14.1x one stream and 375 audio-s/s at 64 clients, predictor 13.6x and 353.",
     )
     gc_freeze: bool = Field(
         True,

@@ -42,10 +42,10 @@ def test_compile_codec_given_as_a_python_bool(value, expected):
     assert Settings(compile_codec=value).compile_codec == expected
 
 
-def test_fused_attention_is_the_predictors_unless_asked_and_an_unknown_mode_says_what_it_may_be(monkeypatch):
+def test_fused_attention_is_every_layers_unless_asked_and_an_unknown_mode_says_what_it_may_be(monkeypatch):
     monkeypatch.delenv("QTTS_FUSED_ATTENTION", raising=False)
-    assert Settings().fused_attention == "predictor"
-    for mode in ("off", "all"):
+    assert Settings().fused_attention == "all"
+    for mode in ("off", "predictor"):
         monkeypatch.setenv("QTTS_FUSED_ATTENTION", mode)
         assert Settings().fused_attention == mode
     monkeypatch.setenv("QTTS_FUSED_ATTENTION", "talker")

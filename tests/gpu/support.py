@@ -7,7 +7,7 @@ Environment (all optional):
   QTTS_GPU_TEST_DEVICE   cuda (the default where CUDA is available) or cpu (development: tiny checkpoints, fp32)
   QTTS_GPU_TEST_DTYPE    bfloat16 on CUDA, float32 on the CPU (the server's `auto`)
   QTTS_GPU_TEST_COMPILE  1 (default on CUDA, as served) or 0: torch.compile of the fast engine's layer parts
-  QTTS_FUSED_ATTENTION   the server's own setting (config.py; default predictor): which decode layers of the
+  QTTS_FUSED_ATTENTION   the server's own setting (config.py; default all): which decode layers of the
                          tier's engines run the fused attention kernel
   QTTS_GPU_TEST_RESULTS  the JSON file the numbers go to (default bench/results/gpu-tests-<date>.json)
   QTTS_GPU_TEST_REPEATS  runs of each kind per batch size in the graph-vs-eager test (default 2)
