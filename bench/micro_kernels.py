@@ -1,12 +1,16 @@
-"""Microbenchmarks of the three kernel choices the step profile points at (CUDA), at the 1.7B shapes.
+"""Microbenchmarks of the kernel choices the step profile points at (CUDA), at the 1.7B shapes.
 
 `bench.profile_step --kernels-only` shows where a frame's kernels go: decode attention through cuDNN's
 flash kernel (one query row, 6 us a call at one row, 20 us at 64), split-K matmuls that add a memset
 and a reduce kernel to every down projection at one row, and top-k for the narrow sampling plan (19 us
 a codebook). This times alternatives for each, every variant replayed in a CUDA graph of `--calls`
-calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math.
+calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math. `fused`
+times the fused decode attention (engine/fast/attention_kernel.py) alone at the shapes a c64 server step runs,
+with the K and V bytes it reads as a rate, to tell the talker's calls from the code predictor's (a trace names
+them alike).
 
     python -m bench.micro_kernels --out "$OUT"       # on the GPU; prints JSON lines
+    python -m bench.micro_kernels --parts fused
 """
 
 from __future__ import annotations
@@ -159,15 +163,59 @@ def bench_top_k(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
+def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int) -> tuple[tuple, int]:
+    """The fused op's arguments for `batch` rows each reading `read` earlier positions of one layer's cache: a
+    layer's view of a [K/V, layers, slots, kv heads, cache_len, D] tensor, as the engine holds the talker's
+    (`layers` 1: a tensor of its own, as each code predictor layer's). Past 2**31 elements from K to V the kernel
+    runs its i64 version, as at the server's default sizes. Also the K and V bytes a call reads."""
+    dev, bf16 = "cuda", torch.bfloat16
+    stacked = torch.empty(2, layers, slots, KV_HEADS, cache_len, HEAD_DIM, device=dev, dtype=bf16)
+    stacked.normal_()
+    cache = stacked[:, layers - 1]
+    qkv = torch.randn(batch, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=dev, dtype=bf16)
+    qk_norm = torch.ones(HEADS + KV_HEADS, HEAD_DIM, device=dev, dtype=bf16)
+    shared = layers == 1  # the code predictor's rows share one position
+    n = 1 if shared else batch
+    cos, sin = torch.ones(n, HEAD_DIM, device=dev, dtype=bf16), torch.zeros(n, HEAD_DIM, device=dev, dtype=bf16)
+    positions = torch.full((n,), read, device=dev)
+    mask = (torch.arange(cache_len, device=dev) <= read)[None, :].expand(n, -1).contiguous()
+    rows = torch.arange(batch, device=dev)
+    args = (qkv, qk_norm, cos, sin, positions, rows, cache, mask, 1e-6, HEAD_DIM**-0.5, HEADS, KV_HEADS)
+    return args, 2 * batch * KV_HEADS * read * HEAD_DIM * 2
+
+
+def bench_fused(calls: int) -> list[dict[str, Any]]:
+    """The fused decode attention alone: the code predictor's layer (16 positions, rows sharing one) and the
+    talker's (each row at the same position of a 512 or a 4,096-position cache, 28 layers and 65 slots as
+    served) at 1, 44 (a c64 run's mean batch) and 64 rows."""
+    from qwen_tts_server.engine.fast.attention_kernel import fused_decode_attention
+
+    if fused_decode_attention is None:
+        return [{"error": "no Triton"}]
+    rows = []
+    cases = [("predictor", 16, 15, 1, 65)]
+    cases += [("talker", 512, 150, 1, 65), ("talker", 4096, 150, 28, 65), ("talker", 4096, 1000, 28, 65)]
+    for name, cache_len, read, layers, slots in cases:
+        for batch in (1, 44, 64):
+            args, nbytes = fused_case(batch, cache_len, read, layers, slots)
+            us = graph_us(lambda args=args: fused_decode_attention(*args), calls)
+            row = {"shape": name, "batch": batch, "cache_len": cache_len, "read": read, "us": us}
+            row["kv_gb_per_s"] = round(nbytes / us / 1e3, 1)
+            rows.append(row)
+            del args
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--parts", default="attention,linear,top_k", help="which of attention, linear, top_k")
+    parser.add_argument("--parts", default="attention,linear,top_k", help="which of attention, linear, top_k, fused")
     parser.add_argument("--out", type=Path, default=None, help="folder for micro-kernels.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {}
-    parts = {"attention": bench_attention, "linear": bench_linear, "top_k": bench_top_k}
+    parts = {"attention": bench_attention, "linear": bench_linear, "top_k": bench_top_k, "fused": bench_fused}
     for name in args.parts.split(","):
         fn = parts[name]
         results[name] = fn(args.calls)
