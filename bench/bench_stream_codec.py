@@ -11,7 +11,8 @@ streams in lockstep (every call decodes the same chunk of every stream):
 * `stream` (b): `StreamingDecoder`, which carries the decoder's causal state and decodes only the
   new frames. Exact. `eager`, and on CUDA `graph` (one graph per (batch, chunk length)); with
   `--compile` also `graph-snake` (SnakeBeta fused, as the server's default `compile_codec=snake`)
-  and `graph-compiled` (the whole step compiled, as `compile_codec=step`).
+  and `graph-compiled` (the whole step compiled, as `compile_codec=step`); with `--channels-last` each
+  graphed method again with the activations kept channels-innermost (`-cl`, `StreamingDecoder`).
 * `whole`: the whole utterance in one decode, the reference point for speed and for audio.
 
 Per method, batch and chunk size: audio seconds decoded per second of wall time (each call ends
@@ -265,9 +266,13 @@ def bench_config(
     results.append(measure(Result("stream-eager", batch, chunk, schedule), run, device, args.repeats, reference, reset))
     if device.type == "cuda":
         compiled = ("stream-graph-snake", "stream-graph-compiled") if args.compile else ()
-        for name in ("stream-graph", *compiled):
-            graph_streaming = StreamingDecoder(decoder)
-            graph_streaming.enable({"stream-graph-snake": "snake", "stream-graph-compiled": "step"}.get(name, "off"))
+        names = ("stream-graph", *compiled)
+        if args.channels_last:  # each graphed method again with the channels-last layout, named "...-cl"
+            names = tuple(n for name in names for n in (name, f"{name}-cl"))
+        for name in names:
+            graph_streaming = StreamingDecoder(decoder, channels_last=name.endswith("-cl"))
+            base = name.removesuffix("-cl")
+            graph_streaming.enable({"stream-graph-snake": "snake", "stream-graph-compiled": "step"}.get(base, "off"))
             t0 = time.perf_counter()
             for n in sorted(set(schedule)):
                 graph_streaming.capture(batch, n)
@@ -290,7 +295,7 @@ def card_name(device: torch.device) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'method':<21} {'batch':>5} {'chunk':>5} {'audio-s/s':>10} {'first ms':>9} "
+        f"{'method':<24} {'batch':>5} {'chunk':>5} {'audio-s/s':>10} {'first ms':>9} "
         f"{'chunk p50':>9} {'chunk max':>9} {'max|diff|':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -300,7 +305,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             return "-" if r[key] is None else f"{r[key]:.2f}"
 
         lines.append(
-            f"{r['method']:<21} {r['batch']:>5} {r['chunk']:>5} {r['audio_s_per_s']:>10.1f} {num('first_chunk_ms'):>9} "
+            f"{r['method']:<24} {r['batch']:>5} {r['chunk']:>5} {r['audio_s_per_s']:>10.1f} {num('first_chunk_ms'):>9} "
             f"{num('chunk_ms_p50'):>9} {num('chunk_ms_max'):>9} {r['max_abs_vs_whole']:>9.1e}"
         )
     return "\n".join(lines)
@@ -359,6 +364,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         help="also stream-graph with SnakeBeta fused (stream-graph-snake) and with the step torch.compiled",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="also each graphed method with the decoder's activations and weights channels-last (name-cl)",
     )
     p.add_argument(
         "--no-cudnn-benchmark",

@@ -24,6 +24,15 @@ batch's new state become the streams' states without a copy. Nothing in `decode`
 device except the final copy of the audio to the host, and on CUDA a (batch, chunk length) bucket
 can be captured as one graph (`capture`), because every input and output of the step is a tensor. The
 graphs are captured on a stream of their own (`capture.GraphPool` says why).
+
+Layout (`channels_last`, off by default until measured): cuDNN runs the decoder's bf16 convolutions on
+channels-innermost (NHWC) kernels. Given [B, C, T] activations and weights stored time innermost, as upstream's
+modules hold them, it converts the input to that layout and the output back (`nchwToNhwc`/`nhwcToNchw`: 19 of the
+codec's 154 ms of kernels in a 30-step trace at 64 clients on an H100, 2026-12-07); an input that comes channels
+innermost (the transformer's output does) has PyTorch copy the weight so instead. With `channels_last` every
+activation after the transformer stays channels innermost ([B, C, T] views of [B, T, C] memory), the state's
+concatenations included, and the convolutions take weights stored so once (a copy of the upsampling and decoder
+convolutions' weights), so that nothing should need converting.
 """
 
 from __future__ import annotations
@@ -93,10 +102,13 @@ class DecoderState:
 
 @dataclass(frozen=True)
 class _Slot:
-    """Where one carried tensor lives in a stream's flat state."""
+    """Where one carried tensor lives in a stream's flat state: `shape` as it is read ([C, P] for a
+    convolution's samples), stored with its last two dimensions swapped when `time_major` (channels
+    innermost, as a channels-last decoder's activations are)."""
 
     offset: int
     shape: tuple[int, ...]
+    time_major: bool = False
 
     @property
     def size(self) -> int:
@@ -114,7 +126,10 @@ class _StateIO:
     def _view(self, flat: Tensor, key: Any) -> Tensor:
         slot = self.slots[key]
         # A column range of a [B, S] tensor: its last dim is contiguous, so this is a view, not a copy.
-        return flat[:, slot.offset : slot.offset + slot.size].view(flat.shape[0], *slot.shape)
+        columns = flat[:, slot.offset : slot.offset + slot.size]
+        if slot.time_major:
+            return columns.view(flat.shape[0], *slot.shape[:-2], slot.shape[-1], slot.shape[-2]).mT
+        return columns.view(flat.shape[0], *slot.shape)
 
     def read(self, key: Any) -> Tensor:
         return self._view(self.old, key)
@@ -123,16 +138,16 @@ class _StateIO:
         self._view(self.new, key).copy_(value)
 
 
-def _layout(decoder: nn.Module) -> tuple[dict[Any, _Slot], int]:
-    """Every carried tensor of the decoder and its place in a flat state; checks that the module is
-    the architecture this file replays (stride-1 causal convolutions, unpadded transposed ones,
-    sliding-window attention)."""
+def _layout(decoder: nn.Module, channels_last: bool = False) -> tuple[dict[Any, _Slot], int]:
+    """Every carried tensor of the decoder and its place in a flat state (the convolutions' samples stored
+    channels innermost with `channels_last`); checks that the module is the architecture this file replays
+    (stride-1 causal convolutions, unpadded transposed ones, sliding-window attention)."""
     slots: dict[Any, _Slot] = {}
     offset = 0
 
-    def add(key: Any, shape: tuple[int, ...]) -> None:
+    def add(key: Any, shape: tuple[int, ...], time_major: bool = False) -> None:
         nonlocal offset
-        slots[key] = _Slot(offset, shape)
+        slots[key] = _Slot(offset, shape, time_major)
         offset += math.prod(shape)
 
     for module in decoder.modules():
@@ -140,7 +155,7 @@ def _layout(decoder: nn.Module) -> tuple[dict[Any, _Slot], int]:
             if module.stride != 1:
                 raise ValueError("streaming decode assumes stride-1 causal convolutions (no right padding)")
             if module.padding > 0:
-                add(module, (module.conv.in_channels, module.padding))
+                add(module, (module.conv.in_channels, module.padding), channels_last)
         elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
             conv = module.conv
             if conv.padding[0] != 0 or conv.output_padding[0] != 0 or module.left_pad != 0:
@@ -148,7 +163,7 @@ def _layout(decoder: nn.Module) -> tuple[dict[Any, _Slot], int]:
             if module.right_pad != conv.kernel_size[0] - conv.stride[0]:
                 raise ValueError("streaming decode assumes a right trim of kernel - stride")
             if module.right_pad > 0:
-                add(module, (conv.out_channels, module.right_pad))
+                add(module, (conv.out_channels, module.right_pad), channels_last)
     transformer = decoder.pre_transformer
     config = transformer.config
     if config.sliding_window is None:
@@ -170,10 +185,13 @@ class StreamingDecoder:
     forward, which threads the state, is ours.
 
     `decode(states, codes)` returns, for any split of a stream's codes into chunks, audio equal (up
-    to float rounding) to the matching samples of `decoder(whole_codes)`.
+    to float rounding) to the matching samples of `decoder(whole_codes)`. `channels_last`: the layout
+    (module docstring); the same audio, to float rounding.
     """
 
-    def __init__(self, decoder: nn.Module, capture_stream: torch.cuda.Stream | None = None) -> None:
+    def __init__(
+        self, decoder: nn.Module, capture_stream: torch.cuda.Stream | None = None, *, channels_last: bool = False
+    ) -> None:
         self.decoder = decoder
         param = next(decoder.parameters())
         self.device = param.device
@@ -181,7 +199,9 @@ class StreamingDecoder:
         self.samples_per_frame = int(decoder.total_upsample)
         self.num_quantizers = int(decoder.config.num_quantizers)
         self.past = int(decoder.pre_transformer.config.sliding_window) - 1
-        self.slots, self.state_size = _layout(decoder)
+        self.channels_last = channels_last
+        self.slots, self.state_size = _layout(decoder, channels_last)
+        self._weights = _channels_last_weights(decoder) if channels_last else {}
         self._snake_terms = _snake_terms(decoder)
         self.compiles: CodecCompile = "off"  # see `enable`
         self._fused_snake: SnakeFn | None = None
@@ -373,6 +393,10 @@ class StreamingDecoder:
             hidden = self._run(block, hidden, io, snake_fn)
         return hidden.clamp(min=-1, max=1), io.new, position + codes.shape[-1]
 
+    def _weight(self, conv: nn.Conv1d | nn.ConvTranspose1d) -> Tensor:
+        """The weight a convolution runs with: its channels-last copy, if it has one."""
+        return self._weights.get(conv, conv.weight)
+
     def _run(self, module: nn.Module, x: Tensor, io: _StateIO, snake_fn: SnakeFn) -> Tensor:
         """Upstream's module forward, with the causal ones swapped for their stateful versions and SnakeBeta
         for `snake_fn` over its precomputed terms."""
@@ -392,21 +416,20 @@ class StreamingDecoder:
             return snake_fn(x, *self._snake_terms[module])
         raise TypeError(f"no streaming forward for {type(module).__name__}")
 
-    @staticmethod
-    def _conv(module: Qwen3TTSTokenizerV2CausalConvNet, x: Tensor, io: _StateIO) -> Tensor:
+    def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: Tensor, io: _StateIO) -> Tensor:
         """Causal conv: the carried last `padding` input samples stand in for the left zero padding."""
-        if module.padding == 0:
-            return module.conv(x)
-        full = torch.cat([io.read(module), x], dim=-1)
-        io.write(module, full[..., -module.padding :])
-        return module.conv(full)
+        if module.padding > 0:
+            x = _cat_time(io.read(module), x, self.channels_last)
+            io.write(module, x[..., -module.padding :])
+        conv = module.conv
+        return F.conv1d(x, self._weight(conv), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
-    @staticmethod
-    def _trans_conv(module: Qwen3TTSTokenizerV2CausalTransConvNet, x: Tensor, io: _StateIO) -> Tensor:
+    def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: Tensor, io: _StateIO) -> Tensor:
         """Causal transposed conv: upstream trims the last kernel - stride samples, which are exactly
         the part the next input frame also writes to. Carry them (without bias) into the next chunk."""
         conv = module.conv
-        out = F.conv_transpose1d(x, conv.weight, None, stride=conv.stride, groups=conv.groups, dilation=conv.dilation)
+        weight = self._weight(conv)
+        out = F.conv_transpose1d(x, weight, None, stride=conv.stride, groups=conv.groups, dilation=conv.dilation)
         emitted = x.shape[-1] * conv.stride[0]
         tail = module.right_pad
         if tail > 0:
@@ -493,6 +516,25 @@ class StreamingDecoder:
             q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=attn.scaling
         )
         return attn.o_proj(out.transpose(1, 2).reshape(batch, frames, -1))
+
+
+def _cat_time(past: Tensor, x: Tensor, channels_last: bool) -> Tensor:
+    """`past` [B, C, P] then `x` [B, C, T] along time, channels innermost if asked: `torch.cat` of [B, C, T]
+    tensors returns time innermost whatever its inputs are, so channels-last ones are joined as [B, T, C]."""
+    if channels_last:
+        return torch.cat([past.mT, x.mT], dim=1).mT
+    return torch.cat([past, x], dim=-1)
+
+
+def _channels_last_weights(decoder: nn.Module) -> dict[nn.Module, Tensor]:
+    """A copy of every upsampling and decoder convolution's weight ([out, in, k], a transposed one's [in,
+    out, k]) stored with its second dimension innermost, the layout cuDNN's NHWC kernels read."""
+    weights: dict[nn.Module, Tensor] = {}
+    for stack in (decoder.upsample, decoder.decoder):
+        for module in stack.modules():
+            if isinstance(module, nn.Conv1d | nn.ConvTranspose1d):
+                weights[module] = module.weight.detach().mT.contiguous().mT
+    return weights
 
 
 class _Graph:

@@ -79,15 +79,51 @@ def stream(streaming: StreamingDecoder, codes: Tensor, split: list[int]) -> np.n
     return np.concatenate(parts)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
 @pytest.mark.parametrize(
     "split",
     [[69], [1, 3, 8, 25, 25, 7], [2, 12, 12, 12, 12, 12, 7], [1] * 20 + [49], [4, 25, 25, 15]],
 )
-def test_any_split_equals_the_whole_decode(decoder: nn.Module, sharp_decoder: nn.Module, split: list[int]) -> None:
+def test_any_split_equals_the_whole_decode(
+    decoder: nn.Module, sharp_decoder: nn.Module, split: list[int], channels_last: bool
+) -> None:
     codes = random_codes(sum(split), seed=1)
     for module in (decoder, sharp_decoder):
-        ours = stream(StreamingDecoder(module), codes, split)
+        ours = stream(StreamingDecoder(module, channels_last=channels_last), codes, split)
         np.testing.assert_allclose(ours, whole_decode(module, codes), atol=ATOL, rtol=0)
+
+
+def _layout_changes(streaming: StreamingDecoder, codes: Tensor, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every convolution after the transformer whose input or weight is not stored channels innermost (where
+    cuDNN's NHWC kernels convert it), over a stream of three chunks."""
+    functional = torch.nn.functional
+    changes: list[str] = []
+    pre_conv = streaming.decoder.pre_conv.conv.weight
+
+    def innermost(t: Tensor) -> bool:
+        return t.shape[1] == 1 or t.stride(1) == 1
+
+    def checked(conv: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def run(x: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if weight is not pre_conv and not (innermost(x) and innermost(weight)):
+                changes.append(f"{conv.__name__} {tuple(x.shape)}: input {x.stride()}, weight {weight.stride()}")
+            return conv(x, weight, *args, **kwargs)
+
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(functional, "conv1d", checked(functional.conv1d))
+        patch.setattr(functional, "conv_transpose1d", checked(functional.conv_transpose1d))
+        stream(streaming, codes, [2, 12, 5])
+    return changes
+
+
+def test_channels_last_keeps_every_convolution_channels_innermost(decoder: nn.Module, monkeypatch) -> None:
+    """With `channels_last` no convolution after the transformer gets an input or a weight stored time innermost
+    (the state's concatenations keep the layout), so cuDNN converts nothing; without it, most do."""
+    codes = random_codes(19, seed=4)
+    assert _layout_changes(StreamingDecoder(decoder, channels_last=True), codes, monkeypatch) == []
+    assert len(_layout_changes(StreamingDecoder(decoder), codes, monkeypatch)) > 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,10 +159,11 @@ def test_long_stream_beyond_the_attention_window(sharp_decoder: nn.Module) -> No
     np.testing.assert_allclose(ours, whole_decode(sharp_decoder, codes), atol=ATOL, rtol=0)
 
 
-def test_streams_at_different_positions_decode_together(sharp_decoder: nn.Module) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+def test_streams_at_different_positions_decode_together(sharp_decoder: nn.Module, channels_last: bool) -> None:
     """Three streams, started at different times, share batches once their chunk lengths agree; each
     stream's audio equals its own whole decode."""
-    streaming = StreamingDecoder(sharp_decoder)
+    streaming = StreamingDecoder(sharp_decoder, channels_last=channels_last)
     codes = [random_codes(n, seed=10 + i) for i, n in enumerate((110, 97, 51))]
     states = [streaming.new_state() for _ in codes]
     audio: list[list[np.ndarray]] = [[] for _ in codes]
