@@ -1,10 +1,12 @@
 """Which cache layouts and compiled sizes the fused decode attention (engine/fast/attention_kernel.py) gets
 right on a GPU. Each case runs in a process of its own: a fault poisons the process's CUDA context.
 
-A layer's cache [K/V, row, kv head, position, dim] is one tensor, in one of two layouts:
+A layer's cache [K/V, row, kv head, position, dim] is one tensor, in one of these layouts:
   own    a tensor of its own (how the engine holds each code predictor layer's)
   layer  one layer's view of a [K/V, layer, ...] tensor, strided and at an offset (how it holds the talker's:
          one tensor, so that moving a request's row is one copy)
+  far    K and V 2**31 elements apart (4 GiB of bf16 between them), so that the kernel runs its i64 version, as
+         the talker's does at the server's default sizes; not in the default --layouts
 A compiled case compiles the KV length and/or the row count for any size (`--dynamic`), as the engine does.
 
 Per case, the op through `decode_layer` against the torch path on the same random bf16 inputs at the 1.7B
@@ -39,16 +41,24 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 # name: (hidden, MLP size, cache positions, keys read, one position for every row)
 SHAPES = {"predictor": (1024, 3072, 16, 16, True), "talker": (2048, 6144, 512, 256, False)}
-LAYOUTS = ("own", "layer")
+LAYOUTS = ("own", "layer")  # the default --layouts; "far" too when named
+# K to V in the "far" layout, in elements: past 2**31 - 1, so Triton takes the kernel's offset as an i64 (at the
+# server's default sizes the talker's is 28 layers x 65 rows x 8 kv heads x 4,096 positions x 128).
+FAR = 2**31
 # Which sizes a compiled case compiles for any value (the engine's talker: the mask's KV length at its first
 # compile, the rows once a second batch size comes).
 DYNAMIC = ("none", "kv", "rows", "kv+rows")
 
 
-def _cache(values: Tensor, layout: str) -> Tensor:
-    """A cache holding `values` [K/V, row, ...], laid out as `layout` says."""
+def _cache(values: Tensor, layout: str, far: int = FAR) -> Tensor:
+    """A cache holding `values` [K/V, row, ...], laid out as `layout` says (`far`: K to V in elements there)."""
     if layout == "own":
         return values.clone()
+    if layout == "far":
+        half = values[0]
+        cache = values.new_zeros(far + half.numel()).as_strided(values.shape, (far, *half.stride()))
+        cache.copy_(values)
+        return cache
     layers = values.new_zeros(values.shape[0], 3, *values.shape[1:])
     layers[:, 1] = values
     return layers[:, 1]
@@ -186,8 +196,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("fused_layouts needs CUDA")
     shapes, layouts = args.shapes.split(","), args.layouts.split(",")
-    if not set(shapes) <= set(SHAPES) or not set(layouts) <= set(LAYOUTS):
-        parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {list(LAYOUTS)}")
+    if not set(shapes) <= set(SHAPES) or not set(layouts) <= {*LAYOUTS, "far"}:
+        parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {[*LAYOUTS, 'far']}")
     if not set(args.compiled.split(",")) <= {"0", "1"}:
         parser.error(f"--compiled: 0 or 1, or both (0,1), not {args.compiled}")
     if not set(args.dynamic.split(",")) <= set(DYNAMIC):

@@ -45,6 +45,14 @@ def test_the_layouts_are_what_they_say() -> None:
     assert layer.untyped_storage().nbytes() == 3 * own.untyped_storage().nbytes()
 
 
+def test_the_far_layout_puts_v_far_from_k_with_the_same_values() -> None:
+    values = torch.randn(2, 3, 2, 4, 8)
+    cache = fused_layouts._cache(values, "far", far=1000)
+    assert torch.equal(cache, values) and cache.stride() == (1000, *values[0].stride())
+    assert cache.untyped_storage().nbytes() == (1000 + values[0].numel()) * values.element_size()
+    assert fused_layouts.FAR > 2**31 - 1  # what makes Triton pass the offset as an i64
+
+
 def test_written_names_each_changed_vector() -> None:
     _, cache = fused_layouts.layer_case("predictor", 2, "own", CPU, torch.float32)
     before = cache.clone()

@@ -4,7 +4,8 @@ and the talker's KV length, for any size), and replayed in a CUDA graph.
 
 Per shape (the code predictor's: 64 rows at position 7 of 16 keys; the talker's: 2 and 64 rows at their own
 positions, 256 of 512 cache positions read, several key blocks), on random bf16 weights and a cache laid out as
-the engine's are (the code predictor's a tensor per layer, the talker's a layer's view of one larger tensor):
+the engine's are (the code predictor's a tensor per layer, the talker's a layer's view of one larger tensor, and
+once with K and V 2**31 elements apart, as the talker's are at the server's default sizes: the kernel's i64 version):
 
 * compiled, the fused layer is close to the compiled torch layer (max abs difference recorded);
 * it writes each row's key and value at its position, in place, and nothing else;
@@ -32,6 +33,8 @@ CASES = {
     "predictor_64": ("predictor", 64, "own", "rows"),
     "talker_2": ("talker", 2, "layer", "kv+rows"),
     "talker_64": ("talker", 64, "layer", "kv+rows"),
+    # K and V 2**31 elements apart: the kernel's i64 version, which the talker runs at the server's default sizes
+    "talker_64_i64": ("talker", 64, "far", "kv+rows"),
 }
 
 
