@@ -163,18 +163,18 @@ def bench_top_k(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int) -> tuple[tuple, int]:
+def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int, shared: bool) -> tuple[tuple, int]:
     """The fused op's arguments for `batch` rows each reading `read` earlier positions of one layer's cache: a
     layer's view of a [K/V, layers, slots, kv heads, cache_len, D] tensor, as the engine holds the talker's
-    (`layers` 1: a tensor of its own, as each code predictor layer's). Past 2**31 elements from K to V the kernel
-    runs its i64 version, as at the server's default sizes. Also the K and V bytes a call reads."""
+    (`layers` 1: a tensor of its own, as each code predictor layer's); `shared`: one position, mask and RoPE row
+    for every row, as the code predictor's. Past 2**31 elements from K to V the kernel runs its i64 version, as
+    at the server's default sizes. Also the K and V bytes a call reads."""
     dev, bf16 = "cuda", torch.bfloat16
     stacked = torch.empty(2, layers, slots, KV_HEADS, cache_len, HEAD_DIM, device=dev, dtype=bf16)
     stacked.normal_()
     cache = stacked[:, layers - 1]
     qkv = torch.randn(batch, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=dev, dtype=bf16)
     qk_norm = torch.ones(HEADS + KV_HEADS, HEAD_DIM, device=dev, dtype=bf16)
-    shared = layers == 1  # the code predictor's rows share one position
     n = 1 if shared else batch
     cos, sin = torch.ones(n, HEAD_DIM, device=dev, dtype=bf16), torch.zeros(n, HEAD_DIM, device=dev, dtype=bf16)
     positions = torch.full((n,), read, device=dev)
@@ -186,18 +186,18 @@ def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int) -
 
 def bench_fused(calls: int) -> list[dict[str, Any]]:
     """The fused decode attention alone: the code predictor's layer (16 positions, rows sharing one) and the
-    talker's (each row at the same position of a 512 or a 4,096-position cache, 28 layers and 65 slots as
-    served) at 1, 44 (a c64 run's mean batch) and 64 rows."""
+    talker's (each row its own position, all at the same one, in a layer's view of a 512- or 4,096-position
+    cache of 28 layers and 65 slots) at 1, 44 (a c64 run's mean batch) and 64 rows."""
     from qwen_tts_server.engine.fast.attention_kernel import fused_decode_attention
 
     if fused_decode_attention is None:
         return [{"error": "no Triton"}]
     rows = []
     cases = [("predictor", 16, 15, 1, 65)]
-    cases += [("talker", 512, 150, 1, 65), ("talker", 4096, 150, 28, 65), ("talker", 4096, 1000, 28, 65)]
+    cases += [("talker", 512, 150, 28, 65), ("talker", 4096, 150, 28, 65), ("talker", 4096, 1000, 28, 65)]
     for name, cache_len, read, layers, slots in cases:
         for batch in (1, 44, 64):
-            args, nbytes = fused_case(batch, cache_len, read, layers, slots)
+            args, nbytes = fused_case(batch, cache_len, read, layers, slots, shared=name == "predictor")
             us = graph_us(lambda args=args: fused_decode_attention(*args), calls)
             row = {"shape": name, "batch": batch, "cache_len": cache_len, "read": read, "us": us}
             row["kv_gb_per_s"] = round(nbytes / us / 1e3, 1)

@@ -28,11 +28,11 @@ graphs are captured on a stream of their own (`capture.GraphPool` says why).
 Layout (`channels_last`, off by default until measured): cuDNN runs the decoder's bf16 convolutions on
 channels-innermost (NHWC) kernels. Given [B, C, T] activations and weights stored time innermost, as upstream's
 modules hold them, it converts the input to that layout and the output back (`nchwToNhwc`/`nhwcToNchw`: 19 of the
-codec's 154 ms of kernels in a 30-step trace at 64 clients on an H100, 2026-12-07); an input that comes channels
-innermost (the transformer's output does) has PyTorch copy the weight so instead. With `channels_last` every
+codec's 154 ms of kernels in a 30-step trace at 64 clients on an H100, 2026-12-07). With `channels_last` every
 activation after the transformer stays channels innermost ([B, C, T] views of [B, T, C] memory), the state's
-concatenations included, and the convolutions take weights stored so once (a copy of the upsampling and decoder
-convolutions' weights), so that nothing should need converting.
+concatenations included, and those convolutions run as 2-D ones over [B, C, 1, T] views with channels-last weights
+made once (a copy of the weights): a 3-D convolution would not do, since ATen makes its input time-innermost
+first (a copy) and converts it back for NHWC kernels (another).
 """
 
 from __future__ import annotations
@@ -138,12 +138,20 @@ class _StateIO:
         self._view(self.new, key).copy_(value)
 
 
+def _after_transformer(decoder: nn.Module) -> set[nn.Module]:
+    """The modules that run on the transformer's output (the upsampling and decoder stacks): what
+    `channels_last` keeps channels innermost."""
+    return {module for stack in (decoder.upsample, decoder.decoder) for module in stack.modules()}
+
+
 def _layout(decoder: nn.Module, channels_last: bool = False) -> tuple[dict[Any, _Slot], int]:
-    """Every carried tensor of the decoder and its place in a flat state (the convolutions' samples stored
-    channels innermost with `channels_last`); checks that the module is the architecture this file replays
-    (stride-1 causal convolutions, unpadded transposed ones, sliding-window attention)."""
+    """Every carried tensor of the decoder and its place in a flat state (with `channels_last`, the samples of
+    the convolutions after the transformer stored channels innermost); checks that the module is the
+    architecture this file replays (stride-1 causal convolutions, unpadded transposed ones, sliding-window
+    attention)."""
     slots: dict[Any, _Slot] = {}
     offset = 0
+    innermost = _after_transformer(decoder) if channels_last else set()
 
     def add(key: Any, shape: tuple[int, ...], time_major: bool = False) -> None:
         nonlocal offset
@@ -155,7 +163,7 @@ def _layout(decoder: nn.Module, channels_last: bool = False) -> tuple[dict[Any, 
             if module.stride != 1:
                 raise ValueError("streaming decode assumes stride-1 causal convolutions (no right padding)")
             if module.padding > 0:
-                add(module, (module.conv.in_channels, module.padding), channels_last)
+                add(module, (module.conv.in_channels, module.padding), module in innermost)
         elif isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
             conv = module.conv
             if conv.padding[0] != 0 or conv.output_padding[0] != 0 or module.left_pad != 0:
@@ -163,7 +171,7 @@ def _layout(decoder: nn.Module, channels_last: bool = False) -> tuple[dict[Any, 
             if module.right_pad != conv.kernel_size[0] - conv.stride[0]:
                 raise ValueError("streaming decode assumes a right trim of kernel - stride")
             if module.right_pad > 0:
-                add(module, (conv.out_channels, module.right_pad), channels_last)
+                add(module, (conv.out_channels, module.right_pad), module in innermost)
     transformer = decoder.pre_transformer
     config = transformer.config
     if config.sliding_window is None:
@@ -393,10 +401,6 @@ class StreamingDecoder:
             hidden = self._run(block, hidden, io, snake_fn)
         return hidden.clamp(min=-1, max=1), io.new, position + codes.shape[-1]
 
-    def _weight(self, conv: nn.Conv1d | nn.ConvTranspose1d) -> Tensor:
-        """The weight a convolution runs with: its channels-last copy, if it has one."""
-        return self._weights.get(conv, conv.weight)
-
     def _run(self, module: nn.Module, x: Tensor, io: _StateIO, snake_fn: SnakeFn) -> Tensor:
         """Upstream's module forward, with the causal ones swapped for their stateful versions and SnakeBeta
         for `snake_fn` over its precomputed terms."""
@@ -418,18 +422,30 @@ class StreamingDecoder:
 
     def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: Tensor, io: _StateIO) -> Tensor:
         """Causal conv: the carried last `padding` input samples stand in for the left zero padding."""
-        if module.padding > 0:
-            x = _cat_time(io.read(module), x, self.channels_last)
-            io.write(module, x[..., -module.padding :])
         conv = module.conv
-        return F.conv1d(x, self._weight(conv), conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        weight = self._weights.get(conv)  # channels-last, 4-D
+        if module.padding > 0:
+            x = _cat_time(io.read(module), x, weight is not None)
+            io.write(module, x[..., -module.padding :])
+        if weight is None:
+            return F.conv1d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        stride, padding, dilation = (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])
+        return F.conv2d(x.unsqueeze(2), weight, conv.bias, stride, padding, dilation, conv.groups).squeeze(2)
 
     def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: Tensor, io: _StateIO) -> Tensor:
         """Causal transposed conv: upstream trims the last kernel - stride samples, which are exactly
         the part the next input frame also writes to. Carry them (without bias) into the next chunk."""
         conv = module.conv
-        weight = self._weight(conv)
-        out = F.conv_transpose1d(x, weight, None, stride=conv.stride, groups=conv.groups, dilation=conv.dilation)
+        weight = self._weights.get(conv)  # channels-last, 4-D
+        if weight is None:
+            out = F.conv_transpose1d(
+                x, conv.weight, None, stride=conv.stride, groups=conv.groups, dilation=conv.dilation
+            )
+        else:
+            stride, dilation = (1, conv.stride[0]), (1, conv.dilation[0])
+            out = F.conv_transpose2d(
+                x.unsqueeze(2), weight, None, stride=stride, groups=conv.groups, dilation=dilation
+            ).squeeze(2)
         emitted = x.shape[-1] * conv.stride[0]
         tail = module.right_pad
         if tail > 0:
@@ -527,14 +543,13 @@ def _cat_time(past: Tensor, x: Tensor, channels_last: bool) -> Tensor:
 
 
 def _channels_last_weights(decoder: nn.Module) -> dict[nn.Module, Tensor]:
-    """A copy of every upsampling and decoder convolution's weight ([out, in, k], a transposed one's [in,
-    out, k]) stored with its second dimension innermost, the layout cuDNN's NHWC kernels read."""
-    weights: dict[nn.Module, Tensor] = {}
-    for stack in (decoder.upsample, decoder.decoder):
-        for module in stack.modules():
-            if isinstance(module, nn.Conv1d | nn.ConvTranspose1d):
-                weights[module] = module.weight.detach().mT.contiguous().mT
-    return weights
+    """Every upsampling and decoder convolution's weight ([out, in, k], a transposed one's [in, out, k]) as a
+    [.., .., 1, k] channels-last copy: what its 2-D form runs with on cuDNN's NHWC kernels, converting nothing."""
+    return {
+        module: module.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        for module in _after_transformer(decoder)
+        if isinstance(module, nn.Conv1d | nn.ConvTranspose1d)
+    }
 
 
 class _Graph:
