@@ -55,6 +55,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -321,6 +322,9 @@ class Run:
     clients: int
     kind: str  # single | burst | loop
     cut_short: bool = False
+    # A closed loop's server counters at its first end and once every client has started its last request: the
+    # steady window, as its audio-s/s counts it (`step_profile` of the two); None where either was not taken.
+    window_counters: tuple[dict[str, float], dict[str, float]] | None = None
 
 
 async def _bounded(coro: Awaitable[None], limit_s: float) -> bool:
@@ -356,23 +360,54 @@ async def run_burst(api: Api, mode: str, clients: int, limit_s: float, frames: i
 
 
 async def run_loop(
-    api: Api, mode: str, clients: int, rounds: int, seconds: float, limit_s: float, stagger_s: float = 0.0
+    api: Api,
+    mode: str,
+    clients: int,
+    rounds: int,
+    seconds: float,
+    limit_s: float,
+    stagger_s: float = 0.0,
+    counters: Callable[[], Awaitable[dict[str, float]]] | None = None,
 ) -> Run:
     """Closed loop: `clients` workers, each sends its next request as soon as its last one ends, until it
     has sent `rounds` or `seconds` have passed since the start. Worker k starts k x `stagger_s` late, so
-    that the requests are spread over their lifetime instead of moving in lockstep bursts."""
+    that the requests are spread over their lifetime instead of moving in lockstep bursts. With `counters`
+    (the server's), they are read at the first end and once every worker has started its last round: the
+    run's `window_counters` (none if a worker stopped on `seconds`, or with one round)."""
     samples: list[Sample] = []
     t0 = now()
+    first_end, last_start = asyncio.Event(), asyncio.Event()
+    final_starts = 0
 
     async def worker(k: int) -> None:
+        nonlocal final_starts
         await asyncio.sleep(k * stagger_s)
-        for _ in range(rounds):
+        for i in range(rounds):
             if now() - t0 > seconds:
                 return
+            if i == rounds - 1:
+                final_starts += 1
+                if final_starts == clients:
+                    last_start.set()
             samples.append(await CLIENTS[mode](api, api.next_seed()))
+            first_end.set()
 
+    async def window() -> tuple[dict[str, float], dict[str, float]] | None:
+        assert counters is not None
+        await first_end.wait()
+        at_first_end = await counters()
+        await last_start.wait()
+        return at_first_end, await counters()
+
+    watcher = asyncio.create_task(window()) if counters is not None and rounds > 1 else None
     cut = await _bounded(asyncio.gather(*(worker(k) for k in range(clients))), limit_s)
-    return Run(samples, t0, now(), clients, "loop", cut)
+    run = Run(samples, t0, now(), clients, "loop", cut)
+    if watcher is not None:
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            run.window_counters = watcher.result()
+        else:
+            watcher.cancel()
+    return run
 
 
 # ---------------------------------------------------------------- statistics
@@ -874,7 +909,10 @@ def profile_table(data: dict[str, Any]) -> str:
     """Per run, the server's engine step in milliseconds per part (see `step_profile`), then how late the
     server's event loop ran what was due (mean per probe, and probes over 50 ms late); empty when no run has
     a profile."""
-    rows = [(key, s["step_profile"]) for key, s in data["sections"].items() if s.get("step_profile")]
+    rows = []
+    for key, section in data["sections"].items():
+        rows += [(key, section["step_profile"])] if section.get("step_profile") else []
+        rows += [(f"{key} (steady)", section["step_profile_steady"])] if section.get("step_profile_steady") else []
     if not rows:
         return ""
     head = [
@@ -1045,7 +1083,9 @@ def markdown(data: dict[str, Any]) -> str:
             "queued, so the host's other parts overlap the GPU's work) and deliver (callbacks, chunks, hand-off "
             "to the codec thread), which sum to "
             "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time, gc the "
-            "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more.",
+            "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more. "
+            "A loop's (steady) row counts its steady window alone (from its first end to its last start, as its "
+            "audio-s/s does); its other row, the whole run with its ramps up and down.",
             "",
             profile,
             "",
@@ -1241,13 +1281,18 @@ class Bench:
             else:
                 # Spread the clients' starts over one request's lifetime at this concurrency.
                 stagger = self.wall.get((mode, c), 0.0) / c if args.stagger else 0.0
-                run = await run_loop(self.api, mode, c, args.loop_rounds, args.loop_seconds, limit, stagger)
+                read = functools.partial(engine_counters, self.api.client)
+                run = await run_loop(self.api, mode, c, args.loop_rounds, args.loop_seconds, limit, stagger, read)
             summary = self.record(name, mode, run)
             profile = step_profile(counters, await engine_counters(self.api.client))
             if profile is not None:
                 summary["step_profile"] = profile
                 log(f"{name}: step profile {profile}")
-                self.report.save()
+            steady = step_profile(*run.window_counters) if run.window_counters else None
+            if steady is not None:
+                summary["step_profile_steady"] = steady
+                log(f"{name}: steady-window step profile {steady}")
+            self.report.save()
 
 
 async def probe(api: Api, report: Report, modes: list[str], first_timeout_s: float) -> list[str]:

@@ -3,14 +3,18 @@ drives it over HTTP (and WebSocket, where the server has the route) and writes i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
+from bench import bench_http
 from bench.bench_http import (
     BYTES_PER_S,
     DOCS_END,
@@ -21,6 +25,8 @@ from bench.bench_http import (
     Sample,
     outside,
     parse_args,
+    run_loop,
+    step_profile,
     summarize,
     update_docs,
 )
@@ -169,3 +175,36 @@ def test_outside_is_the_clients_mean_latency_less_the_phases_of_the_same_request
     assert outside(section) == 130.0
     # The engine finished other requests than the client's (WebSocket segments, a request cut off): no figure.
     assert outside({**section, "ok": 3}) is None and outside({**section, "latency_ms_mean": None}) is None
+
+
+def test_a_loops_steady_window_counters_are_read_at_its_first_end_and_its_last_start(monkeypatch) -> None:
+    """Three clients of three requests, the third client 0.25 s late: the server's counters are read once the
+    first request has ended and once every client has started its last one, so the step profile of the two
+    counts the steps between (the counter here is the time, in steps of 10 ms)."""
+    t0 = time.monotonic
+    events: list[tuple[str, float]] = []
+
+    async def client(api: object, seed: int) -> Sample:
+        sample = Sample("stream", started=t0())
+        events.append(("start", sample.started))
+        await asyncio.sleep(0.1)
+        sample.finished = t0()
+        events.append(("end", sample.finished))
+        return sample
+
+    async def counters() -> dict[str, float]:
+        return {"steps": round(t0() * 100), "batch_size_sum": 0.0, "batch_size_count": 0.0}
+
+    monkeypatch.setitem(bench_http.CLIENTS, "stream", client)
+    api = types.SimpleNamespace(next_seed=lambda: 0)
+    run = asyncio.run(run_loop(api, "stream", 3, 3, 60.0, 10.0, stagger_s=0.125, counters=counters))
+    assert len(run.samples) == 9 and run.window_counters is not None
+    first_end = min(t for kind, t in events if kind == "end")
+    last_start = max(t for kind, t in events if kind == "start")
+    at_end, at_start = run.window_counters
+    assert at_end["steps"] == pytest.approx(first_end * 100, abs=1.5)
+    assert at_start["steps"] == pytest.approx(last_start * 100, abs=1.5)
+    assert step_profile(at_end, at_start)["steps"] == pytest.approx((last_start - first_end) * 100, abs=3)
+    # One round has no steady window; without counters nothing is read.
+    assert asyncio.run(run_loop(api, "stream", 2, 1, 60.0, 10.0, counters=counters)).window_counters is None
+    assert asyncio.run(run_loop(api, "stream", 2, 2, 60.0, 10.0)).window_counters is None
