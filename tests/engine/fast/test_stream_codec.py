@@ -114,13 +114,50 @@ def _layout_copies(streaming: StreamingDecoder, codes: Tensor) -> dict[str, int]
 def test_channels_last_converts_nothing_for_the_convolutions(decoder: nn.Module) -> None:
     """With `channels_last` the convolutions after the transformer run in 2-D form and none copies its input or
     weight into another layout (the state's concatenations keep channels innermost, the weights are stored so);
-    without it, more convolutions copy (the transformer's output comes channels innermost, and a 3-D convolution
-    makes its input time-innermost first)."""
+    given its weights time-innermost instead, they do (the count sees copies); without it, more convolutions copy
+    (the transformer's output comes channels innermost, and a 3-D convolution makes its input time-innermost
+    first)."""
     codes = random_codes(19, seed=4)
     fast = _layout_copies(StreamingDecoder(decoder, channels_last=True), codes)
-    plain = _layout_copies(StreamingDecoder(decoder), codes)
     assert fast["2d"] > 0 and fast["2d_copies"] == 0, fast
+    time_innermost = StreamingDecoder(decoder, channels_last=True)
+    time_innermost._weights = {conv: weight.contiguous() for conv, weight in time_innermost._weights.items()}
+    assert _layout_copies(time_innermost, codes)["2d_copies"] > 0
+    plain = _layout_copies(StreamingDecoder(decoder), codes)
     assert plain["2d"] == 0 and plain["copies"] > fast["copies"], (plain, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_precomputed_snake_is_upstreams_snakebeta_bit_for_bit(snaky_decoder: nn.Module, dtype: torch.dtype) -> None:
+    """`snake` over the terms computed once does what each SnakeBeta's forward does on every call, bit for
+    bit, in fp32 and in bf16 (where any other rounding of the terms, or another order of the ops, shows)."""
+    module = copy.deepcopy(snaky_decoder).to(dtype)
+    streaming = StreamingDecoder(module)
+    snakes = [m for m in module.modules() if isinstance(m, SnakeBeta)]
+    assert len(snakes) == len(streaming._snake_terms) > 0
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for m in snakes:
+            x = (torch.randn(2, m.in_features, 37, generator=gen) * 3).to(dtype)
+            alpha_exp, inv_beta = streaming._snake_terms[m]
+            assert alpha_exp.shape == inv_beta.shape == (1, m.in_features, 1) and inv_beta.dtype == dtype
+            assert torch.equal(snake(x, alpha_exp, inv_beta), m(x))
+
+
+def test_every_snakebeta_gets_its_own_terms(snaky_decoder: nn.Module) -> None:
+    """With SnakeBeta parameters that differ from module to module, streamed audio still equals the whole decode.
+    In float64: the random activations amplify float32 rounding to ~2e-3."""
+    module = copy.deepcopy(snaky_decoder).double()
+    codes = random_codes(30, seed=3)
+    ours = stream(StreamingDecoder(module), codes, [2, 12, 12, 4])
+    np.testing.assert_allclose(ours, whole_decode(module, codes), atol=ATOL, rtol=0)
+
+
+def test_long_stream_beyond_the_attention_window(sharp_decoder: nn.Module) -> None:
+    """200 frames in chunks of 12: the sliding window (72) fills, then slides; RoPE positions grow."""
+    codes = random_codes(200, seed=2)
+    ours = stream(StreamingDecoder(sharp_decoder), codes, [12] * 16 + [8])
+    np.testing.assert_allclose(ours, whole_decode(sharp_decoder, codes), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
@@ -247,7 +284,10 @@ def no_tf32() -> Iterator[None]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_eager_and_graphs_equal_the_whole_decode(sharp_decoder: nn.Module, no_tf32: None) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+def test_cuda_eager_and_graphs_equal_the_whole_decode(
+    sharp_decoder: nn.Module, no_tf32: None, channels_last: bool
+) -> None:
     """On the GPU (fp32), eager and graphed: streams batched at different positions, graphs fed fewer
     streams than their rows, each stream equal to its own whole decode."""
     cuda = copy.deepcopy(sharp_decoder).cuda()
@@ -256,7 +296,7 @@ def test_cuda_eager_and_graphs_equal_the_whole_decode(sharp_decoder: nn.Module, 
         wholes = [cuda(c.T[None].cuda())[0, 0].cpu().numpy() for c in codes]
     plan = [{0: 2, 1: 2}, {0: 12, 1: 12, 2: 2}] + [{0: 12, 1: 12, 2: 12}] * 5  # stream 2 starts later
     for graphs in (False, True):
-        streaming = StreamingDecoder(cuda)
+        streaming = StreamingDecoder(cuda, channels_last=channels_last)
         if graphs:
             streaming.capture(4, 2)
             streaming.capture(4, 12)
