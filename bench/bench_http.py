@@ -389,8 +389,10 @@ async def run_loop(
                 final_starts += 1
                 if final_starts == clients:
                     last_start.set()
-            samples.append(await CLIENTS[mode](api, api.next_seed()))
-            first_end.set()
+            sample = await CLIENTS[mode](api, api.next_seed())
+            samples.append(sample)
+            if sample.ok:  # as `summarize`'s window starts
+                first_end.set()
 
     async def window() -> tuple[dict[str, float], dict[str, float]] | None:
         assert counters is not None
@@ -400,14 +402,19 @@ async def run_loop(
         return at_first_end, await counters()
 
     watcher = asyncio.create_task(window()) if counters is not None and rounds > 1 else None
-    cut = await _bounded(asyncio.gather(*(worker(k) for k in range(clients))), limit_s)
-    run = Run(samples, t0, now(), clients, "loop", cut)
-    if watcher is not None:
-        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
-            run.window_counters = watcher.result()
-        else:
+    try:
+        cut = await _bounded(asyncio.gather(*(worker(k) for k in range(clients))), limit_s)
+        run = Run(samples, t0, now(), clients, "loop", cut)
+        if watcher is not None and not cut and last_start.is_set():
+            # The last /metrics read may still be on its way when the last requests end early.
+            with contextlib.suppress(Exception):
+                run.window_counters = await asyncio.wait_for(asyncio.shield(watcher), timeout=5.0)
+        return run
+    finally:
+        if watcher is not None and not watcher.done():
             watcher.cancel()
-    return run
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
 
 
 # ---------------------------------------------------------------- statistics
@@ -1288,7 +1295,8 @@ class Bench:
             if profile is not None:
                 summary["step_profile"] = profile
                 log(f"{name}: step profile {profile}")
-            steady = step_profile(*run.window_counters) if run.window_counters else None
+            windowed = run.window_counters and "window_s" in summary  # as its audio-s/s
+            steady = step_profile(*run.window_counters) if windowed else None
             if steady is not None:
                 summary["step_profile_steady"] = steady
                 log(f"{name}: steady-window step profile {steady}")

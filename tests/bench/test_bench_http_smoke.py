@@ -190,6 +190,7 @@ def test_a_loops_steady_window_counters_are_read_at_its_first_end_and_its_last_s
         events.append(("start", sample.started))
         await asyncio.sleep(0.1)
         sample.finished = t0()
+        sample.add(sample.finished, 2)  # some audio: an ok sample
         events.append(("end", sample.finished))
         return sample
 
@@ -209,3 +210,10 @@ def test_a_loops_steady_window_counters_are_read_at_its_first_end_and_its_last_s
     # One round has no steady window; without counters nothing is read.
     assert asyncio.run(run_loop(api, "stream", 2, 1, 60.0, 10.0, counters=counters)).window_counters is None
     assert asyncio.run(run_loop(api, "stream", 2, 2, 60.0, 10.0)).window_counters is None
+
+    async def cut_short() -> tuple[Run, int]:  # 30 rounds of 0.1 s, stopped after 1 s: no window, nothing left
+        run = await run_loop(api, "stream", 2, 30, 60.0, 1.0, counters=counters)
+        return run, len(asyncio.all_tasks()) - 1
+
+    run, pending = asyncio.run(cut_short())
+    assert run.cut_short and run.window_counters is None and pending == 0
