@@ -544,7 +544,7 @@ def _cat_time(past: Tensor, x: Tensor, channels_last: bool) -> Tensor:
 
 def _channels_last_weights(decoder: nn.Module) -> dict[nn.Module, Tensor]:
     """Every upsampling and decoder convolution's weight ([out, in, k], a transposed one's [in, out, k]) as a
-    [.., .., 1, k] channels-last copy: what its 2-D form runs with on cuDNN's NHWC kernels, converting nothing."""
+    [.., .., 1, k] channels-last copy: what its 2-D form runs with, in the layout cuDNN's NHWC kernels read."""
     return {
         module: module.weight.detach().unsqueeze(2).contiguous(memory_format=torch.channels_last)
         for module in _after_transformer(decoder)
