@@ -394,7 +394,7 @@ async def run_loop(
             if sample.ok:  # as `summarize`'s window starts
                 first_end.set()
 
-    async def window() -> tuple[dict[str, float], dict[str, float]] | None:
+    async def window() -> tuple[dict[str, float], dict[str, float]]:
         assert counters is not None
         await first_end.wait()
         at_first_end = await counters()

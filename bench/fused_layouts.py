@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 # name: (hidden, MLP size, cache positions, keys read, one position for every row)
 SHAPES = {"predictor": (1024, 3072, 16, 16, True), "talker": (2048, 6144, 512, 256, False)}
-LAYOUTS = ("own", "layer")  # the default --layouts; "far" too when named
+LAYOUTS = ("own", "layer")  # the default --layouts
+ALL_LAYOUTS = (*LAYOUTS, "far")  # what --layouts accepts
 # K to V in the "far" layout, in elements: past 2**31 - 1, so Triton takes the kernel's offset as an i64 (at the
 # server's default sizes the talker's is 28 layers x 65 rows x 8 kv heads x 4,096 positions x 128).
 FAR = 2**31
@@ -196,8 +197,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("fused_layouts needs CUDA")
     shapes, layouts = args.shapes.split(","), args.layouts.split(",")
-    if not set(shapes) <= set(SHAPES) or not set(layouts) <= {*LAYOUTS, "far"}:
-        parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {[*LAYOUTS, 'far']}")
+    if not set(shapes) <= set(SHAPES) or not set(layouts) <= set(ALL_LAYOUTS):
+        parser.error(f"--shapes of {sorted(SHAPES)}, --layouts of {list(ALL_LAYOUTS)}")
     if not set(args.compiled.split(",")) <= {"0", "1"}:
         parser.error(f"--compiled: 0 or 1, or both (0,1), not {args.compiled}")
     if not set(args.dynamic.split(",")) <= set(DYNAMIC):

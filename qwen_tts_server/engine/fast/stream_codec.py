@@ -207,7 +207,6 @@ class StreamingDecoder:
         self.samples_per_frame = int(decoder.total_upsample)
         self.num_quantizers = int(decoder.config.num_quantizers)
         self.past = int(decoder.pre_transformer.config.sliding_window) - 1
-        self.channels_last = channels_last
         self.slots, self.state_size = _layout(decoder, channels_last)
         self._weights = _channels_last_weights(decoder) if channels_last else {}
         self._snake_terms = _snake_terms(decoder)

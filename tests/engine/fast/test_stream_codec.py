@@ -21,6 +21,7 @@ from .test_engine_release import has_cpp_compiler
 CUSTOM = "Qwen3-TTS-12Hz-0.6B-CustomVoice"
 SPF = 1920  # samples per codec frame
 ATOL = 1e-4
+BOTH_LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def stream(streaming: StreamingDecoder, codes: Tensor, split: list[int]) -> np.n
     return np.concatenate(parts)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+@BOTH_LAYOUTS
 @pytest.mark.parametrize(
     "split",
     [[69], [1, 3, 8, 25, 25, 7], [2, 12, 12, 12, 12, 12, 7], [1] * 20 + [49], [4, 25, 25, 15]],
@@ -160,7 +161,7 @@ def test_long_stream_beyond_the_attention_window(sharp_decoder: nn.Module) -> No
     np.testing.assert_allclose(ours, whole_decode(sharp_decoder, codes), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+@BOTH_LAYOUTS
 def test_streams_at_different_positions_decode_together(sharp_decoder: nn.Module, channels_last: bool) -> None:
     """Three streams, started at different times, share batches once their chunk lengths agree; each
     stream's audio equals its own whole decode."""
@@ -284,7 +285,7 @@ def no_tf32() -> Iterator[None]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+@BOTH_LAYOUTS
 def test_cuda_eager_and_graphs_equal_the_whole_decode(
     sharp_decoder: nn.Module, no_tf32: None, channels_last: bool
 ) -> None:
