@@ -269,6 +269,8 @@ def bench_config(
         names = ("stream-graph", *compiled)
         if args.channels_last:  # each graphed method again with the channels-last layout, named "...-cl"
             names = tuple(n for name in names for n in (name, f"{name}-cl"))
+        if args.methods:
+            names = tuple(name for name in names if name in args.methods)
         for name in names:
             graph_streaming = StreamingDecoder(decoder, channels_last=name.endswith("-cl"))
             base = name.removesuffix("-cl")
@@ -375,6 +377,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         dest="cudnn_benchmark",
         action="store_false",
         help="leave cuDNN's benchmark mode off (the server turns it on: CodecDecoder)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="of the graphed stream methods (stream-graph[-snake|-compiled][-cl]), time only these",
     )
     p.add_argument("--out", default="bench/results")
     return p.parse_args(argv)

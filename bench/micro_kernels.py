@@ -184,11 +184,23 @@ def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int, s
     return args, 2 * batch * KV_HEADS * read * HEAD_DIM * 2
 
 
+# Launch constants tried beside the engine's (`launch_constants`), per shape: a smaller key block and fewer warps
+# take fewer registers a program (ptxas for sm_90: 198 at 64 keys and 8 warps, 1 program an SM; 118 at 16 and 4,
+# 4 an SM), so more of a step's 512 programs run at once; the code predictor's one block, in fewer warps.
+FUSED_TUNINGS = {
+    "talker": [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 16, "num_warps": 4}, {"BLOCK": 16, "num_warps": 8},
+               {"BLOCK": 32, "num_warps": 8}, {"BLOCK": 16, "num_warps": 2}],
+    "predictor": [{"num_warps": 2}, {"num_warps": 1}],
+}  # fmt: skip
+
+
 def bench_fused(calls: int) -> list[dict[str, Any]]:
     """The fused decode attention alone: the code predictor's layer (16 positions, rows sharing one) and the
     talker's (each row its own position, all at the same one, in a layer's view of a 512- or 4,096-position
-    cache of 28 layers and 65 slots) at 1, 44 (a c64 run's mean batch) and 64 rows."""
-    from qwen_tts_server.engine.fast.attention_kernel import fused_decode_attention
+    cache of 28 layers and 65 slots) at 1, 44 (a c64 run's mean batch) and 64 rows; with the engine's launch
+    constants (`tuning` "default") and each of FUSED_TUNINGS, with its largest difference from the default's
+    output (another key block sums in another order: rounding, not a bug, if small)."""
+    from qwen_tts_server.engine.fast.attention_kernel import decode_attention, fused_decode_attention
 
     if fused_decode_attention is None:
         return [{"error": "no Triton"}]
@@ -198,11 +210,14 @@ def bench_fused(calls: int) -> list[dict[str, Any]]:
     for name, cache_len, read, layers, slots in cases:
         for batch in (1, 44, 64):
             args, nbytes = fused_case(batch, cache_len, read, layers, slots, shared=name == "predictor")
-            us = graph_us(lambda args=args: fused_decode_attention(*args), calls)
-            row = {"shape": name, "batch": batch, "cache_len": cache_len, "read": read, "us": us}
-            row["kv_gb_per_s"] = round(nbytes / us / 1e3, 1)
-            rows.append(row)
-            del args
+            default = fused_decode_attention(*args)
+            for tuning in [{}, *FUSED_TUNINGS[name]]:
+                us = graph_us(lambda args=args, tuning=tuning: decode_attention(*args, tuning=tuning), calls)
+                row = {"shape": name, "batch": batch, "cache_len": cache_len, "read": read}
+                row |= {"tuning": tuning or "default", "us": us, "kv_gb_per_s": round(nbytes / us / 1e3, 1)}
+                row["max_abs_vs_default"] = (decode_attention(*args, tuning=tuning) - default).abs().max().item()
+                rows.append(row)
+            del args, default
             torch.cuda.empty_cache()
     return rows
 

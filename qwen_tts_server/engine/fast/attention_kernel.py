@@ -22,7 +22,7 @@ the engine keeps the torch path (exact against upstream), and so do shapes the k
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -193,6 +193,58 @@ def _stride0(t: Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else 0
 
 
+def decode_attention(
+    qkv: Tensor,
+    qk_norm: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Tensor,
+    rows: Tensor,
+    cache: Tensor,
+    mask: Tensor,
+    qk_eps: float,
+    scale: float,
+    heads: int,
+    kv_heads: int,
+    tuning: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """`fused_decode_attention`'s body (see there), with `tuning` over `launch_constants` (e.g. BLOCK, num_warps):
+    the engine calls the op; bench.micro_kernels times other constants here."""
+    B = qkv.shape[0]
+    D = cache.shape[-1]
+    vectors = (qkv, qk_norm, cos, sin, cache, mask, rows)
+    if any(t.stride(-1) != 1 for t in vectors) or not qk_norm.is_contiguous():
+        raise ValueError("the fused attention reads each vector as contiguous memory")
+    out = qkv.new_empty(B, heads * D)
+    constants = {**launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype), **(tuning or {})}
+    _decode_attention_kernel[(B, kv_heads)](
+        qkv,
+        qkv.stride(0),
+        qk_norm,
+        cos,
+        sin,
+        _stride0(cos),
+        positions,
+        _stride0(positions),
+        rows,
+        cache,
+        cache.stride(0),
+        cache.stride(1),
+        cache.stride(2),
+        cache.stride(3),
+        mask,
+        _stride0(mask),
+        mask.stride(1),
+        out,
+        out.stride(0),
+        mask.shape[-1],
+        qk_eps,
+        scale,
+        **constants,
+    )
+    return out
+
+
 fused_decode_attention: Callable[..., Tensor] | None = None
 if triton is not None:
     # An opaque custom op that mutates one tensor. Opaque: torch.compile calls it as it is, and Triton's own
@@ -227,39 +279,7 @@ if triton is not None:
         row while writing it). The new position is always attended, from registers, and later ones never,
         whatever the mask says of them (the engine's masks are causal): where the torch path would differ (a free
         padding row's position past the mask), that row's output is one nobody reads."""
-        B = qkv.shape[0]
-        D = cache.shape[-1]
-        vectors = (qkv, qk_norm, cos, sin, cache, mask, rows)
-        if any(t.stride(-1) != 1 for t in vectors) or not qk_norm.is_contiguous():
-            raise ValueError("the fused attention reads each vector as contiguous memory")
-        out = qkv.new_empty(B, heads * D)
-        constants = launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype)
-        _decode_attention_kernel[(B, kv_heads)](
-            qkv,
-            qkv.stride(0),
-            qk_norm,
-            cos,
-            sin,
-            _stride0(cos),
-            positions,
-            _stride0(positions),
-            rows,
-            cache,
-            cache.stride(0),
-            cache.stride(1),
-            cache.stride(2),
-            cache.stride(3),
-            mask,
-            _stride0(mask),
-            mask.stride(1),
-            out,
-            out.stride(0),
-            mask.shape[-1],
-            qk_eps,
-            scale,
-            **constants,
-        )
-        return out
+        return decode_attention(qkv, qk_norm, cos, sin, positions, rows, cache, mask, qk_eps, scale, heads, kv_heads)
 
     @fused_decode_attention.register_fake
     def _(

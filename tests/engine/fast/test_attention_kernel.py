@@ -87,7 +87,7 @@ def test_fused_layer_equals_the_torch_layer_in_the_interpreter() -> None:
     code = "from tests.engine.fast.test_attention_kernel import interpreted_checks; interpreted_checks()"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.strip().endswith("5 checks passed"), done.stdout[-2000:]
+    assert done.stdout.strip().endswith("6 checks passed"), done.stdout[-2000:]
 
 
 def _interpreter_reads_scalar_arguments() -> None:
@@ -197,11 +197,12 @@ def _attention(fused: bool, dtype: torch.dtype, *case) -> tuple[torch.Tensor, to
     return out.float(), cache[0, rows, :, at].float()
 
 
-def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) -> None:
+def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor, tuning: dict | None = None) -> None:
     """The op (fp32) against a float64 reference of what it documents: each row attends the mask's positions
     before its own and its new key, whatever the mask says past that; cache positions a row may not see hold NaN,
     and so does the row's own slot until the kernel writes it. For masks the engine never builds (holes below a
-    row's position) and rows it does have (a free row whose position is at or past the keys read)."""
+    row's position) and rows it does have (a free row whose position is at or past the keys read). `tuning`: other
+    launch constants (`decode_attention`), as bench.micro_kernels tries."""
     from qwen_tts_server.engine.fast.model_runner import decode_attention, split_heads
 
     heads, B, length = 2 * KV_HEADS, len(positions), kv_len + 32
@@ -220,8 +221,8 @@ def _against_reference(positions: list[int], kv_len: int, mask: torch.Tensor) ->
     seen[rows, at] = True
     cache.masked_fill_(~seen[None, :, None, :, None], float("nan"))
     expected = decode_attention(q, keys, values, seen[:, None, None, :], 0.25).reshape(B, -1)
-    got = attention_kernel.fused_decode_attention(qkv, qk_norm, cos, sin, at, rows, cache, mask, 1e-6, 0.25, heads,
-                                                  KV_HEADS)  # fmt: skip
+    got = attention_kernel.decode_attention(qkv, qk_norm, cos, sin, at, rows, cache, mask, 1e-6, 0.25, heads, KV_HEADS,
+                                            tuning)  # fmt: skip
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -248,10 +249,12 @@ def interpreted_checks() -> None:
             _against_reference([kv_len - 1, 10, 5], kv_len, holes)
             free = [3, kv_len + 20, kv_len]  # free rows keep a position that may be past every key read
             _against_reference(free, kv_len, torch.arange(kv_len)[None, :] <= torch.tensor(free)[:, None])
+        for block in (16, 32):  # the talker's smaller key blocks that bench.micro_kernels times
+            _against_reference([127, 10, 40], 128, torch.ones(3, 128, dtype=torch.bool), {"BLOCK": block})
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
         for case in CASES:
             exact = _attention(False, torch.float32, *case)
             for got, e in zip(_attention(True, torch.bfloat16, *case), exact, strict=True):
                 assert (got - e).abs().max() <= 2**-7 * e.abs().max(), (case, (got - e).abs().max(), e.abs().max())
-    print("5 checks passed")
+    print("6 checks passed")
