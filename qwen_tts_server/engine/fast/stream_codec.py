@@ -63,6 +63,9 @@ from .compiling import allow_recompiles, mark_dynamic
 
 # x, exp(alpha) and 1 / (exp(beta) + eps) (both [1, C, 1]) to SnakeBeta's output: `snake`, or it compiled.
 SnakeFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+# The carried samples, x, SnakeBeta's terms and the time dimension to the carried samples then SnakeBeta of x:
+# `snake_after`, or it compiled.
+SnakeAfterFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 # What of the decoder torch.compile fuses (`StreamingDecoder.enable`): nothing, SnakeBeta alone, the whole step.
 CodecCompile = Literal["off", "snake", "step"]
@@ -73,6 +76,26 @@ def snake(x: Tensor, alpha_exp: Tensor, inv_beta: Tensor) -> Tensor:
     (`_snake_terms`) computed once instead of on every call. The same ops in the same order on the same
     tensors: bitwise equal to the module's output."""
     return x + inv_beta * torch.pow(torch.sin(x * alpha_exp), 2)
+
+
+def snake_after(past: Tensor, x: Tensor, alpha_exp: Tensor, inv_beta: Tensor, time: int) -> Tensor:
+    """`past` then `snake(x, ...)` along dimension `time`: a causal convolution's input when SnakeBeta comes
+    right before it (each residual unit's first, the decoder's last). Compiled, one kernel writes the activation
+    straight behind the carried samples, where `snake` then `torch.cat` read and write the whole activation
+    twice (the concatenations were 15% of the codec's kernel time in a c64 trace, H100, 2026-12-07)."""
+    return torch.cat([past, snake(x, alpha_exp, inv_beta)], dim=time)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """How a step computes SnakeBeta: alone, and before a convolution's carried samples (`snake_after`); eager
+    (`EAGER`) or compiled (`StreamingDecoder.enable("snake")`)."""
+
+    snake: SnakeFn
+    snake_after: SnakeAfterFn
+
+
+EAGER = Activations(snake, snake_after)
 
 
 @torch.no_grad()
@@ -172,6 +195,9 @@ def _layout(decoder: nn.Module, channels_last: bool = False) -> tuple[dict[Any, 
                 raise ValueError("streaming decode assumes a right trim of kernel - stride")
             if module.right_pad > 0:
                 add(module, (conv.out_channels, module.right_pad), module in innermost)
+    *_, last_act, last_conv = decoder.decoder
+    if not (isinstance(last_act, SnakeBeta) and isinstance(last_conv, Qwen3TTSTokenizerV2CausalConvNet)):
+        raise ValueError("streaming decode assumes the decoder ends with SnakeBeta, then a causal convolution")
     transformer = decoder.pre_transformer
     config = transformer.config
     if config.sliding_window is None:
@@ -211,7 +237,7 @@ class StreamingDecoder:
         self._weights = _channels_last_weights(decoder) if channels_last else {}
         self._snake_terms = _snake_terms(decoder)
         self.compiles: CodecCompile = "off"  # see `enable`
-        self._fused_snake: SnakeFn | None = None
+        self._fused: Activations | None = None  # SnakeBeta compiled (`enable("snake")`)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = GraphPool(self.device, "StreamingDecoder", stream=capture_stream)
         self._compiled: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
@@ -230,10 +256,12 @@ class StreamingDecoder:
           one every single stream (torch specializes a dimension of 1, so a first chunk of one frame,
           `QTTS_STREAM_FIRST_CHUNK_FRAMES=1`, adds its own).
         * "snake": each SnakeBeta alone (29 a step, on the decoder's largest activations), one kernel instead of
-          `snake`'s five elementwise passes, each of which reads and writes the whole activation. A small
-          function (dynamic shapes: one kernel for every module's channels and chunk length, another for batches
-          of one row), not the whole step. It rounds once where the five passes round five times: close to
-          upstream, not bitwise.
+          `snake`'s five elementwise passes, each of which reads and writes the whole activation; where a
+          causal convolution follows (13 of them), the same kernel writes behind its carried samples
+          (`snake_after`), so no concatenation copies the activation again. Two small functions (dynamic
+          shapes: one kernel for every module's channels and chunk length, another for batches of one row),
+          not the whole step. It rounds once where the five passes round five times: close to upstream, not
+          bitwise.
         * "off": nothing.
 
         Only captured graphs run compiled code: it compiles while they are captured, and groups without a graph
@@ -241,7 +269,9 @@ class StreamingDecoder:
         if what != "off":  # each engine's decoder is another `self`: the shared code compiles again per engine
             allow_recompiles()
         self._compiled = torch.compile(self.step) if what == "step" else None
-        self._fused_snake = torch.compile(snake, dynamic=True) if what == "snake" else None
+        self._fused = None
+        if what == "snake":
+            self._fused = Activations(torch.compile(snake, dynamic=True), torch.compile(snake_after, dynamic=True))
         self.compiles = what
 
     def forward(
@@ -249,7 +279,7 @@ class StreamingDecoder:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`step`, compiled or with SnakeBeta fused when enabled: what `capture` records."""
         if self._compiled is None:
-            return self.step(flat, position, codes, out, self._fused_snake or snake)
+            return self.step(flat, position, codes, out, self._fused or EAGER)
         for tensor, dims in ((flat, (0,)), (position, (0,)), (codes, (0, 2)), (out, (0,))):
             if tensor is not None:  # strict: a dimension specialized after all fails the capture (it falls back)
                 mark_dynamic(tensor, *dims, strict=True)
@@ -382,12 +412,12 @@ class StreamingDecoder:
     # ------------------------------------------------------------------ the stateful forward
 
     def step(
-        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None, snake_fn: SnakeFn = snake
+        self, flat: Tensor, position: Tensor, codes: Tensor, out: Tensor | None = None, acts: Activations = EAGER
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Decoder forward over one chunk: states [B, S] and positions [B] in, codes [B, 16, T];
         returns audio [B, 1, T x 1920] (clamped as upstream), the new states (written into `out` when
         given, every element of it) and positions. Pure function of tensors (no host values), so it
-        can be captured in a CUDA graph. `snake_fn` computes every SnakeBeta (`snake`, or it fused)."""
+        can be captured in a CUDA graph. `acts` computes every SnakeBeta (eager, or fused)."""
         dec = self.decoder
         io = _StateIO(self.slots, flat, torch.empty_like(flat) if out is None else out)
         hidden = dec.quantizer.decode(codes)
@@ -395,14 +425,15 @@ class StreamingDecoder:
         hidden = self._transformer(hidden, position, io).permute(0, 2, 1)
         for blocks in dec.upsample:
             for block in blocks:
-                hidden = self._run(block, hidden, io, snake_fn)
-        for block in dec.decoder:
-            hidden = self._run(block, hidden, io, snake_fn)
+                hidden = self._run(block, hidden, io, acts)
+        for block in dec.decoder[:-2]:
+            hidden = self._run(block, hidden, io, acts)
+        hidden = self._conv(dec.decoder[-1], hidden, io, acts, act=dec.decoder[-2])  # SnakeBeta, then the conv
         return hidden.clamp(min=-1, max=1), io.new, position + codes.shape[-1]
 
-    def _run(self, module: nn.Module, x: Tensor, io: _StateIO, snake_fn: SnakeFn) -> Tensor:
+    def _run(self, module: nn.Module, x: Tensor, io: _StateIO, acts: Activations) -> Tensor:
         """Upstream's module forward, with the causal ones swapped for their stateful versions and SnakeBeta
-        for `snake_fn` over its precomputed terms."""
+        for `acts` over its precomputed terms."""
         if isinstance(module, Qwen3TTSTokenizerV2CausalConvNet):
             return self._conv(module, x, io)
         if isinstance(module, Qwen3TTSTokenizerV2CausalTransConvNet):
@@ -410,26 +441,47 @@ class StreamingDecoder:
         if isinstance(module, Qwen3TTSTokenizerV2ConvNeXtBlock):
             return self._convnext(module, x, io)
         if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit):
-            return self._residual_unit(module, x, io, snake_fn)
+            return self._residual_unit(module, x, io, acts)
         if isinstance(module, Qwen3TTSTokenizerV2DecoderDecoderBlock):
             for sub in module.block:
-                x = self._run(sub, x, io, snake_fn)
+                x = self._run(sub, x, io, acts)
             return x
         if isinstance(module, SnakeBeta):
-            return snake_fn(x, *self._snake_terms[module])
+            return acts.snake(x, *self._snake_terms[module])
         raise TypeError(f"no streaming forward for {type(module).__name__}")
 
-    def _conv(self, module: Qwen3TTSTokenizerV2CausalConvNet, x: Tensor, io: _StateIO) -> Tensor:
-        """Causal conv: the carried last `padding` input samples stand in for the left zero padding."""
+    def _conv(
+        self,
+        module: Qwen3TTSTokenizerV2CausalConvNet,
+        x: Tensor,
+        io: _StateIO,
+        acts: Activations = EAGER,
+        act: SnakeBeta | None = None,
+    ) -> Tensor:
+        """Causal conv: the carried last `padding` input samples stand in for the left zero padding. `act`: a
+        SnakeBeta to run on `x` first (with `acts.snake_after` where there are carried samples)."""
         conv = module.conv
         weight = self._weights.get(conv)  # channels-last, 4-D
         if module.padding > 0:
-            x = _cat_time(io.read(module), x, weight is not None)
+            x = self._join(io.read(module), x, weight is not None, acts, act)
             io.write(module, x[..., -module.padding :])
+        elif act is not None:
+            x = acts.snake(x, *self._snake_terms[act])
         if weight is None:
             return F.conv1d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         stride, padding, dilation = (1, conv.stride[0]), (0, conv.padding[0]), (1, conv.dilation[0])
         return F.conv2d(x.unsqueeze(2), weight, conv.bias, stride, padding, dilation, conv.groups).squeeze(2)
+
+    def _join(self, past: Tensor, x: Tensor, channels_last: bool, acts: Activations, act: SnakeBeta | None) -> Tensor:
+        """`past` [B, C, P] then `x` [B, C, T] (SnakeBeta of it with `act`) along time, channels innermost if asked:
+        `torch.cat` of [B, C, T] tensors returns time innermost whatever its inputs are, so channels-last ones
+        are joined as [B, T, C]."""
+        if act is None:
+            return torch.cat([past.mT, x.mT], dim=1).mT if channels_last else torch.cat([past, x], dim=-1)
+        terms = self._snake_terms[act]
+        if channels_last:
+            return acts.snake_after(past.mT, x.mT, *(t.mT for t in terms), 1).mT
+        return acts.snake_after(past, x, *terms, -1)
 
     def _trans_conv(self, module: Qwen3TTSTokenizerV2CausalTransConvNet, x: Tensor, io: _StateIO) -> Tensor:
         """Causal transposed conv: upstream trims the last kernel - stride samples, which are exactly
@@ -461,10 +513,10 @@ class StreamingDecoder:
         return x + (block.gamma * h).permute(0, 2, 1)
 
     def _residual_unit(
-        self, unit: Qwen3TTSTokenizerV2DecoderDecoderResidualUnit, x: Tensor, io: _StateIO, snake_fn: SnakeFn
+        self, unit: Qwen3TTSTokenizerV2DecoderDecoderResidualUnit, x: Tensor, io: _StateIO, acts: Activations
     ) -> Tensor:
-        h = self._conv(unit.conv1, snake_fn(x, *self._snake_terms[unit.act1]), io)
-        return x + self._conv(unit.conv2, snake_fn(h, *self._snake_terms[unit.act2]), io)
+        h = self._conv(unit.conv1, x, io, acts, act=unit.act1)
+        return x + self._conv(unit.conv2, h, io, acts, act=unit.act2)
 
     # ------------------------------------------------------------------ transformer
 
@@ -531,14 +583,6 @@ class StreamingDecoder:
             q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=attn.scaling
         )
         return attn.o_proj(out.transpose(1, 2).reshape(batch, frames, -1))
-
-
-def _cat_time(past: Tensor, x: Tensor, channels_last: bool) -> Tensor:
-    """`past` [B, C, P] then `x` [B, C, T] along time, channels innermost if asked: `torch.cat` of [B, C, T]
-    tensors returns time innermost whatever its inputs are, so channels-last ones are joined as [B, T, C]."""
-    if channels_last:
-        return torch.cat([past.mT, x.mT], dim=1).mT
-    return torch.cat([past, x], dim=-1)
 
 
 def _channels_last_weights(decoder: nn.Module) -> dict[nn.Module, Tensor]:

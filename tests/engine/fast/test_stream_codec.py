@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import SnakeBeta
+from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import (
+    Qwen3TTSTokenizerV2DecoderDecoderResidualUnit,
+    SnakeBeta,
+)
 from torch import Tensor, nn
 
-from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder, snake
+from qwen_tts_server.engine.fast.stream_codec import Activations, StreamingDecoder, snake, snake_after
 
 from .test_engine_release import has_cpp_compiler
 
@@ -341,47 +344,64 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
-def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_captured(decoder, snaky_decoder):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_captured(
+    decoder, snaky_decoder, channels_last
+):
     """In float32, the fused SnakeBeta against `snake` for every module of the random-SnakeBeta decoder (one
-    kernel rounds where five did: a few ulp), and `forward` with it (what capture records on CUDA) against `step`
-    on the tiny checkpoint's decoder (where random SnakeBeta parameters would amplify those ulp to ~1e-3 of the
-    audio). One compile serves every module and chunk; `decode` without a graph (an eager group) runs `snake` and
-    never compiles. ~20 s on a 2-core CPU."""
+    kernel rounds where five did: a few ulp), alone and behind carried samples (`snake_after`), and `forward` with
+    them (what capture records on CUDA) against `step` on the tiny checkpoint's decoder (where random SnakeBeta
+    parameters would amplify those ulp to ~1e-3 of the audio), in either layout. What the first step compiles
+    serves every module, batch and chunk after it; `decode` without a graph (an eager group) runs `snake` and
+    never compiles. ~20 s a layout on a 2-core CPU."""
     from torch._dynamo.utils import counters
 
     snaky = StreamingDecoder(snaky_decoder)
     snaky.enable("snake")
-    streaming = StreamingDecoder(decoder)
+    streaming = StreamingDecoder(decoder, channels_last=channels_last)
     streaming.enable("snake")
-    fused = snaky._fused_snake
+    fused = snaky._fused
     assert fused is not None
     before = counters["frames"]["total"]
     gen = torch.Generator().manual_seed(7)
     with torch.inference_mode():
         for module, (alpha_exp, inv_beta) in snaky._snake_terms.items():
             x = torch.randn(2, module.in_features, 100, generator=gen) * 3
-            torch.testing.assert_close(fused(x, alpha_exp, inv_beta), snake(x, alpha_exp, inv_beta))
-        rows, frames = 2, 2
-        flat = torch.randn(rows, streaming.state_size, generator=gen) * 0.1
-        position = torch.arange(rows) * 5
-        codes = torch.randint(0, 2048, (rows, 16, frames), generator=gen)
-        expected = streaming.step(flat, position, codes)
-        fused_calls = []
-        compiled_snake = streaming._fused_snake
+            past = torch.randn(2, module.in_features, 6, generator=gen)
+            torch.testing.assert_close(fused.snake(x, alpha_exp, inv_beta), snake(x, alpha_exp, inv_beta))
+            got = fused.snake_after(past, x, alpha_exp, inv_beta, -1)
+            torch.testing.assert_close(got, snake_after(past, x, alpha_exp, inv_beta, -1))
+            assert torch.equal(got[..., :6], past)
+        units = sum(isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit) for m in decoder.modules())
+        compiled = streaming._fused
+        assert compiled is not None
+        for rows, frames in ((2, 2), (3, 4)):
+            flat = torch.randn(rows, streaming.state_size, generator=gen) * 0.1
+            position = torch.arange(rows) * 5
+            codes = torch.randint(0, 2048, (rows, 16, frames), generator=gen)
+            expected = streaming.step(flat, position, codes)
+            calls = {"snake": 0, "snake_after": 0}
 
-        def counted(*args):
-            fused_calls.append(1)
-            return compiled_snake(*args)
+            def counted(name, calls=calls):
+                def call(*args):
+                    calls[name] += 1
+                    return getattr(compiled, name)(*args)
 
-        streaming._fused_snake = counted
-        got = streaming.forward(flat, position, codes)
-        streaming._fused_snake = compiled_snake
-        assert len(fused_calls) == len(streaming._snake_terms)  # every SnakeBeta of the step ran fused
-        for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
-            torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
-    assert counters["frames"]["total"] - before == 1
+                return call
+
+            streaming._fused = Activations(counted("snake"), counted("snake_after"))
+            got = streaming.forward(flat, position, codes)
+            streaming._fused = compiled
+            # Every SnakeBeta of the step ran fused; each residual unit's first and the decoder's last behind
+            # their convolution's carried samples.
+            assert calls == {"snake": len(streaming._snake_terms) - units - 1, "snake_after": units + 1}
+            for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
+                torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
+            if rows == 2:
+                compiles = counters["frames"]["total"]
+        assert compiles > before
     streaming.decode([streaming.new_state()], [random_codes(2, seed=8)])
-    assert counters["frames"]["total"] - before == 1
+    assert counters["frames"]["total"] == compiles  # other batches, chunks and eager groups: no compile
 
 
 @pytest.mark.parametrize("before", ["off", "snake", "step"])
@@ -395,4 +415,4 @@ def test_enable_compiles_what_the_option_names(decoder, before, what, snake_fuse
     streaming.enable(before)
     streaming.enable(what)
     assert streaming.compiles == what
-    assert (streaming._fused_snake is not None, streaming._compiled is not None) == (snake_fused, step_compiled)
+    assert (streaming._fused is not None, streaming._compiled is not None) == (snake_fused, step_compiled)
