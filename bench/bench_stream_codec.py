@@ -270,6 +270,8 @@ def bench_config(
         if args.channels_last:  # each graphed method again with the channels-last layout, named "...-cl"
             names = tuple(n for name in names for n in (name, f"{name}-cl"))
         if args.methods:
+            if unknown := set(args.methods) - set(names):
+                raise SystemExit(f"--methods {sorted(unknown)}: not among {list(names)} (--compile, --channels-last?)")
             names = tuple(name for name in names if name in args.methods)
         for name in names:
             graph_streaming = StreamingDecoder(decoder, channels_last=name.endswith("-cl"))

@@ -81,8 +81,9 @@ def snake(x: Tensor, alpha_exp: Tensor, inv_beta: Tensor) -> Tensor:
 def snake_after(past: Tensor, x: Tensor, alpha_exp: Tensor, inv_beta: Tensor, time: int) -> Tensor:
     """`past` then `snake(x, ...)` along dimension `time`: a causal convolution's input when SnakeBeta comes
     right before it (each residual unit's first, the decoder's last). Compiled, one kernel writes the activation
-    straight behind the carried samples, where `snake` then `torch.cat` read and write the whole activation
-    twice (the convolutions' concatenations were 12% of the codec's kernel time in a c64 trace, H100, 2026-12-07)."""
+    straight behind the carried samples (their few columns may be copied by a small kernel of their own), where
+    `snake` then `torch.cat` read and write the whole activation twice (the convolutions' concatenations were 12%
+    of the codec's kernel time in a c64 trace, H100, 2026-12-07)."""
     return torch.cat([past, snake(x, alpha_exp, inv_beta)], dim=time)
 
 

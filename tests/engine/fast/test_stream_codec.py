@@ -362,7 +362,6 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
     streaming.enable("snake")
     fused = snaky._fused
     assert fused is not None
-    before = counters["frames"]["total"]
     gen = torch.Generator().manual_seed(7)
     with torch.inference_mode():
         for module, (alpha_exp, inv_beta) in snaky._snake_terms.items():
@@ -375,6 +374,7 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
         units = sum(isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit) for m in decoder.modules())
         compiled = streaming._fused
         assert compiled is not None
+        before = counters["frames"]["total"]
         for rows, frames in ((2, 2), (3, 4)):
             flat = torch.randn(rows, streaming.state_size, generator=gen) * 0.1
             position = torch.arange(rows) * 5
@@ -402,6 +402,14 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
         assert compiles > before
     streaming.decode([streaming.new_state()], [random_codes(2, seed=8)])
     assert counters["frames"]["total"] == compiles  # other batches, chunks and eager groups: no compile
+    if channels_last:  # the compiled join keeps channels innermost: the 2-D convolution reads it as NHWC
+        unit = next(m for m in decoder.modules() if isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit))
+        channels = unit.conv1.conv.in_channels
+        past, x = (torch.randn(2, n, channels, generator=gen).mT for n in (6, 40))
+        with torch.inference_mode():
+            joined = streaming._join(past, x, True, compiled, unit.act1)
+        assert joined.shape == (2, channels, 46) and joined.stride(1) == 1
+        assert joined.unsqueeze(2).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("before", ["off", "snake", "step"])
