@@ -344,7 +344,7 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
 
 
 @pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
-@pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
+@BOTH_LAYOUTS
 def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_captured(
     decoder, snaky_decoder, channels_last
 ):
@@ -371,7 +371,7 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
             got = fused.snake_after(past, x, alpha_exp, inv_beta, -1)
             torch.testing.assert_close(got, snake_after(past, x, alpha_exp, inv_beta, -1))
             assert torch.equal(got[..., :6], past)
-        units = sum(isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit) for m in decoder.modules())
+        units = [m for m in decoder.modules() if isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit)]
         compiled = streaming._fused
         assert compiled is not None
         before = counters["frames"]["total"]
@@ -394,7 +394,7 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
             streaming._fused = compiled
             # Every SnakeBeta of the step ran fused; each residual unit's first and the decoder's last behind
             # their convolution's carried samples.
-            assert calls == {"snake": len(streaming._snake_terms) - units - 1, "snake_after": units + 1}
+            assert calls == {"snake": len(streaming._snake_terms) - len(units) - 1, "snake_after": len(units) + 1}
             for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
                 torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
             if rows == 2:
@@ -403,7 +403,7 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
     streaming.decode([streaming.new_state()], [random_codes(2, seed=8)])
     assert counters["frames"]["total"] == compiles  # other batches, chunks and eager groups: no compile
     if channels_last:  # the compiled join keeps channels innermost: the 2-D convolution reads it as NHWC
-        unit = next(m for m in decoder.modules() if isinstance(m, Qwen3TTSTokenizerV2DecoderDecoderResidualUnit))
+        unit = units[0]
         channels = unit.conv1.conv.in_channels
         past, x = (torch.randn(2, n, channels, generator=gen).mT for n in (6, 40))
         with torch.inference_mode():
