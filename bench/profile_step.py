@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from qwen_tts_server.engine.fast.attention_kernel import FusedAttention
 from qwen_tts_server.engine.fast.engine import MIN_FRAME_ROWS, FastEngine
+from qwen_tts_server.engine.fast.options import FusedAttention
 from qwen_tts_server.engine.fast.prompt import prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import Sequence

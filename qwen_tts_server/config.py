@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .engine.fast import options
+
 _TRUE = {"1", "true", "t", "yes", "y", "on"}  # how pydantic reads a bool, for options that once were one
 _FALSE = {"0", "false", "f", "no", "n"}
 
@@ -93,14 +95,14 @@ class Settings(BaseSettings):
         "has left after the loaded models (at most 128; 8 on CPU).",
     )
     compile: bool = Field(True, description="Fast engine on CUDA: fuse each layer's elementwise work (torch.compile).")
-    compile_codec: Literal["off", "snake", "step"] = Field(
-        "snake",
+    compile_codec: options.CodecCompile = Field(
+        options.COMPILE_CODEC,
         description="Fast engine on CUDA, with compile on: what of the streaming codec decoder to compile. snake: its "
         "SnakeBeta activations, one fused kernel each instead of five passes; step: the whole decoder step; off: "
         "nothing. Codec alone, H100, 16 streams (2026-12-06): off 899, snake 1,122 (1.5 s to compile and capture), "
         "step 1,333 audio-s/s (78 s). true/false, as before, mean step/off.",
     )
-    fused_attention: Literal["off", "predictor", "all"] = Field(
+    fused_attention: options.FusedAttention = Field(
         "all",
         description="Fast engine on CUDA: decode attention as one Triton kernel per layer (q/k norm, RoPE, the KV "
         "cache write and attention; engine/fast/attention_kernel.py) instead of six compiled kernels. all: the "
@@ -114,8 +116,12 @@ class Settings(BaseSettings):
         description="After a fast engine's warm-up, collect once and freeze what exists out of Python's garbage "
         "collector scans (a full scan of a loaded model's objects stops every thread for a few hundred ms).",
     )
-    max_context: int = Field(4096, ge=64, description="Fast engine: prompt + frames per request (KV length).")
-    max_prefill_tokens: int = Field(2048, ge=1, description="Fast engine: prompt positions admitted per step.")
+    max_context: int = Field(
+        options.MAX_CONTEXT, ge=64, description="Fast engine: prompt + frames per request (KV length)."
+    )
+    max_prefill_tokens: int = Field(
+        options.MAX_PREFILL_TOKENS, ge=1, description="Fast engine: prompt positions admitted per step."
+    )
     admit_wait_ms: float = Field(
         40.0,
         ge=0,
@@ -153,15 +159,17 @@ class Settings(BaseSettings):
 
     # --- streaming and the OpenAI API ---
     stream_first_chunk_frames: int = Field(
-        2, ge=1, description="Streaming: frames (80 ms each) in a stream's first audio chunk; later ones grow."
+        options.STREAM_FIRST_FRAMES,
+        ge=1,
+        description="Streaming: frames (80 ms each) in a stream's first audio chunk; later ones grow.",
     )
     stream_chunk_frames: int = Field(
-        12,
+        options.STREAM_CHUNK_FRAMES,
         ge=1,
         description="Streaming: the largest chunk, in frames; a stream's chunks double from the first up to this.",
     )
-    stream_decoder: Literal["stateful", "context"] = Field(
-        "stateful",
+    stream_decoder: options.StreamDecoder = Field(
+        options.STREAM_DECODER,
         description="Codec decode in chunks: stateful carries the decoder's causal state across chunks (exactly "
         "the whole-utterance audio), and decodes whole utterances in chunks too while they are generated; context "
         "re-decodes 25 frames before each chunk (approximate) and decodes whole utterances in one piece at their end.",

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qwen_tts_server.config import Settings
-from qwen_tts_server.engine.fast.attention_kernel import FusedAttention
 from qwen_tts_server.engine.fast.engine import FastEngine
+from qwen_tts_server.engine.fast.options import FusedAttention
 from qwen_tts_server.engine.fast.prompt import Prompt, prompt_for_item
 from qwen_tts_server.engine.fast.runtime import resolve_sampling
 from qwen_tts_server.engine.fast.sequence import AudioStream, SequenceSampling, SequenceStatus

@@ -23,7 +23,7 @@ the engine keeps the torch path (exact against upstream), and so do shapes the k
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - every test machine has it
     triton = None
 
 
-FusedAttention = Literal["off", "predictor", "all"]  # which decode layers use the kernel (QTTS_FUSED_ATTENTION)
 TILE_MAX = 512  # query heads per kv head x head size: the scalar loop's fp32 tiles are [group, 16, head size]
 HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs 16 or more; above 128 the tiles would spill (not measured)
 

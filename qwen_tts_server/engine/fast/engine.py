@@ -40,7 +40,6 @@ from torch import Tensor
 
 from ...errors import EngineFailed, ModelUnavailable
 from ..types import FinishReason
-from .attention_kernel import FusedAttention
 from .capture import engine_stream
 from .chunking import StreamChunker, stream_chunk_sizes
 from .codec import CodecDecoder
@@ -49,6 +48,17 @@ from .faults import as_seen_by_client, engine_failed, is_device_fault
 from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
+from .options import (
+    COMPILE_CODEC,
+    MAX_CONTEXT,
+    MAX_PREFILL_TOKENS,
+    STREAM_CHUNK_FRAMES,
+    STREAM_DECODER,
+    STREAM_FIRST_FRAMES,
+    CodecCompile,
+    FusedAttention,
+    StreamDecoder,
+)
 from .prefill import BucketedPrefill
 from .prompt import special_text_hiddens
 from .readback import FrameReadback, PendingFrame
@@ -56,7 +66,7 @@ from .rows import RowState
 from .sampler import Sampler, SamplingPlan, mark_seen
 from .scheduler import Scheduler
 from .sequence import AudioStream, Sequence, SequenceStatus
-from .stream_codec import CodecCompile, StreamingDecoder
+from .stream_codec import StreamingDecoder
 from .timing import STEP_PARTS, PhaseTimer, RequestPhases
 from .trace import StepTrace
 from .warmup import warm_up
@@ -112,18 +122,18 @@ class FastEngine:
         tts: Any,
         *,
         max_slots: int = 16,
-        max_len: int = 4096,
-        max_prefill_tokens: int = 2048,
+        max_len: int = MAX_CONTEXT,
+        max_prefill_tokens: int = MAX_PREFILL_TOKENS,
         admit_wait_s: float = 0.0,
         cuda_graphs: bool | None = None,
         compile: bool = False,
-        compile_codec: CodecCompile = "snake",
+        compile_codec: CodecCompile = COMPILE_CODEC,
         fused_attention: FusedAttention = "off",
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
-        stream_chunk_frames: int = 12,
-        stream_first_frames: int = 2,
-        stream_decoder: str = "stateful",
+        stream_chunk_frames: int = STREAM_CHUNK_FRAMES,
+        stream_first_frames: int = STREAM_FIRST_FRAMES,
+        stream_decoder: StreamDecoder = STREAM_DECODER,
         trace: StepTrace | None = None,
         pipeline: bool | None = None,
     ) -> None:

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import attention_kernel
-from .attention_kernel import FusedAttention, fused_decode_attention
+from .attention_kernel import fused_decode_attention
 from .compiling import allow_recompiles, mark_dynamic
+from .options import FusedAttention
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,18 @@ from torch import Tensor
 
 from ...errors import InvalidRequest
 from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisResult
-from .attention_kernel import FusedAttention
 from .engine import FastEngine
+from .options import (
+    COMPILE_CODEC,
+    STREAM_CHUNK_FRAMES,
+    STREAM_DECODER,
+    STREAM_FIRST_FRAMES,
+    CodecCompile,
+    FusedAttention,
+    StreamDecoder,
+)
 from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
-from .stream_codec import CodecCompile
 from .trace import StepTrace
 
 _UPSTREAM = SequenceSampling()  # upstream's hard defaults
@@ -57,11 +64,11 @@ class FastRuntime:
         admit_wait_s: float = 0.0,
         codec_wait_s: float = 0.0,
         compile: bool = False,
-        compile_codec: CodecCompile = "snake",
+        compile_codec: CodecCompile = COMPILE_CODEC,
         fused_attention: FusedAttention = "off",
-        stream_first_frames: int = 2,
-        stream_chunk_frames: int = 12,
-        stream_decoder: str = "stateful",
+        stream_first_frames: int = STREAM_FIRST_FRAMES,
+        stream_chunk_frames: int = STREAM_CHUNK_FRAMES,
+        stream_decoder: StreamDecoder = STREAM_DECODER,
         trace: StepTrace | None = None,
     ) -> None:
         self.tts = tts

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +60,13 @@ from torch import Tensor, nn
 
 from .capture import GraphPool
 from .compiling import allow_recompiles, mark_dynamic
+from .options import CodecCompile
 
 # x, exp(alpha) and 1 / (exp(beta) + eps) (both [1, C, 1]) to SnakeBeta's output: `snake`, or it compiled.
 SnakeFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 # The carried samples, x, SnakeBeta's terms and the time dimension to the carried samples then SnakeBeta of x:
 # `snake_after`, or it compiled.
 SnakeAfterFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
-
-# What of the decoder torch.compile fuses (`StreamingDecoder.enable`): nothing, SnakeBeta alone, the whole step.
-CodecCompile = Literal["off", "snake", "step"]
 
 
 def snake(x: Tensor, alpha_exp: Tensor, inv_beta: Tensor) -> Tensor:
