@@ -7,10 +7,10 @@ a codebook). This times alternatives for each, every variant replayed in a CUDA 
 calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math. `fused`
 times the fused decode attention (engine/fast/attention_kernel.py) alone at the shapes a c64 server step runs,
 with the K and V bytes it reads as a rate, to tell the talker's calls from the code predictor's (a trace names
-them alike).
+them alike). `gemv` times a Triton projection for one stream's rows (bench/gemv_kernel.py) against cuBLAS.
 
     python -m bench.micro_kernels --out "$OUT"       # on the GPU; prints JSON lines
-    python -m bench.micro_kernels --parts fused
+    python -m bench.micro_kernels --parts fused,gemv
 """
 
 from __future__ import annotations
@@ -114,15 +114,21 @@ def bench_attention(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_linear(calls: int) -> list[dict[str, Any]]:
-    """One-row and 64-row projections of both models under cuBLAS settings that change split-K."""
-    rows = []
+def projection_shapes() -> list[tuple[str, str, int, int]]:
+    """(model, projection, inputs, outputs) of each decoder layer's four projections, talker and predictor."""
     shapes = []
     for model, dims in (("talker", TALKER), ("predictor", PREDICTOR)):
         h, inter = dims["hidden"], dims["inter"]
         qkv = (HEADS + 2 * KV_HEADS) * HEAD_DIM
         shapes += [(model, "qkv", h, qkv), (model, "o", HEADS * HEAD_DIM, h)]
         shapes += [(model, "gate_up", h, 2 * inter), (model, "down", inter, h)]
+    return shapes
+
+
+def bench_linear(calls: int) -> list[dict[str, Any]]:
+    """One-row and 64-row projections of both models under cuBLAS settings that change split-K."""
+    rows = []
+    shapes = projection_shapes()
     settings = {
         "default": {},
         "no_reduced_precision_reduction": {"reduced": False},
@@ -222,15 +228,50 @@ def bench_fused(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
+# Triton projections for one stream's rows (bench.gemv_kernel), beside cuBLAS: (outputs a program, inputs a slice,
+# warps). More outputs a program: fewer programs (N / BLOCK_N; the predictor's 1,024 outputs in 64 at 16); a longer
+# slice: fewer loop turns, more registers.
+GEMV_TUNINGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 256, 2), (8, 512, 8)]
+
+
+def bench_gemv(calls: int) -> list[dict[str, Any]]:
+    """The 1.7B model's projections at one and two rows (a one-stream frame runs as two, `MIN_FRAME_ROWS`):
+    cuBLAS (`F.linear`) beside each of GEMV_TUNINGS, as microseconds a call and the weights' bytes a call as a
+    rate, with each variant's largest difference from cuBLAS's output (fp32 sums in another order: small)."""
+    from .gemv_kernel import gemv
+
+    rows = []
+    for model, proj, k_in, n_out in projection_shapes():
+        w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02
+        for batch in (1, 2):
+            x = torch.randn(batch, k_in, device="cuda", dtype=torch.bfloat16)
+            reference = F.linear(x, w)
+            variants = {"cublas": lambda x=x, w=w: F.linear(x, w)}
+            for bn, bk, warps in GEMV_TUNINGS:
+                if n_out % bn == 0 and k_in % bk == 0:
+                    variants[f"triton_{bn}x{bk}_w{warps}"] = lambda x=x, w=w, c=(bn, bk, warps): gemv(
+                        x, w, block_n=c[0], block_k=c[1], num_warps=c[2]
+                    )
+            for name, fn in variants.items():
+                us = graph_us(fn, calls)
+                row = {"model": model, "proj": proj, "batch": batch, "variant": name, "us": us}
+                row["weight_gb_per_s"] = round(w.numel() * w.element_size() / us / 1e3, 1)
+                row["max_abs_vs_cublas"] = (fn() - reference).abs().max().item()
+                rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--parts", default="attention,linear,top_k", help="which of attention, linear, top_k, fused")
+    parts_help = "which of attention, linear, top_k, fused, gemv"
+    parser.add_argument("--parts", default="attention,linear,top_k", help=parts_help)
     parser.add_argument("--out", type=Path, default=None, help="folder for micro-kernels.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {}
     parts = {"attention": bench_attention, "linear": bench_linear, "top_k": bench_top_k, "fused": bench_fused}
+    parts["gemv"] = bench_gemv
     for name in args.parts.split(","):
         fn = parts[name]
         results[name] = fn(args.calls)
