@@ -289,11 +289,13 @@ def no_tf32() -> Iterator[None]:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @BOTH_LAYOUTS
+@pytest.mark.parametrize("compile_codec", ["off", "snake"])
 def test_cuda_eager_and_graphs_equal_the_whole_decode(
-    sharp_decoder: nn.Module, no_tf32: None, channels_last: bool
+    sharp_decoder: nn.Module, no_tf32: None, channels_last: bool, compile_codec: str
 ) -> None:
     """On the GPU (fp32), eager and graphed: streams batched at different positions, graphs fed fewer
-    streams than their rows, each stream equal to its own whole decode."""
+    streams than their rows, each stream equal to its own whole decode. With `snake` (the server's default) the
+    graphs hold Triton's SnakeBeta and its joins behind the carried samples (`snake_after`)."""
     cuda = copy.deepcopy(sharp_decoder).cuda()
     codes = [random_codes(n, seed=30 + i) for i, n in enumerate((74, 74, 62))]
     with torch.inference_mode():
@@ -301,6 +303,7 @@ def test_cuda_eager_and_graphs_equal_the_whole_decode(
     plan = [{0: 2, 1: 2}, {0: 12, 1: 12, 2: 2}] + [{0: 12, 1: 12, 2: 12}] * 5  # stream 2 starts later
     for graphs in (False, True):
         streaming = StreamingDecoder(cuda, channels_last=channels_last)
+        streaming.enable(compile_codec)
         if graphs:
             streaming.capture(4, 2)
             streaming.capture(4, 12)
