@@ -3,12 +3,19 @@
 Why: at one stream a frame's ~450 projections take ~3.6 of its ~5.3 ms, each near cuBLAS's 4-14 us at the 1.7B
 shapes, where reading the weights alone would take 1.2-7.5 us at 3.35 TB/s (docs/benchmarks.md): about half the
 memory rate. cuBLAS tiles for many rows and splits K at one row (a memset and a reduce kernel more). This is the
-plain alternative for 1-16 rows: each program owns `BLOCK_N` outputs of every row and streams their weight rows
-once, in `BLOCK_K` slices, with fp32 sums; no split, no second kernel. If it wins at the engine's shapes, the norm
-before a projection (a per-row scale of the sums) and the SiLU gate before the down projection could be folded
-into its loads, two to three kernels fewer a layer; if not, cuBLAS stays.
+plain alternative for 1-4 rows: each program owns `BLOCK_N` outputs of every row and streams their weight rows
+once, in `BLOCK_K` slices, with fp32 sums; no split, no second kernel. What sits beside a projection in a decoder
+layer can ride along, so a layer would be five kernels (norm and q/k/v, attention, output and residual, norm and
+gate/up, gate and down and residual) where it is eight or nine now:
 
-Not used by the engine. `y = gemv(x, w)` is `F.linear(x, w)` for x [M, K], w [N, K] (row-major, contiguous).
+* `norm`: RMSNorm before the projection. rms_norm(x) * g @ W.T is ((x * g) @ W.T) / rms(x): each row's sum of
+  squares is taken in the same loop and its scale applied to the sums at the end.
+* `gated`: the SiLU gate before the down projection: x is [M, 2K] (gate, then up) and the product reads
+  silu(gate) * up.
+* `residual`: added to the output (the residual stream).
+
+They round differently from the separate ops (the normed input is never rounded to bf16): close, not bitwise.
+Not used by the engine. `gemv(x, w)` is `F.linear(x, w)` for x [M, K], w [N, K] (row-major, contiguous).
 """
 
 from __future__ import annotations
@@ -32,37 +39,74 @@ if triton is not None:
         x,
         w,
         y,
+        norm,
+        residual,
         M,
         N,
+        eps,
         K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr,
+        GATED: tl.constexpr,
+        RESIDUAL: tl.constexpr,
     ):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         rows = m < M
+        x_row = 2 * K if GATED else K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             weights = tl.load(w + n[:, None] * K + k[None, :]).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-            inputs = tl.load(x + m[:, None] * K + k[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+            at = x + m[:, None] * x_row + k[None, :]
+            inputs = tl.load(at, mask=rows[:, None], other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
+            if GATED:
+                up = tl.load(at + K, mask=rows[:, None], other=0.0).to(tl.float32)
+                inputs = inputs * tl.sigmoid(inputs) * up
+            if NORM:
+                squares += tl.sum(inputs * inputs, axis=1)
+                inputs = inputs * tl.load(norm + k).to(tl.float32)[None, :]
             acc += tl.sum(inputs[:, None, :] * weights[None, :, :], axis=2)
-        tl.store(y + m[:, None] * N + n[None, :], acc.to(y.dtype.element_ty), mask=rows[:, None])
+        if NORM:
+            acc = acc * tl.rsqrt(squares / K + eps)[:, None]
+        out = m[:, None] * N + n[None, :]
+        if RESIDUAL:
+            acc += tl.load(residual + out, mask=rows[:, None], other=0.0).to(tl.float32)
+        tl.store(y + out, acc.to(y.dtype.element_ty), mask=rows[:, None])
 
 
-def gemv(x: Tensor, w: Tensor, *, block_n: int = 16, block_k: int = 256, num_warps: int = 4) -> Tensor:
-    """x [M, K] @ w[N, K].T for M <= MAX_ROWS, with `block_n` outputs a program and `block_k` inputs a slice."""
-    M, K = x.shape
-    N = w.shape[0]
+def gemv(
+    x: Tensor,
+    w: Tensor,
+    *,
+    norm: Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    residual: Tensor | None = None,
+    block_n: int = 16,
+    block_k: int = 256,
+    num_warps: int = 4,
+) -> Tensor:
+    """x [M, K] @ w[N, K].T for M <= MAX_ROWS, with `block_n` outputs a program and `block_k` inputs a slice;
+    `norm` [K] (RMSNorm's weight, `eps`) before it, `gated` (x is [M, 2K]: silu(gate) * up), `residual` [M, N]
+    added after it (see the module's docstring)."""
     if triton is None:
         raise RuntimeError("gemv needs Triton")
-    if M > MAX_ROWS or w.shape[1] != K or N % block_n or K % block_k:
+    M, N, K = x.shape[0], w.shape[0], w.shape[1]
+    if M > MAX_ROWS or x.shape[1] != (2 * K if gated else K) or N % block_n or K % block_k:
         shapes = f"{tuple(x.shape)} {tuple(w.shape)}"
         raise ValueError(f"gemv takes <= {MAX_ROWS} rows and N, K multiples of its blocks, not {shapes}")
-    if not (x.is_contiguous() and w.is_contiguous()):
+    if norm is not None and norm.shape != (K,) or residual is not None and residual.shape != (M, N):
+        raise ValueError(f"gemv's norm is [{K}] and its residual [{M}, {N}]")
+    if not all(t.is_contiguous() for t in (x, w, norm, residual) if t is not None):
         raise ValueError("gemv reads contiguous rows")
     y = x.new_empty(M, N)
-    constants: dict[str, Any] = {"K": K, "BLOCK_M": max(triton.next_power_of_2(M), 1), "BLOCK_N": block_n}
-    _gemv_kernel[(N // block_n,)](x, w, y, M, N, **constants, BLOCK_K=block_k, num_warps=num_warps)
+    flags: dict[str, Any] = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual is not None}
+    blocks: dict[str, Any] = {"BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": block_n, "BLOCK_K": block_k}
+    unused = x  # a pointer the kernel never reads where a flag is off
+    args = (x, w, y, unused if norm is None else norm, unused if residual is None else residual, M, N, eps)
+    _gemv_kernel[(N // block_n,)](*args, K=K, **blocks, **flags, num_warps=num_warps)
     return y

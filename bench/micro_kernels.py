@@ -232,31 +232,57 @@ def bench_fused(calls: int) -> list[dict[str, Any]]:
 # warps). More outputs a program: fewer programs (N / BLOCK_N; the predictor's 1,024 outputs in 64 at 16); a longer
 # slice: fewer loop turns, more registers.
 GEMV_TUNINGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 256, 2), (8, 512, 8)]
+FUSED_GEMV_TUNINGS = [(16, 256, 4), (8, 512, 8)]
+
+
+def fused_projection(proj: str, x: Tensor, w: Tensor) -> tuple[Callable[[], Tensor], dict[str, Any], Tensor]:
+    """What rides along with `proj` in a decoder layer (bench.gemv_kernel's docstring), as the engine computes it
+    (compiled torch around cuBLAS), the same as `gemv` options, and that function's input."""
+    rows, k_in = x.shape
+    if proj in ("qkv", "gate_up"):  # RMSNorm before
+        norm = torch.rand(k_in, device=x.device, dtype=x.dtype) + 0.5
+        fn = torch.compile(lambda: F.linear(F.rms_norm(x, (k_in,), norm, 1e-6), w), dynamic=False)
+        return fn, {"norm": norm}, x
+    residual = torch.randn(rows, w.shape[0], device=x.device, dtype=x.dtype)
+    if proj == "o":  # the residual after
+        return torch.compile(lambda: F.linear(x, w) + residual, dynamic=False), {"residual": residual}, x
+    gate_up = torch.randn(rows, 2 * k_in, device=x.device, dtype=x.dtype)  # down: the SiLU gate before, residual after
+    gate, up = gate_up.chunk(2, dim=-1)
+    fn = torch.compile(lambda: F.linear(F.silu(gate) * up, w) + residual, dynamic=False)
+    return fn, {"gated": True, "residual": residual}, gate_up
 
 
 def bench_gemv(calls: int) -> list[dict[str, Any]]:
     """The 1.7B model's projections at one and two rows (a one-stream frame runs as two, `MIN_FRAME_ROWS`):
-    cuBLAS (`F.linear`) beside each of GEMV_TUNINGS, as microseconds a call and the weights' bytes a call as a
-    rate, with each variant's largest difference from cuBLAS's output (fp32 sums in another order: small)."""
+    cuBLAS (`F.linear`) beside each of GEMV_TUNINGS; then, at two rows, each projection with what rides along
+    with it in a layer (`fused_projection`): compiled torch around cuBLAS against one `gemv`. Microseconds a
+    call, the weights' bytes a call as a rate, and each variant's largest difference from the torch output
+    (fp32 sums in another order, the normed input never rounded to bf16: small)."""
     from .gemv_kernel import gemv
 
     rows = []
     for model, proj, k_in, n_out in projection_shapes():
         w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02
-        for batch in (1, 2):
+        for batch, fused in ((1, False), (2, False), (2, True)):
             x = torch.randn(batch, k_in, device="cuda", dtype=torch.bfloat16)
-            reference = F.linear(x, w)
-            variants = {"cublas": lambda x=x, w=w: F.linear(x, w)}
-            for bn, bk, warps in GEMV_TUNINGS:
+            if fused:
+                reference_fn, options, x = fused_projection(proj, x, w)
+                variants = {"torch": reference_fn}
+                tunings = FUSED_GEMV_TUNINGS
+            else:
+                options, tunings = {}, GEMV_TUNINGS
+                variants = {"cublas": lambda x=x, w=w: F.linear(x, w)}
+            for bn, bk, warps in tunings:
                 if n_out % bn == 0 and k_in % bk == 0:
-                    variants[f"triton_{bn}x{bk}_w{warps}"] = lambda x=x, w=w, c=(bn, bk, warps): gemv(
-                        x, w, block_n=c[0], block_k=c[1], num_warps=c[2]
+                    variants[f"triton_{bn}x{bk}_w{warps}"] = lambda x=x, w=w, c=(bn, bk, warps), o=options: gemv(
+                        x, w, block_n=c[0], block_k=c[1], num_warps=c[2], **o
                     )
+            reference = next(iter(variants.values()))()
             for name, fn in variants.items():
                 us = graph_us(fn, calls)
-                row = {"model": model, "proj": proj, "batch": batch, "variant": name, "us": us}
-                row["weight_gb_per_s"] = round(w.numel() * w.element_size() / us / 1e3, 1)
-                row["max_abs_vs_cublas"] = (fn() - reference).abs().max().item()
+                row = {"model": model, "proj": proj, "batch": batch, "with": sorted(options), "variant": name}
+                row |= {"us": us, "weight_gb_per_s": round(w.numel() * w.element_size() / us / 1e3, 1)}
+                row["max_abs_vs_torch"] = (fn() - reference).abs().max().item()
                 rows.append(row)
     return rows
 
