@@ -192,10 +192,14 @@ def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int, s
 
 # Launch constants tried beside the engine's (`launch_constants`), per shape: a smaller key block and fewer warps
 # take fewer registers a program (ptxas for sm_90: 198 at 64 keys and 8 warps, 1 program an SM; 118 at 16 and 4,
-# 4 an SM), so more of a step's 512 programs run at once; the code predictor's one block, in fewer warps.
+# 4 an SM), so more of a step's 512 programs run at once; the code predictor's one block, in fewer warps. The last
+# two talker rows take the group's 2 queries as scalar products (no padding to tl.dot's 16 rows; 212 registers at
+# 32 keys and 4 warps, 148 at 16 and 2).
+SCALAR = {"DOT": False, "ROWS": HEADS // KV_HEADS}
 FUSED_TUNINGS = {
     "talker": [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 16, "num_warps": 4}, {"BLOCK": 16, "num_warps": 8},
-               {"BLOCK": 32, "num_warps": 8}, {"BLOCK": 16, "num_warps": 2}],
+               {"BLOCK": 32, "num_warps": 8}, {"BLOCK": 16, "num_warps": 2},
+               {**SCALAR, "BLOCK": 32, "num_warps": 4}, {**SCALAR, "BLOCK": 16, "num_warps": 2}],
     "predictor": [{"num_warps": 2}, {"num_warps": 1}],
 }  # fmt: skip
 

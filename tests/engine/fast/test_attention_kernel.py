@@ -249,8 +249,9 @@ def interpreted_checks() -> None:
             _against_reference([kv_len - 1, 10, 5], kv_len, holes)
             free = [3, kv_len + 20, kv_len]  # free rows keep a position that may be past every key read
             _against_reference(free, kv_len, torch.arange(kv_len)[None, :] <= torch.tensor(free)[:, None])
-        for block in (16, 32):  # the talker's smaller key blocks that bench.micro_kernels times
-            _against_reference([127, 10, 40], 128, torch.ones(3, 128, dtype=torch.bool), {"BLOCK": block})
+        # The talker's smaller key blocks that bench.micro_kernels times, and its scalar products over long rows.
+        for tuning in ({"BLOCK": 16}, {"BLOCK": 32}, {"DOT": False, "ROWS": 2, "BLOCK": 32}):
+            _against_reference([127, 10, 40], 128, torch.ones(3, 128, dtype=torch.bool), tuning)
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
         for case in CASES:
