@@ -403,7 +403,6 @@ class FastBench:
             tts,
             max_slots=max_slots,
             max_len=max_len,
-            max_prefill_tokens=2048,
             admit_wait_s=0.04,  # the server's defaults (QTTS_ADMIT_WAIT_MS, QTTS_CODEC_WAIT_MS)
             codec_wait_s=0.1,
             compile=compile,

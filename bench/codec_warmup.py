@@ -31,6 +31,7 @@ from bench.bench_engines import build_speech_tokenizer, sync_device
 from qwen_tts_server.engine.fast.chunking import stream_chunk_sizes
 from qwen_tts_server.engine.fast.codec import CodecDecoder
 from qwen_tts_server.engine.fast.engine import batch_buckets
+from qwen_tts_server.engine.fast.options import STREAM_CHUNK_FRAMES, STREAM_FIRST_FRAMES
 from qwen_tts_server.engine.fast.stream_codec import StreamingDecoder
 
 
@@ -78,7 +79,7 @@ def main() -> int:
     whole_capture_s = time.perf_counter() - t0
     streaming = StreamingDecoder(codec.decoder)
     buckets = batch_buckets(args.max_slots)  # the engine's stream_buckets
-    chunks = stream_chunk_sizes(2, 12)
+    chunks = stream_chunk_sizes(STREAM_FIRST_FRAMES, STREAM_CHUNK_FRAMES)  # the engine's default chunks
     t0 = time.perf_counter()
     if cuda:
         streaming.capture_all(buckets, chunks)

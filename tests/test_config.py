@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -51,3 +54,11 @@ def test_fused_attention_is_every_layers_unless_asked_and_an_unknown_mode_says_w
     monkeypatch.setenv("QTTS_FUSED_ATTENTION", "talker")
     with pytest.raises(ValidationError, match="'off', 'predictor' or 'all'"):
         Settings()
+
+
+def test_the_settings_load_without_torch() -> None:
+    """config.py takes the engine's choices and defaults from engine/fast/options.py, which must stay torch-free:
+    the CLI's help and the settings' checks should not wait for torch (seconds) nor need it installed."""
+    code = "import sys, qwen_tts_server.config as c; c.Settings(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "False"

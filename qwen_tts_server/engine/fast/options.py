@@ -2,6 +2,10 @@
 
 config.py's settings (what a user sets), `FastRuntime` and `FastEngine` (what tests and benchmarks build) take
 them from here, so a default changed here changes for all three. No torch here: config.py imports it.
+
+Not here: what differs on purpose. The server turns the fused attention on (`all`) and waits 40 ms to admit and
+100 ms to gather codec work; an engine built directly (tests, benchmarks) runs the torch path and never waits
+unless asked.
 """
 
 from __future__ import annotations
