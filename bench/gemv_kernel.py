@@ -30,7 +30,10 @@ try:
 except ImportError:  # pragma: no cover - every test machine has it
     triton = None
 
-MAX_ROWS = 4  # the product tile is BLOCK_M x BLOCK_N x BLOCK_K fp32 values in registers
+# The product tile is BLOCK_M x BLOCK_N x BLOCK_K fp32 values in registers: ptxas for sm_90 gives 31-96 registers
+# a thread at 1-2 rows for micro_kernels' tunings; at 3-4 rows the larger tiles (32 x 256, 16 x 512) would take
+# ~256 and may spill (not timed: a one-stream frame runs as two rows).
+MAX_ROWS = 4
 
 if triton is not None:
 
@@ -78,6 +81,24 @@ if triton is not None:
         tl.store(y + out, acc.to(y.dtype.element_ty), mask=rows[:, None])
 
 
+def check_arguments(
+    x: Tensor, w: Tensor, norm: Tensor | None, gated: bool, residual: Tensor | None, block_n: int, block_k: int
+) -> None:
+    """What `gemv` takes, each refusal a ValueError that says what to change."""
+    if x.dim() != 2 or w.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"gemv takes x [1-{MAX_ROWS} rows, K] and w [N, K], not {tuple(x.shape)}, {tuple(w.shape)}")
+    (M, width), (N, K) = x.shape, w.shape
+    if width != (2 * K if gated else K):
+        raise ValueError(f"x is [M, {'2K (gate, then up)' if gated else 'K'}] for w [N, K={K}], not {width} wide")
+    if any(b < 1 or b & (b - 1) for b in (block_n, block_k)) or N % block_n or K % block_k:
+        raise ValueError(f"blocks are powers of two that divide N={N} and K={K}, not {block_n} and {block_k}")
+    if (norm is not None and norm.shape != (K,)) or (residual is not None and residual.shape != (M, N)):
+        raise ValueError(f"gemv's norm is [{K}] and its residual [{M}, {N}]")
+    tensors = [t for t in (x, w, norm, residual) if t is not None]
+    if any(t.device != x.device for t in tensors) or not all(t.is_contiguous() for t in tensors):
+        raise ValueError("gemv reads contiguous tensors on one device")
+
+
 def gemv(
     x: Tensor,
     w: Tensor,
@@ -95,14 +116,8 @@ def gemv(
     added after it (see the module's docstring)."""
     if triton is None:
         raise RuntimeError("gemv needs Triton")
+    check_arguments(x, w, norm, gated, residual, block_n, block_k)
     M, N, K = x.shape[0], w.shape[0], w.shape[1]
-    if M > MAX_ROWS or x.shape[1] != (2 * K if gated else K) or N % block_n or K % block_k:
-        shapes = f"{tuple(x.shape)} {tuple(w.shape)}"
-        raise ValueError(f"gemv takes <= {MAX_ROWS} rows and N, K multiples of its blocks, not {shapes}")
-    if norm is not None and norm.shape != (K,) or residual is not None and residual.shape != (M, N):
-        raise ValueError(f"gemv's norm is [{K}] and its residual [{M}, {N}]")
-    if not all(t.is_contiguous() for t in (x, w, norm, residual) if t is not None):
-        raise ValueError("gemv reads contiguous rows")
     y = x.new_empty(M, N)
     flags: dict[str, Any] = {"NORM": norm is not None, "GATED": gated, "RESIDUAL": residual is not None}
     blocks: dict[str, Any] = {"BLOCK_M": triton.next_power_of_2(M), "BLOCK_N": block_n, "BLOCK_K": block_k}

@@ -43,7 +43,26 @@ def interpreted_checks() -> None:
             assert y.shape == (rows, n_out), name
             torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=2e-4, msg=name)
             checks += 1
+    checks += _fused_projection_matches_gemv(gen)
     print(f"gemv: {checks} checks passed")
+
+
+def _fused_projection_matches_gemv(gen: torch.Generator) -> int:
+    """micro_kernels' torch side of each layer projection (uncompiled here) against `gemv` with the options it
+    names: the two sides of the GPU comparison compute the same thing from the same tensors."""
+    import bench.micro_kernels as micro
+    from bench.gemv_kernel import gemv
+
+    compile_ = torch.compile
+    torch.compile = lambda fn, **_: fn  # type: ignore[assignment]  # inductor's C++ build is not the point here
+    try:
+        for proj in ("qkv", "o", "gate_up", "down"):
+            w = torch.randn(32, 256, generator=gen) * 0.1
+            reference, options, inputs = micro.fused_projection(proj, torch.randn(2, 256, generator=gen), w)
+            torch.testing.assert_close(gemv(inputs, w, **options), reference(), rtol=1e-5, atol=1e-5, msg=proj)
+    finally:
+        torch.compile = compile_
+    return 4
 
 
 def test_gemv_equals_linear_in_the_interpreter() -> None:
@@ -52,28 +71,31 @@ def test_gemv_equals_linear_in_the_interpreter() -> None:
     code = "from tests.bench.test_gemv_kernel import interpreted_checks; interpreted_checks()"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "gemv: 24 checks passed" in done.stdout, done.stdout[-2000:]
+    assert "gemv: 28 checks passed" in done.stdout, done.stdout[-2000:]
 
 
 @pytest.mark.parametrize(
-    ("rows", "k_in", "n_out", "message"),
-    [(5, 256, 16, "<= 4 rows"), (1, 200, 16, "multiples"), (1, 256, 20, "multiples")],
-    ids=["too-many-rows", "k-not-a-multiple", "n-not-a-multiple"],
-)
-def test_gemv_refuses_shapes_its_blocks_do_not_cover(rows: int, k_in: int, n_out: int, message: str) -> None:
+    ("x_shape", "w_shape", "options", "message"),
+    [
+        ((5, 256), (16, 256), {}, "1-4 rows"),
+        ((0, 256), (16, 256), {}, "1-4 rows"),
+        ((256,), (16, 256), {}, "1-4 rows"),
+        ((1, 200), (16, 200), {}, "powers of two that divide"),
+        ((1, 256), (20, 256), {}, "powers of two that divide"),
+        ((1, 256), (48, 256), {"block_n": 24}, "powers of two"),
+        ((2, 256), (16, 256), {"gated": True}, "2K"),
+        ((2, 128), (16, 256), {}, "not 128 wide"),
+        ((2, 256), (16, 256), {"norm": torch.ones(128)}, "norm is"),
+        ((2, 256), (16, 256), {"residual": torch.zeros(1, 16)}, "residual"),
+        ((2, 256), (16, 256), {"residual": torch.zeros(16, 2).T}, "contiguous"),
+    ],
+    ids=["too-many-rows", "no-rows", "one-dim", "k-not-a-multiple", "n-not-a-multiple", "block-not-a-power",
+         "gate-one-width", "x-too-narrow", "norm-shape", "residual-shape", "residual-strided"],
+)  # fmt: skip
+def test_gemv_refuses_what_it_does_not_take_with_what_to_change(
+    x_shape: tuple[int, ...], w_shape: tuple[int, ...], options: dict, message: str
+) -> None:
     from bench.gemv_kernel import gemv
 
     with pytest.raises(ValueError, match=message):
-        gemv(torch.zeros(rows, k_in), torch.zeros(n_out, k_in), block_n=16, block_k=256)
-
-
-def test_gemv_refuses_a_norm_or_residual_of_another_shape_and_a_gate_of_one_width() -> None:
-    from bench.gemv_kernel import gemv
-
-    x, w = torch.zeros(2, 256), torch.zeros(16, 256)
-    with pytest.raises(ValueError, match="norm is"):
-        gemv(x, w, norm=torch.ones(128))
-    with pytest.raises(ValueError, match="residual"):
-        gemv(x, w, residual=torch.zeros(1, 16))
-    with pytest.raises(ValueError, match="multiples"):  # gated wants [gate, up]: 512 wide
-        gemv(x, w, gated=True)
+        gemv(torch.zeros(x_shape), torch.zeros(w_shape), **options)

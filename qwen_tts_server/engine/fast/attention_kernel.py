@@ -216,6 +216,8 @@ def decode_attention(
         raise ValueError("the fused attention reads each vector as contiguous memory")
     out = qkv.new_empty(B, heads * D)
     constants = {**launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype), **(tuning or {})}
+    if constants["ROWS"] < heads // kv_heads:
+        raise ValueError(f"ROWS {constants['ROWS']} would drop query heads: a kv head has {heads // kv_heads}")
     _decode_attention_kernel[(B, kv_heads)](
         qkv,
         qkv.stride(0),

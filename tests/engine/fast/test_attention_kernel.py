@@ -250,7 +250,8 @@ def interpreted_checks() -> None:
             free = [3, kv_len + 20, kv_len]  # free rows keep a position that may be past every key read
             _against_reference(free, kv_len, torch.arange(kv_len)[None, :] <= torch.tensor(free)[:, None])
         # The talker's smaller key blocks that bench.micro_kernels times, and its scalar products over long rows.
-        for tuning in ({"BLOCK": 16}, {"BLOCK": 32}, {"DOT": False, "ROWS": 2, "BLOCK": 32}):
+        scalar = {"DOT": False, "ROWS": 2, "BLOCK": 32}  # ROWS: the group, 2 query heads a kv head here
+        for tuning in ({"BLOCK": 16}, {"BLOCK": 32}, scalar):
             _against_reference([127, 10, 40], 128, torch.ones(3, 128, dtype=torch.bool), tuning)
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
@@ -259,3 +260,14 @@ def interpreted_checks() -> None:
             for got, e in zip(_attention(True, torch.bfloat16, *case), exact, strict=True):
                 assert (got - e).abs().max() <= 2**-7 * e.abs().max(), (case, (got - e).abs().max(), e.abs().max())
     print("6 checks passed")
+
+
+def test_a_tuning_with_fewer_query_rows_than_a_group_is_refused() -> None:
+    """bench.micro_kernels' tunings may set ROWS: fewer than a kv head's query heads would drop some silently."""
+    heads, B, L = 2 * KV_HEADS, 1, 32
+    qkv = torch.zeros(B, (heads + 2 * KV_HEADS) * HEAD_DIM)
+    qk_norm, cos, sin = torch.ones(heads + KV_HEADS, HEAD_DIM), torch.ones(B, HEAD_DIM), torch.zeros(B, HEAD_DIM)
+    cache, mask = torch.zeros(2, B, KV_HEADS, L, HEAD_DIM), torch.ones(B, L, dtype=torch.bool)
+    args = (qkv, qk_norm, cos, sin, torch.zeros(B, dtype=torch.long), torch.arange(B), cache, mask, 1e-6, 0.25)
+    with pytest.raises(ValueError, match="would drop query heads"):
+        attention_kernel.decode_attention(*args, heads, KV_HEADS, {"DOT": False, "ROWS": 1})
