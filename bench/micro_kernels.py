@@ -300,8 +300,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {}
-    parts = {"attention": bench_attention, "linear": bench_linear, "top_k": bench_top_k, "fused": bench_fused}
-    parts["gemv"] = bench_gemv
+    parts = {
+        "attention": bench_attention,
+        "linear": bench_linear,
+        "top_k": bench_top_k,
+        "fused": bench_fused,
+        "gemv": bench_gemv,
+    }
     for name in args.parts.split(","):
         fn = parts[name]
         results[name] = fn(args.calls)

@@ -20,18 +20,8 @@ from torch import Tensor
 from ...errors import InvalidRequest
 from ..types import AudioChunk, Mode, SamplingParams, SynthesisItem, SynthesisResult
 from .engine import FastEngine
-from .options import (
-    COMPILE_CODEC,
-    STREAM_CHUNK_FRAMES,
-    STREAM_DECODER,
-    STREAM_FIRST_FRAMES,
-    CodecCompile,
-    FusedAttention,
-    StreamDecoder,
-)
 from .prompt import prompt_for_item
 from .sequence import AudioStream, Sequence, SequenceSampling
-from .trace import StepTrace
 
 _UPSTREAM = SequenceSampling()  # upstream's hard defaults
 # The options a request, the checkpoint or upstream sets: every field but the seed (drawn when unset) and
@@ -61,34 +51,18 @@ class FastRuntime:
         max_slots: int,
         max_len: int,
         max_prefill_tokens: int,
-        admit_wait_s: float = 0.0,
-        codec_wait_s: float = 0.0,
         compile: bool = False,
-        compile_codec: CodecCompile = COMPILE_CODEC,
-        fused_attention: FusedAttention = "off",
-        stream_first_frames: int = STREAM_FIRST_FRAMES,
-        stream_chunk_frames: int = STREAM_CHUNK_FRAMES,
-        stream_decoder: StreamDecoder = STREAM_DECODER,
-        trace: StepTrace | None = None,
+        **engine_options: Any,
     ) -> None:
+        """One model's engine, warmed up and running. The sizes are required (the server computes them); the
+        other `FastEngine` options (waits, codec compile, fused attention, stream chunks and decoder, trace) go to
+        it as they are, with its defaults (options.py). `compile` only on CUDA: on the CPU inductor's C++ compile
+        costs more than it saves."""
         self.tts = tts
         self.sample_rate = int(tts.model.speech_tokenizer.get_output_sample_rate())
         on_cuda = tts.model.talker.codec_head.weight.device.type == "cuda"
-        self.engine = FastEngine(
-            tts,
-            max_slots=max_slots,
-            max_len=max_len,
-            max_prefill_tokens=max_prefill_tokens,
-            admit_wait_s=admit_wait_s,
-            codec_wait_s=codec_wait_s,
-            stream_chunk_frames=stream_chunk_frames,
-            stream_first_frames=stream_first_frames,
-            stream_decoder=stream_decoder,
-            trace=trace,
-            compile=compile and on_cuda,  # CPU: inductor's C++ compile costs more than it saves
-            compile_codec=compile_codec,  # with compile, on CUDA
-            fused_attention=fused_attention,  # on CUDA
-        )
+        sizes = {"max_slots": max_slots, "max_len": max_len, "max_prefill_tokens": max_prefill_tokens}
+        self.engine = FastEngine(tts, **sizes, compile=compile and on_cuda, **engine_options)
         # Compile and capture everything a request could reach before serving (see FastEngine.warm_up).
         self.engine.warm_up()
         self.engine.start()
