@@ -28,6 +28,15 @@ ATOL = 1e-4
 BOTH_LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["time-innermost", "channels-last"])
 
 
+def _assert_close_at_scale(have: torch.Tensor, want: torch.Tensor) -> None:
+    """A compiled decoder step against the eager one: fused kernels sum in another order, so float32 rounding of
+    the state's largest values (up to ~30) carries into elements that convolutions and their cancellations made
+    small. Those differ by ~1e-5 of the largest value (AMD EPYC, 2026-12-07: 2.5e-4 at an element of 1.25 where
+    the state's largest was 28), where a wrong activation or a misplaced sample differs by a whole part of it."""
+    scale = want.abs().max().item()
+    torch.testing.assert_close(have, want, rtol=1e-4, atol=max(ATOL, 2e-5 * scale))
+
+
 @pytest.fixture(scope="module")
 def decoder(load_tts: Callable[[str], Any]) -> nn.Module:
     return load_tts(CUSTOM).model.speech_tokenizer.model.decoder
@@ -343,9 +352,8 @@ def test_the_compiled_step_computes_what_the_step_does_with_one_compile_for_ever
             out = torch.full_like(flat, float("nan"))  # a graph's shared state buffer: every element written
             got = streaming.forward(flat.clone(), position.clone(), codes.clone(), out)
             assert got[1].data_ptr() == out.data_ptr()
-            # Fused kernels sum in another order: float32 rounding, relative to the state's values (up to ~10).
             for want, have in zip(expected, got, strict=True):
-                torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
+                _assert_close_at_scale(have, want)
     assert counters["frames"]["total"] - before == 1
 
 
@@ -401,8 +409,8 @@ def test_the_fused_snake_computes_what_snake_does_and_only_where_graphs_are_capt
             # Every SnakeBeta of the step ran fused; each residual unit's first and the decoder's last behind
             # their convolution's carried samples.
             assert calls == {"snake": len(streaming._snake_terms) - len(units) - 1, "snake_after": len(units) + 1}
-            for want, have in zip(expected, got, strict=True):  # the state's values are up to ~10
-                torch.testing.assert_close(have, want, rtol=1e-4, atol=ATOL)
+            for want, have in zip(expected, got, strict=True):
+                _assert_close_at_scale(have, want)
             if rows == 2:
                 compiles = counters["frames"]["total"]
         assert compiles > before
