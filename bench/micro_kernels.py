@@ -7,10 +7,11 @@ a codebook). This times alternatives for each, every variant replayed in a CUDA 
 calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math. `fused`
 times the fused decode attention (engine/fast/attention_kernel.py) alone at the shapes a c64 server step runs,
 with the K and V bytes it reads as a rate, to tell the talker's calls from the code predictor's (a trace names
-them alike). `gemv` times a Triton projection for one stream's rows (bench/gemv_kernel.py) against cuBLAS.
+them alike). (A Triton projection for one stream's rows was timed here against cuBLAS and lost at every shape,
+1.3-3x slower: docs/benchmarks.md, seventeenth pass; removed after 8be1fed.)
 
     python -m bench.micro_kernels --out "$OUT"       # on the GPU; prints JSON lines
-    python -m bench.micro_kernels --parts fused,gemv
+    python -m bench.micro_kernels --parts fused
 """
 
 from __future__ import annotations
@@ -190,17 +191,18 @@ def fused_case(batch: int, cache_len: int, read: int, layers: int, slots: int, s
     return args, 2 * batch * KV_HEADS * read * HEAD_DIM * 2
 
 
-# Launch constants tried beside the engine's (`launch_constants`), per shape: a smaller key block and fewer warps
-# take fewer registers a program (ptxas for sm_90: 198 at 64 keys and 8 warps, 1 program an SM; 118 at 16 and 4,
-# 4 an SM), so more of a step's 512 programs run at once; the code predictor's one block, in fewer warps. The last
-# two talker rows take the group's 2 queries as scalar products (no padding to tl.dot's 16 rows; 212 registers at
-# 32 keys and 4 warps, 148 at 16 and 2).
+# Launch constants tried beside the engine's (`launch_constants`: 64 keys and 8 warps for a launch of at most a
+# program an SM, 16 and 2 beyond, chosen from this run, H100, 2026-12-07), per shape: a smaller key block and fewer
+# warps take fewer registers a program (ptxas for sm_90: 198 at 64 keys and 8 warps, 1 program an SM; 118 at 16 and
+# 4, 4 an SM), so more of a step's 512 programs run at once. Both of the engine's talker sets are listed, so each
+# batch times the one it does not use. The last two talker rows take the group's 2 queries as scalar products (no
+# padding to tl.dot's 16 rows; 212 registers at 32 keys and 4 warps, 148 at 16 and 2).
 SCALAR = {"DOT": False, "ROWS": HEADS // KV_HEADS}
 FUSED_TUNINGS = {
-    "talker": [{"BLOCK": 32, "num_warps": 4}, {"BLOCK": 16, "num_warps": 4}, {"BLOCK": 16, "num_warps": 8},
-               {"BLOCK": 32, "num_warps": 8}, {"BLOCK": 16, "num_warps": 2},
+    "talker": [{"BLOCK": 64, "num_warps": 8}, {"BLOCK": 16, "num_warps": 2}, {"BLOCK": 32, "num_warps": 4},
+               {"BLOCK": 16, "num_warps": 4}, {"BLOCK": 32, "num_warps": 8},
                {**SCALAR, "BLOCK": 32, "num_warps": 4}, {**SCALAR, "BLOCK": 16, "num_warps": 2}],
-    "predictor": [{"num_warps": 2}, {"num_warps": 1}],
+    "predictor": [{"num_warps": 4}, {"num_warps": 1}],
 }  # fmt: skip
 
 
@@ -232,69 +234,10 @@ def bench_fused(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-# Triton projections for one stream's rows (bench.gemv_kernel), beside cuBLAS: (outputs a program, inputs a slice,
-# warps). More outputs a program: fewer programs (N / BLOCK_N; the predictor's 1,024 outputs in 64 at 16); a longer
-# slice: fewer loop turns, more registers.
-GEMV_TUNINGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 256, 2), (8, 512, 8)]
-FUSED_GEMV_TUNINGS = [(16, 256, 4), (8, 512, 8)]
-
-
-def fused_projection(proj: str, x: Tensor, w: Tensor) -> tuple[Callable[[], Tensor], dict[str, Any], Tensor]:
-    """What rides along with `proj` in a decoder layer (bench.gemv_kernel's docstring), as the engine computes it
-    (compiled torch around cuBLAS), the same as `gemv` options, and that function's input."""
-    rows, k_in = x.shape
-    if proj in ("qkv", "gate_up"):  # RMSNorm before
-        norm = torch.rand(k_in, device=x.device, dtype=x.dtype) + 0.5
-        fn = torch.compile(lambda: F.linear(F.rms_norm(x, (k_in,), norm, 1e-6), w), dynamic=False)
-        return fn, {"norm": norm}, x
-    residual = torch.randn(rows, w.shape[0], device=x.device, dtype=x.dtype)
-    if proj == "o":  # the residual after
-        return torch.compile(lambda: F.linear(x, w) + residual, dynamic=False), {"residual": residual}, x
-    gate_up = torch.randn(rows, 2 * k_in, device=x.device, dtype=x.dtype)  # down: the SiLU gate before, residual after
-    gate, up = gate_up.chunk(2, dim=-1)
-    fn = torch.compile(lambda: F.linear(F.silu(gate) * up, w) + residual, dynamic=False)
-    return fn, {"gated": True, "residual": residual}, gate_up
-
-
-def bench_gemv(calls: int) -> list[dict[str, Any]]:
-    """The 1.7B model's projections at one and two rows (a one-stream frame runs as two, `MIN_FRAME_ROWS`):
-    cuBLAS (`F.linear`) beside each of GEMV_TUNINGS; then, at two rows, each projection with what rides along
-    with it in a layer (`fused_projection`): compiled torch around cuBLAS against one `gemv`. Microseconds a
-    call, the weights' bytes a call as a rate, and each variant's largest difference from the torch output
-    (fp32 sums in another order, the normed input never rounded to bf16: small)."""
-    from .gemv_kernel import gemv
-
-    rows = []
-    for model, proj, k_in, n_out in projection_shapes():
-        w = torch.randn(n_out, k_in, device="cuda", dtype=torch.bfloat16) * 0.02
-        for batch, fused in ((1, False), (2, False), (2, True)):
-            x = torch.randn(batch, k_in, device="cuda", dtype=torch.bfloat16)
-            if fused:
-                reference_fn, options, x = fused_projection(proj, x, w)
-                variants = {"torch": reference_fn}
-                tunings = FUSED_GEMV_TUNINGS
-            else:
-                options, tunings = {}, GEMV_TUNINGS
-                variants = {"cublas": lambda x=x, w=w: F.linear(x, w)}
-            for bn, bk, warps in tunings:
-                if n_out % bn == 0 and k_in % bk == 0:
-                    variants[f"triton_{bn}x{bk}_w{warps}"] = lambda x=x, w=w, c=(bn, bk, warps), o=options: gemv(
-                        x, w, block_n=c[0], block_k=c[1], num_warps=c[2], **o
-                    )
-            reference = next(iter(variants.values()))()
-            for name, fn in variants.items():
-                us = graph_us(fn, calls)
-                row = {"model": model, "proj": proj, "batch": batch, "with": sorted(options), "variant": name}
-                row |= {"us": us, "weight_gb_per_s": round(w.numel() * w.element_size() / us / 1e3, 1)}
-                row["max_abs_vs_torch"] = (fn() - reference).abs().max().item()
-                rows.append(row)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=50)
-    parts_help = "which of attention, linear, top_k, fused, gemv"
+    parts_help = "which of attention, linear, top_k, fused"
     parser.add_argument("--parts", default="attention,linear,top_k", help=parts_help)
     parser.add_argument("--out", type=Path, default=None, help="folder for micro-kernels.json")
     args = parser.parse_args()
@@ -305,7 +248,6 @@ def main() -> None:
         "linear": bench_linear,
         "top_k": bench_top_k,
         "fused": bench_fused,
-        "gemv": bench_gemv,
     }
     for name in args.parts.split(","):
         fn = parts[name]

@@ -8,8 +8,8 @@ weighted sum (bench.profile_step --kernels-only, H100, 2026-12-06). Here it is o
 head) reads the fused q/k/v projection's output, normalizes and rotates its key and its group of query
 heads, writes the key and value into the cache, and attends over the row's visible cache positions with an
 online softmax, all in fp32, the new key taken from registers rather than read back. The code predictor's 16
-keys are one block of scalar products; the talker's longer rows go in blocks of 64 through the tensor cores
-(`tl.dot`, the group's queries padded to a tile's 16 rows), so a row takes a few serial steps, not one per 32
+keys are one block of scalar products; the talker's longer rows go in blocks of 16 or 64 (`launch_constants`)
+through the tensor cores (`tl.dot`, the group's queries padded to a tile's 16 rows), not one step per 32
 keys (uncompiled at one row on an H100 the scalar version took ~28 us a talker layer, 6 us a predictor one).
 
 Numerics: the same operations as `model_runner.split_heads` + `decode_attention`, but in fp32 between the
@@ -22,6 +22,7 @@ the engine keeps the torch path (exact against upstream), and so do shapes the k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -167,24 +168,40 @@ if triton is not None:
         tl.store(out + b * out_row + q_at, o.to(out.dtype.element_ty), mask=real)
 
 
-def launch_constants(kv_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
+def launch_constants(
+    kv_len: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, crowded: bool = False
+) -> dict[str, Any]:
     """The kernel's compile-time arguments, and its warps, for a cache read up to `kv_len` positions: the code
-    predictor's 16 keys are one block of scalar products; the talker's longer rows go in blocks of 64 on the
-    tensor cores in tiles of 16 rows (the group's queries padded with zero rows, computed and never
-    stored), with 8 warps (ptxas for sm_90, 1.7B shapes: 194 registers a thread, none spilled; with 4, 255 and
-    spills). fp32 caches (the CPU tests') take fp32 products there, not tf32."""
+    predictor's 16 keys are one block of scalar products in 2 warps; the talker's longer rows go on the tensor
+    cores in tiles of 16 rows (the group's queries padded with zero rows, computed and never stored).
+
+    `crowded`: the launch has more programs (rows x kv heads) than the GPU has SMs. Then the talker's key blocks
+    are 16 with 2 warps: a program's registers are few, so every program of a step is resident at once and their
+    loads overlap. Otherwise they are 64 with 8 warps (194 registers a thread, one program an SM): fewer, longer
+    programs finish a small launch sooner. bench.micro_kernels, H100, 2026-12-07, a talker layer reading 150 keys:
+    64 rows 20.6 us against 40.3, 44 rows 18.6 against 27.3, one row 13.7 against 9.2; the code predictor's layer
+    in 2 warps against 4, 5.8 us against 7.2 at 64 rows and 4.3 against 4.5 at one. fp32 caches (the CPU tests')
+    take fp32 products there, not tf32."""
     dot = kv_len > 16
     group = heads // kv_heads
     return {
         "HEADS": heads,
         "KV_HEADS": kv_heads,
         "D": head_dim,
-        "BLOCK": 64 if dot else 16,
+        "BLOCK": 64 if dot and not crowded else 16,
         "DOT": dot,
         "ROWS": max(group, 16) if dot else group,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "num_warps": 8 if dot else 4,
+        "num_warps": 8 if dot and not crowded else 2,
     }
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """The SMs of a CUDA device; Triton's interpreter runs on the CPU, which counts as one."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _stride0(t: Tensor) -> int:
@@ -215,7 +232,8 @@ def decode_attention(
     if any(t.stride(-1) != 1 for t in vectors) or not qk_norm.is_contiguous():
         raise ValueError("the fused attention reads each vector as contiguous memory")
     out = qkv.new_empty(B, heads * D)
-    constants = {**launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype), **(tuning or {})}
+    crowded = B * kv_heads > _sm_count(cache.device)
+    constants = {**launch_constants(mask.shape[-1], heads, kv_heads, D, cache.dtype, crowded), **(tuning or {})}
     if constants["ROWS"] < heads // kv_heads:
         raise ValueError(f"ROWS {constants['ROWS']} would drop query heads: a kv head has {heads // kv_heads}")
     _decode_attention_kernel[(B, kv_heads)](

@@ -35,18 +35,21 @@ def test_the_kernel_takes_power_of_two_groups_head_sizes_16_to_128_and_small_til
     assert not attention_kernel.supported(cuda, 16, 6, 128)  # heads not a multiple of kv heads
 
 
-@pytest.mark.parametrize("kv_len", [16, 512], ids=["predictor", "talker"])
-def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv_len: int) -> None:
+@pytest.mark.parametrize(
+    ("kv_len", "crowded"), [(16, False), (512, False), (512, True)], ids=["predictor", "talker", "talker-crowded"]
+)
+def test_the_kernel_compiles_for_hopper_with_the_scalars_torch_compile_passes(kv_len: int, crowded: bool) -> None:
     """Compiled for an H100 here, without one (Triton's own ptxas), at the 1.7B model's shapes: with its float
     arguments as fp64, which is how inductor passes them to a traced user kernel (the first GPU run failed so:
     the softmax's running sum turned fp64 inside its loop), and as fp32, how Triton's own launcher does (the op
     is opaque now); and with the K-to-V offset as i64, what Triton makes of the talker's at the server's default
-    sizes (28 layers x 65 rows x 8 heads x 4,096 positions x 128 is past 2**31)."""
+    sizes (28 layers x 65 rows x 8 heads x 4,096 positions x 128 is past 2**31). The talker's launch constants
+    for a launch of more programs than SMs (`crowded`) as well."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = attention_kernel._decode_attention_kernel
-    constants = attention_kernel.launch_constants(kv_len, 16, 8, 128, torch.bfloat16)
+    constants = attention_kernel.launch_constants(kv_len, 16, 8, 128, torch.bfloat16, crowded)
     options = {"num_warps": constants.pop("num_warps")}
     pointers = {"positions": "*i64", "rows": "*i64", "mask": "*i1"}
     for floats, offset in (("fp64", "i32"), ("fp32", "i32"), ("fp32", "i64")):
@@ -249,9 +252,11 @@ def interpreted_checks() -> None:
             _against_reference([kv_len - 1, 10, 5], kv_len, holes)
             free = [3, kv_len + 20, kv_len]  # free rows keep a position that may be past every key read
             _against_reference(free, kv_len, torch.arange(kv_len)[None, :] <= torch.tensor(free)[:, None])
-        # The talker's smaller key blocks that bench.micro_kernels times, and its scalar products over long rows.
+        # The talker's other key blocks: 64 (the launch constants of a launch with fewer programs than SMs; the
+        # interpreter's CPU counts as one SM, so the checks above ran the other's 16), 32 that bench.micro_kernels
+        # times, and its scalar products over long rows.
         scalar = {"DOT": False, "ROWS": 2, "BLOCK": 32}  # ROWS: the group, 2 query heads a kv head here
-        for tuning in ({"BLOCK": 16}, {"BLOCK": 32}, scalar):
+        for tuning in ({"BLOCK": 64}, {"BLOCK": 32}, scalar):
             _against_reference([127, 10, 40], 128, torch.ones(3, 128, dtype=torch.bool), tuning)
         # bf16: the attention and the keys written within two bf16 steps of the fp32 result at its largest value
         # (the torch path's own bf16 is within ~1.1; the talker's blocks on `tl.dot`, bf16 probabilities, included)
