@@ -204,12 +204,15 @@ FUSED_TUNINGS = {
                {**SCALAR, "BLOCK": 32, "num_warps": 4}, {**SCALAR, "BLOCK": 16, "num_warps": 2}],
     "predictor": [{"num_warps": 4}, {"num_warps": 1}],
 }  # fmt: skip
+# Rows timed: one stream, a c64 run's mean batch (44) and its most; for the talker also 2 (one stream's frame,
+# `MIN_FRAME_ROWS`) and 16 and 24, either side of where its launch outgrows an H100's 132 SMs (8 kv heads a row).
+FUSED_BATCHES = {"talker": (1, 2, 16, 24, 44, 64), "predictor": (1, 44, 64)}
 
 
 def bench_fused(calls: int) -> list[dict[str, Any]]:
     """The fused decode attention alone: the code predictor's layer (16 positions, rows sharing one) and the
     talker's (each row its own position, all at the same one, in a layer's view of a 512- or 4,096-position
-    cache of 28 layers and 65 slots) at 1, 44 (a c64 run's mean batch) and 64 rows; with the engine's launch
+    cache of 28 layers and 65 slots) at FUSED_BATCHES' rows; with the engine's launch
     constants (`tuning` "default") and each of FUSED_TUNINGS, with its largest difference from the default's
     output (another key block sums in another order: rounding, not a bug, if small)."""
     from qwen_tts_server.engine.fast.attention_kernel import decode_attention, fused_decode_attention
@@ -220,7 +223,7 @@ def bench_fused(calls: int) -> list[dict[str, Any]]:
     cases = [("predictor", 16, 15, 1, 65)]
     cases += [("talker", 512, 150, 28, 65), ("talker", 4096, 150, 28, 65), ("talker", 4096, 1000, 28, 65)]
     for name, cache_len, read, layers, slots in cases:
-        for batch in (1, 44, 64):
+        for batch in FUSED_BATCHES[name]:
             args, nbytes = fused_case(batch, cache_len, read, layers, slots, shared=name == "predictor")
             default = fused_decode_attention(*args)
             for tuning in [{}, *FUSED_TUNINGS[name]]:
