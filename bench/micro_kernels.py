@@ -7,8 +7,8 @@ a codebook). This times alternatives for each, every variant replayed in a CUDA 
 calls (as the engine runs them), and checks that each attention variant agrees with SDPA's math. `fused`
 times the fused decode attention (engine/fast/attention_kernel.py) alone at the shapes a c64 server step runs,
 with the K and V bytes it reads as a rate, to tell the talker's calls from the code predictor's (a trace names
-them alike). (A Triton projection for one stream's rows was timed here against cuBLAS and lost at every shape,
-1.3-3x slower: docs/benchmarks.md, seventeenth pass; removed after 8be1fed.)
+them alike). (A Triton projection for one stream's rows was timed here against cuBLAS and lost at two rows at
+every shape, 1.2-2.3x its time: docs/benchmarks.md, seventeenth pass; removed after 8be1fed.)
 
     python -m bench.micro_kernels --out "$OUT"       # on the GPU; prints JSON lines
     python -m bench.micro_kernels --parts fused

@@ -8,9 +8,9 @@ weighted sum (bench.profile_step --kernels-only, H100, 2026-12-06). Here it is o
 head) reads the fused q/k/v projection's output, normalizes and rotates its key and its group of query
 heads, writes the key and value into the cache, and attends over the row's visible cache positions with an
 online softmax, all in fp32, the new key taken from registers rather than read back. The code predictor's 16
-keys are one block of scalar products; the talker's longer rows go in blocks of 16 or 64 (`launch_constants`)
-through the tensor cores (`tl.dot`, the group's queries padded to a tile's 16 rows), not one step per 32
-keys (uncompiled at one row on an H100 the scalar version took ~28 us a talker layer, 6 us a predictor one).
+keys are one block of scalar products; the talker's longer rows go in blocks of keys through the tensor cores
+(`tl.dot`, the group's queries padded to a tile's 16 rows; `launch_constants`) rather than scalar products
+(uncompiled at one row on an H100 the scalar version took ~28 us a talker layer, 6 us a predictor one).
 
 Numerics: the same operations as `model_runner.split_heads` + `decode_attention`, but in fp32 between the
 bf16 input and the bf16 output (the scores are not rounded to bf16; the talker's probabilities are, as the
@@ -176,12 +176,12 @@ def launch_constants(
     cores in tiles of 16 rows (the group's queries padded with zero rows, computed and never stored).
 
     `crowded`: the launch has more programs (rows x kv heads) than the GPU has SMs. Then the talker's key blocks
-    are 16 with 2 warps: a program's registers are few, so every program of a step is resident at once and their
-    loads overlap. Otherwise they are 64 with 8 warps (194 registers a thread, one program an SM): fewer, longer
-    programs finish a small launch sooner. bench.micro_kernels, H100, 2026-12-07, a talker layer reading 150 keys:
-    64 rows 20.6 us against 40.3, 44 rows 18.6 against 27.3, one row 13.7 against 9.2; the code predictor's layer
-    in 2 warps against 4, 5.8 us against 7.2 at 64 rows and 4.3 against 4.5 at one. fp32 caches (the CPU tests')
-    take fp32 products there, not tf32."""
+    are 16 with 2 warps (144 registers a thread, seven programs an SM): a c64 step's 512 programs are resident at
+    once and their loads overlap. Otherwise they are 64 with 8 warps (198 registers, one program an SM): fewer,
+    longer programs finish a small launch sooner. bench.micro_kernels, H100, 2026-12-07, a talker layer reading 150
+    keys: 64 rows 20.6 us against 40.3, 44 rows 18.6 against 27.3 (32 keys in 4 warps: 15.9; rows 2-43 not timed
+    yet), one row 13.7 against 9.2; the code predictor's layer in 2 warps against 4, 5.8 us against 7.2 at 64 rows
+    and 4.3 against 4.5 at one. fp32 caches (the CPU tests') take fp32 products there, not tf32."""
     dot = kv_len > 16
     group = heads // kv_heads
     return {

@@ -353,7 +353,7 @@ class ModelRunner:
 
         # Decode layers whose attention is one Triton kernel (`fused`, where it takes the shapes; see
         # attention_kernel): the code predictor's read 16 keys, one block; the talker's each row's own length, in
-        # blocks of 64 on the tensor cores.
+        # blocks of 16 or 64 keys on the tensor cores (`attention_kernel.launch_constants`).
         fits = fused != "off" and self._fits_kernel(self.cp_layers[0])
         self.cp_fused_attention = fits
         self.fused_attention = fits and fused == "all" and self._fits_kernel(self.layers[0])

@@ -174,7 +174,7 @@ def _layer(fused: bool, dtype: torch.dtype, *case, slots: torch.Tensor | None = 
 
 
 # (positions, cache length, keys read, shared): the code predictor's one block of 16; the talker's rows, several
-# blocks of 32 with the last key read visible and a cache longer than what is read; one row.
+# blocks of 16 with the last key read visible and a cache longer than what is read; one row.
 CASES = [([7], 16, 16, True), ([5, 71, 40], 96, 72, False), ([0, 33, 63], 64, 64, False), ([50], 64, 64, False)]
 
 
@@ -267,12 +267,38 @@ def interpreted_checks() -> None:
     print("6 checks passed")
 
 
-def test_a_tuning_with_fewer_query_rows_than_a_group_is_refused() -> None:
-    """bench.micro_kernels' tunings may set ROWS: fewer than a kv head's query heads would drop some silently."""
-    heads, B, L = 2 * KV_HEADS, 1, 32
+def _zero_args(B: int) -> tuple:
+    """`decode_attention`'s arguments for B rows of zeros, 2 query heads a kv head, a 32-position cache."""
+    heads, L = 2 * KV_HEADS, 32
     qkv = torch.zeros(B, (heads + 2 * KV_HEADS) * HEAD_DIM)
     qk_norm, cos, sin = torch.ones(heads + KV_HEADS, HEAD_DIM), torch.ones(B, HEAD_DIM), torch.zeros(B, HEAD_DIM)
     cache, mask = torch.zeros(2, B, KV_HEADS, L, HEAD_DIM), torch.ones(B, L, dtype=torch.bool)
-    args = (qkv, qk_norm, cos, sin, torch.zeros(B, dtype=torch.long), torch.arange(B), cache, mask, 1e-6, 0.25)
+    at, rows = torch.zeros(B, dtype=torch.long), torch.arange(B)
+    return (qkv, qk_norm, cos, sin, at, rows, cache, mask, 1e-6, 0.25, heads, KV_HEADS)
+
+
+def test_a_tuning_with_fewer_query_rows_than_a_group_is_refused() -> None:
+    """bench.micro_kernels' tunings may set ROWS: fewer than a kv head's query heads would drop some silently."""
     with pytest.raises(ValueError, match="would drop query heads"):
-        attention_kernel.decode_attention(*args, heads, KV_HEADS, {"DOT": False, "ROWS": 1})
+        attention_kernel.decode_attention(*_zero_args(1), {"DOT": False, "ROWS": 1})
+
+
+def test_a_launch_of_more_programs_than_sms_takes_the_crowded_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program per (row, kv head): 2 rows x 2 kv heads fit a 4-SM device, 3 rows do not. The launch itself is
+    not reached (the spy stops it): the interpreter check runs both sets of constants."""
+
+    class Launched(Exception):
+        pass
+
+    crowded: list[bool] = []
+
+    def spy(*args: object) -> dict:
+        crowded.append(bool(args[-1]))
+        raise Launched
+
+    monkeypatch.setattr(attention_kernel, "_sm_count", lambda device: 4)
+    monkeypatch.setattr(attention_kernel, "launch_constants", spy)
+    for B in (2, 3):
+        with pytest.raises(Launched):
+            attention_kernel.decode_attention(*_zero_args(B))
+    assert crowded == [False, True]
