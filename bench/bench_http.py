@@ -436,7 +436,7 @@ def ms(value: float | None) -> float | None:
 async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
     """The server's fast-engine counters from /metrics (summed over models and devices): steps, seconds per
     part of the loop, the batch-size histogram's sum and count, and finished requests with their seconds per
-    phase. Empty if /metrics cannot be read."""
+    phase, and the streaming codec's batches, streams and rows. Empty if /metrics cannot be read."""
     if client is None:
         return {}
     try:
@@ -456,6 +456,8 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
                 key = REQUEST_KEY + sample.labels["phase"]
             elif sample.name == "qtts_engine_request_phase_seconds_count" and sample.labels["phase"] == "queue":
                 key = REQUESTS  # every phase counts the same requests
+            elif sample.name in CODEC_METRICS:
+                key = CODEC_METRICS[sample.name]
             elif sample.name == "qtts_gc_pause_seconds_total":
                 key = "gc"
             elif sample.name == "qtts_gc_long_pauses_total":
@@ -473,6 +475,7 @@ async def engine_counters(client: httpx.AsyncClient | None) -> dict[str, float]:
 def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
     """Where the server's step time went during a run: steps, mean batch, and milliseconds per step in each
     part of the engine loop (host time of the step thread, the frame's GPU time, the codec thread's host time);
+    the streaming codec's batches and their mean streams and rows (a captured graph's padding included);
     then the requests the engine finished in the run and their mean milliseconds per phase (an engine request
     is one utterance: a WebSocket session or a text split into segments counts one per segment); and how late
     the server's event loop woke its probe (api/loop_lag.py): the mean, and how many times over 50 ms."""
@@ -483,6 +486,7 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
     batches = delta.get("batch_size_count", 0.0)
     per_request = {k: delta.pop(k) for k in list(delta) if k.startswith(REQUEST_KEY)}
     requests = delta.pop(REQUESTS, 0.0)
+    codec_batches, codec_streams, codec_rows = (delta.pop(k, 0.0) for k in CODEC_METRICS.values())
     probes, lag_s, on_time = (delta.pop(k, 0.0) for k in LOOP_KEYS)
     parts = {k: round(1000 * v / steps, 3) for k, v in delta.items() if k not in ("steps", LONG_GC, *BATCH_KEYS)}
     return {
@@ -490,6 +494,9 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "mean_batch": round(delta.get("batch_size_sum", 0.0) / batches, 1) if batches else None,
         "ms_per_step": parts,
         "long_gc_pauses": int(delta[LONG_GC]) if LONG_GC in delta else None,
+        "codec_batches": int(codec_batches),
+        "codec_streams_per_batch": round(codec_streams / codec_batches, 1) if codec_batches else None,
+        "codec_rows_per_batch": round(codec_rows / codec_batches, 1) if codec_batches else None,
         "loop_probes": int(probes),
         "loop_lag_ms_mean": round(1000 * lag_s / probes, 3) if probes > 0 else None,
         "loop_lags_over_50ms": int(probes - on_time) if probes > 0 else None,
@@ -501,6 +508,8 @@ def step_profile(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 
 BATCH_KEYS = ("batch_size_sum", "batch_size_count")
+# The streaming codec's batches, the streams' chunks in them, the rows they computed (padding included).
+CODEC_METRICS = {f"qtts_engine_codec_{k}_total": f"codec_{k}" for k in ("batches", "streams", "rows")}
 REQUEST_KEY, REQUESTS = "request_", "requests"  # finished requests' seconds per phase, and how many
 LONG_GC = "gc_long_pauses"  # the server's garbage-collector pauses of 50 ms or more (a count, not seconds)
 # The server's event-loop probe (api/loop_lag.py): wake-ups, seconds late in all, and those at most 50 ms late.
@@ -928,6 +937,7 @@ def profile_table(data: dict[str, Any]) -> str:
         "mean batch",
         "step ms",
         *PROFILE_PARTS,
+        "codec batch streams / rows",
         "gc pauses >= 50 ms",
         "loop lag ms",
         "loop lags > 50 ms",
@@ -938,6 +948,7 @@ def profile_table(data: dict[str, Any]) -> str:
         step = sum(ms.get(part, 0.0) for part in STEP_PARTS)
         cells.append(
             [key, p["steps"], fmt(p["mean_batch"]), fmt(round(step, 2)), *(fmt(ms.get(x)) for x in PROFILE_PARTS)]
+            + [f"{fmt(p.get('codec_streams_per_batch'))} / {fmt(p.get('codec_rows_per_batch'))}"]
             + [fmt(p.get(k)) for k in ("long_gc_pauses", "loop_lag_ms_mean", "loop_lags_over_50ms")]
         )
     return markdown_table(head, cells)
@@ -1089,7 +1100,9 @@ def markdown(data: dict[str, Any]) -> str:
             "gpu_wait (the one host read, waiting for the frame; since 2026-12-06 the frame the previous step "
             "queued, so the host's other parts overlap the GPU's work) and deliver (callbacks, chunks, hand-off "
             "to the codec thread), which sum to "
-            "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time, gc the "
+            "the step; gpu_frame is the frame's own time on the GPU, codec the codec thread's host time, codec "
+            "batch the streams a streaming-codec batch decoded on average and the rows it computed (a captured "
+            "graph's padding rows included), gc the "
             "server's garbage-collector pauses (every thread stopped), then how many of those were 50 ms or more. "
             "A loop's (steady) row counts its steady window alone (from its first end to its last start, as its "
             "audio-s/s does); its other row, the whole run with its ramps up and down.",

@@ -12,9 +12,15 @@ from prometheus_client.registry import Collector
 from .collector import PAUSES
 from .storage.database import OUTAGE_RETRIES
 
-# One fast engine's counters: (model, device, steps, seconds per part of its loop, and its finished requests:
-# how many, and their seconds summed per phase, see engine.fast.timing.RequestPhases).
-EngineReport = tuple[str, str, int, dict[str, float], tuple[int, dict[str, float]]]
+# One fast engine's counters: (model, device, steps, seconds per part of its loop, its finished requests: how
+# many, and their seconds summed per phase, see engine.fast.timing.RequestPhases, and its streaming codec's
+# batches, streams and rows, see FastEngine.codec_batches).
+EngineReport = tuple[str, str, int, dict[str, float], tuple[int, dict[str, float]], dict[str, int]]
+CODEC_COUNTS = {
+    "batches": "Fast engine: streaming-codec batches run (a captured graph's replay or an eager batch)",
+    "streams": "Fast engine: streams' chunks decoded in those batches (per batch: this over batches)",
+    "rows": "Fast engine: rows those batches computed, a captured graph's padding rows included",
+}
 
 
 class EngineCollector(Collector):
@@ -41,19 +47,26 @@ class EngineCollector(Collector):
             "(admission to first frame), frames (first to last frame), tail (last frame to its last audio out)",
             labels=["model", "device", "phase"],
         )
+        codec = {
+            key: CounterMetricFamily(f"qtts_engine_codec_{key}", text, labels=["model", "device"])
+            for key, text in CODEC_COUNTS.items()
+        }
         for ref in self.sources:
             source = ref()
             if source is None:  # that engine is gone
                 continue
-            for model, device, count, parts, (requests, phase_seconds) in source():
+            for model, device, count, parts, (requests, phase_seconds), codec_counts in source():
                 steps.add_metric([model, device], count)
                 for part, value in parts.items():
                     seconds.add_metric([model, device, part], value)
                 for phase, value in phase_seconds.items():
                     phases.add_metric([model, device, phase], count_value=requests, sum_value=value)
+                for key, value in codec_counts.items():
+                    codec[key].add_metric([model, device], value)
         yield steps
         yield seconds
         yield phases
+        yield from codec.values()
 
 
 class OutageCollector(Collector):

@@ -96,12 +96,11 @@ class Synthesizer:
         self._restarts: set[asyncio.Task[None]] = set()
 
     def _engine_reports(self) -> list[EngineReport]:
-        """Each started fast engine's steps, loop seconds and finished requests' phases (for /metrics)."""
+        """Each started fast engine's steps, loop seconds, finished requests' phases and codec batches (for
+        /metrics)."""
         device = self.registry.options.device
-        return [
-            (name, device, rt.engine.steps, rt.engine.seconds, rt.engine.request_phases.snapshot())
-            for name, rt in list(self._fast.items())
-        ]
+        engines = [(name, rt.engine) for name, rt in list(self._fast.items())]
+        return [(name, device, e.steps, e.seconds, e.request_phases.snapshot(), e.codec_batches) for name, e in engines]
 
     def _on_load(self, name: str, ok: bool, seconds: float) -> None:
         self.metrics.model_loads.labels(model=name, result="ok" if ok else "error").inc()

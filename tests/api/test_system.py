@@ -48,6 +48,18 @@ def test_metrics_say_where_a_finished_requests_time_went(client):
     assert sum(p["sum"] for p in phases.values()) <= wall
 
 
+def test_metrics_count_the_streaming_codecs_batches(client):
+    """One request at a time on the CPU (no graphs): each of its chunks is a batch of one stream, one row."""
+    assert client.post("/api/v1/custom-voice", json={"text": "Count my chunks.", "speaker": "ryan"}).status_code == 200
+    counts = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name.startswith("qtts_engine_codec_"):
+            (sample,) = family.samples
+            counts[family.name.removeprefix("qtts_engine_codec_")] = sample.value
+    assert counts["batches"] >= 1, counts  # a whole utterance decodes through the streaming decoder in chunks
+    assert counts["streams"] == counts["rows"] == counts["batches"], counts
+
+
 def test_a_load_freezes_its_objects_out_of_the_collector_and_metrics_count_its_pauses(make_client):
     import gc
 

@@ -177,6 +177,16 @@ def test_outside_is_the_clients_mean_latency_less_the_phases_of_the_same_request
     assert outside({**section, "ok": 3}) is None and outside({**section, "latency_ms_mean": None}) is None
 
 
+def test_the_step_profile_gives_the_codecs_mean_batch_apart_from_the_steps_milliseconds() -> None:
+    before = {"steps": 10.0, "codec": 0.5, "codec_batches": 4.0, "codec_streams": 10.0, "codec_rows": 16.0}
+    after = {"steps": 110.0, "codec": 1.5, "codec_batches": 24.0, "codec_streams": 130.0, "codec_rows": 176.0}
+    profile = step_profile(before, after)
+    assert profile["ms_per_step"] == {"codec": 10.0}
+    assert profile["codec_batches"] == 20 and profile["codec_streams_per_batch"] == 6.0
+    assert profile["codec_rows_per_batch"] == 8.0
+    assert step_profile({"steps": 1.0}, {"steps": 2.0})["codec_streams_per_batch"] is None  # no codec batch
+
+
 def test_a_loops_steady_window_counters_are_read_at_its_first_end_and_its_last_start(monkeypatch) -> None:
     """Three clients of three requests, the third 0.25 s late: the server's counters are read once the
     first request has ended and once every client has started its last one, so the step profile of the two

@@ -254,6 +254,13 @@ class FastEngine:
         return self.codec_worker.frames
 
     @property
+    def codec_batches(self) -> dict[str, int]:
+        """The streaming decoder's batches so far, the streams' chunks in them and the rows they computed
+        (`StreamingDecoder.counts`); none with the context chunk decoder."""
+        decoder = self.streaming_decoder
+        return dict(decoder.counts) if decoder is not None else {}
+
+    @property
     def cache_bytes(self) -> int:
         """GPU memory this engine allocated for its caches and per-row state."""
         return self.runner.cache_bytes + self.rows.bytes

@@ -245,6 +245,9 @@ class StreamingDecoder:
         # in bf16: two buffers per graph, 44 graphs at up to 128 rows, would hold 5-9 GB.
         self._state_in: Tensor | None = None
         self._state_out: Tensor | None = None
+        # Batches run (a graph replay or an eager batch), the streams' chunks they decoded and the rows they
+        # computed (a graph's padding rows included): the codec's batch size under load, for metrics.
+        self.counts = {"batches": 0, "streams": 0, "rows": 0}
 
     def enable(self, what: CodecCompile) -> None:
         """What torch.compile fuses in the graphs captured from now on (`compiles`), in place of what was:
@@ -387,6 +390,7 @@ class StreamingDecoder:
             return torch.cat([self._decode_group(states[i : i + rows], codes[i : i + rows]) for i in parts])
         batch = torch.stack(codes).transpose(1, 2)  # [n, 16, T]
         graph = self._graph_for(len(states), frames)
+        self._count(len(states), graph.rows if graph is not None else len(states))
         if graph is not None:
             return graph.run(states, batch)
         flat = torch.stack([s.flat for s in states])
@@ -395,6 +399,11 @@ class StreamingDecoder:
         wav, new_flat, new_position = self.step(flat, position, batch.to(self.device, non_blocking=True))
         self._adopt(states, new_flat, new_position, frames)
         return wav[:, 0]
+
+    def _count(self, streams: int, rows: int) -> None:
+        self.counts["batches"] += 1
+        self.counts["streams"] += streams
+        self.counts["rows"] += rows
 
     def _graph_for(self, rows: int, frames: int) -> _Graph | None:
         fits = [r for r, t in self._graphs if t == frames and r >= rows]
@@ -599,7 +608,7 @@ class _Graph:
 
     def __init__(self, owner: StreamingDecoder, rows: int, frames: int, state_in: Tensor, state_out: Tensor) -> None:
         device = owner.device
-        self.frames = frames
+        self.rows, self.frames = rows, frames
         self.flat, self.new_flat = state_in[:rows], state_out[:rows]
         self.position = torch.zeros(rows, dtype=torch.long, device=device)
         self.codes = torch.zeros(rows, owner.num_quantizers, frames, dtype=torch.long, device=device)

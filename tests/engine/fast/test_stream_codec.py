@@ -272,6 +272,10 @@ def test_more_streams_than_the_largest_graph_has_rows_run_as_several_replays(sha
     assert graph.replays == [2, 2, 1]
     for chunk, wav in zip(codes, audio, strict=True):
         np.testing.assert_allclose(wav, stream(StreamingDecoder(sharp_decoder), chunk, [4]), atol=ATOL, rtol=0)
+    # What metrics count: three replays of 5 streams, each computing the graph's 2 rows (the last one padding).
+    assert streaming.counts == {"batches": 3, "streams": 5, "rows": 6}
+    streaming.decode([streaming.new_state() for _ in range(2)], [random_codes(3, seed=40 + i) for i in range(2)])
+    assert streaming.counts == {"batches": 4, "streams": 7, "rows": 8}  # no graph of 3 frames: one eager batch
 
 
 def test_empty_chunks_and_bad_shapes(decoder: nn.Module) -> None:
