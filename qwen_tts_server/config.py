@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         "codec is several times more efficient many at a time). With the context chunk decoder a finished whole "
         "utterance waits likewise.",
     )
+    codec_gather_streams: int = Field(
+        options.CODEC_GATHER_STREAMS,
+        ge=1,
+        description="Fast engine: how many streams' steady chunks a codec batch waits for (up to codec_wait_ms) "
+        "while more streams run. More: larger batches, less GPU time an audio second; a steady chunk may wait "
+        "longer (only chunks of streams well ahead of real time wait).",
+    )
     max_batch_size: int = Field(16, ge=1, description="Reference engine: largest batch sent to the GPU at once.")
     batch_window_ms: float = Field(
         15.0, ge=0, description="Reference engine: how long to wait for other requests to merge."

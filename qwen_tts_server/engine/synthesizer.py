@@ -187,6 +187,7 @@ class Synthesizer:
                 max_prefill_tokens=s.max_prefill_tokens,
                 admit_wait_s=s.admit_wait_ms / 1000,
                 codec_wait_s=s.codec_wait_ms / 1000,
+                codec_gather_streams=s.codec_gather_streams,
                 compile=s.compile,
                 compile_codec=s.compile_codec,
                 fused_attention=s.fused_attention,

@@ -39,13 +39,13 @@ import torch
 from ..types import SAMPLES_PER_FRAME, FinishReason, last_frames
 from .codec import CodecDecoder
 from .faults import as_seen_by_client, is_device_fault
+from .options import CODEC_GATHER_STREAMS
 from .sequence import Sequence
 from .stream_codec import StreamingDecoder
 
 log = logging.getLogger(__name__)
 
 GATHER = 8  # finished requests a whole-utterance decode waits for (at most wait_s) under load
-GATHER_CHUNKS = 16  # streams whose patient chunks a chunk decode waits for (at most wait_s) under load
 
 
 @dataclass(eq=False)
@@ -155,6 +155,7 @@ class CodecWorker:
         device: torch.device,
         stream: Any,
         wait_s: float,
+        gather_streams: int = CODEC_GATHER_STREAMS,
         running: Callable[[], int],
         streams: Callable[[], int],
         finish: Callable[[Sequence, FinishReason], None],
@@ -166,6 +167,7 @@ class CodecWorker:
         self.device = device
         self.stream = stream  # a CUDA stream, or None
         self.wait_s = wait_s
+        self.gather_streams = gather_streams  # streams whose patient chunks a chunk decode waits for, at most wait_s
         self._running = running  # how many requests are running (read across threads: a hint)
         self._streams = streams  # how many of them are decoded in chunks (streams, and whole utterances so decoded)
         self._finish = finish
@@ -226,14 +228,14 @@ class CodecWorker:
 
     def _may_wait(self, jobs: list[CodecJob]) -> bool:
         """Whole utterances wait for up to GATHER of them while anything runs; steady chunks for up to
-        GATHER_CHUNKS streams while more streams run than are in hand; any other chunk is urgent."""
+        `gather_streams` streams while more streams run than are in hand; any other chunk is urgent."""
         chunks = [j for j in jobs if j.is_chunk]
         if not all(j.patient for j in chunks):
             return False
         streams = len({j.seq.id for j in chunks})
         if chunks and self._streams() <= streams:
             return False
-        return self._running() > 0 and len(jobs) - len(chunks) < GATHER and streams < GATHER_CHUNKS
+        return self._running() > 0 and len(jobs) - len(chunks) < GATHER and streams < self.gather_streams
 
     def run(self, jobs: list[CodecJob]) -> None:
         """Decode every job (a failing batch is retried job by job, so one bad request fails only

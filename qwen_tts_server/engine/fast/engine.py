@@ -49,6 +49,7 @@ from .frame_graphs import FrameGraphs
 from .memory import CUDA_ENGINES
 from .model_runner import NUM_CODE_GROUPS, ModelRunner, to_device
 from .options import (
+    CODEC_GATHER_STREAMS,
     COMPILE_CODEC,
     MAX_CONTEXT,
     MAX_PREFILL_TOKENS,
@@ -131,6 +132,7 @@ class FastEngine:
         fused_attention: FusedAttention = "off",
         codec_batch_frames: int = 1024,
         codec_wait_s: float = 0.0,
+        codec_gather_streams: int = CODEC_GATHER_STREAMS,
         stream_chunk_frames: int = STREAM_CHUNK_FRAMES,
         stream_first_frames: int = STREAM_FIRST_FRAMES,
         stream_decoder: StreamDecoder = STREAM_DECODER,
@@ -224,6 +226,7 @@ class FastEngine:
             device=device,
             stream=self.codec_stream,
             wait_s=codec_wait_s,
+            gather_streams=codec_gather_streams,
             running=lambda: len(scheduler.running),
             streams=lambda: sum(seq.stream is not None for seq in list(scheduler.running)),
             finish=self._finish,

@@ -28,3 +28,4 @@ STREAM_FIRST_FRAMES = 2  # frames (80 ms each) in a stream's first audio chunk
 STREAM_CHUNK_FRAMES = 12  # the largest chunk: a stream's chunks double from the first up to this
 MAX_CONTEXT = 4096  # prompt + frames of one request (the KV cache's length)
 MAX_PREFILL_TOKENS = 2048  # prompt positions admitted in one step
+CODEC_GATHER_STREAMS = 16  # streams whose patient chunks a codec batch waits for (codec_worker.py)

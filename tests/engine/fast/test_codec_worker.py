@@ -72,6 +72,11 @@ def test_the_codec_waits_for_company_only_while_others_run(load_tts, no_collecto
     t0 = time.perf_counter()
     assert worker._gather([steady_a]) == [steady_a, steady_a]
     assert 0.45 < time.perf_counter() - t0 < 1.0  # two chunks of one stream are one stream in hand
+    worker.gather_streams = 2  # QTTS_CODEC_GATHER_STREAMS: a batch waits for two streams at most
+    threading.Timer(0.05, worker._queue.put, args=([steady_b],)).start()
+    t0 = time.perf_counter()
+    assert worker._gather([steady_a]) == [steady_a, steady_b]
+    assert time.perf_counter() - t0 < 0.3  # a third stream still runs, but two are in hand: no more wait
 
     engine.scheduler.running.clear()
     t0 = time.perf_counter()
